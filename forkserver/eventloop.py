@@ -1,0 +1,372 @@
+"""A small single-threaded event loop: descriptors, timers and signals.
+
+The master runs one of these; ``TcpServer`` emits its signals from it.
+
+Invariants:
+
+* One thread.  Callbacks run one at a time, in the loop, never inside a
+  signal handler: the Python-level handler only records the signal
+  number in a set, and ``signal.set_wakeup_fd`` wakes the selector.
+* Repeats of one signal that arrive before the loop handles them merge
+  into one callback (two HUPs = one reload).  Different signals are
+  never dropped, even if the wakeup pipe overflows, because the set, not
+  the pipe, is the record of what arrived.
+* Timers use the monotonic clock.
+* An exception raised by a callback propagates out of ``run()`` /
+  ``run_once()``; the loop stays usable.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import selectors
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Protocol
+
+__all__ = ["EventLoop", "HasFileno", "Signal", "TimerHandle"]
+
+Callback = Callable[[], None]
+_SignalHandler = Callable[[int, FrameType | None], object] | int | signal.Handlers | None
+
+
+class HasFileno(Protocol):
+    """Anything with a ``fileno()``, such as a socket."""
+
+    def fileno(self) -> int: ...
+
+
+def _fd_of(fileobj: int | HasFileno) -> int:
+    fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+    if fd < 0:
+        raise ValueError(f"invalid file descriptor {fd}")
+    return fd
+
+
+class Signal:
+    """A Qt-style signal: slots are called in the order they connected.
+
+    A slot connected twice is called twice, as in Qt.  ``emit`` works on
+    a snapshot, so a slot may connect or disconnect slots while it runs.
+    """
+
+    def __init__(self) -> None:
+        self._slots: list[Callable[..., object]] = []
+
+    def connect(self, slot: Callable[..., object]) -> None:
+        if not callable(slot):
+            raise TypeError(f"Signal.connect() needs a callable, not {type(slot).__name__}")
+        self._slots.append(slot)
+
+    def disconnect(self, slot: Callable[..., object]) -> bool:
+        """Remove every connection of *slot*; False if it had none."""
+        kept = [s for s in self._slots if s != slot]
+        removed = len(kept) != len(self._slots)
+        self._slots = kept
+        return removed
+
+    def emit(self, *args: object) -> None:
+        for slot in tuple(self._slots):
+            slot(*args)
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+
+@dataclass(eq=False)
+class TimerHandle:
+    """A scheduled call; ``when`` is on the monotonic clock."""
+
+    when: float
+    callback: Callback
+    cancelled: bool = field(default=False, init=False)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass(eq=False)
+class _Handlers:
+    """What to call when one descriptor is ready.
+
+    The selector key keeps this object; removal clears its fields, so an
+    event already returned by ``select()`` for a removed reader is
+    ignored rather than delivered to a stale callback.
+    """
+
+    reader: Callback | None = None
+    writer: Callback | None = None
+
+    def mask(self) -> int:
+        return (selectors.EVENT_READ if self.reader else 0) | (
+            selectors.EVENT_WRITE if self.writer else 0
+        )
+
+
+class EventLoop:
+    """A ``selectors`` (epoll) loop with readers, writers, timers and signals."""
+
+    def __init__(self) -> None:
+        self._selector: selectors.BaseSelector | None = selectors.DefaultSelector()
+        self._timers: list[tuple[float, int, TimerHandle]] = []
+        self._timer_seq = 0
+        self._stopping = False
+        # Signals: our handlers, what they replaced, and what has arrived.
+        self._signal_callbacks: dict[int, Callback] = {}
+        self._previous_handlers: dict[int, _SignalHandler] = {}
+        self._tripped: set[int] = set()
+        self._wakeup_r = -1
+        self._wakeup_w = -1
+        self._previous_wakeup_fd = -1
+
+    # -- clock and state ------------------------------------------------
+
+    def time(self) -> float:
+        return time.monotonic()
+
+    def is_closed(self) -> bool:
+        return self._selector is None
+
+    def _sel(self) -> selectors.BaseSelector:
+        if self._selector is None:
+            raise RuntimeError("the event loop is closed")
+        return self._selector
+
+    # -- descriptors ----------------------------------------------------
+
+    def add_reader(self, fd: int | HasFileno, callback: Callback) -> None:
+        self._set_handler(_fd_of(fd), callback, reading=True)
+
+    def remove_reader(self, fd: int | HasFileno) -> bool:
+        return self._clear_handler(_fd_of(fd), reading=True)
+
+    def add_writer(self, fd: int | HasFileno, callback: Callback) -> None:
+        self._set_handler(_fd_of(fd), callback, reading=False)
+
+    def remove_writer(self, fd: int | HasFileno) -> bool:
+        return self._clear_handler(_fd_of(fd), reading=False)
+
+    def _set_handler(self, fd: int, callback: Callback, *, reading: bool) -> None:
+        sel = self._sel()
+        key = sel.get_map().get(fd)
+        handlers: _Handlers = key.data if key is not None else _Handlers()
+        if reading:
+            handlers.reader = callback
+        else:
+            handlers.writer = callback
+        if key is None:
+            sel.register(fd, handlers.mask(), handlers)
+        else:
+            sel.modify(fd, handlers.mask(), handlers)
+
+    def _clear_handler(self, fd: int, *, reading: bool) -> bool:
+        if self._selector is None:
+            return False
+        key = self._selector.get_map().get(fd)
+        if key is None:
+            return False
+        handlers: _Handlers = key.data
+        had = handlers.reader if reading else handlers.writer
+        if had is None:
+            return False
+        if reading:
+            handlers.reader = None
+        else:
+            handlers.writer = None
+        if handlers.mask():
+            self._selector.modify(fd, handlers.mask(), handlers)
+        else:
+            self._selector.unregister(fd)
+        return True
+
+    # -- timers ---------------------------------------------------------
+
+    def call_soon(self, callback: Callback) -> TimerHandle:
+        return self.call_at(self.time(), callback)
+
+    def call_later(self, delay: float, callback: Callback) -> TimerHandle:
+        return self.call_at(self.time() + max(0.0, delay), callback)
+
+    def call_at(self, when: float, callback: Callback) -> TimerHandle:
+        self._sel()
+        handle = TimerHandle(when, callback)
+        self._timer_seq += 1
+        heapq.heappush(self._timers, (when, self._timer_seq, handle))
+        return handle
+
+    def _next_timeout(self, limit: float | None) -> float | None:
+        while self._timers and self._timers[0][2].cancelled:
+            heapq.heappop(self._timers)
+        if not self._timers:
+            return limit
+        due_in = max(0.0, self._timers[0][0] - self.time())
+        return due_in if limit is None else min(limit, due_in)
+
+    def _run_due_timers(self) -> None:
+        # Only timers due now run in this pass; a timer scheduled by one of
+        # them runs in the next pass, so call_soon() cannot starve I/O.
+        now = self.time()
+        due: list[TimerHandle] = []
+        while self._timers and self._timers[0][0] <= now:
+            due.append(heapq.heappop(self._timers)[2])
+        for index, handle in enumerate(due):
+            if handle.cancelled:
+                continue
+            handle.cancelled = True  # a handle fires once
+            try:
+                handle.callback()
+            except BaseException:
+                for rest in due[index + 1 :]:  # keep the ones not yet run
+                    self._timer_seq += 1
+                    heapq.heappush(self._timers, (rest.when, self._timer_seq, rest))
+                raise
+
+    # -- signals --------------------------------------------------------
+
+    def add_signal_handler(self, signum: int, callback: Callback) -> None:
+        """Call *callback* in the loop whenever *signum* arrives.
+
+        Must be called from the main thread (as ``signal.signal``).
+        """
+        self._sel()
+        self._ensure_wakeup_pipe()
+        if signum not in self._signal_callbacks:
+            self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+        self._signal_callbacks[signum] = callback
+
+    def remove_signal_handler(self, signum: int) -> bool:
+        if signum not in self._signal_callbacks:
+            return False
+        del self._signal_callbacks[signum]
+        self._tripped.discard(signum)
+        previous = self._previous_handlers.pop(signum)
+        # None means a handler installed outside Python: the best we can do
+        # is the default disposition.
+        signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+        return True
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        # Runs between bytecodes of the main thread: record, nothing more.
+        self._tripped.add(signum)
+
+    def _ensure_wakeup_pipe(self) -> None:
+        if self._wakeup_r >= 0:
+            return
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            previous = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        except BaseException:
+            os.close(r)
+            os.close(w)
+            raise
+        self._wakeup_r, self._wakeup_w, self._previous_wakeup_fd = r, w, previous
+        self._sel().register(r, selectors.EVENT_READ, _Handlers(reader=self._on_wakeup))
+
+    def _on_wakeup(self) -> None:
+        order = self._drain_wakeup_pipe()
+        arrived: set[int] = set()
+        while self._tripped:
+            arrived.add(self._tripped.pop())  # set.pop is atomic w.r.t. handlers
+        # Arrival order where the pipe kept it, then anything it lost.
+        ordered = [s for s in dict.fromkeys(order) if s in arrived]
+        ordered += sorted(arrived.difference(ordered))
+        for signum in ordered:
+            callback = self._signal_callbacks.get(signum)
+            if callback is not None:
+                callback()
+
+    def _drain_wakeup_pipe(self) -> list[int]:
+        data = bytearray()
+        while True:
+            try:
+                chunk = os.read(self._wakeup_r, 4096)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            data += chunk
+        return list(data)
+
+    # -- running --------------------------------------------------------
+
+    def run(self) -> None:
+        """Run until ``stop()``; a ``stop()`` before ``run()`` makes it return at once."""
+        try:
+            while not self._stopping:
+                self.run_once()
+        finally:
+            self._stopping = False
+
+    def run_once(self, timeout: float | None = None) -> None:
+        """Wait up to *timeout* seconds (None: until something is due) and dispatch."""
+        sel = self._sel()
+        wait = self._next_timeout(timeout)
+        if self._tripped:
+            wait = 0.0
+        if wait is None and not sel.get_map():
+            raise RuntimeError("run_once() would block forever: nothing is registered")
+        for key, events in sel.select(wait):
+            handlers: _Handlers = key.data
+            if events & selectors.EVENT_READ and handlers.reader is not None:
+                handlers.reader()
+            if events & selectors.EVENT_WRITE and handlers.writer is not None:
+                handlers.writer()
+        if self._tripped and self._wakeup_r >= 0:
+            self._on_wakeup()
+        self._run_due_timers()
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    # -- teardown -------------------------------------------------------
+
+    def close(self) -> None:
+        """Unregister everything, restore signal handlers and the wakeup fd."""
+        if self._selector is None:
+            return
+        for signum in list(self._signal_callbacks):
+            self.remove_signal_handler(signum)
+        if self._wakeup_r >= 0:
+            signal.set_wakeup_fd(self._previous_wakeup_fd)
+        for key in list(self._selector.get_map().values()):
+            self._selector.unregister(key.fd)
+        self._release()
+
+    def discard_after_fork(self) -> None:
+        """In a forked child: drop the parent's loop without touching it.
+
+        The epoll set is shared with the parent across fork, so nothing
+        is unregistered; our copies of the selector and the wakeup pipe
+        are closed, signals go back to their default dispositions and the
+        wakeup fd is unset.
+        """
+        if self._selector is None:
+            return
+        for signum in self._signal_callbacks:
+            signal.signal(signum, signal.SIG_DFL)
+        self._signal_callbacks.clear()
+        self._previous_handlers.clear()
+        if self._wakeup_r >= 0:
+            signal.set_wakeup_fd(-1)
+        self._release()
+
+    def _release(self) -> None:
+        assert self._selector is not None
+        self._selector.close()
+        self._selector = None
+        for fd in (self._wakeup_r, self._wakeup_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wakeup_r = self._wakeup_w = -1
+        self._timers.clear()
+        self._tripped.clear()
+
+    def __enter__(self) -> EventLoop:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
