@@ -1,0 +1,324 @@
+"""The supervisor channel protocol: encode and decode, no I/O.
+
+Each worker has one ``AF_UNIX``/``SOCK_SEQPACKET`` socketpair with the
+master.  SEQPACKET keeps message boundaries, so one ``sendmsg`` is one
+message and a descriptor can never ride on the wrong message.
+
+Every message starts with two bytes, ``VERSION`` and the message type,
+followed by a body whose layout depends on the type.  Integers are
+little-endian and unsigned.  Strings are ``u32 length`` + UTF-8 bytes.
+No message is longer than ``MAX_MESSAGE_SIZE`` bytes.
+
+Master to worker:
+
+====  ===========  ========================================================
+type  name         body
+====  ===========  ========================================================
+0x01  CONNECTIONS  ``u16 n``, then ``n`` x ``u16 listener index``; exactly
+                   ``n`` descriptors (1 ≤ n ≤ ``MAX_FDS_PER_MESSAGE``)
+                   ride along with SCM_RIGHTS, in the same order
+0x02  STOP         empty: finish what you hold, then exit
+====  ===========  ========================================================
+
+Worker to master:
+
+====  =========  ==========================================================
+type  name       body
+====  =========  ==========================================================
+0x10  READY      ``u32 pid``: the handler is loaded, send connections
+0x11  DONE       ``u32 n``: n connections finished (capacity freed)
+0x12  ERROR      ``u16 listener``, then strings ``exc_type``, ``message``,
+                 ``traceback``, ``peer``: a handler raised
+0x13  HEARTBEAT  empty: the worker's loop is alive
+0x14  STATS      ``u64 served``, ``u32 in_flight``, ``u64 errors``
+====  =========  ==========================================================
+
+A worker never sends descriptors.  The decoder is strict: a short or
+long body, an unknown version or type, a message from the wrong
+direction, a string over its bound or not UTF-8 all raise
+``ProtocolError`` naming what was wrong.  The encoder never produces a
+message the decoder refuses: over-long error strings are cut to their
+bound (keeping the end of a traceback, where the cause is).
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+VERSION: Final = 1
+#: No message on the channel is larger than this.
+MAX_MESSAGE_SIZE: Final = 65536
+#: The kernel's SCM_MAX_FD: the most descriptors one sendmsg can carry.
+MAX_FDS_PER_MESSAGE: Final = 253
+#: Bounds on the strings of an ERROR message, in bytes of UTF-8.
+MAX_EXC_TYPE: Final = 256
+MAX_ERROR_MESSAGE: Final = 4096
+MAX_TRACEBACK: Final = 32768
+MAX_PEER: Final = 256
+MAX_LISTENER_INDEX: Final = 0xFFFF
+
+
+class MessageType(enum.IntEnum):
+    CONNECTIONS = 0x01
+    STOP = 0x02
+    READY = 0x10
+    DONE = 0x11
+    ERROR = 0x12
+    HEARTBEAT = 0x13
+    STATS = 0x14
+
+
+class ProtocolError(Exception):
+    """A channel message is malformed, oversized, unknown or out of place."""
+
+
+@dataclass(frozen=True, slots=True)
+class Connections:
+    """Descriptors follow, one per listener index, in order."""
+
+    listeners: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """Finish the connections you hold, then exit."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerError:
+    listener: int
+    exc_type: str
+    message: str
+    traceback: str
+    peer: str
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    served: int
+    in_flight: int
+    errors: int
+
+
+MasterMessage = Connections | Stop
+WorkerMessage = Ready | Done | HandlerError | Heartbeat | Stats
+
+_HEADER: Final = struct.Struct("<BB")
+_U16: Final = struct.Struct("<H")
+_U32: Final = struct.Struct("<I")
+_STATS: Final = struct.Struct("<QIQ")
+_U32_MAX: Final = 0xFFFFFFFF
+_U64_MAX: Final = 0xFFFFFFFFFFFFFFFF
+
+_STOP_BYTES: Final = _HEADER.pack(VERSION, MessageType.STOP)
+_HEARTBEAT_BYTES: Final = _HEADER.pack(VERSION, MessageType.HEARTBEAT)
+_CONNECTIONS_PREFIX: Final = _HEADER.pack(VERSION, MessageType.CONNECTIONS)
+
+
+# --- encoding ----------------------------------------------------------
+
+
+def encode_connections(listeners: Sequence[int]) -> bytes:
+    """The CONNECTIONS header for ``len(listeners)`` descriptors."""
+    count = len(listeners)
+    if not 1 <= count <= MAX_FDS_PER_MESSAGE:
+        raise ValueError(f"CONNECTIONS carries 1 to {MAX_FDS_PER_MESSAGE} descriptors, not {count}")
+    return _CONNECTIONS_PREFIX + struct.pack(f"<H{count}H", count, *listeners)
+
+
+def encode(message: MasterMessage | WorkerMessage) -> bytes:  # noqa: PLR0911 (one per type)
+    """Encode any message; raises ValueError for out-of-range fields."""
+    match message:
+        case Connections(listeners=listeners):
+            return encode_connections(listeners)
+        case Stop():
+            return _STOP_BYTES
+        case Heartbeat():
+            return _HEARTBEAT_BYTES
+        case Ready(pid=pid):
+            return _header(MessageType.READY) + _U32.pack(_bounded(pid, _U32_MAX, "pid"))
+        case Done(count=count):
+            if count < 1:
+                raise ValueError(f"DONE needs a positive count, not {count}")
+            return _header(MessageType.DONE) + _U32.pack(_bounded(count, _U32_MAX, "count"))
+        case Stats(served=served, in_flight=in_flight, errors=errors):
+            return _header(MessageType.STATS) + _STATS.pack(
+                _bounded(served, _U64_MAX, "served"),
+                _bounded(in_flight, _U32_MAX, "in_flight"),
+                _bounded(errors, _U64_MAX, "errors"),
+            )
+        case HandlerError():
+            return _encode_error(message)
+    raise TypeError(f"not a channel message: {message!r}")
+
+
+def _header(kind: MessageType) -> bytes:
+    return _HEADER.pack(VERSION, kind)
+
+
+def _bounded(value: int, limit: int, name: str) -> int:
+    if not 0 <= value <= limit:
+        raise ValueError(f"{name} {value} is out of range 0-{limit}")
+    return value
+
+
+def _encode_error(message: HandlerError) -> bytes:
+    parts = [
+        _header(MessageType.ERROR),
+        _U16.pack(_bounded(message.listener, MAX_LISTENER_INDEX, "listener")),
+        _encode_string(message.exc_type, MAX_EXC_TYPE, keep_end=False),
+        _encode_string(message.message, MAX_ERROR_MESSAGE, keep_end=False),
+        _encode_string(message.traceback, MAX_TRACEBACK, keep_end=True),
+        _encode_string(message.peer, MAX_PEER, keep_end=False),
+    ]
+    return b"".join(parts)
+
+
+def _encode_string(text: str, limit: int, *, keep_end: bool) -> bytes:
+    data = text.encode("utf-8", "backslashreplace")
+    if len(data) > limit:
+        marker = "…".encode()
+        room = limit - len(marker)
+        if keep_end:
+            cut = data[-room:].decode("utf-8", "ignore").encode()
+            data = marker + cut
+        else:
+            cut = data[:room].decode("utf-8", "ignore").encode()
+            data = cut + marker
+    return _U32.pack(len(data)) + data
+
+
+# --- decoding ----------------------------------------------------------
+
+
+def decode_master_message(data: bytes) -> MasterMessage:
+    """Decode what a worker receives from the master."""
+    kind, body = _split(data)
+    if kind == MessageType.CONNECTIONS:
+        return _decode_connections(body)
+    if kind == MessageType.STOP:
+        _expect_empty(kind, body)
+        return Stop()
+    raise ProtocolError(f"message type {kind.name} is not sent by the master")
+
+
+def decode_worker_message(data: bytes) -> WorkerMessage:
+    """Decode what the master receives from a worker."""
+    kind, body = _split(data)
+    match kind:
+        case MessageType.READY:
+            return Ready(pid=_decode_u32(kind, body))
+        case MessageType.DONE:
+            count = _decode_u32(kind, body)
+            if count == 0:
+                raise ProtocolError("DONE with a count of 0")
+            return Done(count=count)
+        case MessageType.HEARTBEAT:
+            _expect_empty(kind, body)
+            return Heartbeat()
+        case MessageType.STATS:
+            if len(body) != _STATS.size:
+                raise ProtocolError(f"STATS body is {len(body)} bytes, expected {_STATS.size}")
+            served, in_flight, errors = _STATS.unpack(body)
+            return Stats(served=served, in_flight=in_flight, errors=errors)
+        case MessageType.ERROR:
+            return _decode_error(body)
+    raise ProtocolError(f"message type {kind.name} is not sent by a worker")
+
+
+def _split(data: bytes) -> tuple[MessageType, bytes]:
+    if len(data) > MAX_MESSAGE_SIZE:
+        raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_SIZE}")
+    if len(data) < _HEADER.size:
+        raise ProtocolError(f"message of {len(data)} bytes is shorter than the header")
+    version, kind = _HEADER.unpack_from(data)
+    if version != VERSION:
+        raise ProtocolError(f"protocol version {version}, expected {VERSION}")
+    try:
+        message_type = MessageType(kind)
+    except ValueError:
+        raise ProtocolError(f"unknown message type 0x{kind:02x}") from None
+    return message_type, data[_HEADER.size :]
+
+
+def _expect_empty(kind: MessageType, body: bytes) -> None:
+    if body:
+        raise ProtocolError(f"{kind.name} has a {len(body)}-byte body, expected none")
+
+
+def _decode_u32(kind: MessageType, body: bytes) -> int:
+    if len(body) != _U32.size:
+        raise ProtocolError(f"{kind.name} body is {len(body)} bytes, expected {_U32.size}")
+    value: int = _U32.unpack(body)[0]
+    return value
+
+
+def _decode_connections(body: bytes) -> Connections:
+    if len(body) < _U16.size:
+        raise ProtocolError("CONNECTIONS body is too short for its count")
+    (count,) = _U16.unpack_from(body)
+    if not 1 <= count <= MAX_FDS_PER_MESSAGE:
+        raise ProtocolError(f"CONNECTIONS count {count} is outside 1-{MAX_FDS_PER_MESSAGE}")
+    expected = _U16.size * (count + 1)
+    if len(body) != expected:
+        raise ProtocolError(
+            f"CONNECTIONS body is {len(body)} bytes, expected {expected} for {count} descriptors"
+        )
+    return Connections(listeners=struct.unpack_from(f"<{count}H", body, _U16.size))
+
+
+def _decode_error(body: bytes) -> HandlerError:
+    if len(body) < _U16.size:
+        raise ProtocolError("ERROR body is too short for its listener index")
+    (listener,) = _U16.unpack_from(body)
+    offset = _U16.size
+    fields: list[str] = []
+    for name, limit in (
+        ("exc_type", MAX_EXC_TYPE),
+        ("message", MAX_ERROR_MESSAGE),
+        ("traceback", MAX_TRACEBACK),
+        ("peer", MAX_PEER),
+    ):
+        text, offset = _decode_string(body, offset, name, limit)
+        fields.append(text)
+    if offset != len(body):
+        raise ProtocolError(f"ERROR has {len(body) - offset} bytes after its last field")
+    exc_type, message, traceback, peer = fields
+    return HandlerError(
+        listener=listener, exc_type=exc_type, message=message, traceback=traceback, peer=peer
+    )
+
+
+def _decode_string(body: bytes, offset: int, name: str, limit: int) -> tuple[str, int]:
+    if offset + _U32.size > len(body):
+        raise ProtocolError(f"ERROR ends before the length of {name}")
+    (size,) = _U32.unpack_from(body, offset)
+    offset += _U32.size
+    if size > limit:
+        raise ProtocolError(f"ERROR field {name} is {size} bytes, more than {limit}")
+    if offset + size > len(body):
+        raise ProtocolError(f"ERROR field {name} runs past the end of the message")
+    try:
+        text = body[offset : offset + size].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(f"ERROR field {name} is not UTF-8: {exc.reason}") from None
+    return text, offset + size

@@ -1,0 +1,124 @@
+"""Descriptors over ``SOCK_SEQPACKET`` sockets with SCM_RIGHTS.
+
+Why not ``socket.send_fds``/``recv_fds``: ``recv_fds`` ignores its
+flags and checks neither ``MSG_CTRUNC`` nor ``MSG_TRUNC``, and the
+descriptors it returns are inheritable (PEP 446 does not cover
+SCM_RIGHTS).  Here every receive uses ``MSG_CMSG_CLOEXEC``, and a
+truncated message is an error after closing whatever did arrive, so
+nothing leaks and nothing is silently lost.
+
+Sending never blocks: a full channel (``EAGAIN``) or too many
+descriptors in flight (``ETOOMANYREFS``, when the sender's in-flight
+count exceeds its RLIMIT_NOFILE) returns False and the caller keeps the
+descriptors to retry when the channel is writable.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import os
+import socket
+from collections.abc import Sequence
+from typing import Final
+
+#: The kernel's SCM_MAX_FD: the most descriptors one message can carry.
+SCM_MAX_FD: Final = 253
+_FD_SIZE: Final = array.array("i").itemsize
+_SEND_FLAGS: Final = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+_RECV_FLAGS: Final = socket.MSG_CMSG_CLOEXEC
+_RETRY_LATER: Final = frozenset({errno.EAGAIN, errno.ETOOMANYREFS, errno.ENOBUFS})
+
+
+class FdPassError(Exception):
+    """A message arrived truncated, or carried descriptors it should not."""
+
+
+def send(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> bool:
+    """Send one message with *fds* attached, without blocking.
+
+    Returns False when the channel cannot take it now (nothing was
+    sent; the caller still owns *fds*).  Other errors raise ``OSError``.
+    On success the caller still owns its copies of *fds* and should
+    close them: the receiver has its own.
+    """
+    if len(fds) > SCM_MAX_FD:
+        raise ValueError(f"at most {SCM_MAX_FD} descriptors per message, not {len(fds)}")
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    try:
+        sock.sendmsg([data], ancillary, _SEND_FLAGS)
+    except OSError as exc:
+        if exc.errno in _RETRY_LATER:
+            return False
+        raise
+    return True
+
+
+def recv(
+    sock: socket.socket, max_size: int, max_fds: int, *, nonblocking: bool = False
+) -> tuple[bytes, list[int]]:
+    """Receive one message and the descriptors that came with it.
+
+    The descriptors are close-on-exec and owned by the caller.  An empty
+    message with no descriptors means end of file.  A message longer
+    than *max_size* or with more than *max_fds* descriptors raises
+    ``FdPassError`` (the descriptors that did arrive are closed first).
+    With *nonblocking*, ``BlockingIOError`` means nothing is queued.
+    """
+    flags = _RECV_FLAGS | (socket.MSG_DONTWAIT if nonblocking else 0)
+    space = socket.CMSG_SPACE(max_fds * _FD_SIZE) if max_fds else 0
+    data, ancillary, msg_flags, _ = sock.recvmsg(max_size + 1, space, flags)
+    fds = _collect_fds(ancillary)
+    problem = _check(data, fds, msg_flags, max_size, max_fds)
+    if problem:
+        close_all(fds)
+        raise FdPassError(problem)
+    return data, fds
+
+
+def _collect_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % _FD_SIZE
+            fds.extend(array.array("i", payload[:usable]))
+    return fds
+
+
+def _check(data: bytes, fds: list[int], msg_flags: int, max_size: int, max_fds: int) -> str:
+    if msg_flags & socket.MSG_CTRUNC:
+        return f"descriptors were truncated (more than {max_fds} sent with one message)"
+    if msg_flags & socket.MSG_TRUNC or len(data) > max_size:
+        return f"message longer than {max_size} bytes"
+    if len(fds) > max_fds:
+        return f"{len(fds)} descriptors arrived, at most {max_fds} expected"
+    return ""
+
+
+def drain(sock: socket.socket, max_size: int, max_fds: int) -> list[tuple[bytes, list[int]]]:
+    """Every message still queued on *sock*, without blocking.
+
+    A truncated message is skipped (its descriptors closed) rather than
+    stopping the drain: the rest are still worth having.
+    """
+    messages: list[tuple[bytes, list[int]]] = []
+    while True:
+        try:
+            data, fds = recv(sock, max_size, max_fds, nonblocking=True)
+        except BlockingIOError:
+            return messages
+        except FdPassError:
+            continue
+        if not data and not fds:
+            return messages
+        messages.append((data, fds))
+
+
+def close_all(fds: Sequence[int]) -> None:
+    """Close every descriptor in *fds*, ignoring ones already closed."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError as exc:
+            if exc.errno != errno.EBADF:
+                raise

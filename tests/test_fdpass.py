@@ -1,0 +1,140 @@
+"""Descriptor passing over real SEQPACKET socketpairs, across a real fork."""
+
+import os
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from forkserver import fdpass
+from tests.support import wait_pid
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with a, b:
+        yield a, b
+
+
+def open_fds() -> set[int]:
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+def test_a_batch_of_descriptors_crosses_a_fork_close_on_exec(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    parent_end, child_end = pair
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: receive, check, echo each fd's data back through it
+        code = 1
+        try:
+            data, fds = fdpass.recv(child_end, 100, fdpass.SCM_MAX_FD)
+            ok = data == b"hello" and len(fds) == 3
+            ok = ok and all(not os.get_inheritable(fd) for fd in fds)
+            for i, fd in enumerate(fds):
+                os.write(fd, bytes([65 + i]))
+            code = 0 if ok else 2
+        finally:
+            os._exit(code)
+    os.close(r)
+    socks = [socket.socketpair() for _ in range(3)]
+    try:
+        assert fdpass.send(parent_end, b"hello", [s[0].fileno() for s in socks])
+        assert wait_pid(pid) == 0
+        assert [s[1].recv(1) for s in socks] == [b"A", b"B", b"C"]
+    finally:
+        os.close(w)
+        for a, b in socks:
+            a.close()
+            b.close()
+
+
+def test_truncated_descriptors_are_an_error_and_none_leak(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    a, b = pair
+    r, w = os.pipe()
+    try:
+        assert fdpass.send(a, b"x", [r, w, r, w, r])
+        before = open_fds()
+        with pytest.raises(fdpass.FdPassError, match="truncated"):
+            fdpass.recv(b, 100, 2)
+        assert open_fds() == before
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_an_oversized_message_is_an_error(pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    assert fdpass.send(a, b"x" * 200)
+    with pytest.raises(fdpass.FdPassError, match="longer than 100 bytes"):
+        fdpass.recv(b, 100, 1)
+
+
+def test_descriptors_where_none_are_expected_are_refused_and_closed(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    a, b = pair
+    r, w = os.pipe()
+    try:
+        assert fdpass.send(a, b"x", [r])
+        before = open_fds()
+        with pytest.raises(fdpass.FdPassError, match="truncated"):
+            fdpass.recv(b, 100, 0)
+        assert open_fds() == before
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_a_full_channel_returns_false_instead_of_blocking(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    a, b = pair
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sent = 0
+    for _ in range(100_000):
+        if not fdpass.send(a, b"y" * 1000):
+            break
+        sent += 1
+    else:
+        pytest.fail("the channel never filled up")
+    assert sent > 0
+    messages = fdpass.drain(b, 2000, 0)
+    assert len(messages) == sent
+    assert fdpass.send(a, b"again")
+
+
+def test_drain_returns_every_queued_message_with_its_descriptors(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    a, b = pair
+    r, w = os.pipe()
+    try:
+        assert fdpass.send(a, b"one", [r])
+        assert fdpass.send(a, b"two", [w, r])
+        messages = fdpass.drain(b, 100, 4)
+        assert [data for data, _ in messages] == [b"one", b"two"]
+        assert [len(fds) for _, fds in messages] == [1, 2]
+        for _, fds in messages:
+            fdpass.close_all(fds)
+        assert fdpass.drain(b, 100, 4) == []
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_end_of_file_is_an_empty_message(pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    a.close()
+    assert fdpass.recv(b, 100, 1) == (b"", [])
+
+
+def test_too_many_descriptors_for_one_message_is_refused(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    with pytest.raises(ValueError, match="at most 253"):
+        fdpass.send(pair[0], b"x", [0] * 254)
