@@ -1,0 +1,583 @@
+"""Settings: one model, four sources.
+
+Every setting is declared once, as a field of :class:`Settings`, with its
+type, default, bounds and one line of help in the field's metadata.  The
+command line (``cli.py``), the TOML file, the ``FORKSERVER_<KEY>``
+environment variables, ``docs/configuration.md`` and
+``config/forkserver.toml`` all come from those declarations.
+
+Precedence, lowest first: defaults < TOML file (``-c``) < environment <
+command line.  :func:`load` merges the sources and records where each
+value came from (``forkserver check-config`` prints that).
+
+Nothing a source gives is trusted: the file is size-limited, every value
+is type- and range-checked, and any problem raises :class:`ConfigError`
+whose message names the file, the key (and line, where it can be found)
+and what was expected.  The CLI turns that into exit code 78 (or 66 for a
+missing file); a reload that raises it leaves the running settings alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+from forkserver import listeners
+from forkserver.errors import ForkserverError
+
+__all__ = [
+    "ENV_PREFIX",
+    "ConfigError",
+    "ConfigFileNotFound",
+    "ListenerSettings",
+    "Loaded",
+    "Setting",
+    "Settings",
+    "load",
+    "load_settings",
+    "parse_text",
+    "setting_fields",
+]
+
+ENV_PREFIX: Final = "FORKSERVER_"
+# Environment names under this prefix are the daemon's own business (for
+# example hand-over state between an old and a new master) and are not
+# settings, so they are never reported as unknown.
+ENV_RESERVED_PREFIX: Final = "FORKSERVER__"
+MAX_FILE_BYTES: Final = 1 << 20       # a config file is small; refuse anything else
+MAX_TEXT: Final = 4096                # longest string value (paths are at most PATH_MAX)
+MAX_LISTENERS: Final = 256
+
+Kind = Literal["int", "float", "bool", "str", "choice", "mode", "bytes", "handler", "listeners"]
+
+
+class ConfigError(ForkserverError):
+    """The configuration is invalid; the message says where and why."""
+
+    def __init__(self, message: str, *, source: str = "", key: str = "",
+                 line: int | None = None) -> None:
+        where = source + (f":{line}" if source and line is not None else "")
+        prefix = ", ".join(p for p in (where, f"key {key!r}" if key else "") if p)
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+        self.source = source
+        self.key = key
+        self.line = line
+        self.reason = message
+
+
+class ConfigFileNotFound(ConfigError):
+    """The config file named with ``-c`` does not exist (exit code 66)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """How one field is read, checked and explained."""
+
+    help: str
+    group: str
+    kind: Kind
+    minimum: float | None = None      # inclusive lower bound
+    above: float | None = None        # exclusive lower bound
+    maximum: float | None = None      # inclusive upper bound
+    choices: tuple[str, ...] = ()
+    optional: bool = False            # "" (or "auto" for choices) means None
+    flag: str = ""                    # command-line option; "" = --<name-with-dashes>
+    env: str = ""                     # environment name; "" = FORKSERVER_<NAME>
+    metavar: str = ""
+    default_text: str = ""            # how to show a computed default in docs
+
+
+def _s(default: Any = dataclasses.MISSING, *, factory: Callable[[], Any] | None = None,
+       **meta: Any) -> Any:
+    """Declare one setting: its default and its :class:`Setting` metadata."""
+    md = {"setting": Setting(**meta)}
+    if factory is not None:
+        return field(default_factory=factory, metadata=md)
+    return field(default=default, metadata=md)
+
+
+def _cpu_count() -> int:
+    return os.cpu_count() or 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ListenerSettings:
+    """One listening socket.  ``backlog`` None means the settings' ``backlog``;
+    settings returned by :func:`load` always have it filled in."""
+
+    bind: str
+    name: str = ""
+    backlog: int | None = None
+
+
+LISTENER_KEYS: Final = ("bind", "name", "backlog")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """Everything the daemon can be told.  Field order is the order of the
+    docs and the example file; ``group`` is how an operator thinks of it."""
+
+    # -- listeners
+    listeners: tuple[ListenerSettings, ...] = _s(
+        (), kind="listeners", group="listeners", flag="--bind", env="FORKSERVER_BIND",
+        metavar="SPEC",
+        help="where to listen: HOST:PORT, [V6]:PORT, :PORT, unix:PATH, fd://N, systemd, "
+             "systemd:NAME (none: the systemd sockets if passed to us, else 127.0.0.1:8000)")
+    backlog: int = _s(2048, kind="int", group="listeners", minimum=1, maximum=65535,
+                      help="listen() backlog of each listener that does not set its own")
+    max_pending_connections: int = _s(
+        30, kind="int", group="listeners", minimum=1, maximum=1_000_000,
+        help="accepted connections the master queues while no worker is free; "
+             "beyond that it stops accepting and the kernel backlog holds the rest")
+    # -- workers
+    handler: str = _s("", kind="handler", group="workers", metavar="MODULE:CALLABLE",
+                      help="the connection handler, module:attribute (required to run)")
+    workers: int = _s(factory=_cpu_count, kind="int", group="workers", minimum=1,
+                      maximum=4096, default_text="number of CPUs",
+                      help="worker processes to keep running")
+    worker_class: Literal["sync", "thread", "asyncio"] | None = _s(
+        None, kind="choice", group="workers", choices=("sync", "thread", "asyncio"),
+        optional=True,
+        help="how a worker runs the handler (auto: asyncio for coroutine handlers, else sync)")
+    concurrency: int = _s(16, kind="int", group="workers", minimum=1, maximum=100_000,
+                          help="connections one thread or asyncio worker serves at once "
+                               "(sync workers always serve one)")
+    preload: bool = _s(False, kind="bool", group="workers",
+                       help="import the handler in the master before forking workers")
+    name: str = _s("", kind="str", group="workers", maximum=64,
+                   help="instance name shown in process titles and logs")
+    # -- limits
+    max_requests: int = _s(0, kind="int", group="limits", minimum=0, maximum=2**31 - 1,
+                           help="recycle a worker after this many connections (0: never)")
+    max_requests_jitter: int = _s(0, kind="int", group="limits", minimum=0,
+                                  maximum=2**31 - 1,
+                                  help="add up to this many to max_requests, per worker, "
+                                       "so workers do not all recycle at once")
+    max_memory: int = _s(0, kind="bytes", group="limits", minimum=0, maximum=2**50,
+                         metavar="BYTES",
+                         help="recycle a worker whose memory exceeds this "
+                              "(bytes, or with a K/M/G suffix; 0: never)")
+    memory_metric: Literal["rss", "uss"] = _s(
+        "rss", kind="choice", group="limits", choices=("rss", "uss"),
+        help="which memory figure max_memory compares against")
+    # -- lifecycle
+    timeout: float = _s(30.0, kind="float", group="lifecycle", above=0, maximum=86400,
+                        metavar="SECONDS",
+                        help="kill a worker that sends no heartbeat for this long")
+    graceful_timeout: float = _s(30.0, kind="float", group="lifecycle", minimum=0,
+                                 maximum=86400, metavar="SECONDS",
+                                 help="on a graceful stop or reload, how long workers may "
+                                      "finish their connections before being killed")
+    pid_file: str | None = _s(None, kind="str", group="lifecycle", optional=True,
+                              maximum=MAX_TEXT, metavar="PATH",
+                              help="write the master's pid here (refused if a live master "
+                                   "holds it)")
+    chdir: str | None = _s(None, kind="str", group="lifecycle", optional=True,
+                           maximum=MAX_TEXT, metavar="DIR",
+                           help="change to this directory before loading the handler")
+    # -- control
+    control_socket: str | None = _s(
+        None, kind="str", group="control", optional=True, maximum=MAX_TEXT, metavar="PATH",
+        help="the control socket for `forkserver ctl` (none: $RUNTIME_DIRECTORY/control.sock "
+             "under systemd, else beside the pid file, else no control socket)")
+    # -- logging
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = _s(
+        "info", kind="choice", group="logging",
+        choices=("debug", "info", "warning", "error", "critical"),
+        help="least severe level logged")
+    log_format: Literal["text", "json"] = _s(
+        "text", kind="choice", group="logging", choices=("text", "json"),
+        help="text lines, or one JSON object per line with an 'event' field")
+    log_file: str | None = _s(None, kind="str", group="logging", optional=True,
+                              maximum=MAX_TEXT, metavar="PATH",
+                              help="append logs to this file, reopened on USR1 (none: stderr)")
+    access_log: bool = _s(False, kind="bool", group="logging",
+                          help="log one line per connection served")
+    # -- security
+    user: str | None = _s(None, kind="str", group="security", optional=True, maximum=256,
+                          help="workers run as this user (name or uid), with its "
+                               "supplementary groups")
+    group: str | None = _s(None, kind="str", group="security", optional=True, maximum=256,
+                           help="workers run as this group (name or gid; none: the user's "
+                                "primary group)")
+    umask: int = _s(0o022, kind="mode", group="security", minimum=0, maximum=0o777,
+                    metavar="OCTAL", default_text="0o022",
+                    help="file-creation mask of the master and its workers")
+
+
+GROUPS: Final = ("listeners", "workers", "limits", "lifecycle", "control", "logging",
+                 "security")
+
+
+def setting_fields() -> list[tuple[str, Setting]]:
+    """Every setting, in declaration order, with its metadata."""
+    return [(f.name, f.metadata["setting"]) for f in dataclasses.fields(Settings)]
+
+
+SETTINGS: Final[dict[str, Setting]] = dict(setting_fields())
+
+
+def env_name(key: str) -> str:
+    return SETTINGS[key].env or ENV_PREFIX + key.upper()
+
+
+def flag_name(key: str) -> str:
+    return SETTINGS[key].flag or "--" + key.replace("_", "-")
+
+
+def default_of(key: str) -> object:
+    return getattr(Settings(), key)
+
+
+# --------------------------------------------------------------- values
+
+class _Invalid(ValueError):
+    """A value is wrong; the text says what was expected (no location)."""
+
+
+def _expect(meta: Setting) -> str:
+    """What a valid value looks like, for error messages."""
+    if meta.kind in ("int", "bytes", "float"):
+        noun = {"int": "an integer", "bytes": "a size in bytes (e.g. 512M)",
+                "float": "a number"}[meta.kind]
+        lo = (f" > {meta.above:g}" if meta.above is not None
+              else f" >= {meta.minimum:g}" if meta.minimum is not None else "")
+        hi = f" <= {meta.maximum:g}" if meta.maximum is not None else ""
+        return noun + (f"{lo} and{hi}" if lo and hi else lo or hi)
+    if meta.kind == "choice":
+        return "one of " + ", ".join(
+            repr(c) for c in meta.choices + (("auto",) if meta.optional else ()))
+    return {
+        "bool": "true or false",
+        "mode": "an octal mode between 0o000 and 0o777",
+        "handler": "module:attribute, e.g. myapp.server:handle",
+        "listeners": "a bind spec",
+    }.get(meta.kind, f"a string of at most {meta.maximum or MAX_TEXT:g} characters")
+
+
+def _check_range(meta: Setting, value: float) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _Invalid(f"expected {_expect(meta)}, got {value!r}")
+    if ((meta.minimum is not None and value < meta.minimum)
+            or (meta.above is not None and value <= meta.above)
+            or (meta.maximum is not None and value > meta.maximum)):
+        raise _Invalid(f"expected {_expect(meta)}, got {value!r}")
+
+
+_HANDLER_RE: Final = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+_SIZE_RE: Final = re.compile(r"(\d[\d_]*)\s*([KMGT]?)(i?B)?", re.IGNORECASE)
+_SIZE_UNIT: Final = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"0", "false", "no", "off"})
+
+
+def _check_str(meta: Setting, value: str) -> str | None:
+    if meta.optional and value == "":
+        return None
+    limit = int(meta.maximum or MAX_TEXT)
+    if len(value) > limit:
+        raise _Invalid(f"expected at most {limit} characters, got {len(value)}")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise _Invalid(f"expected printable text, got {value!r}")
+    return value
+
+
+def _check_choice(meta: Setting, value: str) -> str | None:
+    low = value.strip().lower()
+    if meta.optional and low in ("auto", ""):
+        return None
+    if low not in meta.choices:
+        raise _Invalid(f"expected {_expect(meta)}, got {value!r}")
+    return low
+
+
+def _check_handler(meta: Setting, value: str) -> str:
+    if value and not _HANDLER_RE.fullmatch(value):
+        raise _Invalid(f"expected {_expect(meta)}, got {value[:200]!r}")
+    return value
+
+
+def parse_size(text: str) -> int:
+    """``512M`` → 536870912 (binary units; a bare number is bytes)."""
+    m = _SIZE_RE.fullmatch(text.strip())
+    if not m:
+        raise _Invalid(f"expected a size in bytes (e.g. 512M), got {text[:200]!r}")
+    return int(m.group(1)) * _SIZE_UNIT[m.group(2).upper()]
+
+
+def parse_bind(text: str) -> str:
+    """Check a bind spec with the listeners module; return it unchanged."""
+    if not isinstance(text, str) or not text or len(text) > MAX_TEXT:
+        raise _Invalid("expected a bind spec such as 127.0.0.1:8000 or unix:/run/app.sock")
+    try:
+        listeners.parse_bind(text)
+    except (ForkserverError, ValueError) as exc:
+        raise _Invalid(str(exc)) from None
+    return text
+
+
+def _number(convert: Callable[[str], float]) -> Callable[[Setting, str], Any]:
+    def parse(meta: Setting, text: str) -> Any:
+        try:
+            value = convert(text.strip())
+        except ValueError:
+            raise _Invalid(f"expected {_expect(meta)}, got {text[:200]!r}") from None
+        _check_range(meta, value)
+        return value
+    return parse
+
+
+def _parse_bool(meta: Setting, text: str) -> bool:
+    low = text.strip().lower()
+    if low not in _TRUE | _FALSE:
+        raise _Invalid(f"expected true or false (1/0, yes/no, on/off), got {text[:200]!r}")
+    return low in _TRUE
+
+
+def _parse_size_setting(meta: Setting, text: str) -> int:
+    value = parse_size(text)
+    _check_range(meta, value)
+    return value
+
+
+def _parse_listeners(meta: Setting, text: str) -> tuple[ListenerSettings, ...]:
+    specs = [s for s in re.split(r"[,\s]+", text) if s]
+    if len(specs) > MAX_LISTENERS:
+        raise _Invalid(f"at most {MAX_LISTENERS} listeners")
+    return tuple(ListenerSettings(bind=parse_bind(s)) for s in specs)
+
+
+_TEXT_PARSERS: Final[dict[str, Callable[[Setting, str], Any]]] = {
+    "int": _number(lambda t: int(t, 10)),
+    "float": _number(float),
+    "mode": _number(lambda t: int(t, 8)),
+    "bytes": _parse_size_setting,
+    "bool": _parse_bool,
+    "choice": _check_choice,
+    "handler": lambda meta, text: _check_handler(meta, text.strip()),
+    "listeners": _parse_listeners,
+    "str": _check_str,
+}
+
+
+def parse_text(key: str, text: str) -> Any:
+    """Convert the text of an environment variable or command-line option
+    to the value of setting *key*; raise ValueError saying what was
+    expected.  (For ``listeners`` the text is one or more bind specs,
+    separated by commas or whitespace.)"""
+    if len(text) > MAX_TEXT * 4:
+        raise _Invalid(f"value too long ({len(text)} characters)")
+    meta = SETTINGS[key]
+    return _TEXT_PARSERS[meta.kind](meta, text)
+
+
+def _from_toml(key: str, value: object) -> Any:
+    """Check a value read from TOML for setting *key* (not listeners)."""
+    meta = SETTINGS[key]
+    if isinstance(value, str) and meta.kind in ("bytes", "mode"):
+        return parse_text(key, value)              # "512M", "022"
+    expected = {"int": int, "bytes": int, "mode": int, "float": int | float,
+                "bool": bool}.get(meta.kind, str)
+    is_bool = isinstance(value, bool)
+    if not isinstance(value, expected) or (is_bool and meta.kind != "bool"):
+        raise _Invalid(f"expected {_expect(meta)}, got {_toml_type(value)}")
+    if meta.kind in ("int", "bytes", "mode", "float"):
+        assert isinstance(value, int | float)
+        _check_range(meta, value)
+        return float(value) if meta.kind == "float" else value
+    if meta.kind == "bool":
+        return value
+    assert isinstance(value, str)
+    return _TEXT_PARSERS[meta.kind](meta, value)
+
+
+def _toml_type(value: object) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a float", str: "a string",
+             list: "an array", dict: "a table"}
+    noun = names.get(type(value), "a date/time")
+    shown = repr(value) if isinstance(value, bool | int | float | str) else ""
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return f"{noun} {shown}".rstrip()
+
+
+# --------------------------------------------------------------- sources
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """Effective settings, and for each key where its value came from:
+    ``default``, ``FILE:LINE``, ``env FORKSERVER_X`` or ``command line --x``."""
+
+    settings: Settings
+    origins: Mapping[str, str]
+
+
+def _suggest(key: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class _TomlSource:
+    """A parsed TOML file, with a best-effort key → line index (tomllib
+    itself reports lines only for syntax errors)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        text = _read_config(path)
+        try:
+            self.data: dict[str, Any] = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            line = re.search(r"line (\d+)", str(exc))
+            raise ConfigError(f"TOML syntax error: {exc}", source=path,
+                              line=int(line.group(1)) if line else None) from None
+        self.lines = text.splitlines()
+
+    def line_of(self, key: str, table_index: int | None = None) -> int | None:
+        """Line of top-level *key*, or of *key* inside the n-th
+        ``[[listeners]]`` table (or of that table's header)."""
+        key_re = re.compile(rf"\s*[\"']?{re.escape(key)}[\"']?\s*=")
+        tables = -1
+        for number, line in enumerate(self.lines, 1):
+            stripped = line.strip()
+            if stripped.startswith("["):
+                if table_index is None:
+                    break                               # past the top-level keys
+                if re.fullmatch(r"\[\[\s*listeners\s*\]\]\s*(#.*)?", stripped):
+                    tables += 1
+                    if tables == table_index and key == "":
+                        return number
+                elif tables >= table_index:
+                    break
+            elif (table_index is None or tables == table_index) and key_re.match(line):
+                return number
+        return None
+
+    def error(self, key: str, message: str, table_index: int | None = None) -> ConfigError:
+        line = self.line_of(key.rsplit(".", 1)[-1] if table_index is not None else key,
+                            table_index)
+        return ConfigError(message, source=self.path, key=key, line=line)
+
+    def values(self) -> dict[str, Any]:
+        """The settings this file gives, checked."""
+        out: dict[str, Any] = {}
+        for key, raw in self.data.items():
+            if key not in SETTINGS:
+                raise self.error(key, "unknown setting" + _suggest(key, list(SETTINGS)))
+            try:
+                out[key] = (self._listeners(raw) if key == "listeners"
+                            else _from_toml(key, raw))
+            except _Invalid as exc:
+                raise self.error(key, str(exc)) from None
+        return out
+
+    def _listeners(self, raw: object) -> tuple[ListenerSettings, ...]:
+        if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
+            raise _Invalid("expected an array of tables: [[listeners]] with bind = \"...\"")
+        if len(raw) > MAX_LISTENERS:
+            raise _Invalid(f"at most {MAX_LISTENERS} listeners")
+        return tuple(self._listener(i, t) for i, t in enumerate(raw))
+
+    def _listener(self, index: int, table: dict[str, Any]) -> ListenerSettings:
+        where = f"listeners[{index}]"
+        for key in table:
+            if key not in LISTENER_KEYS:
+                raise self.error(f"{where}.{key}", "unknown listener option"
+                                 + _suggest(key, LISTENER_KEYS), index)
+        if "bind" not in table:
+            raise ConfigError("missing 'bind' (a bind spec such as 127.0.0.1:8000)",
+                              source=self.path, key=where, line=self.line_of("", index))
+        checks: dict[str, Callable[[Any], Any]] = {
+            "bind": parse_bind,
+            "name": lambda v: _check_str(SETTINGS["name"], v),
+            "backlog": lambda v: _from_toml("backlog", v),
+        }
+        values: dict[str, Any] = {}
+        for key, value in table.items():
+            try:
+                if key != "backlog" and not isinstance(value, str):
+                    raise _Invalid(f"expected a string, got {_toml_type(value)}")
+                values[key] = checks[key](value)
+            except _Invalid as exc:
+                raise self.error(f"{where}.{key}", str(exc), index) from None
+        values["name"] = values.get("name") or ""
+        return ListenerSettings(**values)
+
+
+def _read_config(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigFileNotFound("config file not found", source=path) from None
+    except IsADirectoryError:
+        raise ConfigError("is a directory, expected a TOML file", source=path) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file: {exc.strerror}", source=path) from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError(f"config file larger than {MAX_FILE_BYTES} bytes", source=path)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError("not UTF-8 text", source=path, line=line) from None
+
+
+def _env_values(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    by_env = {env_name(k): k for k in SETTINGS}
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name.startswith(ENV_RESERVED_PREFIX):
+            continue
+        key = by_env.get(name)
+        if key is None:
+            raise ConfigError("unknown setting" + _suggest(name, list(by_env)),
+                              source="environment", key=name)
+        try:
+            values[key] = parse_text(key, environ[name])
+        except ValueError as exc:
+            raise ConfigError(str(exc), source="environment", key=name) from None
+        origins[key] = f"env {name}"
+    return values, origins
+
+
+def load(config_file: str | None = None, environ: Mapping[str, str] | None = None,
+         overrides: Mapping[str, Any] | None = None) -> Loaded:
+    """Merge defaults < *config_file* < *environ* < *overrides* (values
+    already checked by the command line, keyed by field name)."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = dict.fromkeys(SETTINGS, "default")
+    if config_file is not None:
+        source = _TomlSource(config_file)
+        for key, value in source.values().items():
+            values[key] = value
+            line = source.line_of(key) if key != "listeners" else source.line_of("", 0)
+            origins[key] = f"{config_file}:{line}" if line else config_file
+    env_values, env_origins = _env_values(environ)
+    values.update(env_values)
+    origins.update(env_origins)
+    for key, value in (overrides or {}).items():
+        if key not in SETTINGS:
+            raise ConfigError("unknown setting", source="command line", key=key)
+        values[key] = value
+        origins[key] = f"command line {flag_name(key)}"
+    settings = Settings(**values)
+    settings = dataclasses.replace(settings, listeners=tuple(
+        dataclasses.replace(ls, backlog=settings.backlog) if ls.backlog is None else ls
+        for ls in settings.listeners))
+    return Loaded(settings, origins)
+
+
+def load_settings(config_file: str | None = None, environ: Mapping[str, str] | None = None,
+                  overrides: Mapping[str, Any] | None = None) -> Settings:
+    """:func:`load` without the origins."""
+    return load(config_file, environ, overrides).settings
