@@ -1,0 +1,192 @@
+"""Who the workers are, in what state, with what load: pure bookkeeping.
+
+The master owns one ``WorkerTable``.  Nothing here forks, signals or
+touches a descriptor, so every transition is tested without processes.
+
+Invariants:
+
+* A pid and a slot each belong to at most one live worker.
+* ``0 <= in_flight <= capacity`` for every worker: the master only
+  dispatches to a worker with free capacity, and a worker reporting more
+  connections done than it holds is a protocol violation.
+* Only ``READY`` workers receive connections.  States move forward
+  only: ``STARTING`` -> ``READY`` -> ``STOPPING``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Final
+
+
+class WorkerState(enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+
+
+class TableError(Exception):
+    """An impossible transition: a bug in the master or a lying worker."""
+
+
+@dataclass(slots=True)
+class WorkerRecord:
+    slot: int
+    pid: int
+    capacity: int
+    started_at: float
+    state: WorkerState = WorkerState.STARTING
+    in_flight: int = 0
+    served: int = 0
+    errors: int = 0
+    last_seen: float = 0.0
+
+    def has_capacity(self) -> bool:
+        return self.state is WorkerState.READY and self.in_flight < self.capacity
+
+
+class WorkerTable:
+    """The live workers, by pid."""
+
+    def __init__(self) -> None:
+        self._by_pid: dict[int, WorkerRecord] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_pid)
+
+    def __iter__(self) -> Iterator[WorkerRecord]:
+        return iter(tuple(self._by_pid.values()))
+
+    def get(self, pid: int) -> WorkerRecord | None:
+        return self._by_pid.get(pid)
+
+    def add(self, slot: int, pid: int, capacity: int, now: float) -> WorkerRecord:
+        if pid in self._by_pid:
+            raise TableError(f"pid {pid} is already worker {self._by_pid[pid].slot}")
+        if any(w.slot == slot for w in self._by_pid.values()):
+            raise TableError(f"slot {slot} is already taken")
+        if capacity < 1:
+            raise TableError(f"worker capacity must be at least 1, not {capacity}")
+        record = WorkerRecord(slot=slot, pid=pid, capacity=capacity, started_at=now, last_seen=now)
+        self._by_pid[pid] = record
+        return record
+
+    def remove(self, pid: int) -> WorkerRecord:
+        try:
+            return self._by_pid.pop(pid)
+        except KeyError:
+            raise TableError(f"pid {pid} is not a worker") from None
+
+    def mark_ready(self, pid: int, now: float) -> WorkerRecord:
+        record = self._require(pid)
+        if record.state is not WorkerState.STARTING:
+            raise TableError(
+                f"worker {record.slot} (pid {pid}) sent READY while {record.state.value}"
+            )
+        record.state = WorkerState.READY
+        record.last_seen = now
+        return record
+
+    def mark_stopping(self, pid: int) -> WorkerRecord:
+        record = self._require(pid)
+        record.state = WorkerState.STOPPING
+        return record
+
+    def pick(self) -> WorkerRecord | None:
+        """The least-loaded ready worker with free capacity, if any.
+
+        Ties go to the lowest slot, so a lightly loaded service keeps
+        its connections on few workers' warm caches.
+        """
+        best: WorkerRecord | None = None
+        for record in self._by_pid.values():
+            if record.has_capacity() and (
+                best is None
+                or record.in_flight < best.in_flight
+                or (record.in_flight == best.in_flight and record.slot < best.slot)
+            ):
+                best = record
+        return best
+
+    def assign(self, record: WorkerRecord, count: int = 1) -> None:
+        """Count *count* connections as sent to *record*."""
+        if not record.has_capacity() or record.in_flight + count > record.capacity:
+            raise TableError(
+                f"worker {record.slot} has {record.capacity - record.in_flight} free of "
+                f"{record.capacity}, cannot take {count}"
+            )
+        record.in_flight += count
+
+    def unassign(self, record: WorkerRecord, count: int) -> None:
+        """Connections counted by ``assign`` that never reached the worker."""
+        if not 0 < count <= record.in_flight:
+            raise TableError(
+                f"worker {record.slot} holds {record.in_flight}, cannot return {count}"
+            )
+        record.in_flight -= count
+
+    def complete(self, pid: int, count: int, now: float) -> WorkerRecord:
+        """The worker reports *count* connections finished."""
+        record = self._require(pid)
+        if not 0 < count <= record.in_flight:
+            raise TableError(
+                f"worker {record.slot} (pid {pid}) reported {count} done "
+                f"but holds {record.in_flight}"
+            )
+        record.in_flight -= count
+        record.served += count
+        record.last_seen = now
+        return record
+
+    def seen(self, pid: int, now: float) -> None:
+        self._require(pid).last_seen = now
+
+    def free_slot(self, slots: int) -> int | None:
+        """The lowest slot below *slots* that no live worker holds."""
+        taken = {w.slot for w in self._by_pid.values()}
+        return next((slot for slot in range(slots) if slot not in taken), None)
+
+    def count(self, state: WorkerState) -> int:
+        return sum(1 for w in self._by_pid.values() if w.state is state)
+
+    def _require(self, pid: int) -> WorkerRecord:
+        record = self._by_pid.get(pid)
+        if record is None:
+            raise TableError(f"pid {pid} is not a worker")
+        return record
+
+
+#: A worker that exits sooner than this after it started has crashed.
+CRASH_WINDOW: Final = 1.0
+#: A worker that lived this long resets the crash count.
+HEALTHY_LIFETIME: Final = 10.0
+FIRST_DELAY: Final = 0.1
+MAX_DELAY: Final = 30.0
+
+
+class CrashBackoff:
+    """How long to wait before replacing a worker that exited.
+
+    A worker that dies within ``CRASH_WINDOW`` of starting is a crash.
+    Consecutive crashes wait 0.1 s, 0.2 s, 0.4 s ... up to 30 s, so a
+    broken handler cannot fork-bomb the machine.  A worker that lived
+    ``HEALTHY_LIFETIME`` resets the count; other exits leave it as is.
+    """
+
+    def __init__(self) -> None:
+        self.crashes = 0
+
+    def delay_after_exit(self, lifetime: float) -> float:
+        if lifetime >= HEALTHY_LIFETIME:
+            self.crashes = 0
+        if lifetime >= CRASH_WINDOW:
+            return 0.0
+        self.crashes += 1
+        delay: float = FIRST_DELAY * 2.0 ** (self.crashes - 1)
+        return min(delay, MAX_DELAY)
+
+    def reset(self) -> None:
+        """A worker has now lived ``HEALTHY_LIFETIME``: crashes are history."""
+        self.crashes = 0

@@ -1,0 +1,134 @@
+"""Worker bookkeeping and crash backoff: pure, no processes."""
+
+import pytest
+
+from forkserver.worker_table import (
+    CrashBackoff,
+    TableError,
+    WorkerState,
+    WorkerTable,
+)
+
+
+def ready_table(*capacities: int) -> WorkerTable:
+    table = WorkerTable()
+    for slot, capacity in enumerate(capacities):
+        table.add(slot, 100 + slot, capacity, now=0.0)
+        table.mark_ready(100 + slot, now=0.0)
+    return table
+
+
+def test_a_new_worker_gets_nothing_until_ready() -> None:
+    table = WorkerTable()
+    table.add(0, 100, 1, now=0.0)
+    assert table.pick() is None
+    table.mark_ready(100, now=1.0)
+    picked = table.pick()
+    assert picked is not None
+    assert picked.pid == 100
+
+
+def test_pick_prefers_the_least_loaded_then_the_lowest_slot() -> None:
+    table = ready_table(4, 4, 4)
+    order = []
+    for _ in range(6):
+        record = table.pick()
+        assert record is not None
+        table.assign(record)
+        order.append(record.slot)
+    assert order == [0, 1, 2, 0, 1, 2]
+
+
+def test_a_full_worker_is_never_picked_and_done_frees_it() -> None:
+    table = ready_table(1, 2)
+    for _ in range(3):
+        record = table.pick()
+        assert record is not None
+        table.assign(record)
+    assert table.pick() is None
+    table.complete(101, 1, now=2.0)
+    record = table.pick()
+    assert record is not None
+    assert record.slot == 1
+    assert table.get(101).served == 1  # type: ignore[union-attr]
+
+
+def test_assign_beyond_capacity_is_refused() -> None:
+    table = ready_table(2)
+    record = table.get(100)
+    assert record is not None
+    with pytest.raises(TableError, match=r"^worker 0 has 2 free of 2, cannot take 3$"):
+        table.assign(record, 3)
+
+
+def test_a_worker_reporting_more_done_than_it_holds_is_an_error() -> None:
+    table = ready_table(2)
+    with pytest.raises(TableError, match=r"^worker 0 \(pid 100\) reported 1 done but holds 0$"):
+        table.complete(100, 1, now=1.0)
+
+
+def test_unassign_returns_unsent_credit() -> None:
+    table = ready_table(2)
+    record = table.get(100)
+    assert record is not None
+    table.assign(record, 2)
+    table.unassign(record, 2)
+    assert record.in_flight == 0
+    with pytest.raises(TableError, match="cannot return 1"):
+        table.unassign(record, 1)
+
+
+def test_stopping_workers_get_no_connections() -> None:
+    table = ready_table(1)
+    table.mark_stopping(100)
+    assert table.pick() is None
+    assert table.count(WorkerState.STOPPING) == 1
+
+
+def test_ready_twice_is_an_error_naming_the_worker() -> None:
+    table = ready_table(1)
+    with pytest.raises(TableError, match=r"^worker 0 \(pid 100\) sent READY while ready$"):
+        table.mark_ready(100, now=1.0)
+
+
+def test_pids_and_slots_are_unique() -> None:
+    table = ready_table(1)
+    with pytest.raises(TableError, match="pid 100 is already worker 0"):
+        table.add(1, 100, 1, now=0.0)
+    with pytest.raises(TableError, match="slot 0 is already taken"):
+        table.add(0, 200, 1, now=0.0)
+    with pytest.raises(TableError, match="capacity must be at least 1"):
+        table.add(1, 200, 0, now=0.0)
+
+
+def test_unknown_pids_are_errors() -> None:
+    table = WorkerTable()
+    with pytest.raises(TableError, match=r"^pid 7 is not a worker$"):
+        table.remove(7)
+    with pytest.raises(TableError, match=r"^pid 7 is not a worker$"):
+        table.complete(7, 1, now=0.0)
+    assert table.get(7) is None
+
+
+def test_free_slot_reuses_the_lowest_gap() -> None:
+    table = ready_table(1, 1, 1)
+    assert table.free_slot(3) is None
+    table.remove(101)
+    assert table.free_slot(3) == 1
+    assert table.free_slot(1) is None
+    assert len(table) == 2
+    assert sorted(w.slot for w in table) == [0, 2]
+
+
+def test_crash_backoff_doubles_to_thirty_seconds_and_resets() -> None:
+    backoff = CrashBackoff()
+    delays = [backoff.delay_after_exit(0.5) for _ in range(12)]
+    assert delays[:4] == pytest.approx([0.1, 0.2, 0.4, 0.8])
+    assert delays[-1] == 30.0
+    assert max(delays) == 30.0
+    assert backoff.delay_after_exit(5.0) == 0.0  # not a crash, but not healthy either
+    assert backoff.delay_after_exit(0.1) == 30.0
+    assert backoff.delay_after_exit(10.0) == 0.0
+    assert backoff.delay_after_exit(0.1) == pytest.approx(0.1)
+    backoff.reset()
+    assert backoff.crashes == 0
