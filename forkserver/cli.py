@@ -1,0 +1,299 @@
+"""The ``forkserver`` command line.
+
+``forkserver run [options] [HANDLER]``
+    run the daemon; every option comes from the settings model
+    (``forkserver.config.Settings``), so ``run --help`` lists them all.
+``forkserver check-config [-c FILE] [options] [HANDLER]``
+    validate, then print the effective settings and where each came from.
+``forkserver ctl [--socket PATH] COMMAND``
+    talk to a running master over its control socket.
+
+This is the one module that turns errors into exit codes (sysexits.h):
+64 bad command line, 66 missing config file, 78 invalid configuration;
+``ctl`` adds 1 (command failed), 69 (no daemon), 70 (malformed reply),
+75 (no reply in time) and 77 (refused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from forkserver import config, control, log
+from forkserver.config import ConfigError, ConfigFileNotFound, Settings
+
+__all__ = ["ExitCode", "build_parser", "main"]
+
+
+class ExitCode(enum.IntEnum):
+    OK = 0
+    FAILURE = 1          # a ctl command the daemon rejected
+    USAGE = 64           # EX_USAGE
+    NOINPUT = 66         # EX_NOINPUT: the config file does not exist
+    UNAVAILABLE = 69     # EX_UNAVAILABLE: no daemon behind the control socket
+    SOFTWARE = 70        # EX_SOFTWARE: a malformed reply
+    TEMPFAIL = 75        # EX_TEMPFAIL: the daemon did not reply in time
+    NOPERM = 77          # EX_NOPERM: the control socket refused us
+    CONFIG = 78          # EX_CONFIG
+
+
+class UsageError(Exception):
+    """A bad command line; argparse's own message."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting with status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: error: {message}\n(see {self.prog} --help)")
+
+
+def _text_type(key: str) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            return config.parse_text(key, text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = key
+    return convert
+
+
+def _bind_type(text: str) -> config.ListenerSettings:
+    try:
+        return config.ListenerSettings(bind=config.parse_bind(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _default_text(key: str, meta: config.Setting) -> str:
+    if meta.default_text:
+        return meta.default_text
+    value = config.default_of(key)
+    if value is None:
+        return "auto" if meta.kind == "choice" else "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value in ("", ()):
+        return "none"
+    return str(value)
+
+
+def add_settings_options(parser: argparse.ArgumentParser) -> None:
+    """One option per setting, grouped as in the config file.  Options
+    that are not given do not appear in the namespace (SUPPRESS), so only
+    what the operator typed overrides the file and environment."""
+    parser.add_argument("-c", "--config", metavar="FILE",
+                        help="TOML config file (see config/forkserver.toml)")
+    groups = {g: parser.add_argument_group(f"{g} settings") for g in config.GROUPS}
+    for key, meta in config.setting_fields():
+        env = config.env_name(key)
+        if key == "handler":
+            # default None, not SUPPRESS: argparse would run SUPPRESS through type=
+            parser.add_argument("handler", nargs="?", type=_text_type(key),
+                                default=None, metavar="HANDLER",
+                                help=f"{meta.help}; env {env}")
+            continue
+        group = groups[meta.group]
+        help_text = f"{meta.help} (default: {_default_text(key, meta)}; env {env})"
+        if key == "listeners":
+            group.add_argument("--bind", "-b", dest=key, action="append", type=_bind_type,
+                               default=argparse.SUPPRESS, metavar=meta.metavar,
+                               help=help_text + "; repeat for several listeners")
+        elif meta.kind == "bool":
+            group.add_argument(config.flag_name(key), dest=key,
+                               action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=help_text)
+        else:
+            metavar = meta.metavar or ("|".join(meta.choices + (("auto",) if meta.optional
+                                                                else ()))
+                                       if meta.kind == "choice"
+                                       else "N" if meta.kind == "int" else key.upper())
+            group.add_argument(config.flag_name(key), dest=key, type=_text_type(key),
+                               default=argparse.SUPPRESS, metavar=metavar, help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="forkserver",
+                     description="A prefork TCP daemon: one master accepts, "
+                                 "pre-forked workers run your handler.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    run = sub.add_parser("run", help="run the daemon",
+                         description="Run the daemon. Settings come from defaults < "
+                                     "the config file < FORKSERVER_* environment < "
+                                     "these options.")
+    add_settings_options(run)
+    check = sub.add_parser("check-config", help="validate and print the effective settings",
+                           description="Validate the configuration exactly as `run` would, "
+                                       "then print every setting and where it came from.")
+    add_settings_options(check)
+    _add_ctl_parser(sub)
+    return parser
+
+
+def _add_ctl_parser(sub: Any) -> None:
+    ctl = sub.add_parser("ctl", help="control a running daemon",
+                         description="Send one command to a running master over its "
+                                     "control socket.  Exit codes: 0 done, 1 the daemon "
+                                     "rejected the command, 69 no daemon there, "
+                                     "75 no reply in time, 77 refused.")
+    ctl.add_argument("--socket", "-s", metavar="PATH",
+                     help="control socket (default: from -c FILE, or the environment)")
+    ctl.add_argument("-c", "--config", metavar="FILE",
+                     help="find the control socket from this config file")
+    ctl.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                     help="how long to wait for the reply (default: 10)")
+    cmds = ctl.add_subparsers(dest="ctl_command", metavar="COMMAND", required=True)
+    status = cmds.add_parser("status", help="the master and a table of workers")
+    status.add_argument("--json", action="store_true", help="stable JSON for monitoring")
+    cmds.add_parser("reload", help="reload the configuration and replace the workers")
+    scale = cmds.add_parser("scale", help="set the number of workers")
+    scale.add_argument("workers", type=_text_type("workers"), metavar="N")
+    stop = cmds.add_parser("stop", help="stop the daemon (graceful by default)")
+    how = stop.add_mutually_exclusive_group()
+    how.add_argument("--graceful", dest="mode", action="store_const", const="graceful",
+                     default="graceful", help="let workers finish their connections")
+    how.add_argument("--fast", dest="mode", action="store_const", const="fast",
+                     help="stop now, cutting connections")
+    cmds.add_parser("reopen-logs", help="reopen the log file (after rotation)")
+
+
+def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
+    values = {k: v for k, v in vars(ns).items() if k in config.SETTINGS and v is not None}
+    if "listeners" in values:
+        values["listeners"] = tuple(values["listeners"])
+    return values
+
+
+def _load(ns: argparse.Namespace) -> tuple[config.Loaded, Callable[[], Settings]]:
+    """Load once now; return also the reload function, which re-reads the
+    same file (by absolute path: the master may chdir) and environment
+    with the same command-line overrides."""
+    path = os.path.abspath(ns.config) if ns.config else None
+    overrides = _overrides(ns)
+    loaded = config.load(path, os.environ, overrides)
+
+    def reload_settings() -> Settings:
+        return config.load_settings(path, os.environ, overrides)
+
+    return loaded, reload_settings
+
+
+def _cmd_run(ns: argparse.Namespace) -> int:
+    loaded, reload_settings = _load(ns)
+    settings = loaded.settings
+    if not settings.handler:
+        if ns.config:
+            raise ConfigError("no handler: set `handler` in the file or give HANDLER",
+                              source=os.path.abspath(ns.config), key="handler")
+        raise UsageError("forkserver run: error: no HANDLER given (module:callable), "
+                         "and no config file (-c) that names one")
+    # The master, and through it the worker machinery, is imported only to
+    # run: check-config and ctl must work even where it cannot be imported.
+    from forkserver import master  # noqa: PLC0415
+
+    log.configure(settings)
+    return int(master.serve(settings, reload_settings=reload_settings))
+
+
+def _cmd_check_config(ns: argparse.Namespace) -> int:
+    loaded, _ = _load(ns)
+    sys.stdout.write(format_effective(loaded))
+    return ExitCode.OK
+
+
+def format_effective(loaded: config.Loaded) -> str:
+    """``key = value  # origin``, one line per setting, grouped; valid TOML
+    apart from the listeners, which are shown as an inline array."""
+    lines: list[str] = []
+    for group in config.GROUPS:
+        lines.append(f"# -- {group}")
+        for key, meta in config.setting_fields():
+            if meta.group == group:
+                raw = getattr(loaded.settings, key)
+                value = f"0o{raw:03o}" if meta.kind == "mode" else _toml_value(raw)
+                lines.append(f"{key} = {value}  # {loaded.origins[key]}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if value is None:
+        return '""'
+    if isinstance(value, tuple):
+        return "[" + ", ".join(
+            "{ " + ", ".join(f"{k} = {_toml_value(getattr(item, k))}"
+                             for k in config.LISTENER_KEYS) + " }"
+            for item in value) + "]"
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+def _cmd_ctl(ns: argparse.Namespace) -> int:
+    path = ns.socket
+    if not path:
+        settings = config.load_settings(ns.config, os.environ) if ns.config else None
+        path = control.default_socket_path(settings, os.environ)
+    if not path:
+        raise UsageError("forkserver ctl: error: no control socket: give --socket PATH, "
+                         "or -c FILE whose settings name one")
+    args: dict[str, object] = {}
+    if ns.ctl_command == "scale":
+        args["workers"] = ns.workers
+    elif ns.ctl_command == "stop":
+        args["mode"] = ns.mode
+    try:
+        result = control.request(path, ns.ctl_command, args, timeout=ns.timeout)
+    except control.ControlRefused as exc:
+        print(f"forkserver ctl: {exc}", file=sys.stderr)
+        return ExitCode.NOPERM
+    except control.ControlUnavailable as exc:
+        print(f"forkserver ctl: {exc}", file=sys.stderr)
+        return ExitCode.UNAVAILABLE
+    except control.ControlTimeout as exc:
+        print(f"forkserver ctl: {exc}", file=sys.stderr)
+        return ExitCode.TEMPFAIL
+    except control.CommandFailed as exc:
+        print(f"forkserver ctl: {ns.ctl_command}: {exc}", file=sys.stderr)
+        return ExitCode.FAILURE
+    except control.BadReply as exc:
+        print(f"forkserver ctl: {exc}", file=sys.stderr)
+        return ExitCode.SOFTWARE
+    if ns.ctl_command == "status":
+        sys.stdout.write(control.format_status(result, as_json=ns.json))
+    elif result:
+        sys.stdout.write(control.format_result(result))
+    return ExitCode.OK
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": _cmd_run,
+    "check-config": _cmd_check_config,
+    "ctl": _cmd_ctl,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``forkserver`` and ``python -m forkserver``."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        parser = build_parser()
+        ns = parser.parse_args(args)
+        return COMMANDS[ns.command](ns)
+    except UsageError as exc:
+        print(str(exc), file=sys.stderr)
+        return ExitCode.USAGE
+    except ConfigFileNotFound as exc:
+        print(f"forkserver: {exc}", file=sys.stderr)
+        return ExitCode.NOINPUT
+    except ConfigError as exc:
+        print(f"forkserver: invalid configuration: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG
+    except SystemExit as exc:          # --help and --version exit through argparse
+        return exc.code if isinstance(exc.code, int) else ExitCode.USAGE

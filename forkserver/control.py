@@ -1,0 +1,636 @@
+"""The control socket: a small request/reply server in the master's loop,
+and the client behind ``forkserver ctl``.
+
+Wire format
+-----------
+One request per connection.  The client sends one JSON object and a
+newline (at most ``MAX_REQUEST`` bytes)::
+
+    {"command": "scale", "args": {"workers": 4}}
+
+and the server answers with one JSON object and a newline, then closes::
+
+    {"ok": true, "result": ...}
+    {"ok": false, "error": "why", "denied": false}
+
+Security: the socket is created mode 0600 (under umask 0177, so it is
+never more open, not even for an instant).  ``SO_PEERCRED`` is checked on
+every connection: only root and the daemon's own uid are served, anyone
+else gets ``{"ok": false, "denied": true, ...}`` and a ``control_denied``
+log event.  The server never blocks the loop: every socket is
+non-blocking, requests are size-limited, and a client that does not send
+a complete request within ``client_timeout`` seconds is dropped.
+
+Commands the master supplies
+----------------------------
+:class:`ControlServer` takes a mapping of command name to callable, so it
+knows nothing of the master's internals.  Arguments are validated here;
+the callables get clean keyword arguments and must not block (``stop``
+and ``reload`` begin their work and return).  To fail cleanly, raise
+:class:`CommandError` (or any ``ForkserverError``) with a message for
+the operator; any other exception is logged and answered with an error,
+never raised out of the loop.
+
+=================  ===========================  ==========================
+command            called as                    returns (JSON-serialisable)
+=================  ===========================  ==========================
+``status``         ``status()``                 the mapping below
+``reload``         ``reload()``                 mapping or None
+``scale``          ``scale(workers=N)``         mapping or None
+``stop``           ``stop(graceful=True|False)``  None
+``reopen-logs``    ``reopen_logs()``            None
+=================  ===========================  ==========================
+
+``status()`` returns::
+
+    {
+      "master": {
+        "pid": int, "name": str,
+        "started": float,            # time.time() when the master started
+        "generation": int,           # bumped by each completed reload
+        "state": str,                # "starting" | "running" | "reloading" | "stopping"
+        "workers_target": int,       # how many workers it wants
+        "pending": int,              # accepted connections queued in the master
+        "accepting": bool,           # False while accept is paused
+        "listeners": [{"name": str, "address": str,   # TcpServer.describe()
+                       "fd": int, "inode": int}],     # os.fstat(fd).st_ino
+        "totals": {"served": int, "in_flight": int, "spawned": int,
+                   "restarts": int, "errors": int},
+        "last_reload_error": str | None,
+      },
+      "workers": [{
+        "slot": int, "pid": int, "generation": int,
+        "state": str,                # the worker table's state name
+        "started": float,            # time.time() at fork
+        "served": int, "in_flight": int, "restarts": int,
+        "last_exit": str | None,     # how the previous process in the slot ended
+        "last_error": str | None,    # the last handler error it reported
+      }, ...],
+    }
+
+The server adds what it can measure itself, so the master need not:
+``master.uptime`` and each worker's ``age`` (from ``started``), and from
+psutil each process's ``rss``, ``uss`` (bytes) and ``cpu_percent`` (since
+the previous status request; over its lifetime on the first).  Keys the
+master already set are left alone.  The reply also carries
+``"schema": 1``; keys are only ever added, never renamed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import socket
+import stat
+import struct
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import psutil
+
+from forkserver.config import Settings
+from forkserver.errors import ForkserverError
+from forkserver.eventloop import EventLoop, TimerHandle
+
+__all__ = [
+    "BadReply",
+    "CommandError",
+    "CommandFailed",
+    "ControlError",
+    "ControlRefused",
+    "ControlServer",
+    "ControlTimeout",
+    "ControlUnavailable",
+    "default_socket_path",
+    "format_result",
+    "format_status",
+    "request",
+]
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST: Final = 64 * 1024
+MAX_REPLY: Final = 16 * 1024 * 1024
+MAX_CLIENTS: Final = 32
+MAX_WORKERS: Final = 4096         # the bound of the ``workers`` setting
+STATUS_SCHEMA: Final = 1
+_UCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+class ControlError(ForkserverError):
+    """The control socket cannot be set up, or a client call failed."""
+
+
+class CommandError(ControlError):
+    """Raised by a command callable: the message goes back to the client."""
+
+
+class ControlUnavailable(ControlError):
+    """No daemon is listening on the control socket."""
+
+
+class ControlRefused(ControlError):
+    """The daemon (or the socket's file mode) refused us."""
+
+
+class ControlTimeout(ControlError):
+    """The daemon did not reply in time."""
+
+
+class CommandFailed(ControlError):
+    """The daemon answered with an error."""
+
+
+class BadReply(ControlError):
+    """The reply was not what the protocol promises."""
+
+
+def default_socket_path(settings: Settings | None,
+                        environ: Mapping[str, str] = os.environ) -> str | None:
+    """The configured ``control_socket``; else ``control.sock`` in systemd's
+    ``$RUNTIME_DIRECTORY``; else beside the pid file (``app.pid`` →
+    ``app.ctl``); else None (no control socket)."""
+    if settings is not None and settings.control_socket:
+        return settings.control_socket
+    runtime = environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    if runtime:
+        return os.path.join(runtime, "control.sock")
+    if settings is not None and settings.pid_file:
+        return os.path.splitext(settings.pid_file)[0] + ".ctl"
+    return None
+
+
+# ------------------------------------------------------------------ requests
+
+def _no_args(args: Mapping[str, Any]) -> dict[str, Any]:
+    if args:
+        raise CommandError(f"takes no arguments, got {sorted(args)}")
+    return {}
+
+
+def _scale_args(args: Mapping[str, Any]) -> dict[str, Any]:
+    n = args.get("workers")
+    if set(args) != {"workers"} or not isinstance(n, int) or isinstance(n, bool):
+        raise CommandError('expected {"workers": N}')
+    if not 1 <= n <= MAX_WORKERS:
+        raise CommandError(f"workers must be between 1 and {MAX_WORKERS}, got {n}")
+    return {"workers": n}
+
+
+def _stop_args(args: Mapping[str, Any]) -> dict[str, Any]:
+    mode = args.get("mode", "graceful")
+    if set(args) - {"mode"} or mode not in ("graceful", "fast"):
+        raise CommandError('expected {"mode": "graceful"} or {"mode": "fast"}')
+    return {"graceful": mode == "graceful"}
+
+
+_ARGS: Final[dict[str, Callable[[Mapping[str, Any]], dict[str, Any]]]] = {
+    "status": _no_args,
+    "reload": _no_args,
+    "scale": _scale_args,
+    "stop": _stop_args,
+    "reopen-logs": _no_args,
+}
+
+
+def _decode_request(line: bytes) -> tuple[str, Mapping[str, Any]]:
+    try:
+        req = json.loads(line)
+    except (ValueError, RecursionError):
+        raise CommandError("malformed request: not JSON") from None
+    if not isinstance(req, dict) or not isinstance(req.get("command"), str):
+        raise CommandError('malformed request: expected {"command": NAME, "args": {...}}')
+    args = req.get("args", {})
+    if not isinstance(args, dict) or set(req) - {"command", "args"}:
+        raise CommandError("malformed request: 'args' must be an object, and nothing else "
+                           "may be sent")
+    return req["command"], args
+
+
+# ------------------------------------------------------------------ server
+
+@dataclass(eq=False)
+class _Client:
+    sock: socket.socket
+    pid: int
+    uid: int
+    inbuf: bytearray = field(default_factory=bytearray)
+    outbuf: bytes = b""
+    timer: TimerHandle | None = None
+
+
+class ControlServer:
+    """Serves the control socket at *path* from *loop*.
+
+    ``start()`` creates the socket (refusing to replace a live one or a
+    file that is not a socket) and registers it; ``close()`` unregisters
+    and removes it.  *allowed_uids* defaults to root and our own uid.
+    """
+
+    def __init__(self, loop: EventLoop, path: str,
+                 commands: Mapping[str, Callable[..., object]], *,
+                 allowed_uids: frozenset[int] | None = None,
+                 client_timeout: float = 5.0) -> None:
+        unknown = set(commands) - set(_ARGS)
+        if unknown:
+            raise ValueError(f"unknown control commands: {sorted(unknown)}")
+        self._loop = loop
+        self.path = path
+        self._commands = dict(commands)
+        self._allowed = allowed_uids if allowed_uids is not None else frozenset(
+            {0, os.geteuid()})
+        self._timeout = client_timeout
+        self._sock: socket.socket | None = None
+        self._inode = -1
+        self._clients: set[_Client] = set()
+        self._procs: dict[int, psutil.Process] = {}
+
+    # -- socket life ----------------------------------------------------
+
+    def start(self) -> None:
+        _clear_stale(self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)   # close-on-exec
+        try:
+            old_umask = os.umask(0o177)       # born 0600: no window where it is wider
+            try:
+                sock.bind(self.path)
+            finally:
+                os.umask(old_umask)
+            os.chmod(self.path, 0o600)
+            self._inode = os.stat(self.path).st_ino
+            sock.listen(MAX_CLIENTS)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            raise ControlError(f"control socket {self.path}: {exc.strerror}") from None
+        self._sock = sock
+        self._loop.add_reader(sock, self._on_accept)
+
+    def close(self) -> None:
+        for client in list(self._clients):
+            self._drop(client)
+        if self._sock is None:
+            return
+        self._loop.remove_reader(self._sock)
+        self._sock.close()
+        self._sock = None
+        with contextlib.suppress(OSError):      # only our own socket file
+            if os.stat(self.path).st_ino == self._inode:
+                os.unlink(self.path)
+
+    def fileno(self) -> int:
+        return self._sock.fileno() if self._sock is not None else -1
+
+    # -- connections ----------------------------------------------------
+
+    def _on_accept(self) -> None:
+        for _ in range(MAX_CLIENTS):
+            if self._sock is None:
+                return
+            try:
+                conn, _addr = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:        # EMFILE and friends: try on the next wake-up
+                log.warning("control socket: accept failed: %s", exc.strerror)
+                return
+            try:
+                self._admit(conn)
+            except Exception:
+                log.exception("control socket: dropping a new client after an internal error")
+                conn.close()
+
+    def _admit(self, conn: socket.socket) -> None:
+        conn.setblocking(False)
+        pid, uid, _gid = _UCRED.unpack(
+            conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+        if uid not in self._allowed:
+            log.warning("control request refused: uid %d (pid %d) is not allowed", uid, pid,
+                        extra={"event": "control_denied", "uid": uid, "peer_pid": pid})
+            self._reply_and_close(conn, {"ok": False, "denied": True,
+                                         "error": f"permission denied: uid {uid} may not "
+                                                  "control this daemon"})
+            return
+        if len(self._clients) >= MAX_CLIENTS:
+            self._reply_and_close(conn, {"ok": False, "error": "busy: too many control "
+                                                                "clients, try again"})
+            return
+        client = _Client(conn, pid, uid)
+        client.timer = self._loop.call_later(self._timeout, lambda: self._on_timeout(client))
+        self._clients.add(client)
+        self._loop.add_reader(conn, lambda: self._guard(client, self._on_readable))
+
+    @staticmethod
+    def _reply_and_close(conn: socket.socket, reply: Mapping[str, Any]) -> None:
+        """A best-effort one-shot reply for clients we will not serve.  What
+        they already sent is read first: closing a Unix socket with unread
+        data makes the peer's next read fail with ECONNRESET."""
+        with contextlib.suppress(OSError):
+            conn.recv(MAX_REQUEST)
+        with contextlib.suppress(OSError):
+            conn.send(json.dumps(reply).encode() + b"\n")
+        conn.close()
+
+    def _guard(self, client: _Client, step: Callable[[_Client], None]) -> None:
+        """Nothing a client does may raise out of the master's loop."""
+        try:
+            step(client)
+        except Exception:
+            log.exception("control socket: dropping a client after an internal error")
+            self._drop(client)
+
+    def _on_timeout(self, client: _Client) -> None:
+        if client in self._clients:
+            log.info("control socket: pid %d sent no complete request in %gs; dropped",
+                     client.pid, self._timeout)
+            self._drop(client)
+
+    def _on_readable(self, client: _Client) -> None:
+        try:
+            data = client.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(client)
+            return
+        client.inbuf += data
+        newline = client.inbuf.find(b"\n")
+        if newline < 0 and len(client.inbuf) > MAX_REQUEST:
+            self._respond(client, {"ok": False, "error": f"request larger than "
+                                                         f"{MAX_REQUEST} bytes"})
+        elif newline >= 0 or (not data and client.inbuf):
+            end = newline if newline >= 0 else len(client.inbuf)
+            self._respond(client, self._execute(client, bytes(client.inbuf[:end])))
+        elif not data:
+            self._drop(client)         # closed without asking anything
+
+    def _execute(self, client: _Client, line: bytes) -> dict[str, Any]:
+        try:
+            command, raw_args = _decode_request(line)
+            if command not in self._commands:
+                known = ", ".join(sorted(self._commands))
+                raise CommandError(f"unknown command {command[:64]!r} (known: {known})")
+            kwargs = _ARGS[command](raw_args)
+            log.info("control: %s %s from uid %d (pid %d)", command, kwargs or "",
+                     client.uid, client.pid,
+                     extra={"event": "control_request", "command": command,
+                            "uid": client.uid, "peer_pid": client.pid})
+            result = self._commands[command](**kwargs)
+            if command == "status" and isinstance(result, Mapping):
+                result = self._enrich(result)
+            return {"ok": True, "result": result}
+        except ForkserverError as exc:
+            return {"ok": False, "error": str(exc)}
+        except Exception as exc:
+            log.exception("control: command failed")
+            return {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
+
+    def _respond(self, client: _Client, reply: Mapping[str, Any]) -> None:
+        self._loop.remove_reader(client.sock)
+        try:
+            client.outbuf = json.dumps(reply, default=str).encode() + b"\n"
+        except (TypeError, ValueError) as exc:
+            client.outbuf = json.dumps({"ok": False, "error": f"unencodable reply: {exc}"}
+                                       ).encode() + b"\n"
+        self._flush(client)
+
+    def _flush(self, client: _Client) -> None:
+        try:
+            sent = client.sock.send(client.outbuf)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._drop(client)
+            return
+        client.outbuf = client.outbuf[sent:]
+        if client.outbuf:
+            self._loop.add_writer(client.sock, lambda: self._guard(client, self._flush))
+        else:
+            self._drop(client)
+
+    def _drop(self, client: _Client) -> None:
+        self._clients.discard(client)
+        if client.timer is not None:
+            client.timer.cancel()
+        self._loop.remove_reader(client.sock)
+        self._loop.remove_writer(client.sock)
+        client.sock.close()
+
+    # -- status figures -------------------------------------------------
+
+    def _enrich(self, status: Mapping[str, Any]) -> dict[str, Any]:
+        """Add uptime/age and psutil figures (see the module docstring)."""
+        now = time.time()
+        out: dict[str, Any] = {"schema": STATUS_SCHEMA, **status}
+        master = dict(out.get("master") or {})
+        if "started" in master:
+            master.setdefault("uptime", round(now - float(master["started"]), 3))
+        master.update({k: v for k, v in self._figures(master.get("pid")).items()
+                       if k not in master})
+        out["master"] = master
+        workers = []
+        for worker in out.get("workers") or []:
+            w = dict(worker)
+            if "started" in w:
+                w.setdefault("age", round(now - float(w["started"]), 3))
+            w.update({k: v for k, v in self._figures(w.get("pid")).items() if k not in w})
+            workers.append(w)
+        out["workers"] = workers
+        live = {w.get("pid") for w in workers} | {master.get("pid")}
+        for pid in set(self._procs) - live:
+            del self._procs[pid]
+        return out
+
+    def _figures(self, pid: object) -> dict[str, Any]:
+        if not isinstance(pid, int) or pid <= 0:
+            return {}
+        try:
+            proc = self._procs.get(pid)
+            first = proc is None
+            if proc is None:
+                proc = self._procs[pid] = psutil.Process(pid)
+            mem = proc.memory_full_info()
+            if first:      # cpu_percent(None) has no baseline yet: use the lifetime
+                cpu = proc.cpu_times()
+                lifetime = max(time.time() - proc.create_time(), 1e-3)
+                proc.cpu_percent(None)
+                percent = 100.0 * (cpu.user + cpu.system) / lifetime
+            else:
+                percent = proc.cpu_percent(None)
+            return {"rss": mem.rss, "uss": getattr(mem, "uss", None),
+                    "cpu_percent": round(percent, 1)}
+        except (psutil.Error, OSError):
+            self._procs.pop(pid, None)
+            return {"rss": None, "uss": None, "cpu_percent": None}
+
+
+def _clear_stale(path: str) -> None:
+    """Remove a socket file nobody listens on; refuse anything else."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ControlError(f"control socket {path}: exists and is not a socket; "
+                           "refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)                 # left behind by a master that died
+        return
+    except OSError as exc:
+        raise ControlError(f"control socket {path}: cannot check it: {exc.strerror}") from None
+    finally:
+        probe.close()
+    raise ControlError(f"control socket {path}: another daemon is serving it")
+
+
+# ------------------------------------------------------------------ client
+
+def request(path: str, command: str, args: Mapping[str, Any] | None = None, *,
+            timeout: float = 10.0) -> Any:
+    """Send one command; return its result or raise a :class:`ControlError`
+    subclass saying what went wrong."""
+    body = json.dumps({"command": command, "args": dict(args or {})}).encode() + b"\n"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise ControlUnavailable(f"no daemon at control socket {path}") from None
+        except PermissionError:
+            raise ControlRefused(f"permission denied on control socket {path} "
+                                 "(it is served only to root and the daemon's user)") from None
+        data = _exchange(sock, body, path)
+    finally:
+        sock.close()
+    return _decode_reply(data, path)
+
+
+def _exchange(sock: socket.socket, body: bytes, path: str) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(body)     # a refused client is answered before it sends
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_REPLY:
+                raise BadReply(f"reply from {path} larger than {MAX_REPLY} bytes")
+            if chunk.endswith(b"\n"):
+                break
+    except TimeoutError:
+        raise ControlTimeout(f"no reply from {path} in {sock.gettimeout():g}s") from None
+    except OSError as exc:
+        if exc.errno in (errno.ECONNRESET, errno.EPIPE) and not chunks:
+            raise ControlUnavailable(f"{path}: the daemon closed the connection") from None
+        raise ControlError(f"{path}: {exc.strerror}") from None
+    return b"".join(chunks)
+
+
+def _decode_reply(data: bytes, path: str) -> Any:
+    if not data:
+        raise ControlUnavailable(f"{path}: the daemon closed the connection without a reply")
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        raise BadReply(f"malformed reply from {path}: {data[:120]!r}") from None
+    if not isinstance(reply, dict) or not isinstance(reply.get("ok"), bool):
+        raise BadReply(f"malformed reply from {path}: {data[:120]!r}")
+    if reply["ok"]:
+        return reply.get("result")
+    message = str(reply.get("error", "unspecified error"))
+    if reply.get("denied"):
+        raise ControlRefused(message)
+    raise CommandFailed(message)
+
+
+# ------------------------------------------------------------------ output
+
+def format_result(result: Any) -> str:
+    if isinstance(result, Mapping):
+        return "".join(f"{k}: {v}\n" for k, v in result.items())
+    return f"{result}\n"
+
+
+def _size(n: object) -> str:
+    if not isinstance(n, int):
+        return "-"
+    value = float(n)
+    for unit in ("B", "K", "M", "G"):
+        if value < 1024 or unit == "G":
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    return "-"
+
+
+def _duration(seconds: object) -> str:
+    if not isinstance(seconds, int | float):
+        return "-"
+    s = int(seconds)
+    if s < 120:
+        return f"{seconds:.0f}s"
+    if s < 7200:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    text = str(value).replace("\n", " ")
+    return text if len(text) <= 40 else text[:39] + "…"
+
+
+_COLUMNS: Final = (("SLOT", "slot", _cell), ("PID", "pid", _cell),
+                   ("GEN", "generation", _cell), ("STATE", "state", _cell),
+                   ("AGE", "age", _duration), ("SERVED", "served", _cell),
+                   ("INFL", "in_flight", _cell), ("RSS", "rss", _size),
+                   ("USS", "uss", _size), ("CPU%", "cpu_percent", _cell),
+                   ("RESTARTS", "restarts", _cell), ("LAST EXIT", "last_exit", _cell),
+                   ("LAST ERROR", "last_error", _cell))
+
+
+def format_status(status: Any, *, as_json: bool = False) -> str:
+    """``status --json`` (sorted keys, stable) or a human summary and table."""
+    if as_json:
+        return json.dumps(status, indent=2, sort_keys=True, default=str) + "\n"
+    if not isinstance(status, Mapping):
+        raise BadReply(f"status reply is not an object: {status!r:.120}")
+    m = status.get("master") or {}
+    totals = m.get("totals") or {}
+    lines = [
+        f"master pid {_cell(m.get('pid'))}  name {m.get('name') or '-'}  "
+        f"state {_cell(m.get('state'))}  generation {_cell(m.get('generation'))}  "
+        f"uptime {_duration(m.get('uptime'))}",
+        f"  workers {len(status.get('workers') or [])}/{_cell(m.get('workers_target'))}  "
+        f"accepting {'yes' if m.get('accepting') else 'no'}  "
+        f"pending {_cell(m.get('pending'))}  rss {_size(m.get('rss'))}",
+        "  totals " + "  ".join(f"{k} {v}" for k, v in totals.items()),
+    ]
+    if m.get("last_reload_error"):
+        lines.append(f"  last reload failed: {m['last_reload_error']}")
+    for lst in m.get("listeners") or []:
+        lines.append(f"  listener {lst.get('name') or '-'}: {_cell(lst.get('address'))} "
+                     f"(fd {_cell(lst.get('fd'))}, inode {_cell(lst.get('inode'))})")
+    rows = [[h for h, _, _ in _COLUMNS]]
+    for w in status.get("workers") or []:
+        rows.append([fmt(w.get(key)) for _, key, fmt in _COLUMNS])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]
+    lines.append("")
+    lines.extend("  ".join(c.ljust(wd) for c, wd in zip(r, widths, strict=True)).rstrip()
+                 for r in rows)
+    return "\n".join(lines) + "\n"
