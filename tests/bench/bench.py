@@ -1,0 +1,286 @@
+"""The benchmark: forkserver beside the alternatives, in one run.
+
+Usage (from the repository root; ``tests/bench/run`` installs what is
+missing first and then runs this)::
+
+    python -m tests.bench.bench [--rounds 3] [--seconds 5] [--servers a,b] ...
+
+Servers are interleaved over rounds (A B C D, A B C D, ...) so that a
+drift in the machine spreads over all of them. Each start of a server
+runs a warm-up, then wrk with ``Connection: close`` (a new connection
+per request) and with keep-alive, while the server's CPU is read from
+/proc. Secondary phases measure fairness, scaling, memory, idle
+connections and respawn time. Results go to ``results.json``,
+``table.md`` and ``chart.png`` in the output directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.bench import extras, launch, procstat, report, wrk
+from tests.bench.launch import Server, ServerFailed
+
+CLIENT_CPU, SERVER_CPU = 0, 1
+MODES = ("close", "keepalive")
+
+
+@dataclass
+class Sample:
+    """One wrk run against one server start."""
+
+    server: str
+    mode: str  # close | keepalive
+    pinned: bool
+    round: int
+    connections: int
+    workers: int
+    requests: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    socket_errors: dict[str, int]
+    non_2xx: int
+    cpu_s: float  # server CPU seconds over the run, whole process tree
+    master_cpu_s: float  # the root process alone
+    worker_cpu_s: list[float]
+    start_to_ready_s: float | None
+
+    @property
+    def cpu_us_per_request(self) -> float:
+        return 1e6 * self.cpu_s / self.requests if self.requests else float("nan")
+
+
+@dataclass
+class Results:
+    config: dict[str, Any]
+    samples: list[Sample] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    fairness: list[dict[str, Any]] = field(default_factory=list)
+    scaling: list[Sample] = field(default_factory=list)
+    memory: list[dict[str, Any]] = field(default_factory=list)
+    idle: list[dict[str, Any]] = field(default_factory=list)
+    respawn: list[dict[str, Any]] = field(default_factory=list)
+    machine: dict[str, Any] = field(default_factory=dict)
+
+
+def measure(server: Server, *, mode: str, seconds: float, connections: int,
+            pinned: bool, round_no: int) -> Sample:
+    """One wrk run, with the server tree's CPU read before and after."""
+    before = procstat.cpu_snapshot(server.pid)
+    result = wrk.run(server.url, connections=connections, seconds=seconds,
+                     close=mode == "close", cpu=CLIENT_CPU if pinned else None)
+    after = procstat.cpu_snapshot(server.pid)
+    delta = procstat.cpu_delta(before, after)
+    return Sample(
+        server=server.name, mode=mode, pinned=pinned, round=round_no,
+        connections=connections, workers=server.workers, requests=result.requests,
+        rps=result.rps, p50_ms=result.p50_ms, p99_ms=result.p99_ms, errors=result.errors,
+        socket_errors=result.socket_errors, non_2xx=result.non_2xx, cpu_s=delta.total,
+        master_cpu_s=delta.root, worker_cpu_s=sorted(delta.per_child.values(), reverse=True),
+        start_to_ready_s=server.start_to_ready,
+    )
+
+
+def available(names: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Which servers can run here, and why the others cannot."""
+    ok, skipped = [], {}
+    has_forkserver = subprocess.run(
+        [launch.project_python(), "-c", "import forkserver.cli, forkserver.examples.hello_http"],
+        capture_output=True, check=False, cwd=launch.ROOT).returncode == 0
+    for name in names:
+        _, needs = launch.SERVERS[name]
+        if needs == "gunicorn" and not (launch.BENCH_VENV / "bin" / "gunicorn").exists():
+            skipped[name] = "gunicorn is not in tests/bench/.work/venv (run installs it)"
+        elif needs == "nginx" and shutil.which("nginx") is None:
+            skipped[name] = "nginx is not installed"
+        elif needs == "forkserver" and not has_forkserver:
+            skipped[name] = "forkserver.cli or forkserver.examples.hello_http does not import"
+        else:
+            ok.append(name)
+    return ok, skipped
+
+
+def main_phase(res: Results, servers: list[str], args: argparse.Namespace) -> None:
+    pins = {"both": (True, False), "on": (True,), "off": (False,)}[args.pin]
+    for round_no in range(1, args.rounds + 1):
+        for pinned in pins:
+            for name in servers:
+                builder, _ = launch.SERVERS[name]
+                try:
+                    with Server(name, builder, workers=args.workers,
+                                cpu=SERVER_CPU if pinned else None) as server:
+                        server.wait_ready()
+                        if args.warmup:
+                            wrk.run(server.url, connections=args.connections,
+                                    seconds=args.warmup, close=True)
+                        for mode in args.modes:
+                            sample = measure(server, mode=mode, seconds=args.seconds,
+                                             connections=args.connections, pinned=pinned,
+                                             round_no=round_no)
+                            res.samples.append(sample)
+                            progress(sample)
+                except (ServerFailed, wrk.WrkError) as exc:
+                    res.failures.append(f"round {round_no} {name} pinned={pinned}: {exc}")
+                    print(f"  FAILED {name}: {exc}", file=sys.stderr)
+
+
+def progress(s: Sample) -> None:
+    pin = "pinned" if s.pinned else "shared"
+    print(f"  r{s.round} {s.server:16} {s.mode:9} {pin:6} c={s.connections:<5} "
+          f"w={s.workers} {s.rps:9.0f} req/s  {s.cpu_us_per_request:6.1f} us/req  "
+          f"p99 {s.p99_ms:6.2f} ms  err {s.errors} non2xx {s.non_2xx}", flush=True)
+
+
+def fairness_phase(res: Results, servers: list[str], args: argparse.Namespace) -> None:
+    """Connections per worker under steady load, counted by the client."""
+    lua = launch.WORK / "fairness.lua"
+    lua.write_text(wrk.FAIRNESS_LUA)
+    for name in servers:
+        builder, _ = launch.FAIRNESS_SERVERS[name]
+        try:
+            with Server(f"{name}-fair", builder, workers=args.workers) as server:
+                server.wait_ready()
+                result = wrk.run(server.url, connections=args.connections,
+                                 seconds=args.seconds, close=True, lua=lua)
+        except (ServerFailed, wrk.WrkError) as exc:
+            res.failures.append(f"fairness {name}: {exc}")
+            continue
+        counts = sorted(result.worker_counts.values(), reverse=True)
+        mean = sum(counts) / len(counts) if counts else 0.0
+        spread = max(abs(c - mean) / mean for c in counts) if mean else float("nan")
+        entry = {"server": name, "workers": args.workers, "counts": counts,
+                 "max_deviation": spread, "errors": result.errors, "non_2xx": result.non_2xx}
+        res.fairness.append(entry)
+        print(f"  fairness {name:16} {counts} max deviation {spread:.1%}", flush=True)
+
+
+def scaling_phase(res: Results, servers: list[str], args: argparse.Namespace) -> None:
+    """CPU per connection from 50 to 1,000 clients and from 1 to 8 workers."""
+    points = [(c, args.workers) for c in args.scale_clients]
+    points += [(args.connections, w) for w in args.scale_workers if w != args.workers]
+    for connections, workers in points:
+        for name in servers:
+            builder, _ = launch.SERVERS[name]
+            try:
+                with Server(name, builder, workers=workers) as server:
+                    server.wait_ready()
+                    sample = measure(server, mode="close", seconds=args.seconds,
+                                     connections=connections, pinned=False, round_no=0)
+            except (ServerFailed, wrk.WrkError) as exc:
+                res.failures.append(f"scaling {name} c={connections} w={workers}: {exc}")
+                continue
+            res.scaling.append(sample)
+            progress(sample)
+
+
+def machine_info() -> dict[str, Any]:
+    def out(cmd: list[str]) -> str:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, check=False,
+                                  timeout=10).stdout.strip()
+        except OSError:
+            return ""
+    model = next((line.split(":", 1)[1].strip() for line in
+                  Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "")
+    return {"cpus": os.cpu_count(), "cpu_model": model, "kernel": os.uname().release,
+            "python": out([launch.project_python(), "--version"]),
+            "wrk": " ".join(out(["wrk", "-v"]).split()[:2]) if shutil.which("wrk") else "",
+            "nginx": subprocess.run(["nginx", "-v"], capture_output=True, text=True,
+                                    check=False).stderr.strip() if shutil.which("nginx") else "",
+            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="forkserver beside the alternatives")
+    p.add_argument("--servers", default=",".join(launch.SERVERS),
+                   help="comma-separated, from: " + ", ".join(launch.SERVERS))
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seconds", type=float, default=5.0, help="length of one wrk run")
+    p.add_argument("--warmup", type=float, default=1.0)
+    p.add_argument("--connections", type=int, default=50)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--modes", default="close,keepalive")
+    p.add_argument("--pin", choices=("both", "on", "off"), default="both")
+    p.add_argument("--phases", default="main,fairness,scaling,memory,idle,respawn")
+    p.add_argument("--scale-servers", default="shared-blocking,fs-sync")
+    p.add_argument("--scale-clients", default="50,200,1000")
+    p.add_argument("--scale-workers", default="1,2,4,8")
+    p.add_argument("--idle-connections", type=int, default=10_000)
+    p.add_argument("--state-mb", type=int, default=100)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--no-chart", action="store_true")
+    args = p.parse_args(argv)
+    args.servers = [s for s in args.servers.split(",") if s]
+    unknown = [s for s in args.servers if s not in launch.SERVERS]
+    if unknown:
+        p.error(f"--servers: unknown server(s) {', '.join(unknown)}")
+    args.modes = [m for m in args.modes.split(",") if m]
+    if any(m not in MODES for m in args.modes):
+        p.error(f"--modes: each must be one of {', '.join(MODES)}")
+    args.phases = set(args.phases.split(","))
+    args.scale_servers = [s for s in args.scale_servers.split(",") if s]
+    args.scale_clients = [int(c) for c in args.scale_clients.split(",") if c]
+    args.scale_workers = [int(w) for w in args.scale_workers.split(",") if w]
+    if args.out is None:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        args.out = launch.HERE / "results" / stamp
+    return args
+
+
+def run(argv: list[str] | None = None) -> Results:
+    args = parse_args(argv)
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: run tests/bench/run, which installs it")
+    servers, skipped = available(args.servers)
+    config = {k: (sorted(v) if isinstance(v, set) else str(v) if isinstance(v, Path) else v)
+              for k, v in vars(args).items()}
+    res = Results(config=config, skipped=skipped, machine=machine_info())
+    for name, why in skipped.items():
+        print(f"  skipping {name}: {why}", file=sys.stderr)
+    args.out.mkdir(parents=True, exist_ok=True)
+    phases: dict[str, Callable[[], None]] = {
+        "main": lambda: main_phase(res, servers, args),
+        "fairness": lambda: fairness_phase(res, servers, args),
+        "scaling": lambda: scaling_phase(res, [s for s in args.scale_servers if s in servers],
+                                         args),
+        "memory": lambda: extras.memory_phase(res.memory, servers, args),
+        "idle": lambda: extras.idle_phase(res.idle, servers, args),
+        "respawn": lambda: extras.respawn_phase(res.respawn, servers, args),
+    }
+    for phase, body in phases.items():
+        if phase in args.phases:
+            print(f"== {phase}", flush=True)
+            body()
+    write(res, args)
+    return res
+
+
+def write(res: Results, args: argparse.Namespace) -> None:
+    data = asdict(res)
+    (args.out / "results.json").write_text(json.dumps(data, indent=1, default=str))
+    table = report.render(data)
+    (args.out / "table.md").write_text(table)
+    print(table)
+    if not args.no_chart:
+        chart = report.chart(data, args.out / "chart.png")
+        if chart:
+            print(f"chart: {chart}")
+    print(f"results: {args.out}")
+
+
+if __name__ == "__main__":
+    run()

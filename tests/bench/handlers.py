@@ -1,0 +1,98 @@
+"""Handlers forkserver runs for the benchmark's secondary figures.
+
+The main figures use ``forkserver.examples.hello_http``; these add what
+those figures need: ``X-Worker: <pid>`` on every response (fairness),
+an echo for the idle-connection test, and 100 MB of read-only state
+built at import time (USS with and without ``preload``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from typing import Any
+
+MAX_REQUEST = 8192
+BODY = b"Hello, world\n"
+
+
+def _reply(keep_alive: bool) -> bytes:
+    connection = b"keep-alive" if keep_alive else b"close"
+    return (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+        b"Connection: %s\r\nX-Worker: %d\r\n\r\n%s" % (len(BODY), connection, os.getpid(), BODY)
+    )
+
+
+def handle(conn: socket.socket, peer: Any) -> None:
+    """One request per connection, answered with Connection: close."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(4096)
+        if not chunk or len(data) > MAX_REQUEST:
+            return
+        data += chunk
+    touch_state()
+    conn.sendall(_reply(keep_alive=False))
+
+
+async def async_handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Keep-alive HTTP: answer every request until the client closes."""
+    keep, close = _reply(keep_alive=True), _reply(keep_alive=False)
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            touch_state()
+            if b"connection: close" in head.lower():
+                writer.write(close)
+                await writer.drain()
+                return
+            writer.write(keep)
+            await writer.drain()
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+        return
+    finally:
+        writer.close()
+
+
+async def async_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Echo whatever arrives until the client closes (idle-connection test)."""
+    try:
+        while chunk := await reader.read(4096):
+            writer.write(chunk)
+            await writer.drain()
+    except ConnectionError:
+        return
+    finally:
+        writer.close()
+
+
+def _build_state() -> list[Any]:
+    megabytes = int(os.environ.get("BENCH_STATE_MB", "0"))
+    # Many small GC-tracked objects, as real preloaded state is made of.
+    return [(i, bytes([i % 251]) * 1000) for i in range(megabytes * 1000)]
+
+
+STATE = _build_state()
+if STATE and os.environ.get("BENCH_GC_FREEZE") == "1":
+    import gc
+
+    gc.freeze()
+
+
+_cursor = 0
+
+
+def touch_state() -> None:
+    """Read the next slice of the state, as a handler that uses all of it would.
+
+    Reading bumps each object's reference count, a write to its page: that
+    is what un-shares preloaded pages on 3.11, with or without gc.freeze().
+    """
+    global _cursor
+    if STATE:
+        chunk = STATE[_cursor : _cursor + 500]
+        _cursor = (_cursor + 500) % len(STATE)
+        if sum(len(entry[1]) for entry in chunk) != 1000 * len(chunk):
+            raise RuntimeError("state is corrupt")

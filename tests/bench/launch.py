@@ -1,0 +1,232 @@
+"""Start a server under test on loopback, wait until it answers, stop and reap it.
+
+The benchmark binds the listening socket itself (port 0) and hands the
+descriptor to the server, so no port is ever raced and every server
+gets the same backlog. Each server runs in its own session; stopping it
+signals the whole process group, waits for the root, and then checks
+that nothing is left in the group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.bench import procstat
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+WORK = HERE / ".work"
+BENCH_VENV = WORK / "venv"
+BACKLOG = 2048
+READY_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+
+
+def project_python() -> str:
+    """The interpreter that has forkserver installed: the project's venv."""
+    env = os.environ.get("BENCH_PROJECT_PYTHON")
+    if env:
+        return env
+    venv = ROOT / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How to start one server: its argv and environment, given the listening fd."""
+
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    stop_signal: int = signal.SIGTERM
+
+
+Builder = Callable[[int, int, int, Path], Launch]  # (fd, port, workers, scratch dir)
+
+
+def shared_accept(mode: str, *extra: str) -> Builder:
+    def build(fd: int, port: int, workers: int, scratch: Path) -> Launch:
+        script = HERE / "servers" / "shared_accept.py"
+        return Launch([project_python(), str(script), "--fd", str(fd), "--workers",
+                       str(workers), "--mode", mode, *extra])
+    return build
+
+
+def gunicorn(fd: int, port: int, workers: int, scratch: Path) -> Launch:
+    return Launch([str(BENCH_VENV / "bin" / "gunicorn"), "--bind", f"fd://{fd}",
+                   "--workers", str(workers), "--worker-class", "sync",
+                   "--chdir", str(HERE / "servers"), "--log-level", "warning",
+                   "wsgi_app:app"])
+
+
+def nginx(fd: int, port: int, workers: int, scratch: Path) -> Launch:
+    template = (HERE / "servers" / "nginx.conf.in").read_text()
+    conf = scratch / "nginx.conf"
+    conf.write_text(template.format(port=port, workers=workers, work=scratch))
+    # QUIT is nginx's graceful stop; the NGINX variable passes the socket.
+    return Launch(["nginx", "-p", str(scratch), "-c", str(conf)],
+                  env={"NGINX": f"{fd};"}, stop_signal=signal.SIGQUIT)
+
+
+def forkserver(worker_class: str, handler: str, *extra: str) -> Builder:
+    def build(fd: int, port: int, workers: int, scratch: Path) -> Launch:
+        return Launch([project_python(), "-m", "forkserver", "run", "--bind", f"fd://{fd}",
+                       "--workers", str(workers), "--worker-class", worker_class,
+                       *extra, handler])
+    return build
+
+
+HELLO = "forkserver.examples.hello_http:handle"
+HELLO_ASYNC = "forkserver.examples.hello_http:async_handle"
+
+# name -> (builder, what it needs installed)
+SERVERS: dict[str, tuple[Builder, str]] = {
+    "shared-blocking": (shared_accept("blocking"), "python"),
+    "shared-epoll": (shared_accept("epoll"), "python"),
+    "gunicorn-sync": (gunicorn, "gunicorn"),
+    "nginx": (nginx, "nginx"),
+    "fs-sync": (forkserver("sync", HELLO), "forkserver"),
+    "fs-thread": (forkserver("thread", HELLO), "forkserver"),
+    "fs-asyncio": (forkserver("asyncio", HELLO_ASYNC), "forkserver"),
+}
+
+# The same servers with the bench's own handlers, which name the worker.
+FAIRNESS_SERVERS: dict[str, tuple[Builder, str]] = {
+    "shared-blocking": SERVERS["shared-blocking"],
+    "shared-epoll": SERVERS["shared-epoll"],
+    "gunicorn-sync": SERVERS["gunicorn-sync"],
+    "nginx": SERVERS["nginx"],
+    "fs-sync": (forkserver("sync", "tests.bench.handlers:handle"), "forkserver"),
+    "fs-thread": (forkserver("thread", "tests.bench.handlers:handle"), "forkserver"),
+    "fs-asyncio": (forkserver("asyncio", "tests.bench.handlers:async_handle"), "forkserver"),
+}
+
+
+class ServerFailed(RuntimeError):
+    """A server did not come up, or did not go away cleanly."""
+
+
+def http_get(port: int, timeout: float) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+        conn.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+            if len(data) > 65536:
+                break
+        return data
+
+
+def http_ok(port: int, timeout: float) -> bool:
+    reply = http_get(port, timeout)
+    return reply.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200"))
+
+
+class Server:
+    """A running server; use as a context manager so it is always reaped."""
+
+    def __init__(self, name: str, builder: Builder, *, workers: int = 2,
+                 cpu: int | None = None, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.workers = workers
+        self.scratch = WORK / "run" / name
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            self.listener.bind(("127.0.0.1", 0))
+            self.listener.listen(BACKLOG)
+            self.port: int = self.listener.getsockname()[1]
+            fd = self.listener.fileno()
+            self.launch = builder(fd, self.port, workers, self.scratch)
+            argv = self.launch.argv if cpu is None else ["taskset", "-c", str(cpu),
+                                                         *self.launch.argv]
+            self.log = (self.scratch / "server.log").open("wb")
+            self.started = time.monotonic()
+            self.proc = subprocess.Popen(
+                argv, pass_fds=[fd], env={**os.environ, **self.launch.env, **(env or {})},
+                cwd=ROOT, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
+                start_new_session=True)
+        except BaseException:
+            self.listener.close()
+            raise
+        # The server has its copy; ours would keep the port open after it dies.
+        self.listener.close()
+        self.start_to_ready: float | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT,
+                   probe: Callable[[int, float], bool] | None = None) -> float:
+        """Seconds from start until the first good answer; a bounded, backing-off poll.
+
+        The listening socket exists before the server does, so a connection
+        alone proves nothing: readiness is an answer (HTTP 200, or what
+        ``probe`` accepts).
+        """
+        probe = probe or http_ok
+        deadline = time.monotonic() + timeout
+        delay = 0.005
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerFailed(f"{self.name} exited {self.proc.returncode} before it was "
+                                   f"ready; log: {self.log_tail()}")
+            try:
+                if probe(self.port, max(0.01, min(2.0, deadline - time.monotonic()))):
+                    self.start_to_ready = time.monotonic() - self.started
+                    return self.start_to_ready
+                last = ServerFailed("the readiness probe got a wrong answer")
+            except OSError as exc:
+                last = exc
+            time.sleep(delay)  # sleep-ok: bounded back-off between readiness probes
+            delay = min(delay * 2, 0.2)
+        raise ServerFailed(f"{self.name} not ready after {timeout}s ({last}); "
+                           f"log: {self.log_tail()}")
+
+    def log_tail(self) -> str:
+        self.log.flush()
+        return (self.scratch / "server.log").read_text(errors="replace")[-2000:]
+
+    def stop(self) -> None:
+        """Stop gracefully, then by force; reap; check nothing is left behind."""
+        pgid = self.proc.pid
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, self.launch.stop_signal)
+            try:
+                self.proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                os.killpg(pgid, signal.SIGKILL)
+                self.proc.wait(STOP_TIMEOUT)
+        # Workers are children of the root, not ours: wait for the group to empty.
+        deadline = time.monotonic() + STOP_TIMEOUT
+        delay = 0.005
+        while (left := procstat.group_members(pgid)) and time.monotonic() < deadline:
+            time.sleep(delay)  # sleep-ok: bounded back-off while the group exits
+            delay = min(delay * 2, 0.2)
+        if left:
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            raise ServerFailed(f"{self.name} left processes {left} after it stopped")
+        self.log.close()
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

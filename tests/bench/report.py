@@ -1,0 +1,233 @@
+"""Turn the benchmark's samples into a table, the target checks and a chart.
+
+Everything here works on the plain data written to ``results.json``, so
+a saved run can be re-rendered: ``python -m tests.bench.report DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+GROUP = tuple[str, str, bool]  # server, mode, pinned
+SHARED = {"close": "shared-blocking", "keepalive": "shared-epoll"}
+GUNICORN = "gunicorn-sync"
+
+
+def summarise(samples: Iterable[dict[str, Any]]) -> dict[GROUP, dict[str, Any]]:
+    groups: dict[GROUP, list[dict[str, Any]]] = {}
+    for s in samples:
+        groups.setdefault((s["server"], s["mode"], s["pinned"]), []).append(s)
+    out = {}
+    for key, runs in groups.items():
+        rps = [r["rps"] for r in runs]
+        cpu = [1e6 * r["cpu_s"] / r["requests"] for r in runs if r["requests"]]
+        master = [1e6 * r["master_cpu_s"] / r["requests"] for r in runs if r["requests"]]
+        ready = [r["start_to_ready_s"] for r in runs if r["start_to_ready_s"] is not None]
+        out[key] = {
+            "n": len(runs),
+            "rps": statistics.median(rps), "rps_min": min(rps), "rps_max": max(rps),
+            "p50_ms": statistics.median(r["p50_ms"] for r in runs),
+            "p99_ms": statistics.median(r["p99_ms"] for r in runs),
+            "errors": sum(r["errors"] for r in runs),
+            "non_2xx": sum(r["non_2xx"] for r in runs),
+            "cpu_us": statistics.median(cpu) if cpu else float("nan"),
+            "cpu_us_min": min(cpu) if cpu else float("nan"),
+            "cpu_us_max": max(cpu) if cpu else float("nan"),
+            "master_us": statistics.median(master) if master else float("nan"),
+            "ready_s": statistics.median(ready) if ready else float("nan"),
+        }
+    return out
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0 or math.isnan(a) or math.isnan(b):
+        return None
+    return a / b
+
+
+def fmt(x: float | None, spec: str = ".2f", suffix: str = "") -> str:
+    return "-" if x is None or math.isnan(x) else f"{x:{spec}}{suffix}"
+
+
+def main_table(summary: dict[GROUP, dict[str, Any]]) -> list[str]:
+    lines = [
+        "| server | mode | pinned | req/s median (min-max) | p50 / p99 ms | errors / non-2xx "
+        "| server CPU µs per req (min-max) | master µs | req/s x shared | req/s x gunicorn "
+        "| CPU x shared | start→ready s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (server, mode, pinned), s in sorted(summary.items(), key=lambda kv: (kv[0][1],
+                                                                            not kv[0][2],
+                                                                            kv[0][0])):
+        shared = summary.get((SHARED[mode], mode, pinned))
+        guni = summary.get((GUNICORN, mode, pinned))
+        lines.append(
+            f"| {server} | {mode} | {'yes' if pinned else 'no'} "
+            f"| {s['rps']:,.0f} ({s['rps_min']:,.0f}-{s['rps_max']:,.0f}) "
+            f"| {s['p50_ms']:.2f} / {s['p99_ms']:.2f} | {s['errors']} / {s['non_2xx']} "
+            f"| {s['cpu_us']:.1f} ({s['cpu_us_min']:.1f}-{s['cpu_us_max']:.1f}) "
+            f"| {fmt(s['master_us'], '.1f')} "
+            f"| {fmt(ratio(s['rps'], shared['rps'] if shared else None))} "
+            f"| {fmt(ratio(s['rps'], guni['rps'] if guni else None))} "
+            f"| {fmt(ratio(s['cpu_us'], shared['cpu_us'] if shared else None))} "
+            f"| {fmt(s['ready_s'], '.3f')} |"
+        )
+    return lines
+
+
+def target_lines(summary: dict[GROUP, dict[str, Any]], data: dict[str, Any]) -> list[str]:
+    def get(server: str, mode: str, pinned: bool, key: str) -> float | None:
+        s = summary.get((server, mode, pinned))
+        return None if s is None else float(s[key])
+
+    def check(label: str, value: float | None, goal: str, ok: bool | None) -> str:
+        verdict = "not measured" if value is None else ("met" if ok else "NOT met")
+        return f"| {label} | {fmt(value)} | {goal} | {verdict} |"
+
+    lines = ["| target | measured | goal | verdict |", "|---|---|---|---|"]
+    for pinned in (True, False):
+        tag = "pinned" if pinned else "unpinned"
+        r = ratio(get("fs-sync", "close", pinned, "cpu_us"),
+                  get("shared-blocking", "close", pinned, "cpu_us"))
+        lines.append(check(f"CPU per new connection, fs-sync ÷ shared-accept ({tag})", r,
+                           "≤ 1.3", r is not None and r <= 1.3))
+    r = ratio(get("fs-sync", "close", True, "rps"), get("shared-blocking", "close", True, "rps"))
+    lines.append(check("new connection req/s, fs-sync ÷ shared-accept (pinned)", r, "≥ 0.95",
+                       r is not None and r >= 0.95))
+    r = ratio(get("fs-sync", "close", True, "rps"), get(GUNICORN, "close", True, "rps"))
+    lines.append(check("new connection req/s, fs-sync ÷ gunicorn sync (pinned)", r, "≥ 3.5",
+                       r is not None and r >= 3.5))
+    for pinned in (True, False):
+        tag = "pinned" if pinned else "unpinned"
+        r = ratio(get("fs-asyncio", "keepalive", pinned, "rps"),
+                  get("shared-epoll", "keepalive", pinned, "rps"))
+        lines.append(check(f"keep-alive req/s, fs-asyncio ÷ shared-accept epoll ({tag})", r,
+                           "≥ 0.95", r is not None and r >= 0.95))
+    for f in data.get("fairness", []):
+        if f["server"].startswith("fs-"):
+            dev = f["max_deviation"]
+            lines.append(check(f"fairness {f['server']}: worst worker off the mean", dev,
+                               "≤ 0.10", not math.isnan(dev) and dev <= 0.10))
+    return lines
+
+
+def fairness_lines(data: dict[str, Any]) -> list[str]:
+    if not data.get("fairness"):
+        return []
+    lines = ["", "### Connections per worker (fairness, `Connection: close`)", "",
+             "| server | workers | connections per worker | worst off the mean | errors |",
+             "|---|---|---|---|---|"]
+    for f in data["fairness"]:
+        lines.append(f"| {f['server']} | {f['workers']} | {', '.join(map(str, f['counts']))} "
+                     f"| {f['max_deviation']:.1%} | {f['errors']} / {f['non_2xx']} |")
+    return lines
+
+
+def scaling_lines(data: dict[str, Any]) -> list[str]:
+    if not data.get("scaling"):
+        return []
+    lines = ["", "### Scaling (`Connection: close`, unpinned)", "",
+             "| server | clients | workers | req/s | server CPU µs per conn | master µs "
+             "| p99 ms | errors / non-2xx |", "|---|---|---|---|---|---|---|---|"]
+    for s in data["scaling"]:
+        per = 1e6 / s["requests"] if s["requests"] else float("nan")
+        lines.append(f"| {s['server']} | {s['connections']} | {s['workers']} | {s['rps']:,.0f} "
+                     f"| {s['cpu_s'] * per:.1f} | {s['master_cpu_s'] * per:.1f} "
+                     f"| {s['p99_ms']:.2f} | {s['errors']} / {s['non_2xx']} |")
+    return lines
+
+
+def dict_table(title: str, rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    keys = list(rows[0])
+    lines = ["", f"### {title}", "", "| " + " | ".join(keys) + " |",
+             "|" + "---|" * len(keys)]
+    for row in rows:
+        cells = [f"{v:,.3f}" if isinstance(v, float) else str(v) for v in row.values()]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def render(data: dict[str, Any]) -> str:
+    summary = summarise(data["samples"])
+    m = data.get("machine", {})
+    cfg = data["config"]
+    lines = [
+        f"## forkserver benchmark, {m.get('date_utc', '')}", "",
+        f"{m.get('cpus')} CPUs ({m.get('cpu_model')}), kernel {m.get('kernel')}, "
+        f"{m.get('python')}, {m.get('wrk')}, {m.get('nginx')}. "
+        f"wrk -t1 -c{cfg['connections']}, {cfg['seconds']} s per run, {cfg['rounds']} "
+        f"interleaved rounds, {cfg['workers']} workers. Pinned: wrk on CPU 0, the server on "
+        "CPU 1. CPU is the server's whole process tree from /proc; in `close` mode a request "
+        "is a connection. Ratios: to shared-accept blocking (`close`) or epoll "
+        "(`keepalive`), and to gunicorn sync, in the same mode and pinning.", "",
+    ]
+    lines += main_table(summary)
+    lines += ["", "### Targets", "", *target_lines(summary, data)]
+    lines += fairness_lines(data)
+    lines += scaling_lines(data)
+    lines += dict_table("Worker memory (USS) with and without preload", data.get("memory", []))
+    lines += dict_table("Idle connections", data.get("idle", []))
+    lines += dict_table("Respawn: worker killed → replacement serving", data.get("respawn", []))
+    if data.get("skipped"):
+        lines += ["", "Skipped: " + "; ".join(f"{k} ({v})" for k, v in data["skipped"].items())]
+    if data.get("failures"):
+        lines += ["", "Failures:"] + [f"- {f}" for f in data["failures"]]
+    return "\n".join(lines) + "\n"
+
+
+def chart(data: dict[str, Any], path: Path) -> Path | None:
+    """A PNG of req/s and CPU per request; None where matplotlib is not installed."""
+    # matplotlib lives only in the bench's own venv, not the project's.
+    try:
+        import matplotlib  # type: ignore[import-not-found]  # noqa: PLC0415
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # type: ignore[import-not-found]  # noqa: PLC0415
+    except ImportError:
+        return None
+    summary = summarise(data["samples"])
+    servers = sorted({k[0] for k in summary})
+    panels = [("close", "rps", "req/s, new connection per request"),
+              ("keepalive", "rps", "req/s, keep-alive"),
+              ("close", "cpu_us", "server CPU µs per connection")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5))
+    width = 0.4
+    for ax, (mode, key, title) in zip(axes, panels, strict=True):
+        for offset, pinned in ((-width / 2, True), (width / 2, False)):
+            vals, lo, hi = [], [], []
+            for name in servers:
+                s = summary.get((name, mode, pinned))
+                v = s[key] if s else 0.0
+                vals.append(v)
+                lo.append(v - s[key + "_min"] if s else 0.0)
+                hi.append(s[key + "_max"] - v if s else 0.0)
+            xs = [i + offset for i in range(len(servers))]
+            ax.bar(xs, vals, width, yerr=[lo, hi], capsize=3,
+                   label="pinned apart" if pinned else "unpinned")
+        ax.set_xticks(range(len(servers)))
+        ax.set_xticklabels(servers, rotation=35, ha="right")
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend()
+    fig.suptitle("forkserver beside shared accept, gunicorn and nginx "
+                 f"(median, min-max over {data['config']['rounds']} rounds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    loaded = json.loads((out / "results.json").read_text())
+    (out / "table.md").write_text(render(loaded))
+    print(render(loaded))
+    chart(loaded, out / "chart.png")

@@ -1,0 +1,244 @@
+"""The shared-accept prefork baseline: the simplest Python prefork server.
+
+A master forks N workers that all accept on the one inherited listening
+socket, the way unicorn and gunicorn's sync worker do. The kernel picks
+which worker gets each connection. Nothing is handed through the master,
+so this is the Python limit for a trivial handler, against which the
+fd-passing master is measured.
+
+Modes:
+  blocking  one connection at a time: accept, read one request, answer
+            with ``Connection: close``, close (like gunicorn sync).
+  epoll     a non-blocking epoll loop per worker with keep-alive; the
+            listener is registered with EPOLLEXCLUSIVE so one worker
+            wakes per connection.
+  echo      the epoll loop, but echoing bytes back (idle-connection test).
+
+Every response carries ``X-Worker: <pid>`` so a client can count the
+connections each worker served (fairness).
+
+``--preload-mb N`` builds N MB of read-only state (100k-entry table of
+tuples) that each request reads one entry of; ``--preload`` builds it in
+the master before fork (optionally with ``gc.freeze()``), otherwise each
+worker builds its own after fork.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import os
+import select
+import signal
+import socket
+import sys
+from typing import Any
+
+MAX_REQUEST = 8192  # bytes of request head we accept before giving up on a client
+BODY = b"Hello, world\n"
+STATE: list[Any] = []
+
+
+def response(keep_alive: bool) -> bytes:
+    connection = b"keep-alive" if keep_alive else b"close"
+    return (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+        b"Connection: %s\r\nX-Worker: %d\r\n\r\n%s" % (len(BODY), connection, os.getpid(), BODY)
+    )
+
+
+def build_state(megabytes: int) -> list[Any]:
+    """Read-only state made of many small GC-tracked objects, as real apps have."""
+    entry = 1000  # bytes per entry, so N MB is N * 1000 entries
+    return [(i, bytes([i % 251]) * entry) for i in range(megabytes * 1000)]
+
+
+_cursor = 0
+
+
+def touch_state() -> None:
+    """Read the next slice of the state, as a handler that uses all of it would.
+
+    Reading bumps each object's reference count, a write to its page: that
+    is what un-shares preloaded pages on 3.11, with or without gc.freeze().
+    """
+    global _cursor
+    if STATE:
+        chunk = STATE[_cursor : _cursor + 500]
+        _cursor = (_cursor + 500) % len(STATE)
+        if sum(len(entry[1]) for entry in chunk) != 1000 * len(chunk):
+            raise RuntimeError("state is corrupt")
+
+
+def set_pdeathsig() -> None:
+    """Die with the master, so a killed bench never leaves workers behind."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+
+
+def read_head(conn: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(4096)
+        if not chunk or len(data) > MAX_REQUEST:
+            return b""
+        data += chunk
+    return data
+
+
+def serve_blocking(listener: socket.socket) -> None:
+    reply = response(keep_alive=False)
+    while True:
+        conn, _ = listener.accept()
+        with conn:
+            try:
+                if read_head(conn):
+                    touch_state()
+                    conn.sendall(reply)
+            except OSError:
+                pass  # the client went away; the next one is waiting
+
+
+class EpollWorker:
+    """One worker's event loop: accept up to a bound, then serve ready clients."""
+
+    def __init__(self, listener: socket.socket, echo: bool) -> None:
+        self.listener = listener
+        self.echo = echo
+        self.poller = select.epoll()
+        self.conns: dict[int, socket.socket] = {}
+        self.buffers: dict[int, bytes] = {}
+        self.keep = response(keep_alive=True)
+        self.close_reply = response(keep_alive=False)
+        listener.setblocking(False)
+        self.poller.register(listener.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
+
+    def run(self) -> None:
+        lfd = self.listener.fileno()
+        while True:
+            for fd, _ in self.poller.poll():
+                if fd == lfd:
+                    self.accept_some()
+                else:
+                    self.on_readable(fd)
+
+    def accept_some(self) -> None:
+        for _ in range(16):  # a bound per wake-up keeps one worker from hoarding
+            try:
+                conn, _ = self.listener.accept()
+            except BlockingIOError:
+                return
+            conn.setblocking(False)
+            self.conns[conn.fileno()] = conn
+            self.buffers[conn.fileno()] = b""
+            self.poller.register(conn.fileno(), select.EPOLLIN)
+
+    def drop(self, fd: int) -> None:
+        self.poller.unregister(fd)
+        self.conns.pop(fd).close()
+        self.buffers.pop(fd, None)
+
+    def on_readable(self, fd: int) -> None:
+        conn = self.conns[fd]
+        try:
+            chunk = conn.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self.drop(fd)
+            return
+        if self.echo:
+            self.send_or_drop(fd, chunk)
+            return
+        data = self.buffers[fd] + chunk
+        while b"\r\n\r\n" in data:
+            head, data = data.split(b"\r\n\r\n", 1)
+            touch_state()
+            if b"connection: close" in head.lower():
+                self.send_or_drop(fd, self.close_reply)
+                if fd in self.conns:
+                    self.drop(fd)
+                return
+            if not self.send_or_drop(fd, self.keep):
+                return
+        if len(data) > MAX_REQUEST:
+            self.drop(fd)
+            return
+        self.buffers[fd] = data
+
+    def send_or_drop(self, fd: int, payload: bytes) -> bool:
+        conn = self.conns[fd]
+        try:
+            # Responses are far smaller than a socket buffer; a short write
+            # means a client that does not read, and it is dropped.
+            sent = conn.send(payload)
+        except OSError:
+            sent = -1
+        if sent != len(payload):
+            self.drop(fd)
+            return False
+        return True
+
+
+def worker_main(listener: socket.socket, mode: str, state_mb: int, preloaded: bool) -> None:
+    set_pdeathsig()
+    if state_mb and not preloaded:
+        STATE.extend(build_state(state_mb))
+    if mode == "blocking":
+        serve_blocking(listener)
+    else:
+        EpollWorker(listener, echo=mode == "echo").run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fd", type=int, required=True, help="inherited listening socket")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--mode", choices=("blocking", "epoll", "echo"), default="blocking")
+    parser.add_argument("--preload-mb", type=int, default=0)
+    parser.add_argument("--preload", action="store_true")
+    parser.add_argument("--freeze", action="store_true", help="gc.freeze() after preloading")
+    args = parser.parse_args(argv)
+    listener = socket.socket(fileno=args.fd)
+    listener.set_inheritable(False)
+    if listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) != 1:
+        print(f"shared_accept: fd {args.fd} is not a listening socket", file=sys.stderr)
+        return 2
+    if args.preload and args.preload_mb:
+        STATE.extend(build_state(args.preload_mb))
+        if args.freeze:
+            gc.freeze()
+    # Block the stop signals before forking and wait for them with sigwait:
+    # no handler, no race between checking a flag and pausing.
+    stop_set = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_set)
+    pids = []
+    for _ in range(args.workers):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_set)
+                worker_main(listener, args.mode, args.preload_mb, args.preload)
+            finally:
+                os._exit(1)
+        pids.append(pid)
+    listener.close()
+    received = signal.sigwait(stop_set)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for pid in pids:
+        os.waitpid(pid, 0)
+    if received == signal.SIGCHLD:
+        print("shared_accept: a worker died; stopping", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
