@@ -226,6 +226,12 @@ class TcpServer:
             )
         try:
             sock = _bind_and_listen(host, port, self._backlog)
+        except socket.gaierror as exc:  # the address itself parsed, so: a bad IPv6 zone
+            zone = host.scope_id()
+            reason = f"no network interface is named {zone!r}" if zone else str(exc.strerror)
+            return self._fail(
+                SocketError.SocketAddressNotAvailableError, f"cannot listen on {where}: {reason}"
+            )
         except OSError as exc:
             code = exc.errno if isinstance(exc.errno, int) else None
             return self._fail(

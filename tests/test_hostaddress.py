@@ -1,0 +1,103 @@
+"""HostAddress: QHostAddress's special addresses, parsing, value semantics."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+import pytest
+
+from forkserver.hostaddress import HostAddress, NetworkLayerProtocol
+
+
+def test_special_addresses() -> None:
+    assert str(HostAddress.LocalHost) == "127.0.0.1"
+    assert str(HostAddress.LocalHostIPv6) == "::1"
+    assert str(HostAddress.AnyIPv4) == "0.0.0.0"
+    assert str(HostAddress.AnyIPv6) == "::"
+    assert str(HostAddress.Any) == "::"
+    assert str(HostAddress.Broadcast) == "255.255.255.255"
+    assert str(HostAddress.Null) == ""
+    assert HostAddress.Null.is_null()
+    assert HostAddress() == HostAddress.Null
+
+
+def test_any_is_dual_stack_and_distinct_from_any_ipv6() -> None:
+    assert HostAddress.Any.is_any()
+    assert HostAddress.Any.protocol() is NetworkLayerProtocol.AnyIPProtocol
+    assert HostAddress.Any != HostAddress.AnyIPv6
+    assert not HostAddress.AnyIPv6.is_any()
+    assert HostAddress.Any.family() == socket.AF_INET6
+    assert repr(HostAddress.Any) == "HostAddress.Any"
+
+
+@pytest.mark.parametrize(
+    ("text", "protocol"),
+    [
+        ("10.1.2.3", NetworkLayerProtocol.IPv4Protocol),
+        ("2001:db8::1", NetworkLayerProtocol.IPv6Protocol),
+        (" ::1 ", NetworkLayerProtocol.IPv6Protocol),
+    ],
+)
+def test_parses_numeric_addresses(text: str, protocol: NetworkLayerProtocol) -> None:
+    address = HostAddress(text)
+    assert not address.is_null()
+    assert address.protocol() is protocol
+    assert str(address) == text.strip()
+
+
+@pytest.mark.parametrize(
+    "text", ["not an address", "localhost", "", "1.2.3", "256.0.0.1", "::g", "1.2.3.4:80"]
+)
+def test_anything_but_a_numeric_address_is_null(text: str) -> None:
+    address = HostAddress(text)
+    assert address.is_null()
+    assert address.protocol() is NetworkLayerProtocol.UnknownNetworkLayerProtocol
+    assert address == HostAddress.Null
+
+
+def test_rejects_other_types() -> None:
+    with pytest.raises(TypeError, match="not int"):
+        HostAddress(127)  # type: ignore[arg-type]
+
+
+def test_value_semantics() -> None:
+    assert HostAddress("::1") == HostAddress.LocalHostIPv6
+    assert HostAddress(HostAddress.Any) == HostAddress.Any
+    assert HostAddress(ipaddress.ip_address("127.0.0.1")) == HostAddress.LocalHost
+    assert len({HostAddress("127.0.0.1"), HostAddress.LocalHost, HostAddress.Any}) == 2
+    assert HostAddress.LocalHost != "127.0.0.1"
+    with pytest.raises(AttributeError, match="immutable"):
+        HostAddress.LocalHost._ip = None
+
+
+def test_loopback() -> None:
+    assert HostAddress.LocalHost.is_loopback()
+    assert HostAddress.LocalHostIPv6.is_loopback()
+    assert not HostAddress.Any.is_loopback()
+    assert not HostAddress.Null.is_loopback()
+
+
+def test_endpoint_text_and_bind_tuples() -> None:
+    assert HostAddress.LocalHost.with_port(8000) == "127.0.0.1:8000"
+    assert HostAddress.LocalHostIPv6.with_port(8000) == "[::1]:8000"
+    assert HostAddress.LocalHost.sockaddr(80) == ("127.0.0.1", 80)
+    assert HostAddress.LocalHostIPv6.sockaddr(80) == ("::1", 80, 0, 0)
+    scoped = HostAddress("fe80::1%lo")
+    assert scoped.scope_id() == "lo"
+    assert scoped.sockaddr(80) == ("fe80::1", 80, 0, socket.if_nametoindex("lo"))
+
+
+def test_null_address_has_no_family_or_sockaddr() -> None:
+    with pytest.raises(ValueError, match="null HostAddress"):
+        HostAddress.Null.family()
+    with pytest.raises(ValueError, match="cannot be bound"):
+        HostAddress.Null.sockaddr(80)
+
+
+def test_from_sockaddr_reads_getsockname() -> None:
+    with socket.socket(socket.AF_INET6) as sock:
+        sock.bind(("::1", 0))
+        assert HostAddress.from_sockaddr(sock.family, sock.getsockname()) == HostAddress("::1")
+    assert HostAddress.from_sockaddr(socket.AF_INET, ("127.0.0.1", 5)) == HostAddress.LocalHost
+    assert HostAddress.from_sockaddr(socket.AF_UNIX, "/run/x.sock").is_null()
