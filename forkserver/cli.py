@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import enum
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -214,25 +213,9 @@ def format_effective(loaded: config.Loaded) -> str:
         lines.append(f"# -- {group}")
         for key, meta in config.setting_fields():
             if meta.group == group:
-                raw = getattr(loaded.settings, key)
-                value = f"0o{raw:03o}" if meta.kind == "mode" else _toml_value(raw)
+                value = config.toml_value(key, getattr(loaded.settings, key))
                 lines.append(f"{key} = {value}  # {loaded.origins[key]}")
     return "\n".join(lines) + "\n"
-
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if value is None:
-        return '""'
-    if isinstance(value, tuple):
-        return "[" + ", ".join(
-            "{ " + ", ".join(f"{k} = {_toml_value(getattr(item, k))}"
-                             for k in config.LISTENER_KEYS) + " }"
-            for item in value) + "]"
-    return json.dumps(str(value), ensure_ascii=False)
 
 
 def _cmd_ctl(ns: argparse.Namespace) -> int:

@@ -92,6 +92,7 @@ class Setting:
     env: str = ""                     # environment name; "" = FORKSERVER_<NAME>
     metavar: str = ""
     default_text: str = ""            # how to show a computed default in docs
+    example: str = ""                 # TOML value shown for a setting off by default
 
 
 def _s(default: Any = dataclasses.MISSING, *, factory: Callable[[], Any] | None = None,
@@ -139,8 +140,10 @@ class Settings:
              "beyond that it stops accepting and the kernel backlog holds the rest")
     # -- workers
     handler: str = _s("", kind="handler", group="workers", metavar="MODULE:CALLABLE",
+                      example='"forkserver.examples.echo:handle"',
                       help="the connection handler, module:attribute (required to run)")
     workers: int = _s(factory=_cpu_count, kind="int", group="workers", minimum=1,
+                      example="4",
                       maximum=4096, default_text="number of CPUs",
                       help="worker processes to keep running")
     worker_class: Literal["sync", "thread", "asyncio"] | None = _s(
@@ -178,14 +181,17 @@ class Settings:
                                       "finish their connections before being killed")
     pid_file: str | None = _s(None, kind="str", group="lifecycle", optional=True,
                               maximum=MAX_TEXT, metavar="PATH",
+                              example='"/run/forkserver.pid"',
                               help="write the master's pid here (refused if a live master "
                                    "holds it)")
     chdir: str | None = _s(None, kind="str", group="lifecycle", optional=True,
                            maximum=MAX_TEXT, metavar="DIR",
+                           example='"/srv/app"',
                            help="change to this directory before loading the handler")
     # -- control
     control_socket: str | None = _s(
         None, kind="str", group="control", optional=True, maximum=MAX_TEXT, metavar="PATH",
+        example='"/run/forkserver/control.sock"',
         help="the control socket for `forkserver ctl` (none: $RUNTIME_DIRECTORY/control.sock "
              "under systemd, else beside the pid file, else no control socket)")
     # -- logging
@@ -198,14 +204,17 @@ class Settings:
         help="text lines, or one JSON object per line with an 'event' field")
     log_file: str | None = _s(None, kind="str", group="logging", optional=True,
                               maximum=MAX_TEXT, metavar="PATH",
+                              example='"/var/log/forkserver.log"',
                               help="append logs to this file, reopened on USR1 (none: stderr)")
     access_log: bool = _s(False, kind="bool", group="logging",
                           help="log one line per connection served")
     # -- security
     user: str | None = _s(None, kind="str", group="security", optional=True, maximum=256,
+                          example='"nobody"',
                           help="workers run as this user (name or uid), with its "
                                "supplementary groups")
     group: str | None = _s(None, kind="str", group="security", optional=True, maximum=256,
+                           example='"nogroup"',
                            help="workers run as this group (name or gid; none: the user's "
                                 "primary group)")
     umask: int = _s(0o022, kind="mode", group="security", minimum=0, maximum=0o777,
@@ -403,7 +412,8 @@ def _toml_type(value: object) -> str:
     names = {bool: "a boolean", int: "an integer", float: "a float", str: "a string",
              list: "an array", dict: "a table"}
     noun = names.get(type(value), "a date/time")
-    shown = repr(value) if isinstance(value, bool | int | float | str) else ""
+    shown = (str(value).lower() if isinstance(value, bool)
+             else repr(value) if isinstance(value, int | float | str) else "")
     if len(shown) > 60:
         shown = shown[:57] + "..."
     return f"{noun} {shown}".rstrip()
@@ -441,29 +451,33 @@ class _TomlSource:
         self.lines = text.splitlines()
 
     def line_of(self, key: str, table_index: int | None = None) -> int | None:
-        """Line of top-level *key*, or of *key* inside the n-th
-        ``[[listeners]]`` table (or of that table's header)."""
+        """Line of top-level *key* (or of a ``[key]`` table), or of *key*
+        inside the n-th ``[[listeners]]`` table (of its header if *key* is
+        empty), falling back to a top-level ``listeners = [...]``."""
         key_re = re.compile(rf"\s*[\"']?{re.escape(key)}[\"']?\s*=")
-        tables = -1
+        header_re = re.compile(rf"\[+\s*[\"']?{re.escape(key)}[\"']?\s*[\].]")
+        top, tables = True, -1
         for number, line in enumerate(self.lines, 1):
             stripped = line.strip()
             if stripped.startswith("["):
-                if table_index is None:
-                    break                               # past the top-level keys
+                top = False
+                if table_index is None and header_re.match(stripped):
+                    return number
                 if re.fullmatch(r"\[\[\s*listeners\s*\]\]\s*(#.*)?", stripped):
                     tables += 1
-                    if tables == table_index and key == "":
+                    if table_index is not None and tables == table_index and not key:
                         return number
-                elif tables >= table_index:
-                    break
-            elif (table_index is None or tables == table_index) and key_re.match(line):
+            elif key_re.match(line) and (
+                    (table_index is None and top)
+                    or (table_index is not None and tables == table_index)):
                 return number
-        return None
+        return self.line_of("listeners") if table_index is not None else None
 
     def error(self, key: str, message: str, table_index: int | None = None) -> ConfigError:
-        line = self.line_of(key.rsplit(".", 1)[-1] if table_index is not None else key,
-                            table_index)
-        return ConfigError(message, source=self.path, key=key, line=line)
+        sub = key.rsplit(".", 1)[-1] if table_index is not None and "." in key else ""
+        return ConfigError(message, source=self.path, key=key,
+                           line=self.line_of(sub if table_index is not None else key,
+                                             table_index))
 
     def values(self) -> dict[str, Any]:
         """The settings this file gives, checked."""
@@ -492,8 +506,8 @@ class _TomlSource:
                 raise self.error(f"{where}.{key}", "unknown listener option"
                                  + _suggest(key, LISTENER_KEYS), index)
         if "bind" not in table:
-            raise ConfigError("missing 'bind' (a bind spec such as 127.0.0.1:8000)",
-                              source=self.path, key=where, line=self.line_of("", index))
+            raise self.error(where, "missing 'bind' (a bind spec such as 127.0.0.1:8000)",
+                             index)
         checks: dict[str, Callable[[Any], Any]] = {
             "bind": parse_bind,
             "name": lambda v: _check_str(SETTINGS["name"], v),
@@ -581,3 +595,173 @@ def load_settings(config_file: str | None = None, environ: Mapping[str, str] | N
                   overrides: Mapping[str, Any] | None = None) -> Settings:
     """:func:`load` without the origins."""
     return load(config_file, environ, overrides).settings
+
+
+# --------------------------------------------------------------- documentation
+# config/forkserver.toml and docs/configuration.md are rendered from the
+# declarations above; tests/test_config_docs.py fails when either drifts.
+
+GROUP_TITLES: Final = {
+    "listeners": "Listeners: where connections come from",
+    "workers": "Workers: what runs the handler, and how many",
+    "limits": "Limits: when a worker is recycled",
+    "lifecycle": "Lifecycle: timeouts, pid file, working directory",
+    "control": "Control: the socket behind `forkserver ctl`",
+    "logging": "Logging",
+    "security": "Security: who the workers run as",
+}
+
+_SYSTEMD_NOTE: Final = """\
+Nothing to set: under systemd forkserver uses the sockets systemd passes
+(LISTEN_FDS / LISTEN_FDNAMES) when no listener is configured, reports
+READY/RELOADING/STOPPING/STATUS through NOTIFY_SOCKET (Type=notify),
+answers the watchdog, logs with journald priorities, and puts the
+control socket in $RUNTIME_DIRECTORY."""
+
+
+def toml_value(key: str, value: object) -> str:
+    """*value* of setting *key* written as TOML (None as the empty string)."""
+    if SETTINGS[key].kind == "mode" and isinstance(value, int):
+        return f"0o{value:03o}"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if value is None:
+        return '"auto"' if SETTINGS[key].kind == "choice" else '""'
+    if isinstance(value, tuple):
+        return "[" + ", ".join(
+            "{ " + ", ".join(f'{k} = {toml_value("backlog" if k == "backlog" else "name", v)}'
+                             for k in LISTENER_KEYS
+                             if (v := getattr(item, k)) is not None) + " }"
+            for item in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _comment(text: str, width: int = 76) -> list[str]:
+    import textwrap  # noqa: PLC0415 - only the docs renderers need it
+
+    return ["# " + line for line in textwrap.wrap(text, width - 2)]
+
+
+def _listener_example() -> list[str]:
+    return [
+        "",
+        "# ---- listeners (continued)",
+        "# Each [[listeners]] table is one listening socket. They come last because",
+        "# in TOML every key after a table header belongs to that table. With none,",
+        "# forkserver uses the systemd sockets if systemd passed any, else",
+        "# 127.0.0.1:8000.",
+        "#",
+        "# [[listeners]]",
+        '# bind = "127.0.0.1:8000"    # HOST:PORT, [V6]:PORT, :PORT, unix:PATH,',
+        "#                            # fd://N, systemd, systemd:NAME",
+        '# name = "web"               # shown in logs and `forkserver ctl status`',
+        "# backlog = 2048             # this listener's listen() backlog",
+        "#",
+        "# [[listeners]]",
+        '# bind = "unix:/run/forkserver/app.sock"',
+        '# name = "local"',
+    ]
+
+
+def render_example_toml() -> str:
+    """The text of config/forkserver.toml."""
+    out = [
+        "# forkserver configuration: every setting, at its default.",
+        "#",
+        "# Precedence, lowest first: built-in defaults < this file",
+        "# (forkserver run -c FILE) < FORKSERVER_<KEY> environment variables <",
+        "# command-line options.  Settings that are off by default are shown",
+        "# commented out, with an example value.  Check a file with",
+        "#     forkserver check-config -c FILE",
+        "# which prints every effective value and where it came from.",
+        "# (Rendered from forkserver/config.py; docs/configuration.md has the",
+        "# same settings as tables.)",
+    ]
+    for group in (*GROUPS[:3], "lifecycle", "systemd", *GROUPS[4:]):
+        out += ["", f"# ---- {group}"]
+        if group == "systemd":
+            out += ["# " + line if line else "#" for line in _SYSTEMD_NOTE.splitlines()]
+            continue
+        for key, meta in setting_fields():
+            if meta.group != group or key == "listeners":
+                continue
+            default = default_of(key)
+            out += _comment(meta.help + (f" (default: {meta.default_text})"
+                                         if meta.default_text else ""))
+            if meta.example and (default in (None, "") or meta.default_text):
+                out.append(f"# {key} = {meta.example}")
+            else:
+                out.append(f"{key} = {toml_value(key, default)}")
+    out += _listener_example()
+    return "\n".join(out) + "\n"
+
+
+def _type_text(meta: Setting) -> str:
+    text = _expect(meta)
+    text = re.sub(r"^(an?|one of) ", lambda m: "" if m.group(1) != "one of" else "one of ",
+                  text)
+    return text + (" (empty: none)" if meta.optional and meta.kind == "str" else "")
+
+
+def render_markdown() -> str:
+    """The text of docs/configuration.md."""
+    out = [
+        "# Configuration",
+        "",
+        "<!-- Rendered from forkserver/config.py by render_markdown(); "
+        "tests/test_config_docs.py checks it. -->",
+        "",
+        "Every setting can be given in four places; a later one wins:",
+        "",
+        "1. the built-in default;",
+        "2. the TOML file named with `-c FILE` (see `config/forkserver.toml`);",
+        "3. the environment variable `FORKSERVER_<KEY>` (the key in upper case);",
+        "4. the command-line option of `forkserver run`.",
+        "",
+        "`forkserver check-config -c FILE [options]` validates exactly as `run`",
+        "would and prints each effective value with where it came from.",
+        "Errors name the file, the key (and line) and what was expected, and",
+        "exit with 78 (invalid configuration), 66 (config file missing) or",
+        "64 (bad command line).  A reload (HUP or `forkserver ctl reload`)",
+        "re-reads the same file and environment with the same command line;",
+        "if that fails, the daemon keeps its running settings and workers and",
+        "logs why (event `reload_failed`).",
+        "",
+        "Booleans in the environment accept 1/0, true/false, yes/no, on/off.",
+        "An empty environment value turns an optional setting off.",
+        "",
+    ]
+    for group in GROUPS:
+        out += [f"## {GROUP_TITLES[group]}", "",
+                "| Key | Type | Default | Environment | Option | Meaning |",
+                "|---|---|---|---|---|---|"]
+        for key, meta in setting_fields():
+            if meta.group != group:
+                continue
+            default = meta.default_text or (toml_value(key, default_of(key))
+                                            if key != "listeners" else "none")
+            option = "`HANDLER` argument" if key == "handler" else f"`{flag_name(key)}`"
+            out.append(f"| `{key}` | {_type_text(meta)} | `{default}` | `{env_name(key)}` "
+                       f"| {option} | {meta.help.replace('|', '/')} |")
+        out.append("")
+        if group == "listeners":
+            out += [
+                "In the file, each listener is a table of the array `listeners`,",
+                "with `bind` (required), `name` and `backlog`:",
+                "",
+                "```toml",
+                "[[listeners]]",
+                'bind = "127.0.0.1:8000"',
+                'name = "web"',
+                "backlog = 1024",
+                "```",
+                "",
+                "`FORKSERVER_BIND` takes one or more bind specs separated by commas",
+                "or spaces; `--bind` can be repeated.  Either replaces the file's",
+                "listeners entirely.",
+                "",
+            ]
+    out += ["## systemd", "", *_SYSTEMD_NOTE.splitlines(), ""]
+    return "\n".join(out)

@@ -1,0 +1,240 @@
+"""The settings model: sources, precedence, and every kind of bad input.
+
+Precedence is checked for every setting through the real command line
+(``forkserver check-config``), so the file, the environment and the CLI
+options are the ones an operator would use.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from forkserver import cli, config
+from forkserver.config import ConfigError, ConfigFileNotFound, ListenerSettings, Settings
+
+# Three distinct valid values per setting, as (TOML text, env/CLI text, CLI text),
+# and the values they mean.
+SAMPLES: dict[str, tuple[tuple[str, str, str], tuple[object, object, object]]] = {
+    "listeners": (('[{bind = "127.0.0.1:7001"}]', "127.0.0.1:7002", "unix:/tmp/x.sock"),
+                  ("127.0.0.1:7001", "127.0.0.1:7002", "unix:/tmp/x.sock")),
+    "backlog": (("11", "12", "13"), (11, 12, 13)),
+    "max_pending_connections": (("5", "6", "7"), (5, 6, 7)),
+    "handler": (('"a.b:c"', "d:e", "f.g:h.i"), ("a.b:c", "d:e", "f.g:h.i")),
+    "workers": (("3", "5", "7"), (3, 5, 7)),
+    "worker_class": (('"sync"', "thread", "asyncio"), ("sync", "thread", "asyncio")),
+    "concurrency": (("2", "3", "4"), (2, 3, 4)),
+    "preload": (("true", "false", "true"), (True, False, True)),
+    "name": (('"one"', "two", "three"), ("one", "two", "three")),
+    "max_requests": (("100", "200", "300"), (100, 200, 300)),
+    "max_requests_jitter": (("1", "2", "3"), (1, 2, 3)),
+    "max_memory": (('"1K"', "2M", "3G"), (1024, 2 << 20, 3 << 30)),
+    "memory_metric": (('"uss"', "rss", "uss"), ("uss", "rss", "uss")),
+    "timeout": (("1.5", "2.5", "3.5"), (1.5, 2.5, 3.5)),
+    "graceful_timeout": (("0", "1", "2.25"), (0.0, 1.0, 2.25)),
+    "pid_file": (('"/run/a.pid"', "/run/b.pid", "/run/c.pid"),
+                 ("/run/a.pid", "/run/b.pid", "/run/c.pid")),
+    "chdir": (('"/srv/a"', "/srv/b", "/srv/c"), ("/srv/a", "/srv/b", "/srv/c")),
+    "control_socket": (('"/run/a.sock"', "/run/b.sock", "/run/c.sock"),
+                       ("/run/a.sock", "/run/b.sock", "/run/c.sock")),
+    "log_level": (('"debug"', "WARNING", "error"), ("debug", "warning", "error")),
+    "log_format": (('"json"', "text", "json"), ("json", "text", "json")),
+    "log_file": (('"/var/log/a"', "/var/log/b", "/var/log/c"),
+                 ("/var/log/a", "/var/log/b", "/var/log/c")),
+    "access_log": (("true", "no", "on"), (True, False, True)),
+    "user": (('"nobody"', "daemon", "0"), ("nobody", "daemon", "0")),
+    "group": (('"nogroup"', "daemon", "0"), ("nogroup", "daemon", "0")),
+    "umask": (("0o077", "027", "0o002"), (0o077, 0o027, 0o002)),
+}
+
+
+def test_samples_cover_every_setting() -> None:
+    assert set(SAMPLES) == set(config.SETTINGS)
+
+
+def _value(settings: Settings, key: str) -> object:
+    value = getattr(settings, key)
+    if key == "listeners":
+        return value[0].bind
+    return value
+
+
+def _cli_args(key: str, text: str) -> list[str]:
+    meta = config.SETTINGS[key]
+    if key == "handler":
+        return [text]
+    if meta.kind == "bool":
+        return [("--" if text in ("true", "on") else "--no-") + key.replace("_", "-")]
+    return [config.flag_name(key), text]
+
+
+def _effective(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict[str, str]:
+    assert cli.main(["check-config", *argv]) == 0
+    out = capsys.readouterr().out
+    return {m.group(1): m.group(2) for m in re.finditer(r"^(\w+) = .*  # (.*)$", out, re.M)}
+
+
+@pytest.mark.parametrize("key", sorted(SAMPLES))
+def test_precedence_defaults_file_env_cli(key: str, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    (in_file, in_env, in_cli), (v_file, v_env, v_cli) = SAMPLES[key]
+    path = tmp_path / "f.toml"
+    path.write_text(f"{key} = {in_file}\n")
+    env = config.env_name(key)
+    for name in list(os.environ):
+        if name.startswith(config.ENV_PREFIX):
+            monkeypatch.delenv(name)
+
+    assert config.load(None, {}).origins[key] == "default"
+    loaded = config.load(str(path), {})
+    assert _value(loaded.settings, key) == v_file
+    assert loaded.origins[key] == f"{path}:1"
+    assert _effective(capsys, ["-c", str(path)])[key] == f"{path}:1"
+
+    monkeypatch.setenv(env, in_env)
+    loaded = config.load(str(path), os.environ)
+    assert _value(loaded.settings, key) == v_env
+    assert _effective(capsys, ["-c", str(path)])[key] == f"env {env}"
+
+    parser = cli.build_parser()
+    ns = parser.parse_args(["run", "-c", str(path), *_cli_args(key, in_cli)])
+    loaded = config.load(str(path), os.environ, cli._overrides(ns))
+    assert _value(loaded.settings, key) == v_cli
+    origin = _effective(capsys, ["-c", str(path), *_cli_args(key, in_cli)])[key]
+    assert origin.startswith("command line")
+
+
+def test_defaults() -> None:
+    s = config.load_settings(None, {})
+    assert s == Settings()
+    assert s.workers == (os.cpu_count() or 1)
+    assert s.listeners == ()
+    assert (s.worker_class, s.concurrency, s.max_pending_connections) == (None, 16, 30)
+    assert (s.backlog, s.timeout, s.umask, s.log_format) == (2048, 30.0, 0o022, "text")
+
+
+def test_listeners_array_of_tables(tmp_path: Path) -> None:
+    path = tmp_path / "f.toml"
+    path.write_text('backlog = 99\n[[listeners]]\nbind = "127.0.0.1:0"\nname = "web"\n'
+                    '[[listeners]]\nbind = "unix:/tmp/a.sock"\nbacklog = 5\n')
+    s = config.load_settings(str(path), {})
+    assert s.listeners == (ListenerSettings(bind="127.0.0.1:0", name="web", backlog=99),
+                           ListenerSettings(bind="unix:/tmp/a.sock", name="", backlog=5))
+
+
+def test_env_bind_takes_several_specs_and_replaces_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "f.toml"
+    path.write_text('[[listeners]]\nbind = "127.0.0.1:1"\n')
+    s = config.load_settings(str(path), {"FORKSERVER_BIND": "127.0.0.1:2, [::1]:3"})
+    assert [ls.bind for ls in s.listeners] == ["127.0.0.1:2", "[::1]:3"]
+
+
+def test_empty_env_value_turns_an_optional_setting_off(tmp_path: Path) -> None:
+    path = tmp_path / "f.toml"
+    path.write_text('pid_file = "/run/x.pid"\nworker_class = "thread"\n')
+    s = config.load_settings(str(path), {"FORKSERVER_PID_FILE": "",
+                                         "FORKSERVER_WORKER_CLASS": "auto"})
+    assert (s.pid_file, s.worker_class) == (None, None)
+
+
+def test_reserved_environment_names_are_not_settings() -> None:
+    assert config.load_settings(None, {"FORKSERVER__HANDOVER": "x", "OTHER": "y"}) == Settings()
+
+
+# ------------------------------------------------------------ bad input
+
+def _error(tmp_path: Path, text: str, environ: dict[str, str] | None = None) -> ConfigError:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        config.load(str(path), environ or {})
+    return info.value
+
+
+@pytest.mark.parametrize(("text", "key", "line", "expected"), [
+    ("workrs = 3\n", "workrs", 1, "unknown setting (did you mean 'workers'?)"),
+    ("\n\nworkers = '3'\n", "workers", 3, "expected an integer >= 1 and <= 4096, got a string"),
+    ("workers = 0\n", "workers", 1, "expected an integer >= 1 and <= 4096, got 0"),
+    ("workers = true\n", "workers", 1, "got a boolean true"),
+    ("timeout = 0\n", "timeout", 1, "expected a number > 0 and <= 86400, got 0"),
+    ("timeout = nan\n", "timeout", 1, "got nan"),
+    ("graceful_timeout = inf\n", "graceful_timeout", 1, "got inf"),
+    ("preload = 1\n", "preload", 1, "expected true or false, got an integer 1"),
+    ("worker_class = 'fork'\n", "worker_class", 1,
+     "expected one of 'sync', 'thread', 'asyncio', 'auto', got 'fork'"),
+    ("handler = 'no-colon'\n", "handler", 1, "expected module:attribute"),
+    ("umask = 0o1777\n", "umask", 1, "expected an octal mode"),
+    ("max_memory = '12Q'\n", "max_memory", 1, "expected a size in bytes"),
+    ('name = "x\\ty"\n', "name", 1, "expected printable text"),
+    (f"name = '{'n' * 65}'\n", "name", 1, "expected at most 64 characters"),
+    ("listeners = 'x'\n", "listeners", 1, "expected an array of tables"),
+    ("x = 1\n[[listeners]]\nbind='127.0.0.1:1'\n", "x", 1, "unknown setting"),
+    ("[[listeners]]\nbind = '127.0.0.1:99999'\n", "listeners[0].bind", 2, "out of range"),
+    ("[[listeners]]\nbind = '127.0.0.1:1'\n[[listeners]]\nbind='1.2.3.4:5'\nbaklog = 3\n",
+     "listeners[1].baklog", 5, "unknown listener option (did you mean 'backlog'?)"),
+    ("[[listeners]]\nname = 'web'\n", "listeners[0]", 1, "missing 'bind'"),
+    ("[[listeners]]\nbind = 7\n", "listeners[0].bind", 2, "expected a string, got an integer"),
+    ("[[listeners]]\nbind = ':1'\nbacklog = 0\n", "listeners[0].backlog", 3,
+     "expected an integer >= 1"),
+    ("[workers]\ncount = 2\n", "workers", 1, "got a table"),
+])
+def test_bad_file_names_file_key_line_and_expectation(
+        tmp_path: Path, text: str, key: str, line: int, expected: str) -> None:
+    err = _error(tmp_path, text)
+    path = str(tmp_path / "bad.toml")
+    assert (err.source, err.key, err.line) == (path, key, line)
+    assert str(err).startswith(f"{path}:{line}, key {key!r}: ")
+    assert expected in str(err)
+
+
+def test_syntax_error_names_file_and_line(tmp_path: Path) -> None:
+    err = _error(tmp_path, 'workers = 2\nname = "unterminated\n')
+    assert err.line == 2
+    assert str(err).startswith(f"{tmp_path / 'bad.toml'}:2: TOML syntax error")
+
+
+def test_not_utf8_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_bytes(b"workers = 2\nname = '\xff'\n")
+    with pytest.raises(ConfigError, match=r":2: not UTF-8 text$"):
+        config.load(str(path), {})
+
+
+def test_missing_unreadable_and_huge_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigFileNotFound, match="config file not found"):
+        config.load(str(tmp_path / "nope.toml"), {})
+    with pytest.raises(ConfigError, match="is a directory"):
+        config.load(str(tmp_path), {})
+    huge = tmp_path / "huge.toml"
+    huge.write_text("# x\n" * (config.MAX_FILE_BYTES // 4 + 1))
+    with pytest.raises(ConfigError, match="larger than"):
+        config.load(str(huge), {})
+
+
+@pytest.mark.parametrize(("environ", "message"), [
+    ({"FORKSERVER_WORKRS": "2"},
+     "environment, key 'FORKSERVER_WORKRS': unknown setting "
+     "(did you mean 'FORKSERVER_WORKERS'?)"),
+    ({"FORKSERVER_WORKERS": "two"},
+     "environment, key 'FORKSERVER_WORKERS': expected an integer >= 1 and <= 4096, got 'two'"),
+    ({"FORKSERVER_PRELOAD": "maybe"}, "expected true or false"),
+    ({"FORKSERVER_BIND": "127.0.0.1:x"}, "key 'FORKSERVER_BIND': bind spec"),
+    ({"FORKSERVER_UMASK": "9"}, "expected an octal mode"),
+])
+def test_bad_environment(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load(None, environ)
+    assert message in str(info.value)
+
+
+def test_parse_size() -> None:
+    assert config.parse_size("512") == 512
+    assert config.parse_size("512M") == 512 << 20
+    assert config.parse_size("2GiB") == 2 << 30
+    assert config.parse_size("1_000k") == 1000 << 10
+    with pytest.raises(ValueError, match="size in bytes"):
+        config.parse_size("-1")
