@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.bench import extras, launch, procstat, report, wrk
+from tests.bench import extras, launch, procstat, profile, report, wrk
 from tests.bench.launch import Server, ServerFailed
 
 CLIENT_CPU, SERVER_CPU = 0, 1
@@ -73,6 +73,7 @@ class Results:
     memory: list[dict[str, Any]] = field(default_factory=list)
     idle: list[dict[str, Any]] = field(default_factory=list)
     respawn: list[dict[str, Any]] = field(default_factory=list)
+    profile: list[dict[str, Any]] = field(default_factory=list)
     machine: dict[str, Any] = field(default_factory=dict)
 
 
@@ -215,7 +216,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--modes", default="close,keepalive")
     p.add_argument("--pin", choices=("both", "on", "off"), default="both")
-    p.add_argument("--phases", default="main,fairness,scaling,memory,idle,respawn")
+    p.add_argument("--phases", default="main,fairness,scaling,memory,idle,respawn,profile")
+    p.add_argument("--profile-unpinned", dest="profile_pinned", action="store_false",
+                   help="profile without pinning wrk and the server to separate CPUs")
+    p.add_argument("--fair-servers", default=None, help="default: the --servers")
     p.add_argument("--scale-servers", default="shared-blocking,fs-sync")
     p.add_argument("--scale-clients", default="50,200,1000")
     p.add_argument("--scale-workers", default="1,2,4,8")
@@ -232,6 +236,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if any(m not in MODES for m in args.modes):
         p.error(f"--modes: each must be one of {', '.join(MODES)}")
     args.phases = set(args.phases.split(","))
+    args.fair_servers = (args.servers if args.fair_servers is None
+                         else [s for s in args.fair_servers.split(",") if s])
     args.scale_servers = [s for s in args.scale_servers.split(",") if s]
     args.scale_clients = [int(c) for c in args.scale_clients.split(",") if c]
     args.scale_workers = [int(w) for w in args.scale_workers.split(",") if w]
@@ -254,12 +260,14 @@ def run(argv: list[str] | None = None) -> Results:
     args.out.mkdir(parents=True, exist_ok=True)
     phases: dict[str, Callable[[], None]] = {
         "main": lambda: main_phase(res, servers, args),
-        "fairness": lambda: fairness_phase(res, servers, args),
+        "fairness": lambda: fairness_phase(res, [s for s in args.fair_servers if s in servers],
+                                           args),
         "scaling": lambda: scaling_phase(res, [s for s in args.scale_servers if s in servers],
                                          args),
         "memory": lambda: extras.memory_phase(res.memory, servers, args),
         "idle": lambda: extras.idle_phase(res.idle, servers, args),
         "respawn": lambda: extras.respawn_phase(res.respawn, servers, args),
+        "profile": lambda: profile.profile_phase(res.profile, servers, args),
     }
     for phase, body in phases.items():
         if phase in args.phases:

@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from tests.bench import profile
+
 GROUP = tuple[str, str, bool]  # server, mode, pinned
 SHARED = {"close": "shared-blocking", "keepalive": "shared-epoll"}
 GUNICORN = "gunicorn-sync"
@@ -176,6 +178,7 @@ def render(data: dict[str, Any]) -> str:
     lines += dict_table("Worker memory (USS) with and without preload", data.get("memory", []))
     lines += dict_table("Idle connections", data.get("idle", []))
     lines += dict_table("Respawn: worker killed → replacement serving", data.get("respawn", []))
+    lines += profile.render(data.get("profile", []))
     if data.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(f"{k} ({v})" for k, v in data["skipped"].items())]
     if data.get("failures"):
