@@ -7,10 +7,12 @@ SCM_RIGHTS).  Here every receive uses ``MSG_CMSG_CLOEXEC``, and a
 truncated message is an error after closing whatever did arrive, so
 nothing leaks and nothing is silently lost.
 
-Sending never blocks: a full channel (``EAGAIN``) or too many
-descriptors in flight (``ETOOMANYREFS``, when the sender's in-flight
-count exceeds its RLIMIT_NOFILE) returns False and the caller keeps the
-descriptors to retry when the channel is writable.
+Sending never blocks: a full channel (``EAGAIN``) returns False and the
+caller keeps the descriptors to retry when the channel is writable.
+Too many descriptors in flight (``ETOOMANYREFS``, when the sender's
+in-flight count exceeds its RLIMIT_NOFILE) or a lack of kernel memory
+(``ENOBUFS``) raise ``OSError``: writability does not announce their
+end, so the caller retries on a timer instead.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ SCM_MAX_FD: Final = 253
 _FD_SIZE: Final = array.array("i").itemsize
 _SEND_FLAGS: Final = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
 _RECV_FLAGS: Final = socket.MSG_CMSG_CLOEXEC
-_RETRY_LATER: Final = frozenset({errno.EAGAIN, errno.ETOOMANYREFS, errno.ENOBUFS})
 
 
 class FdPassError(Exception):
@@ -47,10 +48,8 @@ def send(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> bool:
     ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
     try:
         sock.sendmsg([data], ancillary, _SEND_FLAGS)
-    except OSError as exc:
-        if exc.errno in _RETRY_LATER:
-            return False
-        raise
+    except BlockingIOError:
+        return False
     return True
 
 

@@ -19,10 +19,22 @@ config file).  The accepted forms:
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import ipaddress
+import os
 import re
+import socket
+import stat
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
+
+from forkserver.errors import ForkserverError
+from forkserver.eventloop import EventLoop
+from forkserver.hostaddress import HostAddress
+from forkserver.systemd import InheritedSocket, SystemdError, check_listening, listen_fds
+from forkserver.tcpserver import TcpServer
 
 #: Longer bind specs are refused before any parsing.
 MAX_SPEC_LENGTH: Final = 4096
@@ -36,7 +48,7 @@ _HOST_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,253}")
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9._:-]{1,255}")
 
 
-class ListenerError(ValueError):
+class ListenerError(ForkserverError, ValueError):
     """A bind spec is malformed, or its socket cannot be opened."""
 
 
@@ -139,3 +151,179 @@ def _parse_port(text: str, port_text: str) -> int:
     if port > 65535:
         raise ListenerError(f"bind spec {text!r}: port {port} is out of range 0-65535")
     return port
+
+
+# --- opening listeners ---------------------------------------------------
+
+#: Called with each accepted descriptor and the listener's index.
+Dispatch = Callable[[int, int], None]
+
+
+class Listener(TcpServer):
+    """A ``TcpServer`` that hands each accepted descriptor to ``dispatch``.
+
+    Without a ``dispatch`` it behaves as a plain ``TcpServer`` (queues).
+    A Unix socket it created itself is unlinked by ``close()``; one it
+    adopted (``fd://``, systemd) never is.
+    """
+
+    def __init__(self, spec: BindSpec, index: int, *, loop: EventLoop | None = None) -> None:
+        super().__init__(loop=loop)
+        self.spec = spec
+        self.index = index
+        self.name = spec.name or spec.text
+        self.dispatch: Dispatch | None = None
+        self.created_path: str | None = None
+
+    def incoming_connection(self, socket_descriptor: int) -> None:
+        dispatch = self.dispatch
+        if dispatch is None:
+            super().incoming_connection(socket_descriptor)
+        else:
+            dispatch(socket_descriptor, self.index)
+
+    def close(self) -> None:
+        super().close()
+        path, self.created_path = self.created_path, None
+        if path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+def open_listeners(
+    specs: Sequence[BindSpec],
+    *,
+    backlog: int,
+    loop: EventLoop | None = None,
+    inherited: Sequence[InheritedSocket] | None = None,
+) -> list[Listener]:
+    """Open one listener per spec (a ``systemd`` spec may give several).
+
+    *inherited* are the systemd sockets; when None and a spec needs them
+    they are claimed with ``systemd.listen_fds()``.  On any failure the
+    listeners already opened are closed and ``ListenerError`` names the
+    spec and the reason.
+    """
+    opened: list[Listener] = []
+    try:
+        for spec in specs:
+            if spec.kind == "systemd":
+                if inherited is None:
+                    inherited = _claim_systemd(spec)
+                opened.extend(_open_systemd(spec, inherited, len(opened), loop))
+            else:
+                opened.append(open_listener(spec, len(opened), backlog=backlog, loop=loop))
+    except BaseException:
+        for listener in opened:
+            listener.close()
+        raise
+    return opened
+
+
+def open_listener(
+    spec: BindSpec, index: int, *, backlog: int, loop: EventLoop | None = None
+) -> Listener:
+    """Open the listener for one ``tcp``, ``unix`` or ``fd`` spec."""
+    listener = Listener(spec, index, loop=loop)
+    listener.set_listen_backlog_size(backlog)
+    if spec.kind == "tcp":
+        ok = listener.listen(_resolve(spec), spec.port)
+    elif spec.kind == "fd":
+        ok = listener.set_socket_descriptor(spec.fd)
+    elif spec.kind == "unix":
+        fd, created = _bind_unix(spec, backlog)
+        ok = listener.set_socket_descriptor(fd)
+        if ok:
+            listener.created_path = created
+        else:
+            os.close(fd)
+    else:
+        raise ListenerError(f"bind spec {spec.text!r}: open it with open_listeners()")
+    if not ok:
+        raise ListenerError(f"bind spec {spec.text!r}: {listener.error_string()}")
+    return listener
+
+
+def _resolve(spec: BindSpec) -> HostAddress:
+    if not spec.host:
+        return HostAddress.Any
+    try:
+        return HostAddress(str(ipaddress.ip_address(spec.host)))
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(
+            spec.host, spec.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise ListenerError(
+            f"bind spec {spec.text!r}: cannot resolve {spec.host!r}: {exc.strerror}"
+        ) from None
+    return HostAddress(str(infos[0][4][0]))
+
+
+def _bind_unix(spec: BindSpec, backlog: int) -> tuple[int, str | None]:
+    """A listening Unix socket's descriptor, and the path to unlink later (if any)."""
+    abstract = spec.path.startswith("@")
+    address = "\0" + spec.path[1:] if abstract else spec.path
+    if not abstract:
+        _remove_stale(spec)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(address)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise ListenerError(f"bind spec {spec.text!r}: {exc.strerror or exc}") from None
+    return sock.detach(), None if abstract else spec.path
+
+
+def _remove_stale(spec: BindSpec) -> None:
+    """Unlink a socket file nobody listens on; refuse anything else in the way."""
+    try:
+        mode = os.lstat(spec.path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ListenerError(f"bind spec {spec.text!r}: {spec.path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(spec.path)
+    except OSError as exc:
+        if exc.errno != errno.ECONNREFUSED:
+            raise ListenerError(f"bind spec {spec.text!r}: {exc.strerror}") from None
+        os.unlink(spec.path)  # a leftover from a server that is gone
+        return
+    finally:
+        probe.close()
+    raise ListenerError(f"bind spec {spec.text!r}: another process listens on {spec.path}")
+
+
+def _claim_systemd(spec: BindSpec) -> list[InheritedSocket]:
+    try:
+        return listen_fds()
+    except SystemdError as exc:
+        raise ListenerError(f"bind spec {spec.text!r}: {exc}") from None
+
+
+def _open_systemd(
+    spec: BindSpec, inherited: Sequence[InheritedSocket], first: int, loop: EventLoop | None
+) -> list[Listener]:
+    chosen = [s for s in inherited if not spec.name or s.name == spec.name]
+    if not chosen:
+        what = f"named {spec.name!r}" if spec.name else "at all"
+        raise ListenerError(
+            f"bind spec {spec.text!r}: systemd passed no socket {what} (LISTEN_FDS/LISTEN_FDNAMES)"
+        )
+    opened: list[Listener] = []
+    for offset, sock in enumerate(chosen):
+        try:
+            check_listening(sock)
+        except SystemdError as exc:
+            raise ListenerError(f"bind spec {spec.text!r}: {exc}") from None
+        named = BindSpec(kind="systemd", fd=sock.fd, name=sock.name, text=spec.text)
+        listener = Listener(named, first + offset, loop=loop)
+        if not listener.set_socket_descriptor(sock.fd):
+            raise ListenerError(f"bind spec {spec.text!r}: {listener.error_string()}")
+        opened.append(listener)
+    return opened

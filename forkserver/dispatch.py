@@ -1,0 +1,229 @@
+"""Getting each accepted descriptor to a worker, and never losing one.
+
+``Dispatcher.dispatch(fd, listener)`` is the master's per-connection
+path (each ``Listener`` calls it from ``incoming_connection``).  It is
+hot, so it works on raw descriptors and does no logging:
+
+* The least-loaded ready worker with free capacity gets the descriptor:
+  it goes into that worker's outbox and its credit is taken at once.
+  One flush per loop pass sends every outbox, several descriptors per
+  ``sendmsg`` (at most SCM_MAX_FD), then closes the master's copies.
+* No worker free: the descriptor waits in the pending queue.  At
+  ``max_pending`` every listener pauses accepting (the kernel backlog
+  holds the rest) until the queue has drained.
+* A channel that cannot take more (``EAGAIN``) keeps its outbox and the
+  flush resumes when it is writable; ``ETOOMANYREFS``/``ENOBUFS`` retry
+  on a short timer, since writability does not signal their end.
+
+No descriptor is lost when a worker dies: the master keeps its own copy
+of the worker's end of each socketpair and never reads it while the
+worker lives.  Once the worker is reaped, ``remove_link`` returns the
+outbox and every descriptor still queued on that end, and they go back
+to the front of the pending queue.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from forkserver import channel, fdpass
+from forkserver.eventloop import EventLoop
+from forkserver.listeners import Listener
+from forkserver.worker_table import WorkerRecord, WorkerTable
+
+log = logging.getLogger("forkserver.master")
+
+#: Seconds before retrying a send that failed for lack of kernel resources.
+RESOURCE_RETRY: Final = 0.05
+_RESOURCE_ERRNOS: Final = frozenset({errno.ETOOMANYREFS, errno.ENOBUFS, errno.ENOMEM})
+
+
+@dataclass(eq=False)
+class WorkerLink:
+    """The master's side of one worker's channel."""
+
+    record: WorkerRecord
+    sock: socket.socket  # the master's end: sends descriptors, reads reports
+    peer: socket.socket  # the worker's end, kept to take back undelivered descriptors
+    out_fds: list[int] = field(default_factory=list)
+    out_listeners: list[int] = field(default_factory=list)
+    stop_queued: bool = False
+    writer_armed: bool = False
+    retry_armed: bool = False
+    killed: bool = False  # sent SIGKILL for breaking the protocol
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        loop: EventLoop,
+        table: WorkerTable,
+        max_pending: int,
+        on_broken: Callable[[WorkerLink, str], None],
+    ) -> None:
+        self.loop = loop
+        self.table = table
+        self.max_pending = max_pending
+        self.on_broken = on_broken
+        self.links: dict[int, WorkerLink] = {}
+        self.pending: deque[tuple[int, int]] = deque()
+        self.listeners: list[Listener] = []
+        self.paused = False
+        self._flush_scheduled = False
+
+    # --- the hot path ------------------------------------------------------
+
+    def dispatch(self, fd: int, listener: int) -> None:
+        """Take ownership of the accepted descriptor *fd*."""
+        record = None if self.pending else self.table.pick()
+        if record is None:
+            self.pending.append((fd, listener))
+            if len(self.pending) >= self.max_pending and not self.paused:
+                self._pause()
+        else:
+            self._assign(record, fd, listener)
+
+    def _assign(self, record: WorkerRecord, fd: int, listener: int) -> None:
+        self.table.assign(record)
+        link = self.links[record.pid]
+        link.out_fds.append(fd)
+        link.out_listeners.append(listener)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def drain_pending(self) -> None:
+        """Give queued descriptors to workers that have capacity now."""
+        pending = self.pending
+        while pending:
+            record = self.table.pick()
+            if record is None:
+                break
+            fd, listener = pending.popleft()
+            self._assign(record, fd, listener)
+        if self.paused and not pending:
+            self._resume()
+
+    def requeue(self, items: Sequence[tuple[int, int]]) -> None:
+        """Descriptors taken back from a dead worker go first in line."""
+        self.pending.extendleft(reversed(items))
+        if len(self.pending) >= self.max_pending and not self.paused:
+            self._pause()
+
+    # --- sending -----------------------------------------------------------
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        for link in tuple(self.links.values()):
+            if link.out_fds or link.stop_queued:
+                self._flush_link(link)
+
+    def _flush_link(self, link: WorkerLink) -> None:
+        if link.retry_armed:
+            return
+        while link.out_fds:
+            count = min(len(link.out_fds), fdpass.SCM_MAX_FD)
+            fds = link.out_fds[:count]
+            data = channel.encode_connections(link.out_listeners[:count])
+            if not self._send(link, data, fds):
+                return
+            del link.out_fds[:count]
+            del link.out_listeners[:count]
+            fdpass.close_all(fds)
+        if link.stop_queued:
+            if not self._send(link, channel.encode(channel.Stop()), ()):
+                return
+            link.stop_queued = False
+        if link.writer_armed:
+            self.loop.remove_writer(link.sock)
+            link.writer_armed = False
+
+    def _send(self, link: WorkerLink, data: bytes, fds: Sequence[int]) -> bool:
+        try:
+            if fdpass.send(link.sock, data, fds):
+                return True
+        except OSError as exc:
+            if exc.errno not in _RESOURCE_ERRNOS:
+                self.on_broken(link, f"sending on its channel failed: {exc.strerror or exc}")
+                return False
+            link.retry_armed = True
+            self.loop.call_later(RESOURCE_RETRY, lambda: self._retry(link))
+            return False
+        if not link.writer_armed:
+            link.writer_armed = True
+            self.loop.add_writer(link.sock, lambda: self._flush_link(link))
+        return False
+
+    def _retry(self, link: WorkerLink) -> None:
+        link.retry_armed = False
+        if self.links.get(link.record.pid) is link:
+            self._flush_link(link)
+
+    def queue_stop(self, link: WorkerLink) -> None:
+        """Send STOP after everything already in the worker's outbox."""
+        link.stop_queued = True
+        self._flush_link(link)
+
+    # --- workers coming and going --------------------------------------
+
+    def add_link(self, link: WorkerLink) -> None:
+        self.links[link.record.pid] = link
+
+    def remove_link(self, pid: int) -> list[tuple[int, int]]:
+        """Forget a reaped worker; every descriptor it never received."""
+        link = self.links.pop(pid)
+        if link.writer_armed:
+            self.loop.remove_writer(link.sock)
+        reclaimed = list(zip(link.out_fds, link.out_listeners, strict=True))
+        link.out_fds.clear()
+        link.out_listeners.clear()
+        for data, fds in fdpass.drain(link.peer, channel.MAX_MESSAGE_SIZE, fdpass.SCM_MAX_FD):
+            reclaimed.extend(_undelivered(data, fds))
+        link.sock.close()
+        link.peer.close()
+        return reclaimed
+
+    # --- accepting on and off --------------------------------------------
+
+    def _pause(self) -> None:
+        self.paused = True
+        for listener in self.listeners:
+            listener.pause_accepting()
+        log.warning(
+            "%d connections wait for a free worker: accepting paused",
+            len(self.pending),
+            extra={"event": "accept_paused", "pending": len(self.pending)},
+        )
+
+    def _resume(self) -> None:
+        self.paused = False
+        for listener in self.listeners:
+            listener.resume_accepting()
+        log.info("accepting resumed", extra={"event": "accept_resumed"})
+
+    def close_pending(self) -> int:
+        """At exit: close what no worker will ever serve; how many."""
+        count = len(self.pending)
+        while self.pending:
+            fd, _ = self.pending.popleft()
+            os.close(fd)
+        return count
+
+
+def _undelivered(data: bytes, fds: list[int]) -> list[tuple[int, int]]:
+    """The descriptors of one message the master itself queued."""
+    try:
+        message = channel.decode_master_message(data)
+    except channel.ProtocolError:
+        message = None
+    if isinstance(message, channel.Connections) and len(message.listeners) == len(fds):
+        return list(zip(fds, message.listeners, strict=True))
+    fdpass.close_all(fds)
+    return []

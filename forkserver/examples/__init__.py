@@ -1,0 +1,1 @@
+"""Runnable handlers: ``forkserver run forkserver.examples.echo:handle``."""

@@ -1,0 +1,84 @@
+"""A minimal HTTP/1.1 responder for benchmarks: 200 and a short body.
+
+Keeps the connection open between requests (HTTP/1.1 keep-alive) unless
+the client sends ``Connection: close`` or speaks HTTP/1.0 without
+``Connection: keep-alive``.  Request bodies are not supported (a
+request with ``Content-Length`` gets its body skipped).
+
+    forkserver run --bind 127.0.0.1:8000 forkserver.examples.hello_http:handle
+    forkserver run --bind 127.0.0.1:8000 forkserver.examples.hello_http:async_handle
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+BODY = b"Hello, world!\n"
+_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n" % len(BODY)
+KEEP_ALIVE = _HEAD + b"\r\n" + BODY
+CLOSE = _HEAD + b"Connection: close\r\n\r\n" + BODY
+BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+MAX_HEAD = 16384
+
+
+def _wants_close(head: bytes) -> tuple[bool, int]:
+    """(close after answering?, body length to skip) for one request head."""
+    lines = head.split(b"\r\n")
+    close = lines[0].endswith(b"HTTP/1.0")
+    length = 0
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"connection":
+            token = value.strip().lower()
+            close = token == b"close" or (close and token != b"keep-alive")
+        elif name == b"content-length":
+            length = int(value.strip() or b"0")
+    return close, length
+
+
+def handle(conn: socket.socket, peer: object) -> None:
+    buffer = b""
+    while True:
+        end = buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buffer) > MAX_HEAD:
+                conn.sendall(BAD_REQUEST)
+                return
+            data = conn.recv(65536)
+            if not data:
+                return
+            buffer += data
+            continue
+        try:
+            close, length = _wants_close(buffer[:end])
+        except ValueError:
+            conn.sendall(BAD_REQUEST)
+            return
+        buffer = buffer[end + 4 + length :]
+        conn.sendall(CLOSE if close else KEEP_ALIVE)
+        if close:
+            return
+
+
+async def async_handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while True:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError:
+            return
+        except asyncio.LimitOverrunError:
+            writer.write(BAD_REQUEST)
+            return
+        try:
+            close, length = _wants_close(head[:-4])
+        except ValueError:
+            writer.write(BAD_REQUEST)
+            return
+        if length:
+            await reader.readexactly(length)
+        writer.write(CLOSE if close else KEEP_ALIVE)
+        await writer.drain()
+        if close:
+            return

@@ -1,0 +1,456 @@
+"""The master: one loop that forks, signals, reaps and supervises.
+
+``serve(settings)`` checks the handler, opens the listeners, forks the
+workers and runs the loop until a stop completes.  Everything happens
+in the loop's thread: signals arrive through ``EventLoop`` (the Python
+signal handler only records them), children are reaped on SIGCHLD.
+
+Signals:
+
+========  ==========================================================
+TERM      graceful stop: stop accepting, hand out the connections
+          already accepted, tell every worker to finish (STOP), exit 0
+INT       the same; a second INT stops at once
+QUIT      stop at once: workers are killed
+CHLD      reap every exited child; unknown children are reaped quietly
+========  ==========================================================
+
+Workers report over their channel (see ``channel``): a malformed,
+oversized or out-of-place message gets that worker killed and replaced,
+never the master.  A worker that dies is logged with its exit code or
+signal and replaced, after a crash-loop back-off (``CrashBackoff``).
+READY=1 goes to systemd once every configured worker has reported ready.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable
+from typing import Final
+
+import setproctitle
+
+from forkserver import channel, fdpass, listeners, spawn
+from forkserver.config import Settings
+from forkserver.dispatch import Dispatcher, WorkerLink
+from forkserver.errors import ForkserverError
+from forkserver.eventloop import EventLoop, TimerHandle
+from forkserver.handler import LoadedHandler, WorkerClass, load_handler
+from forkserver.handler import resolve_worker_class as _resolve_class
+from forkserver.listeners import BindSpec, Listener
+from forkserver.privileges import resolve as resolve_credentials
+from forkserver.systemd import Notifier, listen_fds
+from forkserver.worker_table import (
+    HEALTHY_LIFETIME,
+    CrashBackoff,
+    TableError,
+    WorkerState,
+    WorkerTable,
+)
+from forkserver.workers.core import WorkerContext
+
+log = logging.getLogger("forkserver.master")
+
+EXIT_OK: Final = 0
+EXIT_UNAVAILABLE: Final = 69  # EX_UNAVAILABLE: a listener could not be opened
+EXIT_CONFIG: Final = 78  # EX_CONFIG: the handler or the user/group is unusable
+#: Messages read from one worker per wake-up, so one chatty worker cannot starve the rest.
+_READ_BATCH: Final = 64
+DEFAULT_BIND: Final = "127.0.0.1:8000"
+
+
+def serve(
+    settings: Settings,
+    *,
+    reload_settings: Callable[[], Settings] | None = None,
+    notifier: Notifier | None = None,
+) -> int:
+    """Run the daemon in this process until it stops; the exit code."""
+    notifier = notifier if notifier is not None else Notifier.from_environ()
+    try:
+        handler, worker_class = _check_handler(settings)
+        resolve_credentials(settings.user, settings.group)
+    except ForkserverError as exc:
+        log.error("cannot start: %s", exc, extra={"event": "master_failed"})
+        notifier.fatal(1, f"cannot start: {exc}")
+        return EXIT_CONFIG
+    loop = EventLoop()
+    try:
+        try:
+            opened = _open_listeners(settings, loop)
+        except listeners.ListenerError as exc:
+            log.error("cannot start: %s", exc, extra={"event": "master_failed"})
+            notifier.fatal(1, f"cannot start: {exc}")
+            return EXIT_UNAVAILABLE
+        master = Master(
+            settings, loop, opened, notifier=notifier, handler=handler, worker_class=worker_class
+        )
+        return master.run()
+    finally:
+        loop.close()
+
+
+def _check_handler(settings: Settings) -> tuple[LoadedHandler | None, WorkerClass]:
+    """The preloaded handler (or None) and the worker class; before any worker fork."""
+    if settings.preload:
+        handler = load_handler(settings.handler)
+        kind = handler.kind
+        gc.freeze()  # what the handler built stays shared copy-on-write with workers
+    else:
+        handler = None
+        kind = spawn.probe_handler(settings.handler)
+    return handler, _resolve_class(settings.handler, kind, settings.worker_class)
+
+
+def _open_listeners(settings: Settings, loop: EventLoop) -> list[Listener]:
+    configured = settings.listeners
+    if not configured:
+        claimed = listen_fds()
+        spec = listeners.parse_bind("systemd" if claimed else DEFAULT_BIND)
+        return listeners.open_listeners(
+            [spec], backlog=settings.backlog, loop=loop, inherited=claimed
+        )
+    wants_systemd = any(item.bind.startswith("systemd") for item in configured)
+    inherited = listen_fds() if wants_systemd else None
+    opened: list[Listener] = []
+    try:
+        for item in configured:
+            spec = listeners.parse_bind(item.bind)
+            if item.name:
+                spec = BindSpec(
+                    kind=spec.kind, host=spec.host, port=spec.port, path=spec.path,
+                    fd=spec.fd, name=item.name if spec.kind != "systemd" else spec.name,
+                    text=spec.text,
+                )  # fmt: skip
+            backlog = item.backlog if item.backlog is not None else settings.backlog
+            more = listeners.open_listeners([spec], backlog=backlog, loop=loop, inherited=inherited)
+            for listener in more:
+                listener.index = len(opened)
+                opened.append(listener)
+    except BaseException:
+        for listener in opened:
+            listener.close()
+        raise
+    return opened
+
+
+class Master:
+    """The supervisor: owns the loop, the listeners and the workers."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        loop: EventLoop,
+        listeners: list[Listener],
+        *,
+        notifier: Notifier,
+        handler: LoadedHandler | None,
+        worker_class: WorkerClass,
+    ) -> None:
+        self.settings = settings
+        self.loop = loop
+        self.listeners = listeners
+        self.notifier = notifier
+        self.handler = handler
+        self.worker_class = worker_class
+        self.capacity = 1 if worker_class == "sync" else settings.concurrency
+        self.table = WorkerTable()
+        self.backoff = CrashBackoff()
+        self.dispatcher = Dispatcher(
+            loop, self.table, settings.max_pending_connections, self._violation
+        )
+        self.dispatcher.listeners = listeners
+        self.stopping = False
+        self.announced = False
+        self.interrupts = 0
+        self._respawns: dict[int, TimerHandle] = {}
+        self._listener_names = tuple(listener.name for listener in listeners)
+
+    # --- the loop ----------------------------------------------------------
+
+    def run(self) -> int:
+        for listener in self.listeners:
+            listener.dispatch = self.dispatcher.dispatch
+            listener.accept_error.connect(self._accept_failed(listener))
+        signals: dict[int, Callable[[], None]] = {
+            signal.SIGCHLD: self._reap,
+            signal.SIGTERM: self.stop,
+            signal.SIGINT: self._on_interrupt,
+            signal.SIGQUIT: self.stop_now,
+        }
+        for other in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN,
+                      signal.SIGTTOU):
+            signals[other] = self._unsupported(other)
+        for signum, callback in signals.items():
+            self.loop.add_signal_handler(signum, callback)
+        setproctitle.setproctitle(self._title())
+        for slot in range(self.settings.workers):
+            self._spawn(slot)
+        log.info(
+            "listening on %s with %d %s workers",
+            self._where(), self.settings.workers, self.worker_class,
+            extra={"event": "master_started", "pid": os.getpid()},
+        )  # fmt: skip
+        try:
+            self.loop.run()
+        finally:
+            self._shutdown()
+        return EXIT_OK
+
+    def _shutdown(self) -> None:
+        for listener in self.listeners:
+            listener.close()
+        for timer in self._respawns.values():
+            timer.cancel()
+        for pid in tuple(self.dispatcher.links):
+            self.requeue(self.dispatcher.remove_link(pid))
+        dropped = self.dispatcher.close_pending()
+        if dropped:
+            log.warning("%d accepted connections were never served", dropped,
+                        extra={"event": "master_stopped", "dropped": dropped})
+
+    def requeue(self, items: list[tuple[int, int]]) -> None:
+        if items:
+            self.dispatcher.requeue(items)
+
+    # --- workers -----------------------------------------------------------
+
+    def _spawn(self, slot: int) -> None:
+        self._respawns.pop(slot, None)
+        if self.stopping and not self.dispatcher.pending:
+            return
+        master_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ctx = WorkerContext(
+            slot=slot, master_pid=os.getpid(), channel=worker_end,
+            handler_spec=self.settings.handler, worker_class=self.worker_class,
+            concurrency=self.capacity, listener_names=self._listener_names,
+            name=self.settings.name, user=self.settings.user, group=self.settings.group,
+            handler=self.handler,
+        )  # fmt: skip
+        try:
+            pid = spawn.fork_worker(ctx, self.loop, self._owned_sockets(master_end))
+        except OSError as exc:
+            master_end.close()
+            worker_end.close()
+            log.error("cannot fork worker %d: %s", slot, exc, extra={"event": "worker_failed"})
+            self._schedule_respawn(slot, self.backoff.delay_after_exit(0.0))
+            return
+        master_end.setblocking(False)
+        record = self.table.add(slot, pid, self.capacity, self.loop.time())
+        link = WorkerLink(record=record, sock=master_end, peer=worker_end)
+        self.dispatcher.add_link(link)
+        self.loop.add_reader(master_end, lambda: self._on_readable(link))
+        log.info("worker %d (pid %d) spawned", slot, pid,
+                 extra={"event": "worker_spawned", "slot": slot, "pid": pid})
+
+    def _owned_sockets(self, master_end: socket.socket) -> list[socket.socket]:
+        owned = [master_end]
+        for link in self.dispatcher.links.values():
+            owned += (link.sock, link.peer)
+        for listener in self.listeners:
+            sock = listener.listening_socket()
+            if sock is not None:
+                owned.append(sock)
+        return owned
+
+    def _schedule_respawn(self, slot: int, delay: float) -> None:
+        if delay > 0:
+            log.warning("worker %d keeps crashing: replacing it in %g s", slot, delay,
+                        extra={"event": "worker_backoff", "slot": slot, "delay": delay})
+        self._respawns[slot] = self.loop.call_later(delay, lambda: self._spawn(slot))
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            link = self.dispatcher.links.get(pid)
+            if link is not None:  # anything else is not ours to mourn
+                self._worker_exited(link, os.waitstatus_to_exitcode(status))
+
+    def _worker_exited(self, link: WorkerLink, code: int) -> None:
+        record = link.record
+        if not link.killed:
+            self._on_readable(link)  # its last words: an error report, say
+        self.loop.remove_reader(link.sock)
+        self.requeue(self.dispatcher.remove_link(record.pid))
+        self.table.remove(record.pid)
+        lifetime = self.loop.time() - record.started_at
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        level = logging.INFO if self.stopping and code == 0 else logging.WARNING
+        log.log(level, "worker %d (pid %d) exited: %s", record.slot, record.pid, how,
+                extra={"event": "worker_exited", "slot": record.slot, "pid": record.pid,
+                       "exit_code": code, "lifetime": round(lifetime, 3),
+                       "served": record.served})  # fmt: skip
+        if self.stopping:
+            if self.dispatcher.pending and not self._respawns:
+                self._spawn(record.slot)  # accepted connections still need a worker
+            elif not self.table:
+                self.loop.stop()
+        elif record.slot < self.settings.workers:
+            self._schedule_respawn(record.slot, self.backoff.delay_after_exit(lifetime))
+        self.dispatcher.drain_pending()
+        self._stop_workers_when_drained()
+
+    # --- the channel -------------------------------------------------------
+
+    def _on_readable(self, link: WorkerLink) -> None:
+        for _ in range(_READ_BATCH):
+            if self.dispatcher.links.get(link.record.pid) is not link:
+                return
+            try:
+                data, _ = fdpass.recv(link.sock, channel.MAX_MESSAGE_SIZE, 0, nonblocking=True)
+                if not data:
+                    return
+                self._handle(link, channel.decode_worker_message(data))
+            except BlockingIOError:
+                return
+            except (fdpass.FdPassError, channel.ProtocolError, TableError) as exc:
+                self._violation(link, str(exc))
+                return
+
+    def _handle(self, link: WorkerLink, message: channel.WorkerMessage) -> None:
+        record, now = link.record, self.loop.time()
+        match message:
+            case channel.Done(count=count):
+                self.table.complete(record.pid, count, now)
+                self.dispatcher.drain_pending()
+                self._stop_workers_when_drained()
+            case channel.Ready(pid=pid):
+                if pid != record.pid:
+                    raise channel.ProtocolError(f"READY names pid {pid}")
+                self._worker_ready(link)
+            case channel.HandlerError():
+                self._handler_error(link, message)
+            case channel.Heartbeat() | channel.Stats():
+                self.table.seen(record.pid, now)
+
+    def _worker_ready(self, link: WorkerLink) -> None:
+        record = link.record
+        if record.state is WorkerState.STOPPING:
+            return
+        self.table.mark_ready(record.pid, self.loop.time())
+        log.info("worker %d (pid %d) ready", record.slot, record.pid,
+                 extra={"event": "worker_ready", "slot": record.slot, "pid": record.pid})
+        pid = record.pid
+        self.loop.call_later(HEALTHY_LIFETIME, lambda: self._healthy(pid))
+        ready = self.table.count(WorkerState.READY)
+        if not self.announced and ready >= self.settings.workers:
+            self.announced = True
+            status = f"listening on {self._where()}; {ready} workers ready"
+            self.notifier.ready(status)
+            log.info("%s", status, extra={"event": "master_ready", "workers": ready})
+        self.dispatcher.drain_pending()
+
+    def _healthy(self, pid: int) -> None:
+        if self.table.get(pid) is not None:
+            self.backoff.reset()
+
+    def _handler_error(self, link: WorkerLink, error: channel.HandlerError) -> None:
+        record = link.record
+        record.errors += 1
+        names = self._listener_names
+        listener = names[error.listener] if error.listener < len(names) else str(error.listener)
+        log.error(
+            "worker %d (pid %d): handler raised %s: %s (peer %s, listener %s)\n%s",
+            record.slot, record.pid, error.exc_type, error.message, error.peer, listener,
+            error.traceback.rstrip("\n"),
+            extra={"event": "handler_error", "slot": record.slot, "pid": record.pid,
+                   "exc_type": error.exc_type, "error": error.message, "peer": error.peer,
+                   "listener": listener, "traceback": error.traceback},
+        )  # fmt: skip
+
+    def _violation(self, link: WorkerLink, reason: str) -> None:
+        """A worker broke the protocol: kill it (it is replaced when reaped)."""
+        record = link.record
+        if link.killed:
+            return
+        link.killed = True
+        log.error("worker %d (pid %d) broke the channel protocol: %s; killing it",
+                  record.slot, record.pid, reason,
+                  extra={"event": "protocol_error", "slot": record.slot, "pid": record.pid,
+                         "reason": reason})  # fmt: skip
+        self.table.mark_stopping(record.pid)
+        self.loop.remove_reader(link.sock)
+        os.kill(record.pid, signal.SIGKILL)  # not reaped yet, so the pid is still its own
+
+    # --- stopping ----------------------------------------------------------
+
+    def stop(self) -> None:
+        """Graceful: stop accepting, serve what was accepted, let workers finish."""
+        if self.stopping:
+            return
+        self.stopping = True
+        log.info("stopping: workers finish their connections", extra={"event": "master_stopping"})
+        self.notifier.stopping()
+        for listener in self.listeners:
+            listener.close()
+        for timer in self._respawns.values():
+            timer.cancel()
+        self._respawns.clear()
+        self.loop.call_later(self.settings.graceful_timeout, self._graceful_timeout)
+        self._stop_workers_when_drained()
+
+    def stop_now(self) -> None:
+        self.stop()
+        for record in self.table:
+            os.kill(record.pid, signal.SIGKILL)
+
+    def _graceful_timeout(self) -> None:
+        if self.table:
+            log.warning("workers still busy after %g s: killing them",
+                        self.settings.graceful_timeout, extra={"event": "master_stopping"})
+            self.stop_now()
+
+    def _on_interrupt(self) -> None:
+        self.interrupts += 1
+        if self.interrupts == 1:
+            self.stop()
+        else:
+            self.stop_now()
+
+    def _stop_workers_when_drained(self) -> None:
+        if not self.stopping or self.dispatcher.pending:
+            return
+        for link in tuple(self.dispatcher.links.values()):
+            if link.record.state is not WorkerState.STOPPING:
+                self.table.mark_stopping(link.record.pid)
+                self.dispatcher.queue_stop(link)
+        if not self.table:
+            self.loop.stop()
+
+    # --- helpers -----------------------------------------------------------
+
+    def _accept_failed(self, listener: Listener) -> Callable[..., None]:
+        def report(error: object) -> None:
+            log.error("%s", listener.error_string(),
+                      extra={"event": "accept_failed", "listener": listener.name,
+                             "error": str(error)})  # fmt: skip
+
+        return report
+
+    def _unsupported(self, signum: int) -> Callable[[], None]:
+        name = signal.Signals(signum).name
+
+        def ignore() -> None:
+            log.warning("%s ignored: this master does not handle it", name,
+                        extra={"event": "signal_ignored", "signal": name})  # fmt: skip
+
+        return ignore
+
+    def _where(self) -> str:
+        return ", ".join(listener.describe() for listener in self.listeners)
+
+    def _title(self) -> str:
+        name = f" [{self.settings.name}]" if self.settings.name else ""
+        return f"forkserver: master{name} listening on {self._where()}"
+
+
+__all__ = ["Master", "serve"]

@@ -1,0 +1,142 @@
+"""The ``asyncio`` worker class: connections as tasks on one event loop.
+
+Each received descriptor becomes ``asyncio.open_connection(sock=...)``
+and a task running ``await handle(reader, writer)``.  Finished tasks
+are counted and one DONE per loop pass reports them (batched).
+SIGTERM or STOP: stop taking connections once the ones already queued
+on the channel are in, wait for every task, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from forkserver import channel
+from forkserver.workers.core import (
+    EXIT_OK,
+    HEARTBEAT_INTERVAL,
+    ChannelClosed,
+    WorkerChannel,
+    WorkerContext,
+    adopt,
+    error_report,
+    peer_of,
+)
+
+AsyncHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, object]]
+
+
+class AsyncioWorker:
+    def __init__(self, ctx: WorkerContext) -> None:
+        assert ctx.handler is not None
+        self.ctx = ctx
+        self.handle: AsyncHandler = ctx.handler.target  # type: ignore[assignment]
+        self.chan = WorkerChannel(ctx.channel)
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.done_count = 0
+        self.stopped = asyncio.Event()
+        self.master_gone = False
+
+    def run(self) -> int:
+        asyncio.run(self._main())
+        return EXIT_OK
+
+    async def _main(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._stop)
+        self.chan.send(channel.Ready(pid=os.getpid()))
+        loop.add_reader(self.chan.fileno(), self._on_channel)
+        beat = asyncio.create_task(self._heartbeat())
+        try:
+            await self.stopped.wait()
+            loop.remove_reader(self.chan.fileno())
+            if not self.master_gone:
+                self._on_channel()  # connections already queued are ours to serve
+            while self.tasks:
+                await asyncio.wait(set(self.tasks))
+        finally:
+            beat.cancel()
+
+    def _stop(self) -> None:
+        self.stopped.set()
+
+    def _on_channel(self) -> None:
+        try:
+            messages = self.chan.receive()
+        except ChannelClosed:
+            self.master_gone = True
+            self._stop()
+            return
+        for message, fds in messages:
+            if isinstance(message, channel.Connections):
+                for fd, listener in zip(fds, message.listeners, strict=True):
+                    self._start(fd, listener)
+            else:
+                self._stop()
+
+    def _start(self, fd: int, listener: int) -> None:
+        self.ctx.in_flight += 1
+        task = asyncio.create_task(self._serve(fd, listener))
+        self.tasks.add(task)
+        task.add_done_callback(self._finished)
+
+    async def _serve(self, fd: int, listener: int) -> None:
+        try:
+            sock = adopt(fd, blocking=False)
+        except OSError as exc:
+            self._report(error_report(exc, listener, ""))
+            return
+        peer = peer_of(sock)
+        try:
+            reader, writer = await asyncio.open_connection(sock=sock)
+        except OSError as exc:
+            sock.close()
+            self._report(error_report(exc, listener, peer))
+            return
+        try:
+            await self.handle(reader, writer)
+        except (Exception, SystemExit) as exc:  # a handler's sys.exit() must not end the worker
+            self._report(error_report(exc, listener, peer))
+        finally:
+            writer.close()
+            # A peer that reset the connection: it is closed either way.
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    def _report(self, error: channel.HandlerError) -> None:
+        self.ctx.errors += 1
+        self._send(error)
+
+    def _send(self, message: channel.WorkerMessage) -> None:
+        if self.master_gone:
+            return
+        try:
+            self.chan.send(message)
+        except ChannelClosed:
+            self.master_gone = True
+            self._stop()
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        self.ctx.in_flight -= 1
+        self.ctx.served += 1
+        if self.done_count == 0:
+            asyncio.get_running_loop().call_soon(self._flush_done)
+        self.done_count += 1
+
+    def _flush_done(self) -> None:
+        count, self.done_count = self.done_count, 0
+        if count:
+            self._send(channel.Done(count=count))
+
+    async def _heartbeat(self) -> None:
+        ctx = self.ctx
+        while not self.master_gone:
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            self._send(channel.Heartbeat())
+            self._send(channel.Stats(served=ctx.served, in_flight=ctx.in_flight, errors=ctx.errors))

@@ -1,0 +1,170 @@
+"""What every worker class shares: its context, its channel, one connection.
+
+A worker's channel socket stays blocking: sends are small and the
+master reads them promptly; receives wait in a selector first and then
+use ``MSG_DONTWAIT``, so a worker never blocks inside ``recvmsg``.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from forkserver import channel, fdpass
+from forkserver.channel import HandlerError, MasterMessage
+from forkserver.handler import HandlerKind, LoadedHandler, ServerInfo, WorkerClass
+
+#: Seconds between heartbeats (and stats) from an idle worker loop.
+HEARTBEAT_INTERVAL = 1.0
+
+#: Worker exit codes the master understands.
+EXIT_OK = 0
+EXIT_BOOT_ERROR = 3  # setting up or loading the handler failed
+
+
+@dataclass(slots=True)
+class WorkerContext:
+    """Everything a worker is told by the master that forked it."""
+
+    slot: int
+    master_pid: int
+    channel: socket.socket
+    handler_spec: str
+    worker_class: WorkerClass
+    concurrency: int
+    listener_names: tuple[str, ...]
+    name: str = ""
+    user: str | None = None
+    group: str | None = None
+    handler: LoadedHandler | None = None
+    served: int = 0
+    errors: int = 0
+    in_flight: int = 0
+    keep_fds: set[int] = field(default_factory=set)
+
+    def listener_name(self, index: int) -> str:
+        if 0 <= index < len(self.listener_names):
+            return self.listener_names[index]
+        return f"listener {index}"
+
+
+class ChannelClosed(Exception):
+    """The master's end of the channel is gone."""
+
+
+class WorkerChannel:
+    """The worker's side of the supervisor channel."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._send_lock = threading.Lock()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send(self, message: channel.WorkerMessage) -> None:
+        data = channel.encode(message)
+        with self._send_lock:
+            try:
+                self.sock.send(data)
+            except (BrokenPipeError, ConnectionResetError):
+                raise ChannelClosed from None
+
+    def receive(self) -> list[tuple[MasterMessage, list[int]]]:
+        """Every message queued now, with its descriptors (empty: none yet).
+
+        Raises ``ChannelClosed`` at end of file.  A malformed message from
+        the master raises ``ProtocolError`` after closing its descriptors.
+        """
+        received: list[tuple[MasterMessage, list[int]]] = []
+        while True:
+            try:
+                data, fds = fdpass.recv(
+                    self.sock, channel.MAX_MESSAGE_SIZE, fdpass.SCM_MAX_FD, nonblocking=True
+                )
+            except BlockingIOError:
+                return received
+            if not data and not fds:
+                raise ChannelClosed
+            received.append((_decode(data, fds), fds))
+
+
+def _decode(data: bytes, fds: list[int]) -> MasterMessage:
+    try:
+        message = channel.decode_master_message(data)
+        expected = len(message.listeners) if isinstance(message, channel.Connections) else 0
+        if len(fds) != expected:
+            raise channel.ProtocolError(
+                f"{type(message).__name__} came with {len(fds)} descriptors, expected {expected}"
+            )
+    except channel.ProtocolError:
+        fdpass.close_all(fds)
+        raise
+    return message
+
+
+def format_peer(peer: object) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = peer[0], peer[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(peer) if peer else "unix"
+
+
+def error_report(exc: BaseException, listener: int, peer: object) -> HandlerError:
+    return HandlerError(
+        listener=listener,
+        exc_type=f"{type(exc).__module__}.{type(exc).__qualname__}".removeprefix("builtins."),
+        message=str(exc),
+        traceback="".join(traceback.format_exception(exc)),
+        peer=format_peer(peer),
+    )
+
+
+def adopt(fd: int, *, blocking: bool) -> socket.socket:
+    """A socket object owning the received descriptor *fd*."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        fdpass.close_all([fd])
+        raise
+    sock.setblocking(blocking)
+    return sock
+
+
+def peer_of(sock: socket.socket) -> object:
+    try:
+        return sock.getpeername()
+    except OSError:
+        return ""
+
+
+def serve_blocking(ctx: WorkerContext, fd: int, listener: int) -> HandlerError | None:
+    """Run a sync handler on one connection; close it; report what went wrong."""
+    assert ctx.handler is not None
+    try:
+        conn = adopt(fd, blocking=True)
+    except OSError as exc:
+        return error_report(exc, listener, "")
+    peer = peer_of(conn)
+    call: Callable[..., object] = ctx.handler.target  # type: ignore[assignment]
+    try:
+        if ctx.handler.kind is HandlerKind.REQUEST_HANDLER:
+            info = ServerInfo(server_address=_sockname(conn), listener=ctx.listener_name(listener))
+            call(conn, peer, info)
+        else:
+            call(conn, peer)
+    except (Exception, SystemExit) as exc:  # a handler's sys.exit() must not end the worker
+        return error_report(exc, listener, peer)
+    finally:
+        conn.close()
+    return None
+
+
+def _sockname(sock: socket.socket) -> object:
+    try:
+        return sock.getsockname()
+    except OSError:
+        return ""

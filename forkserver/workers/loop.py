@@ -1,0 +1,100 @@
+"""The loop shared by the ``sync`` and ``thread`` worker classes.
+
+One selector waits on the channel and on a signal wake-up pipe.  An
+idle loop sends a heartbeat and stats every ``HEARTBEAT_INTERVAL``.
+SIGTERM or a STOP message means: take whatever connections are already
+queued on the channel, finish everything held, exit 0.  End of file on
+the channel means the master is gone: exit at once.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import time
+from collections.abc import Callable
+
+from forkserver import channel
+from forkserver.workers.core import (
+    EXIT_OK,
+    HEARTBEAT_INTERVAL,
+    ChannelClosed,
+    WorkerChannel,
+    WorkerContext,
+)
+
+
+class SelectorWorker:
+    """Subclasses implement ``take`` (connections arrived) and ``finish``."""
+
+    def __init__(self, ctx: WorkerContext) -> None:
+        self.ctx = ctx
+        self.chan = WorkerChannel(ctx.channel)
+        self.stopping = False
+        self.master_gone = False
+        self.selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, lambda *_: None)
+        self.watch(self.chan.fileno(), self._on_channel)
+        self.watch(self._wake_r, self._on_signal)
+
+    def watch(self, fd: int, callback: Callable[[], None]) -> None:
+        self.selector.register(fd, selectors.EVENT_READ, callback)
+
+    def take(self, fds: list[int], listeners: tuple[int, ...]) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Wait for the connections still held (thread workers)."""
+
+    def run(self) -> int:
+        self.chan.send(channel.Ready(pid=os.getpid()))
+        next_beat = time.monotonic() + HEARTBEAT_INTERVAL
+        try:
+            while not self.stopping:
+                timeout = max(0.0, next_beat - time.monotonic())
+                for key, _ in self.selector.select(timeout):
+                    key.data()
+                if time.monotonic() >= next_beat and not self.master_gone:
+                    self.beat()
+                    next_beat = time.monotonic() + HEARTBEAT_INTERVAL
+            if not self.master_gone:
+                self._on_channel()  # connections already queued are ours to serve
+            self.finish()
+        except ChannelClosed:
+            pass
+        return EXIT_OK
+
+    def beat(self) -> None:
+        ctx = self.ctx
+        self.chan.send(channel.Heartbeat())
+        self.chan.send(
+            channel.Stats(served=ctx.served, in_flight=ctx.in_flight, errors=ctx.errors)
+        )
+
+    def _on_channel(self) -> None:
+        try:
+            messages = self.chan.receive()
+        except ChannelClosed:
+            self.stopping = self.master_gone = True
+            return
+        for message, fds in messages:
+            if isinstance(message, channel.Connections):
+                self.take(fds, message.listeners)
+            else:
+                self.stopping = True
+
+    def _on_signal(self) -> None:
+        try:
+            data = os.read(self._wake_r, 512)
+        except BlockingIOError:
+            return
+        if signal.SIGTERM in data:
+            self.stopping = True
+
+    def report(self, error: channel.HandlerError | None) -> None:
+        if error is not None:
+            self.ctx.errors += 1
+            self.chan.send(error)
