@@ -5,7 +5,8 @@
   of our stderr): ``<6>[pid] name: message``.  journald reads the ``<N>``
   syslog priority and stamps the time itself, so we add none.
 * ``json``: one object per line with ``time``, ``level``, ``logger``,
-  ``pid``, ``message``, ``event`` and every ``extra=`` field of the call
+  ``process`` (the pid that logged), ``message``, ``event`` (null when
+  the call named none) and every ``extra=`` field of the call
   (see "Logging events" in docs/internals.md); tracebacks go in ``exc``.
 
 :func:`configure` installs one handler on the root logger (replacing the
@@ -78,7 +79,7 @@ class JsonFormatter(logging.Formatter):
                     + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "pid": record.process,
+            "process": record.process,      # "pid" is left to extra= (a worker's pid)
             "message": record.getMessage(),
             "event": getattr(record, "event", None),
         }
