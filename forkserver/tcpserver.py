@@ -378,13 +378,6 @@ class TcpServer:
 
     # -- accepting ------------------------------------------------------
 
-    def _may_accept(self, sock: socket.socket) -> bool:
-        return (
-            self._sock is sock
-            and len(self._pending) < self._max_pending
-            and _now() >= self._backoff_until
-        )
-
     def _should_watch(self) -> bool:
         return (
             self._loop is not None
@@ -415,10 +408,14 @@ class TcpServer:
 
     def _accept_batch(self, sock: socket.socket) -> int:
         """Accept up to the batch size; the number handed to ``incoming_connection``."""
+        if _now() < self._backoff_until:  # only a failure sets it, and that ends the batch
+            return 0
         accept: Callable[[], tuple[int, object]] = sock._accept  # type: ignore[attr-defined]
+        pending = self._pending
         accepted = 0
         for _ in range(self._batch):
-            if not self._may_accept(sock):
+            # incoming_connection() may fill the queue or close the server.
+            if self._sock is not sock or len(pending) >= self._max_pending:
                 break
             try:
                 fd, _peer = accept()  # no socket object per connection
