@@ -1,0 +1,385 @@
+"""The control socket, for real: a ControlServer on a real EventLoop in a
+forked child, real Unix sockets, `forkserver ctl` as the client, and a
+client running as nobody."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pwd
+import signal
+import socket
+import stat
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from forkserver import cli, control, log
+from forkserver.config import Settings
+from forkserver.control import CommandError, ControlServer
+from forkserver.eventloop import EventLoop
+from forkserver.privileges import drop_privileges
+from tests.support import wait_pid
+
+NOBODY = pwd.getpwnam("nobody").pw_uid
+
+
+@dataclass
+class Daemon:
+    pid: int
+    path: str
+    log_path: Path
+    exit_code: int | None = None
+
+    def wait(self) -> int:
+        self.exit_code = wait_pid(self.pid, timeout=10)
+        return self.exit_code
+
+    def events(self) -> list[dict[str, Any]]:
+        if not self.log_path.exists():
+            return []
+        return [json.loads(line) for line in self.log_path.read_text().splitlines()]
+
+
+def _serve(path: str, log_path: Path, ready_w: int, client_timeout: float) -> None:
+    """The child: a control server whose commands act on a small state."""
+    loop = EventLoop()
+    log.configure(Settings(log_format="json", log_file=str(log_path), log_level="debug"))
+    started = time.time()
+    state = {"workers": 2}
+
+    def status() -> dict[str, Any]:
+        return {
+            "master": {"pid": os.getpid(), "name": "test", "started": started,
+                       "generation": 1, "state": "running",
+                       "workers_target": state["workers"], "pending": 0, "accepting": True,
+                       "listeners": [{"name": "web", "address": "127.0.0.1:8000", "fd": 3,
+                                      "inode": 42}],
+                       "totals": {"served": 7, "in_flight": 0, "spawned": 1, "restarts": 0,
+                                  "errors": 0},
+                       "last_reload_error": None},
+            "workers": [{"slot": 0, "pid": os.getppid(), "generation": 1, "state": "ready",
+                         "started": started, "served": 7, "in_flight": 0, "restarts": 0,
+                         "last_exit": None, "last_error": None}],
+        }
+
+    def scale(workers: int) -> dict[str, int]:
+        state["workers"] = workers
+        return {"workers": workers}
+
+    def reload() -> None:
+        raise CommandError("the new configuration is invalid; keeping the running one")
+
+    def reopen_logs() -> None:
+        raise RuntimeError("an unexpected bug")
+
+    def stop(graceful: bool) -> None:
+        loop.call_soon(loop.stop)
+
+    server = ControlServer(loop, path, {"status": status, "scale": scale, "reload": reload,
+                                        "stop": stop, "reopen-logs": reopen_logs},
+                           client_timeout=client_timeout)
+    server.start()
+    os.write(ready_w, b"r")
+    os.close(ready_w)
+    loop.run()
+    server.close()
+    loop.close()
+
+
+def _fork(target: Callable[[], None]) -> int:
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            target()
+        except BaseException:
+            import traceback  # noqa: PLC0415
+
+            traceback.print_exc()
+            code = 70
+        finally:
+            os._exit(code)
+    return pid
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[Path]:
+    """A directory nobody can traverse (tmp_path's parents are 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="fsctl-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    for child in path.iterdir():
+        child.unlink()
+    path.rmdir()
+
+
+@pytest.fixture
+def daemon(socket_dir: Path) -> Iterator[Daemon]:
+    path = str(socket_dir / "control.sock")
+    log_path = socket_dir / "log.json"
+    ready_r, ready_w = os.pipe()
+    pid = _fork(lambda: _serve(path, log_path, ready_w, client_timeout=0.5))
+    os.close(ready_w)
+    d = Daemon(pid, path, log_path)
+    try:
+        with os.fdopen(ready_r, "rb") as ready:
+            assert ready.read(1) == b"r", "the control server did not start"
+        yield d
+    finally:
+        if d.exit_code is None:
+            os.kill(pid, signal.SIGKILL)
+            d.wait()
+
+
+def ctl(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(["ctl", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def raw(path: str, payload: bytes, timeout: float = 5.0) -> dict[str, Any]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(payload)
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    reply: dict[str, Any] = json.loads(data)
+    return reply
+
+
+# ------------------------------------------------------------------ the socket
+
+def test_socket_is_mode_0600_and_owned_by_us(daemon: Daemon) -> None:
+    st = os.lstat(daemon.path)
+    assert stat.S_ISSOCK(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert st.st_uid == os.geteuid()
+
+
+def test_stop_closes_and_removes_the_socket(daemon: Daemon,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    assert ctl(capsys, "--socket", daemon.path, "stop", "--fast")[0] == 0
+    assert daemon.wait() == 0
+    assert not os.path.exists(daemon.path)
+    code, _, err = ctl(capsys, "--socket", daemon.path, "status")
+    assert code == cli.ExitCode.UNAVAILABLE
+    assert f"no daemon at control socket {daemon.path}" in err
+
+
+def test_start_replaces_a_stale_socket_but_not_a_live_one_or_a_file(
+        daemon: Daemon, tmp_path: Path) -> None:
+    loop = EventLoop()
+    try:
+        with pytest.raises(control.ControlError, match="another daemon is serving it"):
+            ControlServer(loop, daemon.path, {}).start()
+        stale = str(tmp_path / "stale.sock")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.bind(stale)                       # bound, never listening: left by a crash
+        server = ControlServer(loop, stale, {})
+        server.start()
+        assert stat.S_IMODE(os.lstat(stale).st_mode) == 0o600
+        server.close()
+        assert not os.path.exists(stale)
+        plain = tmp_path / "plain"
+        plain.write_text("keep me")
+        with pytest.raises(control.ControlError, match="exists and is not a socket"):
+            ControlServer(loop, str(plain), {}).start()
+        assert plain.read_text() == "keep me"
+    finally:
+        loop.close()
+
+
+# ------------------------------------------------------------------ ctl commands
+
+def test_status_table_and_json(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = ctl(capsys, "--socket", daemon.path, "status")
+    assert code == 0
+    assert f"master pid {daemon.pid}  name test  state running  generation 1" in out
+    assert "listener web: 127.0.0.1:8000 (fd 3, inode 42)" in out
+    header, row = out.splitlines()[-2:]
+    assert header.split()[:4] == ["SLOT", "PID", "GEN", "STATE"]
+    assert row.split()[:6] == ["0", str(os.getpid()), "1", "ready", row.split()[4], "7"]
+
+    code, out, _ = ctl(capsys, "--socket", daemon.path, "status", "--json")
+    assert code == 0
+    status = json.loads(out)
+    assert status["schema"] == 1
+    master, (worker,) = status["master"], status["workers"]
+    assert master["pid"] == daemon.pid
+    assert 0 <= master["uptime"] < 60
+    assert worker["pid"] == os.getpid()
+    me = psutil.Process()
+    assert worker["rss"] > 0
+    assert 0 < worker["uss"] <= worker["rss"] <= me.memory_info().rss * 2
+    assert worker["cpu_percent"] >= 0
+    assert psutil.Process(master["pid"]).is_running()
+    assert out == json.dumps(status, indent=2, sort_keys=True) + "\n"   # stable
+
+
+def test_scale(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = ctl(capsys, "--socket", daemon.path, "scale", "5")
+    assert (code, out) == (0, "workers: 5\n")
+    status = control.request(daemon.path, "status")
+    assert status["master"]["workers_target"] == 5
+    for bad in ("0", "-1", "x", "5000"):
+        code, _, err = ctl(capsys, "--socket", daemon.path, "scale", bad)
+        assert code == cli.ExitCode.USAGE, bad
+        assert "argument N" in err
+
+
+def test_failing_commands_exit_1_and_the_loop_survives(
+        daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = ctl(capsys, "--socket", daemon.path, "reload")
+    assert code == cli.ExitCode.FAILURE
+    assert "reload: the new configuration is invalid; keeping the running one" in err
+    code, _, err = ctl(capsys, "--socket", daemon.path, "reopen-logs")
+    assert code == cli.ExitCode.FAILURE
+    assert "internal error: RuntimeError: an unexpected bug" in err
+    assert control.request(daemon.path, "status")["master"]["pid"] == daemon.pid
+    assert any("an unexpected bug" in e.get("exc", "") for e in daemon.events())
+
+
+def test_every_request_is_audited(daemon: Daemon) -> None:
+    control.request(daemon.path, "scale", {"workers": 3})
+    (event,) = [e for e in daemon.events() if e["event"] == "control_request"]
+    assert (event["command"], event["uid"], event["peer_pid"]) == ("scale", 0, os.getpid())
+
+
+def test_no_reply_in_time_exits_75(tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    path = str(tmp_path / "mute.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as mute:
+        mute.bind(path)
+        mute.listen(1)                  # connects succeed; nobody ever answers
+        code, _, err = ctl(capsys, "--socket", path, "--timeout", "0.2", "status")
+    assert code == cli.ExitCode.TEMPFAIL
+    assert "no reply" in err
+
+
+def test_socket_path_from_config(daemon: Daemon, tmp_path: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    conf = tmp_path / "f.toml"
+    conf.write_text(f'control_socket = "{daemon.path}"\n')
+    assert ctl(capsys, "-c", str(conf), "status", "--json")[0] == 0
+    code, _, err = ctl(capsys, "status")
+    assert code == cli.ExitCode.USAGE
+    assert "no control socket" in err
+
+
+def test_default_socket_path() -> None:
+    s = Settings(pid_file="/run/app.pid")
+    assert control.default_socket_path(s, {}) == "/run/app.ctl"
+    assert control.default_socket_path(s, {"RUNTIME_DIRECTORY": "/run/x:/run/y"}) == \
+        "/run/x/control.sock"
+    assert control.default_socket_path(Settings(control_socket="/a.sock"),
+                                       {"RUNTIME_DIRECTORY": "/run/x"}) == "/a.sock"
+    assert control.default_socket_path(Settings(), {}) is None
+    assert control.default_socket_path(None, {}) is None
+
+
+# ------------------------------------------------------------------ bad clients
+
+@pytest.mark.parametrize(("payload", "error"), [
+    (b"hello\n", "malformed request: not JSON"),
+    (b"[1, 2]\n", "malformed request: expected"),
+    (b'{"command": 3}\n', "malformed request: expected"),
+    (b'{"command": "status", "args": [], "x": 1}\n', "'args' must be an object"),
+    (b'{"command": "status", "args": {"a": 1}}\n', "takes no arguments"),
+    (b'{"command": "scale", "args": {"workers": true}}\n', 'expected {"workers": N}'),
+    (b'{"command": "scale", "args": {"workers": 99999}}\n', "between 1 and 4096"),
+    (b'{"command": "stop", "args": {"mode": "now"}}\n', '"graceful"'),
+    (b'{"command": "rm -rf"}\n', "unknown command 'rm -rf' (known: reload, reopen-logs,"),
+    (b"[" * 100_000, "request larger than 65536 bytes"),
+    (b'{"command": "status"}', None),         # no newline, then EOF: still served
+])
+def test_malformed_requests_get_error_replies(daemon: Daemon, payload: bytes,
+                                              error: str | None) -> None:
+    if error is None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(daemon.path)
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+            assert json.loads(s.makefile("rb").readline())["ok"] is True
+    else:
+        with contextlib.suppress(ConnectionResetError):
+            reply = raw(daemon.path, payload)
+            assert reply["ok"] is False
+            assert error in reply["error"]
+    assert control.request(daemon.path, "status")["master"]["pid"] == daemon.pid
+
+
+def test_silent_and_slow_clients_do_not_block_others(daemon: Daemon) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as slow:
+        silent.settimeout(5)
+        slow.settimeout(5)
+        silent.connect(daemon.path)
+        slow.connect(daemon.path)
+        slow.sendall(b'{"command": "sta')
+        # Both are connected and unanswered; others are still served.
+        assert control.request(daemon.path, "status", timeout=2)["master"]["pid"] == daemon.pid
+        slow.sendall(b'tus"}\n')
+        assert json.loads(slow.makefile("rb").readline())["ok"] is True
+        t0 = time.monotonic()
+        assert silent.recv(1) == b""          # dropped after client_timeout (0.5 s)
+        assert time.monotonic() - t0 < 4
+    assert any("sent no complete request" in e["message"] for e in daemon.events())
+
+
+# ------------------------------------------------------------------ other users
+
+def _as_nobody(action: Callable[[], int]) -> int:
+    """Run *action* in a forked child that has dropped to nobody; its
+    return value is the child's exit code."""
+    def child() -> None:
+        drop_privileges("nobody", None)
+        with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
+            os._exit(action())
+    return wait_pid(_fork(child), timeout=20)
+
+
+def test_nobody_is_refused_by_the_file_mode(daemon: Daemon) -> None:
+    assert _as_nobody(lambda: cli.main(["ctl", "--socket", daemon.path, "status"])) == \
+        cli.ExitCode.NOPERM
+
+    def connect() -> int:
+        try:
+            control.request(daemon.path, "status")
+        except control.ControlRefused as exc:
+            return 10 if "permission denied on control socket" in str(exc) else 1
+        return 2
+    assert _as_nobody(connect) == 10
+
+
+def test_nobody_is_refused_by_peer_credentials(daemon: Daemon) -> None:
+    os.chmod(daemon.path, 0o666)      # take the file mode out of the way
+
+    def connect() -> int:
+        try:
+            control.request(daemon.path, "stop")
+        except control.ControlRefused as exc:
+            return 10 if f"permission denied: uid {NOBODY} may not" in str(exc) else 1
+        return 2
+    assert _as_nobody(connect) == 10
+    assert _as_nobody(lambda: cli.main(["ctl", "--socket", daemon.path, "scale", "3"])) == \
+        cli.ExitCode.NOPERM
+    denied = [e for e in daemon.events() if e["event"] == "control_denied"]
+    assert len(denied) == 2
+    assert {e["uid"] for e in denied} == {NOBODY}
+    assert denied[0]["level"] == "warning"
+    status = control.request(daemon.path, "status")       # not stopped, not scaled
+    assert status["master"]["workers_target"] == 2
