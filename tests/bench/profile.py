@@ -53,9 +53,10 @@ def perf_stat(pid: int, server: Server, seconds: float, pinned: bool) -> dict[st
         if len(parts) > 3 and parts[0].replace(".", "", 1).isdigit():
             values[parts[2]] = float(parts[0])
     conns = result.requests
+    clock_ms = values.get("task-clock", float("nan"))
     return {
         "connections": conns,
-        "task-clock us per server connection": round(1e3 * values.get("task-clock", float("nan")) / conns, 2),
+        "task-clock us per server connection": round(1e3 * clock_ms / conns, 2),
         "context switches/conn": round(values.get("context-switches", float("nan")) / conns, 3),
     }
 
