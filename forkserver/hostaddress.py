@@ -170,6 +170,14 @@ class HostAddress:
     def __hash__(self) -> int:
         return hash((self._any, self._ip))
 
+    def __reduce__(self) -> tuple[object, tuple[str, bool]]:
+        # __setattr__ refuses, so copy and pickle go through the constructor.
+        return (_restore, (str(self), self._any))
+
+
+def _restore(text: str, dual_stack: bool) -> HostAddress:
+    return HostAddress.Any if dual_stack else HostAddress(text)
+
 
 def _parse(text: str) -> _IP | None:
     try:

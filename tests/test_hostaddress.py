@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import ipaddress
+import pickle
 import socket
 
 import pytest
@@ -101,3 +103,12 @@ def test_from_sockaddr_reads_getsockname() -> None:
         assert HostAddress.from_sockaddr(sock.family, sock.getsockname()) == HostAddress("::1")
     assert HostAddress.from_sockaddr(socket.AF_INET, ("127.0.0.1", 5)) == HostAddress.LocalHost
     assert HostAddress.from_sockaddr(socket.AF_UNIX, "/run/x.sock").is_null()
+
+
+@pytest.mark.parametrize(
+    "address",
+    [HostAddress.Any, HostAddress.AnyIPv6, HostAddress.Null, HostAddress("fe80::1%lo")],
+)
+def test_copies_and_pickles_by_value(address: HostAddress) -> None:
+    assert copy.deepcopy(address) == address
+    assert pickle.loads(pickle.dumps(address)) == address
