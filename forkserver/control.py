@@ -21,6 +21,16 @@ log event.  The server never blocks the loop: every socket is
 non-blocking, requests are size-limited, and a client that does not send
 a complete request within ``client_timeout`` seconds is dropped.
 
+Wiring (in the master, once its loop exists)::
+
+    server = control.open_control(loop, settings, {
+        "status": master.status, "reload": master.request_reload,
+        "scale": master.scale, "stop": master.request_stop,
+        "reopen-logs": master.reopen_logs})      # None: no socket configured
+    ...
+    if server is not None:
+        server.close()                           # on the way out; removes the file
+
 Commands the master supplies
 ----------------------------
 :class:`ControlServer` takes a mapping of command name to callable, so it
@@ -109,6 +119,7 @@ __all__ = [
     "default_socket_path",
     "format_result",
     "format_status",
+    "open_control",
     "request",
 ]
 
@@ -163,6 +174,20 @@ def default_socket_path(settings: Settings | None,
     if settings is not None and settings.pid_file:
         return os.path.splitext(settings.pid_file)[0] + ".ctl"
     return None
+
+
+def open_control(loop: EventLoop, settings: Settings,
+                 commands: Mapping[str, Callable[..., object]],
+                 environ: Mapping[str, str] = os.environ) -> ControlServer | None:
+    """Start the control server where :func:`default_socket_path` says, or
+    return None if the settings give it nowhere to live.  Raises
+    :class:`ControlError` if the socket cannot be created."""
+    path = default_socket_path(settings, environ)
+    if path is None:
+        return None
+    server = ControlServer(loop, path, commands)
+    server.start()
+    return server
 
 
 # ------------------------------------------------------------------ requests

@@ -25,7 +25,7 @@ import time
 from collections.abc import Mapping
 from typing import IO, Any, Final
 
-from forkserver.config import Settings
+from forkserver.config import ConfigError, Settings
 
 __all__ = ["JournalFormatter", "JsonFormatter", "configure", "reopen", "under_journal"]
 
@@ -119,11 +119,16 @@ def configure(settings: Settings, *, stream: IO[str] | None = None,
               environ: Mapping[str, str] = os.environ) -> logging.Handler:
     """Install (or replace) our handler on the root logger per *settings*:
     ``log_file`` (else *stream*, default stderr), ``log_format``,
-    ``log_level``.  Returns the handler."""
+    ``log_level``.  Returns the handler.  A log file that cannot be opened
+    raises ``ConfigError`` and leaves the current handler in place."""
     root = logging.getLogger()
     handler: logging.Handler
     if settings.log_file:
-        handler = _ReopenableFileHandler(settings.log_file, mode="a", encoding="utf-8")
+        try:
+            handler = _ReopenableFileHandler(settings.log_file, mode="a", encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot open {settings.log_file}: {exc.strerror}",
+                              key="log_file") from None
         handler.setFormatter(_formatter(settings, None, environ))
     else:
         out = stream if stream is not None else sys.stderr
@@ -139,7 +144,13 @@ def configure(settings: Settings, *, stream: IO[str] | None = None,
 
 
 def reopen() -> None:
-    """Reopen the log file, if logging goes to one (USR1)."""
+    """Reopen the log file, if logging goes to one (USR1).  If the new file
+    cannot be opened, logging goes on into the old one and the error is
+    raised as ``ConfigError``."""
     for handler in logging.getLogger().handlers:
         if isinstance(handler, _ReopenableFileHandler):
-            handler.reopen()
+            try:
+                handler.reopen()
+            except OSError as exc:
+                raise ConfigError(f"cannot reopen {handler.baseFilename}: {exc.strerror}",
+                                  key="log_file") from None

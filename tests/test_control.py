@@ -383,3 +383,18 @@ def test_nobody_is_refused_by_peer_credentials(daemon: Daemon) -> None:
     assert denied[0]["level"] == "warning"
     status = control.request(daemon.path, "status")       # not stopped, not scaled
     assert status["master"]["workers_target"] == 2
+
+
+def test_open_control_uses_the_default_path(tmp_path: Path) -> None:
+    loop = EventLoop()
+    try:
+        assert control.open_control(loop, Settings(), {}, environ={}) is None
+        server = control.open_control(loop, Settings(), {"status": dict},
+                                      environ={"RUNTIME_DIRECTORY": str(tmp_path)})
+        assert server is not None
+        assert server.path == str(tmp_path / "control.sock")
+        assert stat.S_IMODE(os.lstat(server.path).st_mode) == 0o600
+        server.close()
+        assert not os.path.exists(server.path)
+    finally:
+        loop.close()

@@ -15,7 +15,7 @@ from typing import IO
 import pytest
 
 from forkserver import log
-from forkserver.config import Settings
+from forkserver.config import ConfigError, Settings
 
 LOG = logging.getLogger("forkserver.test")
 
@@ -160,3 +160,26 @@ def test_reopen_without_a_log_file_does_nothing(tmp_path: Path) -> None:
         handler = log.configure(settings(), stream=stream, environ={})
         log.reopen()
         assert handler in logging.getLogger().handlers
+
+
+def test_unopenable_log_file_is_a_config_error(tmp_path: Path) -> None:
+    with open(tmp_path / "a", "w") as stream:
+        handler = log.configure(settings(), stream=stream, environ={})
+        missing = tmp_path / "no" / "such" / "dir.log"
+        with pytest.raises(ConfigError, match=r"^key 'log_file': cannot open .*dir\.log: No such"):
+            log.configure(settings(log_file=str(missing)), environ={})
+        assert handler in logging.getLogger().handlers
+
+
+def test_failed_reopen_keeps_logging_to_the_old_file(tmp_path: Path) -> None:
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    log.configure(settings(log_file=str(logdir / "x.log")), environ={})
+    (logdir / "x.log").rename(tmp_path / "x.log.1")
+    logdir.rmdir()
+    with pytest.raises(ConfigError, match="cannot reopen"):
+        log.reopen()
+    LOG.warning("still logged")
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    assert "still logged" in (tmp_path / "x.log.1").read_text()
