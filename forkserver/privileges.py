@@ -1,4 +1,4 @@
-"""Dropping root: who a worker runs as.
+"""Who the processes run as, and the pid file that marks the master.
 
 The master keeps the uid it was started with.  It needs root (when it
 has it) to bind privileged ports again on reload and to re-exec on
@@ -12,18 +12,29 @@ then the gid, then the uid, each with the ``setres*`` call so the real,
 effective and saved ids all change and none can be taken back.
 :func:`resolve` checks the names without changing anything, so the master
 can refuse an unknown user before it forks a single worker.
+
+:class:`PidFile` is the master's pid file: created atomically (a
+complete file appears under its name, or none does), refused while
+another live master holds it, replaced when its holder is gone, and
+removed on exit only if it still names us.
 """
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import os
 import pwd
+import tempfile
 from dataclasses import dataclass
+from typing import Final
 
 from forkserver.errors import ForkserverError
 
-__all__ = ["Credentials", "PrivilegeError", "drop_privileges", "resolve"]
+__all__ = ["Credentials", "PidFile", "PidFileError", "PrivilegeError", "drop_privileges",
+           "resolve"]
+
+MAX_PID_FILE: Final = 64       # "4194304\n" is 8 bytes; anything long is not ours
 
 
 class PrivilegeError(ForkserverError):
@@ -104,3 +115,90 @@ def _verify(creds: Credentials, wanted: str) -> None:
         except PermissionError:
             return
         raise PrivilegeError(f"switched to {wanted}, yet could become root again")
+
+
+class PidFileError(ForkserverError):
+    """The pid file is held by a live master, or cannot be written."""
+
+
+class PidFile:
+    """The master's pid file at *path* (see the module docstring)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(path)
+        self._pid: int | None = None
+
+    def acquire(self, pid: int | None = None) -> None:
+        """Write *pid* (default: ours).  Raises :class:`PidFileError` if a
+        live forkserver holds the file or it holds something else."""
+        pid = os.getpid() if pid is None else pid
+        tmp = self._write_temp(pid)
+        try:
+            for _ in range(3):
+                try:
+                    os.link(tmp, self.path)     # atomic, and fails if the name exists
+                except FileExistsError:
+                    self._clear_stale(pid)
+                    continue
+                except OSError as exc:
+                    raise PidFileError(f"pid file {self.path}: {exc.strerror}") from None
+                self._pid = pid
+                return
+            raise PidFileError(f"pid file {self.path}: another process keeps recreating it")
+        finally:
+            os.unlink(tmp)
+
+    def release(self) -> None:
+        """Remove the file if it still names the pid we wrote."""
+        if self._pid is not None and _read_pid(self.path) == self._pid:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+        self._pid = None
+
+    def _write_temp(self, pid: int) -> str:
+        try:
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), prefix=".forkserver-")
+        except OSError as exc:
+            raise PidFileError(f"pid file {self.path}: {exc.strerror}") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{pid}\n")
+            f.flush()
+            os.fchmod(fd, 0o644)
+        return tmp
+
+    def _clear_stale(self, pid: int) -> None:
+        holder = _read_pid(self.path)
+        if holder is None:
+            if not os.path.exists(self.path):
+                return
+            raise PidFileError(f"pid file {self.path} exists and does not hold a pid; "
+                               "refusing to overwrite it")
+        if holder != pid and _is_live_forkserver(holder):
+            raise PidFileError(f"pid file {self.path}: forkserver pid {holder} is "
+                               "running; stop it first")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)                # its master is gone
+
+
+def _read_pid(path: str) -> int | None:
+    try:
+        with open(path, "rb") as f:
+            text = f.read(MAX_PID_FILE + 1)
+    except OSError:
+        return None
+    if len(text) > MAX_PID_FILE or not text.strip().isdigit():
+        return None
+    return int(text)
+
+
+def _is_live_forkserver(pid: int) -> bool:
+    """Is *pid* alive and a forkserver?  After a reboot the number may
+    belong to some other program, which must not keep us from starting."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read(65536)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True                 # exists, but we may not look: assume it is
+    return b"forkserver" in cmdline

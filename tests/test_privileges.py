@@ -5,15 +5,19 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import stat
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
-from forkserver.privileges import PrivilegeError, drop_privileges, resolve
+from forkserver.privileges import PidFile, PidFileError, PrivilegeError, drop_privileges, resolve
 from tests.support import wait_pid
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop privileges")
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop privileges")
 
 
 @contextmanager
@@ -60,6 +64,7 @@ def proc_status(pid: int) -> dict[str, list[int]]:
     return out
 
 
+@needs_root
 def test_drop_to_nobody_changes_every_uid_gid_and_the_groups() -> None:
     nobody = pwd.getpwnam("nobody")
     with forked(lambda: drop_privileges("nobody", None)) as (pid, report):
@@ -70,6 +75,7 @@ def test_drop_to_nobody_changes_every_uid_gid_and_the_groups() -> None:
     assert sorted(status["Groups"]) == sorted(set(os.getgrouplist("nobody", nobody.pw_gid)))
 
 
+@needs_root
 def test_explicit_group_and_numeric_ids() -> None:
     daemon_gid = grp.getgrnam("daemon").gr_gid
     uid = pwd.getpwnam("nobody").pw_uid
@@ -81,6 +87,7 @@ def test_explicit_group_and_numeric_ids() -> None:
     assert 0 not in status["Groups"]                      # root's groups are gone
 
 
+@needs_root
 def test_group_only_keeps_the_user() -> None:
     gid = grp.getgrnam("nogroup").gr_gid
     with forked(lambda: drop_privileges(None, "nogroup")) as (pid, report):
@@ -91,6 +98,7 @@ def test_group_only_keeps_the_user() -> None:
     assert status["Groups"] == []
 
 
+@needs_root
 def test_a_dropped_process_cannot_switch_back() -> None:
     def twice() -> None:
         drop_privileges("nobody", None)
@@ -101,6 +109,7 @@ def test_a_dropped_process_cannot_switch_back() -> None:
         assert proc_status(pid)["Uid"] == [pwd.getpwnam("nobody").pw_uid] * 4
 
 
+@needs_root
 def test_nothing_to_do() -> None:
     assert resolve(None, None) is None
     with forked(lambda: drop_privileges(None, None)) as (pid, report):
@@ -108,6 +117,7 @@ def test_nothing_to_do() -> None:
         assert proc_status(pid)["Uid"] == [0] * 4
 
 
+@needs_root
 @pytest.mark.parametrize(("user", "group", "message"), [
     ("no-such-user-x", None, "user 'no-such-user-x' does not exist"),
     ("nobody", "no-such-group-x", "group 'no-such-group-x' does not exist"),
@@ -121,3 +131,57 @@ def test_unknown_names_fail_before_anything_changes(
     with pytest.raises(PrivilegeError, match=f"^{message}$"):
         drop_privileges(user, group)
     assert os.getresuid() == (0, 0, 0)
+
+
+# ------------------------------------------------------------------ pid file
+
+def test_pid_file_is_written_whole_and_removed_on_release(tmp_path: Path) -> None:
+    path = tmp_path / "app.pid"
+    pid_file = PidFile(str(path))
+    pid_file.acquire()
+    assert path.read_text() == f"{os.getpid()}\n"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.pid"]   # no temp left
+    pid_file.release()
+    assert not path.exists()
+
+
+def test_pid_file_held_by_a_live_forkserver_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "app.pid"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()",
+                               "forkserver"], stdin=subprocess.PIPE)
+    try:
+        path.write_text(f"{holder.pid}\n")
+        with pytest.raises(PidFileError, match=f"forkserver pid {holder.pid} is running"):
+            PidFile(str(path)).acquire()
+        assert path.read_text() == f"{holder.pid}\n"
+    finally:
+        holder.communicate(b"", timeout=10)
+    PidFile(str(path)).acquire()                  # its holder has exited: stale
+    assert path.read_text() == f"{os.getpid()}\n"
+
+
+def test_pid_file_naming_another_program_or_a_dead_pid_is_stale(tmp_path: Path) -> None:
+    path = tmp_path / "app.pid"
+    path.write_text("1\n")                        # init, not a forkserver
+    PidFile(str(path)).acquire(pid=12345)
+    assert path.read_text() == "12345\n"
+
+
+def test_pid_file_that_is_not_a_pid_file_is_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("important\n")
+    with pytest.raises(PidFileError, match="does not hold a pid; refusing"):
+        PidFile(str(path)).acquire()
+    assert path.read_text() == "important\n"
+    with pytest.raises(PidFileError, match="No such file or directory"):
+        PidFile(str(tmp_path / "missing" / "x.pid")).acquire()
+
+
+def test_release_leaves_a_file_that_names_someone_else(tmp_path: Path) -> None:
+    path = tmp_path / "app.pid"
+    pid_file = PidFile(str(path))
+    pid_file.acquire()
+    path.write_text("99999\n")                    # a newer master took over
+    pid_file.release()
+    assert path.read_text() == "99999\n"
