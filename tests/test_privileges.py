@@ -148,9 +148,12 @@ def test_pid_file_is_written_whole_and_removed_on_release(tmp_path: Path) -> Non
 
 def test_pid_file_held_by_a_live_forkserver_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "app.pid"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()",
-                               "forkserver"], stdin=subprocess.PIPE)
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import sys; print('up', flush=True); sys.stdin.read()",
+                               "forkserver"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == b"up\n"      # exec'd: its cmdline is final
         path.write_text(f"{holder.pid}\n")
         with pytest.raises(PidFileError, match=f"forkserver pid {holder.pid} is running"):
             PidFile(str(path)).acquire()
