@@ -252,14 +252,18 @@ class _Invalid(ValueError):
     """A value is wrong; the text says what was expected (no location)."""
 
 
+def _num(x: float) -> str:
+    return str(int(x)) if x == int(x) else str(x)
+
+
 def _expect(meta: Setting) -> str:
     """What a valid value looks like, for error messages."""
     if meta.kind in ("int", "bytes", "float"):
         noun = {"int": "an integer", "bytes": "a size in bytes (e.g. 512M)",
                 "float": "a number"}[meta.kind]
-        lo = (f" > {meta.above:g}" if meta.above is not None
-              else f" >= {meta.minimum:g}" if meta.minimum is not None else "")
-        hi = f" <= {meta.maximum:g}" if meta.maximum is not None else ""
+        lo = (f" > {_num(meta.above)}" if meta.above is not None
+              else f" >= {_num(meta.minimum)}" if meta.minimum is not None else "")
+        hi = f" <= {_num(meta.maximum)}" if meta.maximum is not None else ""
         return noun + (f"{lo} and{hi}" if lo and hi else lo or hi)
     if meta.kind == "choice":
         return "one of " + ", ".join(
@@ -619,6 +623,31 @@ answers the watchdog, logs with journald priorities, and puts the
 control socket in $RUNTIME_DIRECTORY."""
 
 
+_CTL_NOTE: Final = """\
+## `forkserver ctl`
+
+`forkserver ctl [--socket PATH | -c FILE] COMMAND` talks to the master
+over the control socket (`control_socket`, else
+`$RUNTIME_DIRECTORY/control.sock`, else beside the pid file).  The
+socket is mode 0600 and the master checks the peer's credentials: only
+root and the daemon's own user are served; anyone else is refused and
+logged (event `control_denied`).
+
+| Command | Does |
+|---|---|
+| `status [--json]` | the master and a table of workers; `--json`: stable JSON |
+| `reload` | re-read the configuration and replace the workers (as HUP) |
+| `scale N` | run N workers |
+| `stop [--graceful\\|--fast]` | stop; graceful (the default) lets workers finish |
+| `reopen-logs` | reopen `log_file` after rotation (as USR1) |
+
+`status --json` sorts its keys and carries `"schema": 1`; keys are only
+ever added, never renamed.  Exit codes: 0 done; 1 the daemon rejected the command (the reason is
+printed); 64 bad command line; 69 no daemon at the socket; 70 a
+malformed reply; 75 no reply within `--timeout`; 77 refused (file mode
+or peer credentials); 78 invalid configuration (with `-c`)."""
+
+
 def toml_value(key: str, value: object) -> str:
     """*value* of setting *key* written as TOML (None as the empty string)."""
     if SETTINGS[key].kind == "mode" and isinstance(value, int):
@@ -763,5 +792,5 @@ def render_markdown() -> str:
                 "listeners entirely.",
                 "",
             ]
-    out += ["## systemd", "", *_SYSTEMD_NOTE.splitlines(), ""]
+    out += ["## systemd", "", *_SYSTEMD_NOTE.splitlines(), "", *_CTL_NOTE.splitlines(), ""]
     return "\n".join(out)
