@@ -280,7 +280,8 @@ class Master:
         if not link.killed:
             self._on_readable(link)  # its last words: an error report, say
         self.loop.remove_reader(link.sock)
-        self.requeue(self.dispatcher.remove_link(record.pid))
+        reclaimed = self.dispatcher.remove_link(record.pid)
+        self.requeue(reclaimed)
         self.table.remove(record.pid)
         lifetime = self.loop.time() - record.started_at
         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
@@ -288,7 +289,7 @@ class Master:
         log.log(level, "worker %d (pid %d) exited: %s", record.slot, record.pid, how,
                 extra={"event": "worker_exited", "slot": record.slot, "pid": record.pid,
                        "exit_code": code, "lifetime": round(lifetime, 3),
-                       "served": record.served})  # fmt: skip
+                       "served": record.served, "reclaimed": len(reclaimed)})  # fmt: skip
         if self.stopping:
             if self.dispatcher.pending and not self._respawns:
                 self._spawn(record.slot)  # accepted connections still need a worker

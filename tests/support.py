@@ -1,14 +1,53 @@
-"""Helpers shared by the multi-process tests.
+"""Helpers shared by the multi-process tests: start a real daemon, wait on events.
 
-``wait_pid(pid, timeout)``: reap a child of this process, or kill it
-and fail when it does not exit in time.
+``start_daemon(handler, *args)`` is a context manager that runs
+``python -m forkserver run ... HANDLER`` in its own session, on a
+listening socket the test bound to 127.0.0.1 port 0 and passes as
+``--bind fd://N`` (so tests run in parallel without port races), with
+JSON logs and a notify socket standing in for systemd.  While it runs, the test
+process is a child subreaper, so workers that outlive their master are
+reparented to it and reaped (PID 1 here does not reap).  It waits for
+``READY=1`` (all workers ready) and yields a ``Daemon``.  On the way
+out, whatever happened, the whole process group is killed and reaped,
+and the test fails if any process of the daemon's session is left.
+
+``Daemon`` offers:
+
+* ``connect()``: a client socket to the daemon (5 s timeout).
+* ``wait_log(event, **fields)``: the first JSON log record with that
+  ``event`` (and those field values), waiting for it if needed.
+* ``workers()``: the live worker processes (``psutil``).
+* ``stop(signal)``: signal the master and wait for its exit code.
+
+``wait_pid(pid, timeout)`` reaps a child of the test process itself.
+
+Every wait has a timeout and wakes on the event itself (a datagram, a
+log line, a pidfd), never on a sleep.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import json
 import os
 import select
+import shutil
 import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 20.0
 
 
 def wait_pid(pid: int, timeout: float = 10.0) -> int:
@@ -28,3 +67,250 @@ def wait_pid(pid: int, timeout: float = 10.0) -> int:
         raise AssertionError(f"process {pid} did not exit within {timeout} s")
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)
+
+
+def wait_gone(pids: Sequence[int], timeout: float = 10.0) -> None:
+    """Wait until every one of *pids* (not necessarily our children) has exited.
+
+    Each pid is watched through a pidfd, which becomes readable when the
+    process exits; the test fails naming the survivors.
+    """
+    deadline = time.monotonic() + timeout
+    alive = []
+    for pid in pids:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            ready, _, _ = select.select([pidfd], [], [], max(0.0, deadline - time.monotonic()))
+        finally:
+            os.close(pidfd)
+        if not ready:
+            alive.append(pid)
+    assert not alive, f"still running after {timeout} s: {alive}"
+
+
+class LogReader(threading.Thread):
+    """Collects the daemon's stderr lines; JSON records are parsed."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(daemon=True)
+        self.stream = stream
+        self.lines: list[str] = []
+        self.records: list[dict[str, Any]] = []
+        self.cond = threading.Condition()
+        self.eof = False
+
+    def run(self) -> None:
+        for raw in self.stream:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            record = None
+            if line.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    record = json.loads(line)
+            with self.cond:
+                self.lines.append(line)
+                if isinstance(record, dict):
+                    self.records.append(record)
+                self.cond.notify_all()
+        with self.cond:
+            self.eof = True
+            self.cond.notify_all()
+
+    def wait_for(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float, what: str
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self.cond:
+            while True:
+                for record in self.records[seen:]:
+                    if predicate(record):
+                        return record
+                seen = len(self.records)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self.eof:
+                    tail = "\n".join(self.lines[-30:])
+                    raise AssertionError(f"no {what} in the log within {timeout} s:\n{tail}")
+                self.cond.wait(remaining)
+
+    def text(self) -> str:
+        with self.cond:
+            return "\n".join(self.lines)
+
+
+class Daemon:
+    def __init__(
+        self, proc: subprocess.Popen[bytes], listener: socket.socket, logs: LogReader
+    ) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.listener = listener
+        self.address = listener.getsockname()
+        self.logs = logs
+
+    def connect(self, timeout: float = 5.0) -> socket.socket:
+        return socket.create_connection(self.address, timeout=timeout)
+
+    def wait_log(self, event: str, timeout: float = TIMEOUT, **fields: object) -> dict[str, Any]:
+        def match(record: dict[str, Any]) -> bool:
+            return record.get("event") == event and all(
+                record.get(k) == v for k, v in fields.items()
+            )
+
+        return self.logs.wait_for(match, timeout, f"{event!r} event with {fields}")
+
+    def records(self, event: str) -> list[dict[str, Any]]:
+        with self.logs.cond:
+            return [r for r in self.logs.records if r.get("event") == event]
+
+    def workers(self) -> list[psutil.Process]:
+        return psutil.Process(self.pid).children()
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = TIMEOUT) -> int:
+        self.proc.send_signal(signum)
+        return self.proc.wait(timeout=timeout)
+
+
+def _session_members(sid: int) -> list[int]:
+    """Live (not zombie) processes of session *sid*."""
+    members = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, ProcessLookupError, OSError):
+            if os.getsid(proc.pid) == sid and proc.status() != psutil.STATUS_ZOMBIE:
+                members.append(proc.pid)
+    return members
+
+
+def _wait_notify(sock: socket.socket, proc: subprocess.Popen[bytes], timeout: float) -> str:
+    """The first notify datagram containing READY=1."""
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"the daemon sent no READY=1 within {timeout} s")
+        if proc.poll() is not None:
+            raise AssertionError(f"the daemon exited with {proc.returncode} before READY=1")
+        ready, _, _ = select.select([sock], [], [], min(remaining, 0.5))
+        if ready:
+            message = sock.recv(4096).decode()
+            if "READY=1" in message.split("\n"):
+                return message
+
+
+@contextlib.contextmanager
+def start_daemon(
+    handler: str,
+    *args: str,
+    workers: int = 2,
+    env: dict[str, str] | None = None,
+    wait_ready: bool = True,
+    cwd: Path | None = None,
+) -> Iterator[Daemon]:
+    """Run ``forkserver run --bind fd://N --workers W ARGS HANDLER``; see the module docstring."""
+    scratch = tempfile.mkdtemp(prefix="fs-")  # short: a Unix socket path holds 107 bytes
+    notify_path = os.path.join(scratch, "notify")
+    listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    proc: subprocess.Popen[bytes] | None = None
+    logs: LogReader | None = None
+    _set_subreaper(True)
+    try:
+        notify.bind(notify_path)
+        full_env = {
+            **os.environ,
+            "NOTIFY_SOCKET": notify_path,
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            **(env or {}),
+        }
+        fd = listener.fileno()
+        command = [
+            sys.executable, "-m", "forkserver", "run", "--bind", f"fd://{fd}",
+            "--workers", str(workers), "--log-format", "json", *args, handler,
+        ]  # fmt: skip
+        proc = subprocess.Popen(
+            command,
+            pass_fds=[fd],
+            env=full_env,
+            cwd=cwd or ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        logs = LogReader(proc.stderr)
+        logs.start()
+        daemon = Daemon(proc, listener, logs)
+        if wait_ready:
+            _wait_notify(notify, proc, TIMEOUT)
+        yield daemon
+    finally:
+        try:
+            if proc is not None:
+                _kill_session(proc)
+        finally:
+            if logs is not None:
+                logs.join(timeout=TIMEOUT)
+            if proc is not None and proc.stderr is not None:
+                proc.stderr.close()
+            listener.close()
+            notify.close()
+            shutil.rmtree(scratch, ignore_errors=True)
+            _set_subreaper(False)
+
+
+def _kill_session(proc: subprocess.Popen[bytes]) -> None:
+    sid = proc.pid
+    members = _session_members(sid)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(sid, signal.SIGKILL)
+    for pid in members:  # a worker may have left the group, never the session
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=TIMEOUT)
+    wait_gone([pid for pid in members if pid != sid])
+    _reap_orphans(sid)
+    left = _session_members(sid)
+    assert not left, f"processes of the daemon's session are left: {left}"
+
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _set_subreaper(on: bool) -> None:
+    """Orphans of the daemon (workers outliving their master) become ours to reap."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def _reap_orphans(sid: int) -> None:
+    for child in psutil.Process().children():
+        with contextlib.suppress(ProcessLookupError, psutil.Error):
+            if os.getsid(child.pid) == sid:
+                wait_pid(child.pid, TIMEOUT)
+
+
+def poll_until(predicate: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
+    """For states that can only be polled: retry with a growing pause, then fail."""
+    deadline = time.monotonic() + timeout
+    pause = 0.001
+    while not predicate():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(pause)  # sleep-ok: bounded, backing-off poll of a state with no event
+        pause = min(pause * 2, 0.05)
+
+
+def channel_backlog(pid: int) -> int:
+    """Bytes queued for process *pid* on its SEQPACKET sockets (``ss -x``)."""
+    out = subprocess.run(
+        ["ss", "-x", "-a", "-p"], capture_output=True, text=True, check=True, timeout=TIMEOUT
+    ).stdout
+    total = 0
+    for line in out.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "u_seq" and f"pid={pid}," in line:
+            total += int(fields[2])
+    return total

@@ -1,0 +1,1 @@
+"""Handlers the daemon tests run inside real workers."""

@@ -1,0 +1,182 @@
+"""The daemon serves: workers forked, load spread, queueing, every handler form."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from tests.support import Daemon, start_daemon
+
+
+def request(daemon: Daemon, data: bytes = b"") -> bytes:
+    with daemon.connect() as sock:
+        if data:
+            sock.sendall(data)
+        return recv_all(sock)
+
+
+def recv_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_workers_are_forked_and_titled() -> None:
+    with start_daemon("tests.handlers.basic:pid", "--name", "web", workers=3) as daemon:
+        workers = daemon.workers()
+        assert len(workers) == 3
+        titles = sorted(" ".join(w.cmdline()) for w in workers)
+        assert [t.split(" (")[0] for t in titles] == [
+            f"forkserver: worker {n} [web] tests.handlers.basic:pid" for n in range(3)
+        ]
+        master = " ".join(daemon.workers()[0].parent().cmdline())
+        host, port = daemon.address
+        assert master.startswith(f"forkserver: master [web] listening on {host}:{port}")
+        spawned = {r["pid"] for r in daemon.records("worker_spawned")}
+        assert spawned == {w.pid for w in workers}
+
+
+def test_hundreds_of_concurrent_connections_are_all_served_by_every_worker() -> None:
+    count = 400
+    with start_daemon("tests.handlers.basic:gate", workers=2) as daemon:
+        clients = [daemon.connect(timeout=20) for _ in range(count)]
+        try:
+            for i, sock in enumerate(clients):
+                sock.sendall(b"%d" % i)
+            replies = [recv_all(sock).split() for sock in clients]
+        finally:
+            for sock in clients:
+                sock.close()
+    assert [int(reply[1]) for reply in replies] == list(range(count))
+    pids = {int(reply[0]) for reply in replies}
+    assert len(pids) == 2
+
+
+def test_connections_queue_while_every_worker_is_busy_and_are_served_later() -> None:
+    with start_daemon(
+        "tests.handlers.basic:gate", "--max-pending-connections", "3", workers=2
+    ) as daemon:
+        held = [daemon.connect() for _ in range(12)]
+        try:
+            paused = daemon.wait_log("accept_paused")
+            assert paused["pending"] == 3
+            # Nobody has been answered: two are in workers, the rest wait.
+            for sock in held:
+                sock.setblocking(False)
+                with pytest.raises(BlockingIOError):
+                    sock.recv(1)
+                sock.setblocking(True)
+            for i, sock in enumerate(held):
+                sock.sendall(b"%d" % i)
+            replies = [recv_all(sock).split()[1] for sock in held]
+        finally:
+            for sock in held:
+                sock.close()
+        assert replies == [b"%d" % i for i in range(12)]
+        daemon.wait_log("accept_resumed")
+
+
+@pytest.mark.parametrize(
+    ("handler", "args"),
+    [
+        ("forkserver.examples.echo:handle", ()),
+        ("forkserver.examples.echo:handle", ("--worker-class", "thread", "--concurrency", "4")),
+        ("forkserver.examples.async_echo:handle", ()),
+        ("tests.handlers.basic:async_pid", ("--concurrency", "8")),
+    ],
+)
+def test_sync_thread_and_async_handlers_serve(handler: str, args: tuple[str, ...]) -> None:
+    with start_daemon(handler, *args, workers=1) as daemon:
+        clients = [daemon.connect() for _ in range(6)]
+        try:
+            for i, sock in enumerate(clients):
+                sock.sendall(b"line %d\n" % i)
+                sock.shutdown(socket.SHUT_WR)
+            replies = [recv_all(sock) for sock in clients]
+        finally:
+            for sock in clients:
+                sock.close()
+    for i, reply in enumerate(replies):
+        assert reply.endswith(b"line %d\n" % i)
+
+
+def test_a_request_handler_class_serves_files_with_simple_http_request_handler(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "hello.txt").write_text("hello from a file\n")
+    with start_daemon(
+        "http.server:SimpleHTTPRequestHandler", "--worker-class", "thread", workers=1, cwd=tmp_path
+    ) as daemon:
+        host, port = daemon.address
+        for _ in range(3):
+            conn = http.client.HTTPConnection(host, port, timeout=5)
+            try:
+                conn.request("GET", "/hello.txt")
+                response = conn.getresponse()
+                assert response.status == 200
+                assert response.read() == b"hello from a file\n"
+                conn.request("GET", "/missing")
+                assert conn.getresponse().status == 404
+            finally:
+                conn.close()
+
+
+def test_a_socketserver_request_handler_runs_on_sync_workers() -> None:
+    with start_daemon("tests.handlers.basic:PidRequestHandler", workers=1) as daemon:
+        pid = int(request(daemon))
+        assert pid == daemon.workers()[0].pid
+
+
+def test_hello_http_answers_keep_alive_and_close() -> None:
+    for handler in ("handle", "async_handle"):
+        with start_daemon(f"forkserver.examples.hello_http:{handler}", workers=1) as daemon:
+            host, port = daemon.address
+            conn = http.client.HTTPConnection(host, port, timeout=5)
+            try:
+                for _ in range(3):  # one connection, three requests
+                    conn.request("GET", "/")
+                    response = conn.getresponse()
+                    assert response.status == 200
+                    assert response.read() == b"Hello, world!\n"
+                conn.request("GET", "/", headers={"Connection": "close"})
+                response = conn.getresponse()
+                assert response.getheader("Connection") == "close"
+                assert response.read() == b"Hello, world!\n"
+            finally:
+                conn.close()
+
+
+def test_workers_hold_only_their_channel_the_standard_streams_and_connections() -> None:
+    with start_daemon("tests.handlers.basic:fds", workers=2) as daemon:
+        listener_inode = os.fstat(daemon.listener.fileno()).st_ino
+        master_fds = set(os.listdir(f"/proc/{daemon.pid}/fd"))
+        master_sockets = {
+            os.readlink(f"/proc/{daemon.pid}/fd/{fd}") for fd in master_fds
+        } - {f"socket:[{listener_inode}]"}
+        seen = {}
+        while len(seen) < 2:
+            report = json.loads(request(daemon))
+            seen[report["pid"]] = report
+    channels = set()
+    for report in seen.values():
+        table = report["fds"]
+        me = str(report["me"])
+        assert table.pop(me).startswith("socket:")  # the connection being served
+        for fd in ("0", "1", "2"):
+            table.pop(fd)
+        sockets = [target for target in table.values() if target.startswith("socket:")]
+        assert len(sockets) == 1, table  # its own channel, nothing else
+        assert sockets[0] != f"socket:[{listener_inode}]"
+        channels.add(sockets[0])
+        # Everything else is the worker's own wake-up machinery, made after fork.
+        others = [t for t in table.values() if not t.startswith("socket:")]
+        assert all(t.startswith(("pipe:", "anon_inode:[eventpoll]")) for t in others), table
+        assert len(others) <= 3, table
+    assert len(channels) == 2  # each worker its own
+    assert channels <= master_sockets  # the master keeps a copy to take back undelivered fds
