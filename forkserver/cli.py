@@ -17,6 +17,7 @@ This is the one module that turns errors into exit codes (sysexits.h):
 from __future__ import annotations
 
 import argparse
+import difflib
 import enum
 import os
 import sys
@@ -46,10 +47,36 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that raises instead of exiting with status 2."""
+    """argparse that raises instead of exiting with status 2, and suggests
+    the option an unrecognised one was probably meant to be.  Prefixes of
+    options are not accepted: a script's ``--work`` would change meaning
+    the day another option starting so is added."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.prog}: error: {message}\n(see {self.prog} --help)")
+        hint = ""
+        if message.startswith("unrecognized arguments: "):
+            for word in message.split(": ", 1)[1].split():
+                close = difflib.get_close_matches(word.split("=")[0], _option_strings(self),
+                                                  n=1, cutoff=0.7)
+                if word.startswith("--") and close:
+                    hint = f" (did you mean {close[0]}?)"
+                    break
+        raise UsageError(f"{self.prog}: error: {message}{hint}\n(see {self.prog} --help)")
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> list[str]:
+    """Every long option of *parser* and its subcommands."""
+    found: list[str] = []
+    for action in parser._actions:
+        found += [o for o in action.option_strings if o.startswith("--")]
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found += _option_strings(sub)
+    return found
 
 
 def _text_type(key: str) -> Callable[[str], Any]:
