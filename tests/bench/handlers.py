@@ -9,9 +9,12 @@ built at import time (USS with and without ``preload``).
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import socket
 from typing import Any
+
+from tests.bench.state import State
 
 MAX_REQUEST = 8192
 BODY = b"Hello, world\n"
@@ -68,31 +71,11 @@ async def async_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter)
         writer.close()
 
 
-def _build_state() -> list[Any]:
-    megabytes = int(os.environ.get("BENCH_STATE_MB", "0"))
-    # Many small GC-tracked objects, as real preloaded state is made of.
-    return [(i, bytes([i % 251]) * 1000) for i in range(megabytes * 1000)]
-
-
-STATE = _build_state()
-if STATE and os.environ.get("BENCH_GC_FREEZE") == "1":
-    import gc
-
-    gc.freeze()
-
-
-_cursor = 0
+STATE = State(int(os.environ.get("BENCH_STATE_MB", "0")),
+              os.environ.get("BENCH_STATE_KIND", "objects"))
+if STATE.entries and os.environ.get("BENCH_GC_FREEZE") == "1":
+    gc.freeze()  # a preloading master freezes before it forks
 
 
 def touch_state() -> None:
-    """Read the next slice of the state, as a handler that uses all of it would.
-
-    Reading bumps each object's reference count, a write to its page: that
-    is what un-shares preloaded pages on 3.11, with or without gc.freeze().
-    """
-    global _cursor
-    if STATE:
-        chunk = STATE[_cursor : _cursor + 500]
-        _cursor = (_cursor + 500) % len(STATE)
-        if sum(len(entry[1]) for entry in chunk) != 1000 * len(chunk):
-            raise RuntimeError("state is corrupt")
+    STATE.touch()

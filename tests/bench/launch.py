@@ -54,9 +54,8 @@ Builder = Callable[[int, int, int, Path], Launch]  # (fd, port, workers, scratch
 
 def shared_accept(mode: str, *extra: str) -> Builder:
     def build(fd: int, port: int, workers: int, scratch: Path) -> Launch:
-        script = HERE / "servers" / "shared_accept.py"
-        return Launch([project_python(), str(script), "--fd", str(fd), "--workers",
-                       str(workers), "--mode", mode, *extra])
+        return Launch([project_python(), "-m", "tests.bench.servers.shared_accept",
+                       "--fd", str(fd), "--workers", str(workers), "--mode", mode, *extra])
     return build
 
 
@@ -85,6 +84,10 @@ def forkserver(worker_class: str, handler: str, *extra: str) -> Builder:
 
 
 HELLO = "forkserver.examples.hello_http:handle"
+# Thread and asyncio workers default to 16 connections each; 2 x 16 would
+# leave 18 of wrk's 50 keep-alive clients unserved, where every other
+# server here serves them all.
+ROOMY = ("--concurrency", "64")
 HELLO_ASYNC = "forkserver.examples.hello_http:async_handle"
 
 # name -> (builder, what it needs installed)
@@ -94,8 +97,8 @@ SERVERS: dict[str, tuple[Builder, str]] = {
     "gunicorn-sync": (gunicorn, "gunicorn"),
     "nginx": (nginx, "nginx"),
     "fs-sync": (forkserver("sync", HELLO), "forkserver"),
-    "fs-thread": (forkserver("thread", HELLO), "forkserver"),
-    "fs-asyncio": (forkserver("asyncio", HELLO_ASYNC), "forkserver"),
+    "fs-thread": (forkserver("thread", HELLO, *ROOMY), "forkserver"),
+    "fs-asyncio": (forkserver("asyncio", HELLO_ASYNC, *ROOMY), "forkserver"),
 }
 
 # The same servers with the bench's own handlers, which name the worker.
@@ -105,8 +108,9 @@ FAIRNESS_SERVERS: dict[str, tuple[Builder, str]] = {
     "gunicorn-sync": SERVERS["gunicorn-sync"],
     "nginx": SERVERS["nginx"],
     "fs-sync": (forkserver("sync", "tests.bench.handlers:handle"), "forkserver"),
-    "fs-thread": (forkserver("thread", "tests.bench.handlers:handle"), "forkserver"),
-    "fs-asyncio": (forkserver("asyncio", "tests.bench.handlers:async_handle"), "forkserver"),
+    "fs-thread": (forkserver("thread", "tests.bench.handlers:handle", *ROOMY), "forkserver"),
+    "fs-asyncio": (forkserver("asyncio", "tests.bench.handlers:async_handle", *ROOMY),
+                   "forkserver"),
 }
 
 

@@ -17,10 +17,11 @@ Modes:
 Every response carries ``X-Worker: <pid>`` so a client can count the
 connections each worker served (fairness).
 
-``--preload-mb N`` builds N MB of read-only state (100k-entry table of
-tuples) that each request reads one entry of; ``--preload`` builds it in
-the master before fork (optionally with ``gc.freeze()``), otherwise each
-worker builds its own after fork.
+``--preload-mb N`` builds N MB of read-only state (``tests/bench/state.py``)
+that each request reads a slice of; ``--preload`` builds it in the master
+before fork (optionally with ``gc.freeze()``), otherwise each worker
+builds its own after fork. Run as ``python -m tests.bench.servers.shared_accept``
+from the repository root.
 """
 
 from __future__ import annotations
@@ -34,11 +35,12 @@ import select
 import signal
 import socket
 import sys
-from typing import Any
+
+from tests.bench.state import State
 
 MAX_REQUEST = 8192  # bytes of request head we accept before giving up on a client
 BODY = b"Hello, world\n"
-STATE: list[Any] = []
+STATE = State(0)
 
 
 def response(keep_alive: bool) -> bytes:
@@ -47,29 +49,6 @@ def response(keep_alive: bool) -> bytes:
         b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
         b"Connection: %s\r\nX-Worker: %d\r\n\r\n%s" % (len(BODY), connection, os.getpid(), BODY)
     )
-
-
-def build_state(megabytes: int) -> list[Any]:
-    """Read-only state made of many small GC-tracked objects, as real apps have."""
-    entry = 1000  # bytes per entry, so N MB is N * 1000 entries
-    return [(i, bytes([i % 251]) * entry) for i in range(megabytes * 1000)]
-
-
-_cursor = 0
-
-
-def touch_state() -> None:
-    """Read the next slice of the state, as a handler that uses all of it would.
-
-    Reading bumps each object's reference count, a write to its page: that
-    is what un-shares preloaded pages on 3.11, with or without gc.freeze().
-    """
-    global _cursor
-    if STATE:
-        chunk = STATE[_cursor : _cursor + 500]
-        _cursor = (_cursor + 500) % len(STATE)
-        if sum(len(entry[1]) for entry in chunk) != 1000 * len(chunk):
-            raise RuntimeError("state is corrupt")
 
 
 def set_pdeathsig() -> None:
@@ -96,7 +75,7 @@ def serve_blocking(listener: socket.socket) -> None:
         with conn:
             try:
                 if read_head(conn):
-                    touch_state()
+                    STATE.touch()
                     conn.sendall(reply)
             except OSError:
                 pass  # the client went away; the next one is waiting
@@ -158,7 +137,7 @@ class EpollWorker:
         data = self.buffers[fd] + chunk
         while b"\r\n\r\n" in data:
             head, data = data.split(b"\r\n\r\n", 1)
-            touch_state()
+            STATE.touch()
             if b"connection: close" in head.lower():
                 self.send_or_drop(fd, self.close_reply)
                 if fd in self.conns:
@@ -185,10 +164,10 @@ class EpollWorker:
         return True
 
 
-def worker_main(listener: socket.socket, mode: str, state_mb: int, preloaded: bool) -> None:
+def worker_main(listener: socket.socket, mode: str, state: State) -> None:
+    global STATE
     set_pdeathsig()
-    if state_mb and not preloaded:
-        STATE.extend(build_state(state_mb))
+    STATE = state
     if mode == "blocking":
         serve_blocking(listener)
     else:
@@ -203,16 +182,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preload-mb", type=int, default=0)
     parser.add_argument("--preload", action="store_true")
     parser.add_argument("--freeze", action="store_true", help="gc.freeze() after preloading")
+    parser.add_argument("--blob", action="store_true", help="the state as one bytes buffer")
     args = parser.parse_args(argv)
     listener = socket.socket(fileno=args.fd)
     listener.set_inheritable(False)
     if listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) != 1:
         print(f"shared_accept: fd {args.fd} is not a listening socket", file=sys.stderr)
         return 2
-    if args.preload and args.preload_mb:
-        STATE.extend(build_state(args.preload_mb))
-        if args.freeze:
-            gc.freeze()
+    kind = "blob" if args.blob else "objects"
+    preloaded = State(args.preload_mb, kind) if args.preload else None
+    if args.freeze:
+        gc.freeze()
     # Block the stop signals before forking and wait for them with sigwait:
     # no handler, no race between checking a flag and pausing.
     stop_set = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
@@ -223,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         if pid == 0:
             try:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_set)
-                worker_main(listener, args.mode, args.preload_mb, args.preload)
+                worker_main(listener, args.mode, preloaded or State(args.preload_mb, kind))
             finally:
                 os._exit(1)
         pids.append(pid)
