@@ -165,6 +165,7 @@ class Master:
         )
         self.dispatcher.listeners = listeners
         self.stopping = False
+        self.forced = False  # stop at once: no more respawns, pending connections dropped
         self.announced = False
         self.interrupts = 0
         self._respawns: dict[int, TimerHandle] = {}
@@ -221,7 +222,8 @@ class Master:
 
     def _spawn(self, slot: int) -> None:
         self._respawns.pop(slot, None)
-        if self.stopping and not self.dispatcher.pending:
+        if self.stopping and (self.forced or not self.dispatcher.pending):
+            self._finish_if_done()
             return
         master_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ctx = WorkerContext(
@@ -290,15 +292,21 @@ class Master:
                 extra={"event": "worker_exited", "slot": record.slot, "pid": record.pid,
                        "exit_code": code, "lifetime": round(lifetime, 3),
                        "served": record.served, "reclaimed": len(reclaimed)})  # fmt: skip
-        if self.stopping:
-            if self.dispatcher.pending and not self._respawns:
-                self._spawn(record.slot)  # accepted connections still need a worker
-            elif not self.table:
-                self.loop.stop()
-        elif record.slot < self.settings.workers:
-            self._schedule_respawn(record.slot, self.backoff.delay_after_exit(lifetime))
+        delay = self.backoff.delay_after_exit(lifetime)
+        # While stopping, a worker is replaced only if accepted connections still need one.
+        needed = not self.stopping or (self.dispatcher.pending and not self.forced)
+        if needed and record.slot < self.settings.workers:
+            self._schedule_respawn(record.slot, delay)
         self.dispatcher.drain_pending()
         self._stop_workers_when_drained()
+        self._finish_if_done()
+
+    def _finish_if_done(self) -> None:
+        """A stop is complete once no worker is left or due (pending ones are lost)."""
+        if not self.stopping or self.table:
+            return
+        if self.forced or not (self.dispatcher.pending and self._respawns):
+            self.loop.stop()
 
     # --- the channel -------------------------------------------------------
 
@@ -393,16 +401,22 @@ class Master:
         self.notifier.stopping()
         for listener in self.listeners:
             listener.close()
-        for timer in self._respawns.values():
-            timer.cancel()
-        self._respawns.clear()
+        if not self.dispatcher.pending:  # otherwise a replacement may still be needed
+            for timer in self._respawns.values():
+                timer.cancel()
+            self._respawns.clear()
         self.loop.call_later(self.settings.graceful_timeout, self._graceful_timeout)
         self._stop_workers_when_drained()
 
     def stop_now(self) -> None:
         self.stop()
+        self.forced = True
+        for timer in self._respawns.values():
+            timer.cancel()
+        self._respawns.clear()
         for record in self.table:
             os.kill(record.pid, signal.SIGKILL)
+        self._finish_if_done()
 
     def _graceful_timeout(self) -> None:
         if self.table:
@@ -424,8 +438,7 @@ class Master:
             if link.record.state is not WorkerState.STOPPING:
                 self.table.mark_stopping(link.record.pid)
                 self.dispatcher.queue_stop(link)
-        if not self.table:
-            self.loop.stop()
+        self._finish_if_done()
 
     # --- helpers -----------------------------------------------------------
 
