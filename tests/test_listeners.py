@@ -1,8 +1,22 @@
-"""Bind specs: parsing (pure) and opening listening sockets."""
+"""Bind specs: parsing (pure) and opening real listening sockets."""
+
+import os
+import socket
+import stat
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from forkserver.listeners import BindSpec, ListenerError, parse_bind
+from forkserver.listeners import (
+    BindSpec,
+    Listener,
+    ListenerError,
+    open_listener,
+    open_listeners,
+    parse_bind,
+)
+from forkserver.systemd import InheritedSocket
 
 
 @pytest.mark.parametrize(
@@ -69,3 +83,139 @@ def test_parse_bind_rejects_bad_specs_naming_them(text: str, message: str) -> No
 def test_parse_bind_rejects_non_strings() -> None:
     with pytest.raises(ListenerError, match="must be a string"):
         parse_bind(8000)  # type: ignore[arg-type]
+
+
+# --- opening listeners: real sockets --------------------------------------
+
+
+@pytest.fixture
+def opened() -> Iterator[list[Listener]]:
+    listeners: list[Listener] = []
+    yield listeners
+    for listener in listeners:
+        listener.close()
+
+
+def test_a_tcp_listener_on_port_0_accepts_and_hands_over_raw_descriptors(
+    opened: list[Listener],
+) -> None:
+    listener = open_listener(parse_bind("127.0.0.1:0"), 0, backlog=16)
+    opened.append(listener)
+    received: list[tuple[int, int]] = []
+    listener.dispatch = lambda fd, index: received.append((fd, index))
+    port = listener.server_port()
+    assert port > 0
+    with socket.create_connection(("127.0.0.1", port), timeout=5):
+        assert listener.wait_for_new_connection(5000).available
+        assert len(received) == 1
+        fd, index = received[0]
+        assert index == 0
+        assert not os.get_inheritable(fd)
+        os.close(fd)
+
+
+def test_a_host_name_is_resolved(opened: list[Listener]) -> None:
+    listener = open_listener(parse_bind("localhost:0"), 0, backlog=16)
+    opened.append(listener)
+    assert listener.server_address().is_loopback()
+
+
+def test_a_unix_listener_replaces_a_stale_socket_file_and_removes_its_own(
+    opened: list[Listener], tmp_path: Path
+) -> None:
+    path = tmp_path / "s.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()  # the file stays, nobody listens
+    listener = open_listener(parse_bind(f"unix:{path}"), 0, backlog=16)
+    opened.append(listener)
+    assert stat.S_ISSOCK(path.stat().st_mode)
+    assert listener.describe() == f"unix:{path}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.connect(str(path))
+    listener.close()
+    assert not path.exists()
+
+
+def test_a_unix_listener_refuses_a_live_socket_or_a_plain_file(
+    opened: list[Listener], tmp_path: Path
+) -> None:
+    live = tmp_path / "live.sock"
+    first = open_listener(parse_bind(f"unix:{live}"), 0, backlog=16)
+    opened.append(first)
+    with pytest.raises(ListenerError, match="another process listens on"):
+        open_listener(parse_bind(f"unix:{live}"), 1, backlog=16)
+    plain = tmp_path / "plain"
+    plain.write_text("data")
+    with pytest.raises(ListenerError, match="exists and is not a socket"):
+        open_listener(parse_bind(f"unix:{plain}"), 1, backlog=16)
+    assert plain.read_text() == "data"
+
+
+def test_an_abstract_unix_listener(opened: list[Listener]) -> None:
+    name = f"forkserver-test-{os.getpid()}"
+    listener = open_listener(parse_bind(f"unix:@{name}"), 0, backlog=16)
+    opened.append(listener)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.connect("\0" + name)
+    assert listener.describe() == f"unix:@{name}"
+
+
+def test_an_inherited_descriptor_is_adopted(opened: list[Listener]) -> None:
+    sock = socket.create_server(("127.0.0.1", 0))
+    fd = sock.detach()
+    listener = open_listener(parse_bind(f"fd://{fd}"), 0, backlog=16)
+    opened.append(listener)
+    assert listener.socket_descriptor() == fd
+
+
+def test_a_descriptor_that_is_not_a_listener_is_refused_and_left_open() -> None:
+    a, b = socket.socketpair()
+    with a, b, pytest.raises(ListenerError, match=f"fd://{a.fileno()}"):
+        open_listener(parse_bind(f"fd://{a.fileno()}"), 0, backlog=16)
+    a_fd = os.open("/dev/null", os.O_RDONLY)
+    try:
+        with pytest.raises(ListenerError, match="cannot adopt"):
+            open_listener(parse_bind(f"fd://{a_fd}"), 0, backlog=16)
+        os.fstat(a_fd)  # still ours
+    finally:
+        os.close(a_fd)
+
+
+def test_an_address_in_use_is_an_error_naming_the_spec(opened: list[Listener]) -> None:
+    first = open_listener(parse_bind("127.0.0.1:0"), 0, backlog=16)
+    opened.append(first)
+    spec = f"127.0.0.1:{first.server_port()}"
+    with pytest.raises(ListenerError, match=rf"bind spec '{spec}': .*already in use"):
+        open_listeners([parse_bind(spec)], backlog=16)
+
+
+def test_a_failure_closes_the_listeners_already_opened(tmp_path: Path) -> None:
+    path = tmp_path / "first.sock"
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    with pytest.raises(ListenerError, match="not a socket"):
+        open_listeners([parse_bind(f"unix:{path}"), parse_bind(f"unix:{plain}")], backlog=16)
+    assert not path.exists()  # the first was opened, then closed and unlinked
+
+
+def test_systemd_sockets_are_chosen_by_name(opened: list[Listener]) -> None:
+    web = socket.create_server(("127.0.0.1", 0))
+    admin = socket.create_server(("127.0.0.1", 0))
+    inherited = [
+        InheritedSocket(fd=web.detach(), name="web"),
+        InheritedSocket(fd=admin.detach(), name="admin"),
+    ]
+    try:
+        named = open_listeners([parse_bind("systemd:admin")], backlog=16, inherited=inherited)
+        opened.extend(named)
+        assert [listener.socket_descriptor() for listener in named] == [inherited[1].fd]
+        with pytest.raises(ListenerError, match="no socket named 'db'"):
+            open_listeners([parse_bind("systemd:db")], backlog=16, inherited=inherited)
+        every = open_listeners([parse_bind("systemd")], backlog=16, inherited=inherited[:1])
+        opened.extend(every)
+        assert [listener.name for listener in every] == ["web"]
+    finally:
+        for sock in inherited:
+            if all(listener.socket_descriptor() != sock.fd for listener in opened):
+                os.close(sock.fd)
