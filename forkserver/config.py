@@ -452,6 +452,8 @@ class _TomlSource:
             line = re.search(r"line (\d+)", str(exc))
             raise ConfigError(f"TOML syntax error: {exc}", source=path,
                               line=int(line.group(1)) if line else None) from None
+        except RecursionError:          # tomllib recurses once per level of nesting
+            raise ConfigError("arrays or tables nested too deeply", source=path) from None
         self.lines = text.splitlines()
 
     def line_of(self, key: str, table_index: int | None = None) -> int | None:

@@ -571,7 +571,7 @@ def _decode_reply(data: bytes, path: str) -> Any:
         raise ControlUnavailable(f"{path}: the daemon closed the connection without a reply")
     try:
         reply = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise BadReply(f"malformed reply from {path}: {data[:120]!r}") from None
     if not isinstance(reply, dict) or not isinstance(reply.get("ok"), bool):
         raise BadReply(f"malformed reply from {path}: {data[:120]!r}")

@@ -204,6 +204,12 @@ def test_not_utf8_names_the_line(tmp_path: Path) -> None:
         config.load(str(path), {})
 
 
+@pytest.mark.parametrize("value", ["[" * 5000 + "]" * 5000, "{a=" * 5000 + "1" + "}" * 5000])
+def test_deep_nesting_is_refused_not_a_crash(tmp_path: Path, value: str) -> None:
+    err = _error(tmp_path, f"workers = {value}\n")
+    assert str(err) == f"{tmp_path / 'bad.toml'}: arrays or tables nested too deeply"
+
+
 def test_missing_unreadable_and_huge_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigFileNotFound, match="config file not found"):
         config.load(str(tmp_path / "nope.toml"), {})

@@ -24,7 +24,7 @@ scalars = st.one_of(
                              .replace("\n", "\\n") + '"'),
     st.sampled_from(['"127.0.0.1:0"', '"unix:/tmp/s"', '"systemd"', '"fd://3"', '"a:b"',
                      '"sync"', '"auto"', '"512M"', '"022"', "0o777", "1979-05-27",
-                     "07:32:00", '""', "'lit\\eral'"]),
+                     "07:32:00", '""', "'lit\\eral'", "[" * 3000 + "]" * 3000]),
 )
 values = st.recursive(
     scalars,

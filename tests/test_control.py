@@ -303,6 +303,7 @@ def test_default_socket_path() -> None:
     (b'{"command": "stop", "args": {"mode": "now"}}\n', '"graceful"'),
     (b'{"command": "rm -rf"}\n', "unknown command 'rm -rf' (known: reload, reopen-logs,"),
     (b"[" * 100_000, "request larger than 65536 bytes"),
+    (b"[" * 60_000 + b"]" * 5000 + b"\n", "malformed request: not JSON"),   # deep, not big
     (b'{"command": "status"}', None),         # no newline, then EOF: still served
 ])
 def test_malformed_requests_get_error_replies(daemon: Daemon, payload: bytes,
