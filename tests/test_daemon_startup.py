@@ -1,0 +1,104 @@
+"""Start-up and shut-down paths: preload, readiness, Unix sockets, socket activation."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from tests.support import ROOT, TIMEOUT, start_daemon
+
+
+def recv_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_without_preload_each_worker_imports_the_handler() -> None:
+    with start_daemon("tests.handlers.import_pid:handle", workers=1) as daemon:
+        with daemon.connect() as sock:
+            imported_in, worker = map(int, recv_all(sock).split())
+        assert imported_in == worker
+        assert worker != daemon.pid
+
+
+def test_with_preload_the_master_imports_the_handler_before_forking() -> None:
+    with start_daemon("tests.handlers.import_pid:handle", "--preload", workers=1) as daemon:
+        with daemon.connect() as sock:
+            imported_in, worker = map(int, recv_all(sock).split())
+        assert imported_in == daemon.pid
+        assert worker != daemon.pid
+
+
+def test_ready_is_announced_only_after_every_worker_is_ready() -> None:
+    with start_daemon("tests.handlers.basic:pid", workers=3) as daemon:
+        ready = daemon.wait_log("master_ready")
+        wanted = ("worker_ready", "master_ready")
+        events = [r for r in daemon.logs.records if r.get("event") in wanted]
+        assert [r["event"] for r in events] == ["worker_ready"] * 3 + ["master_ready"]
+        assert ready["workers"] == 3
+        assert "3 workers ready" in ready["message"]
+
+
+def test_a_unix_listener_serves_and_its_file_is_removed_on_stop() -> None:
+    scratch = tempfile.mkdtemp(prefix="fs-")
+    path = os.path.join(scratch, "echo.sock")
+    try:
+        with start_daemon("forkserver.examples.echo:handle", "--bind", f"unix:{path}") as daemon:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+                client.settimeout(5)
+                client.connect(path)
+                client.sendall(b"over unix")
+                client.shutdown(socket.SHUT_WR)
+                assert recv_all(client) == b"over unix"
+            with daemon.connect() as sock:  # the TCP listener still works beside it
+                sock.sendall(b"over tcp")
+                sock.shutdown(socket.SHUT_WR)
+                assert recv_all(sock) == b"over tcp"
+            assert daemon.stop(signal.SIGTERM) == 0
+            assert not os.path.exists(path)
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+        os.rmdir(scratch)
+
+
+SHIM = """
+import os, sys
+fd = int(sys.argv[1])
+os.dup2(fd, 3)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1", LISTEN_FDNAMES="web")
+os.execv(sys.executable, [sys.executable, "-m", "forkserver", *sys.argv[2:]])
+"""
+
+
+def test_with_no_bind_the_sockets_systemd_passed_are_used(tmp_path: Path) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    with listener:
+        fd = listener.fileno()
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SHIM, str(fd), "run", "--workers", "1",
+             "forkserver.examples.echo:handle"],
+            pass_fds=[fd], cwd=ROOT, stderr=subprocess.PIPE, start_new_session=True,
+        )  # fmt: skip
+        try:
+            with socket.create_connection(listener.getsockname(), timeout=5) as client:
+                client.sendall(b"activated")
+                client.shutdown(socket.SHUT_WR)
+                assert recv_all(client) == b"activated"
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=TIMEOUT) == 0
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=TIMEOUT)
+            assert proc.stderr is not None
+            log = proc.stderr.read().decode()
+            proc.stderr.close()
+    assert "listening on 127.0.0.1:" in log
