@@ -3,11 +3,13 @@ the reload function handed to the master, and `run -c FILE` alone."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -130,32 +132,27 @@ def test_run_hands_the_master_a_reload_function_that_rereads_everything(
         reload_settings()
 
 
-def test_run_with_only_a_config_file_serves(tmp_path: Path) -> None:
-    """`forkserver run -c FILE` needs nothing else: the echo example answers
-    on the file's unix listener, with the environment's worker count."""
-    sock_path = tmp_path / "echo.sock"
+@contextlib.contextmanager
+def running_daemon(tmp_path: Path, conf_text: str,
+                   env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[str]]:
+    """`forkserver run -c FILE` and nothing else, in its own session; yields
+    once the master has told its (fake) systemd READY=1.  On the way out
+    it is stopped with TERM, and must exit 0."""
     conf = tmp_path / "f.toml"
-    conf.write_text('handler = "forkserver.examples.echo:handle"\n'
-                    f'[[listeners]]\nbind = "unix:{sock_path}"\n')
+    conf.write_text(conf_text)
     notify_path = str(tmp_path / "notify")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
         notify.bind(notify_path)
         notify.settimeout(30)
         environ = {k: v for k, v in os.environ.items() if not k.startswith("FORKSERVER_")}
-        environ.update(FORKSERVER_WORKERS="2", NOTIFY_SOCKET=notify_path)
+        environ.update(env or {}, NOTIFY_SOCKET=notify_path)
         proc = subprocess.Popen([sys.executable, "-m", "forkserver", "run", "-c", str(conf)],
                                 env=environ, cwd=tmp_path, start_new_session=True,
                                 stderr=subprocess.PIPE, text=True)
         try:
             while b"READY=1" not in notify.recv(4096):
                 pass
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
-                client.settimeout(10)
-                client.connect(str(sock_path))
-                client.sendall(b"ping\n")
-                assert client.recv(64) == b"ping\n"
-            workers = psutil.Process(proc.pid).children()
-            assert len(workers) == 2
+            yield proc
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=30)
             assert proc.returncode == 0, err
@@ -163,3 +160,18 @@ def test_run_with_only_a_config_file_serves(tmp_path: Path) -> None:
             if proc.returncode is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.communicate(timeout=10)
+
+
+def test_run_with_only_a_config_file_serves(tmp_path: Path) -> None:
+    """`forkserver run -c FILE` needs nothing else: the echo example answers
+    on the file's unix listener, with the environment's worker count."""
+    sock_path = tmp_path / "echo.sock"
+    conf = ('handler = "forkserver.examples.echo:handle"\n'
+            f'[[listeners]]\nbind = "unix:{sock_path}"\n')
+    with running_daemon(tmp_path, conf, {"FORKSERVER_WORKERS": "2"}) as proc:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.settimeout(10)
+            client.connect(str(sock_path))
+            client.sendall(b"ping\n")
+            assert client.recv(64) == b"ping\n"
+        assert len(psutil.Process(proc.pid).children()) == 2

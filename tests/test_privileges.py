@@ -5,6 +5,7 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import socket
 import stat
 import subprocess
 import sys
@@ -12,10 +13,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 import pytest
 
 from forkserver.privileges import PidFile, PidFileError, PrivilegeError, drop_privileges, resolve
 from tests.support import wait_pid
+from tests.test_cli import running_daemon
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop privileges")
 
@@ -131,6 +134,31 @@ def test_unknown_names_fail_before_anything_changes(
     with pytest.raises(PrivilegeError, match=f"^{message}$"):
         drop_privileges(user, group)
     assert os.getresuid() == (0, 0, 0)
+
+
+@needs_root
+def test_daemon_workers_run_as_the_configured_user(tmp_path: Path) -> None:
+    """The master keeps root; each worker has dropped to nobody (with its
+    groups) before it served anything, as /proc shows."""
+    sock_path = tmp_path / "echo.sock"
+    conf = ('handler = "forkserver.examples.echo:handle"\nworkers = 2\nuser = "nobody"\n'
+            f'[[listeners]]\nbind = "unix:{sock_path}"\n')
+    nobody = pwd.getpwnam("nobody")
+    with running_daemon(tmp_path, conf) as proc:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.settimeout(10)
+            client.connect(str(sock_path))
+            client.sendall(b"hi")
+            assert client.recv(64) == b"hi"
+        workers = psutil.Process(proc.pid).children()
+        assert len(workers) == 2
+        assert proc_status(proc.pid)["Uid"] == [0] * 4
+        for worker in workers:
+            status = proc_status(worker.pid)
+            assert status["Uid"] == [nobody.pw_uid] * 4
+            assert status["Gid"] == [nobody.pw_gid] * 4
+            assert sorted(status["Groups"]) == sorted(set(os.getgrouplist("nobody",
+                                                                          nobody.pw_gid)))
 
 
 # ------------------------------------------------------------------ pid file
