@@ -202,9 +202,18 @@ def _load(ns: argparse.Namespace) -> tuple[config.Loaded, Callable[[], Settings]
     path = os.path.abspath(ns.config) if ns.config else None
     overrides = _overrides(ns)
     loaded = config.load(path, os.environ, overrides)
+    if not loaded.settings.handler:     # the one setting without a usable default
+        if path:
+            raise ConfigError("no handler: set `handler` in the file or give HANDLER",
+                              source=path, key="handler")
+        raise UsageError(f"forkserver {ns.command}: error: no HANDLER given "
+                         "(module:callable), and no config file (-c) that names one")
 
     def reload_settings() -> Settings:
-        return config.load_settings(path, os.environ, overrides)
+        settings = config.load_settings(path, os.environ, overrides)
+        if not settings.handler:
+            raise ConfigError("no handler", source=path or "", key="handler")
+        return settings
 
     return loaded, reload_settings
 
@@ -212,12 +221,6 @@ def _load(ns: argparse.Namespace) -> tuple[config.Loaded, Callable[[], Settings]
 def _cmd_run(ns: argparse.Namespace) -> int:
     loaded, reload_settings = _load(ns)
     settings = loaded.settings
-    if not settings.handler:
-        if ns.config:
-            raise ConfigError("no handler: set `handler` in the file or give HANDLER",
-                              source=os.path.abspath(ns.config), key="handler")
-        raise UsageError("forkserver run: error: no HANDLER given (module:callable), "
-                         "and no config file (-c) that names one")
     # The master, and through it the worker machinery, is imported only to
     # run: check-config and ctl must work even where it cannot be imported.
     from forkserver import master  # noqa: PLC0415

@@ -41,6 +41,7 @@ def forkserver(*argv: str, env: dict[str, str] | None = None,
     (["run", "-c", "/nonexistent/forkserver.toml", "a:b"], 66,
      "/nonexistent/forkserver.toml: config file not found"),
     (["check-config", "-c", "/nonexistent.toml"], 66, "config file not found"),
+    (["check-config"], 64, "no HANDLER given"),
 ])
 def test_exit_codes_and_messages(argv: list[str], code: int, message: str) -> None:
     result = forkserver(*argv)
@@ -61,7 +62,7 @@ def test_invalid_file_exits_78_naming_file_key_and_line(tmp_path: Path) -> None:
 
 
 def test_invalid_environment_exits_78() -> None:
-    result = forkserver("check-config", env={"FORKSERVER_TIMEOUT": "-1"})
+    result = forkserver("check-config", "a:b", env={"FORKSERVER_TIMEOUT": "-1"})
     assert result.returncode == 78
     assert "key 'FORKSERVER_TIMEOUT': expected a number > 0" in result.stderr
 
@@ -69,9 +70,11 @@ def test_invalid_environment_exits_78() -> None:
 def test_file_without_handler_exits_78(tmp_path: Path) -> None:
     conf = tmp_path / "f.toml"
     conf.write_text("workers = 1\n")
-    result = forkserver("run", "-c", str(conf))
-    assert result.returncode == 78
-    assert "key 'handler': no handler" in result.stderr
+    for command in ("run", "check-config"):
+        result = forkserver(command, "-c", str(conf))
+        assert result.returncode == 78
+        assert "key 'handler': no handler" in result.stderr
+    assert forkserver("check-config", "-c", str(conf), "a:b").returncode == 0
 
 
 def test_check_config_prints_every_setting_and_its_origin(tmp_path: Path) -> None:

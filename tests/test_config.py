@@ -71,8 +71,10 @@ def _cli_args(key: str, text: str) -> list[str]:
     return [config.flag_name(key), text]
 
 
-def _effective(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict[str, str]:
-    assert cli.main(["check-config", *argv]) == 0
+def _effective(capsys: pytest.CaptureFixture[str], argv: list[str],
+               key: str) -> dict[str, str]:
+    handler = [] if key == "handler" else ["a:b"]       # run and check-config need one
+    assert cli.main(["check-config", *argv, *handler]) == 0
     out = capsys.readouterr().out
     return {m.group(1): m.group(2) for m in re.finditer(r"^(\w+) = .*  # (.*)$", out, re.M)}
 
@@ -93,18 +95,18 @@ def test_precedence_defaults_file_env_cli(key: str, tmp_path: Path,
     loaded = config.load(str(path), {})
     assert _value(loaded.settings, key) == v_file
     assert loaded.origins[key] == f"{path}:1"
-    assert _effective(capsys, ["-c", str(path)])[key] == f"{path}:1"
+    assert _effective(capsys, ["-c", str(path)], key)[key] == f"{path}:1"
 
     monkeypatch.setenv(env, in_env)
     loaded = config.load(str(path), os.environ)
     assert _value(loaded.settings, key) == v_env
-    assert _effective(capsys, ["-c", str(path)])[key] == f"env {env}"
+    assert _effective(capsys, ["-c", str(path)], key)[key] == f"env {env}"
 
     parser = cli.build_parser()
     ns = parser.parse_args(["run", "-c", str(path), *_cli_args(key, in_cli)])
     loaded = config.load(str(path), os.environ, cli._overrides(ns))
     assert _value(loaded.settings, key) == v_cli
-    origin = _effective(capsys, ["-c", str(path), *_cli_args(key, in_cli)])[key]
+    origin = _effective(capsys, ["-c", str(path), *_cli_args(key, in_cli)], key)[key]
     assert origin.startswith("command line")
 
 

@@ -55,7 +55,7 @@ def _check(path: Path) -> None:
         code = 78
     else:
         assert isinstance(loaded.settings, config.Settings)
-        code = 0
+        code = 0 if loaded.settings.handler else 78     # check-config needs a handler
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         assert cli.main(["check-config", "-c", str(path)]) == code
