@@ -169,6 +169,7 @@ class Master:
         self.announced = False
         self.interrupts = 0
         self._respawns: dict[int, TimerHandle] = {}
+        self._status_timer: TimerHandle | None = None
         self._listener_names = tuple(listener.name for listener in listeners)
 
     # --- the loop ----------------------------------------------------------
@@ -196,11 +197,32 @@ class Master:
             self._where(), self.settings.workers, self.worker_class,
             extra={"event": "master_started", "pid": os.getpid()},
         )  # fmt: skip
+        self._watchdog()
         try:
             self.loop.run()
         finally:
             self._shutdown()
         return EXIT_OK
+
+    def _watchdog(self) -> None:
+        """WATCHDOG=1 every half of WATCHDOG_USEC: the loop is turning."""
+        interval = self.notifier.watchdog_interval()
+        if interval is not None:
+            self.notifier.watchdog()
+            self.loop.call_later(interval, self._watchdog)
+
+    def _update_status(self) -> None:
+        """A STATUS= summary for systemd (rate-limited by the notifier)."""
+        ready = self.table.count(WorkerState.READY)
+        state = "stopping" if self.stopping else f"listening on {self._where()}"
+        self.notifier.status(f"{state}; {ready} of {self.settings.workers} workers ready")
+        deadline = self.notifier.status_deadline()
+        if deadline is not None and self._status_timer is None:
+            self._status_timer = self.loop.call_at(deadline, self._flush_status)
+
+    def _flush_status(self) -> None:
+        self._status_timer = None
+        self.notifier.flush_status()
 
     def _shutdown(self) -> None:
         for listener in self.listeners:
@@ -299,6 +321,7 @@ class Master:
             self._schedule_respawn(record.slot, delay)
         self.dispatcher.drain_pending()
         self._stop_workers_when_drained()
+        self._update_status()
         self._finish_if_done()
 
     def _finish_if_done(self) -> None:
@@ -356,6 +379,8 @@ class Master:
             status = f"listening on {self._where()}; {ready} workers ready"
             self.notifier.ready(status)
             log.info("%s", status, extra={"event": "master_ready", "workers": ready})
+        elif self.announced:
+            self._update_status()
         self.dispatcher.drain_pending()
 
     def _healthy(self, pid: int) -> None:

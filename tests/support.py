@@ -17,6 +17,8 @@ and the test fails if any process of the daemon's session is left.
 * ``wait_log(event, **fields)``: the first JSON log record with that
   ``event`` (and those field values), waiting for it if needed.
 * ``workers()``: the live worker processes (``psutil``).
+* ``wait_notify("STOPPING=1")``: the first notify datagram with a line
+  containing that text.
 * ``stop(signal)``: signal the master and wait for its exit code.
 
 ``wait_pid(pid, timeout)`` reaps a child of the test process itself.
@@ -142,13 +144,36 @@ class LogReader(threading.Thread):
 
 class Daemon:
     def __init__(
-        self, proc: subprocess.Popen[bytes], listener: socket.socket, logs: LogReader
+        self,
+        proc: subprocess.Popen[bytes],
+        listener: socket.socket,
+        logs: LogReader,
+        notify: socket.socket,
     ) -> None:
         self.proc = proc
         self.pid = proc.pid
         self.listener = listener
         self.address = listener.getsockname()
         self.logs = logs
+        self.notify = notify
+        self.notifications: list[str] = []
+
+    def wait_notify(self, text: str, timeout: float = TIMEOUT) -> str:
+        """The first sd_notify datagram with a line containing *text*."""
+        for message in self.notifications:
+            if any(text in part for part in message.split("\n")):
+                return message
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            ready, _, _ = select.select([self.notify], [], [], max(0.0, remaining))
+            if not ready:
+                raise AssertionError(f"no {text!r} notification within {timeout} s: "
+                                     f"{self.notifications}")  # fmt: skip
+            message = self.notify.recv(4096).decode()
+            self.notifications.append(message)
+            if any(text in part for part in message.split("\n")):
+                return message
 
     def connect(self, timeout: float = 5.0) -> socket.socket:
         return socket.create_connection(self.address, timeout=timeout)
@@ -241,9 +266,9 @@ def start_daemon(
         )
         logs = LogReader(proc.stderr)
         logs.start()
-        daemon = Daemon(proc, listener, logs)
+        daemon = Daemon(proc, listener, logs, notify)
         if wait_ready:
-            _wait_notify(notify, proc, TIMEOUT)
+            daemon.notifications.append(_wait_notify(notify, proc, TIMEOUT))
         yield daemon
     finally:
         try:

@@ -102,3 +102,17 @@ def test_with_no_bind_the_sockets_systemd_passed_are_used(tmp_path: Path) -> Non
             log = proc.stderr.read().decode()
             proc.stderr.close()
     assert "listening on 127.0.0.1:" in log
+
+
+def test_systemd_hears_ready_status_and_stopping_from_the_master() -> None:
+    with start_daemon("tests.handlers.basic:pid", workers=2) as daemon:
+        ready = daemon.wait_notify("READY=1")
+        host, port = daemon.address
+        assert f"STATUS=listening on {host}:{port}; 2 workers ready" in ready.split("\n")
+        victim = daemon.workers()[0].pid
+        os.kill(victim, signal.SIGKILL)
+        daemon.wait_log("worker_exited", pid=victim)
+        status = daemon.wait_notify(" of 2 workers ready")
+        assert f"STATUS=listening on {host}:{port}; " in status
+        assert daemon.stop(signal.SIGTERM) == 0
+        daemon.wait_notify("STOPPING=1")
