@@ -30,6 +30,8 @@ Wiring (in the master, once its loop exists)::
     ...
     if server is not None:
         server.close()                           # on the way out; removes the file
+    # and in each forked worker, before anything else:
+    server.discard_after_fork()                  # its copies of the sockets
 
 Commands the master supplies
 ----------------------------
@@ -307,6 +309,18 @@ class ControlServer:
         with contextlib.suppress(OSError):      # only our own socket file
             if os.stat(self.path).st_ino == self._inode:
                 os.unlink(self.path)
+
+    def discard_after_fork(self) -> None:
+        """In a forked child: close our copies of the listening socket and
+        of every client connection, without touching the loop or the
+        socket file (both still belong to the master).  Otherwise a worker
+        would keep a dropped client's connection open."""
+        for client in self._clients:
+            client.sock.close()
+        self._clients.clear()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
     def fileno(self) -> int:
         return self._sock.fileno() if self._sock is not None else -1

@@ -399,3 +399,47 @@ def test_open_control_uses_the_default_path(tmp_path: Path) -> None:
         assert not os.path.exists(server.path)
     finally:
         loop.close()
+
+
+def _socket_inodes() -> set[str]:
+    links = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            links.add(os.readlink(f"/proc/self/fd/{fd}"))
+    return {link for link in links if link.startswith("socket:")}
+
+
+def test_a_forked_child_lets_go_of_the_control_sockets(socket_dir: Path) -> None:
+    """After discard_after_fork() in a child, the master's socket file and
+    its clients are untouched, and the child holds none of their sockets."""
+    loop = EventLoop()
+    server = ControlServer(loop, str(socket_dir / "c.sock"), {"status": dict})
+    server.start()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            before = _socket_inodes()
+            client.connect(server.path)
+            loop.run_once(timeout=5)              # accepts it
+            ours = _socket_inodes() - before      # the server's end of the connection
+            ours.add(f"socket:[{os.fstat(server.fileno()).st_ino}]")   # and its listener
+            assert len(ours) == 2
+
+            def child() -> None:
+                server.discard_after_fork()
+                os._exit(1 if ours & _socket_inodes() else 0)
+
+            assert wait_pid(_fork(child), timeout=10) == 0
+            assert os.path.exists(server.path)
+            client.sendall(b'{"command": "status"}\n')
+            client.setblocking(False)
+            deadline = time.monotonic() + 5
+            data = b""
+            while not data.endswith(b"\n") and time.monotonic() < deadline:
+                loop.run_once(timeout=0.1)        # the parent still serves it
+                with contextlib.suppress(BlockingIOError):
+                    data += client.recv(4096)
+            reply = json.loads(data)
+            assert reply == {"ok": True, "result": {"schema": 1, "master": {}, "workers": []}}
+    finally:
+        server.close()
+        loop.close()
