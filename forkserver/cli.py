@@ -225,7 +225,14 @@ def _cmd_run(ns: argparse.Namespace) -> int:
     # run: check-config and ctl must work even where it cannot be imported.
     from forkserver import master  # noqa: PLC0415
 
+    os.umask(settings.umask)            # before any file or socket is created
     log.configure(settings)
+    if settings.chdir:
+        try:
+            os.chdir(settings.chdir)
+        except OSError as exc:
+            raise ConfigError(f"cannot change to {settings.chdir}: {exc.strerror}",
+                              key="chdir") from None
     return int(master.serve(settings, reload_settings=reload_settings))
 
 

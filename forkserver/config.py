@@ -187,7 +187,8 @@ class Settings:
     chdir: str | None = _s(None, kind="str", group="lifecycle", optional=True,
                            maximum=MAX_TEXT, metavar="DIR",
                            example='"/srv/app"',
-                           help="change to this directory before loading the handler")
+                           help="change to this directory at start, before loading the handler "
+                                "(relative paths other than log_file are then taken from it)")
     # -- control
     control_socket: str | None = _s(
         None, kind="str", group="control", optional=True, maximum=MAX_TEXT, metavar="PATH",
@@ -219,7 +220,7 @@ class Settings:
                                 "primary group)")
     umask: int = _s(0o022, kind="mode", group="security", minimum=0, maximum=0o777,
                     metavar="OCTAL", default_text="0o022",
-                    help="file-creation mask of the master and its workers")
+                    help="file-creation mask of the master and its workers, set at start")
 
 
 GROUPS: Final = ("listeners", "workers", "limits", "lifecycle", "control", "logging",

@@ -4,6 +4,7 @@ the reload function handed to the master, and `run -c FILE` alone."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -20,6 +21,20 @@ from forkserver import cli, config, master
 from forkserver.config import ConfigError, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def restore_logging_and_cwd() -> Iterator[None]:
+    """`run` configures the root logger and may chdir: undo both."""
+    root = logging.getLogger()
+    handlers, level, cwd = list(root.handlers), root.level, os.getcwd()
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(level)
+    os.chdir(cwd)
 
 
 def forkserver(*argv: str, env: dict[str, str] | None = None,
@@ -163,6 +178,26 @@ def running_daemon(tmp_path: Path, conf_text: str,
             if proc.returncode is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.communicate(timeout=10)
+
+
+def test_run_applies_umask_and_chdir_before_serving(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, Any] = {}
+
+    def serve(settings: Settings, **kwargs: Any) -> int:
+        mask = os.umask(0o022)
+        seen.update(umask=mask, cwd=os.getcwd())
+        return 0
+
+    monkeypatch.setattr(master, "serve", serve)
+    monkeypatch.chdir(tmp_path)
+    old = os.umask(0o022)
+    try:
+        assert cli.main(["run", "--umask", "077", "--chdir", "/", "a:b"]) == 0
+        assert seen == {"umask": 0o077, "cwd": "/"}
+        assert cli.main(["run", "--chdir", str(tmp_path / "nope"), "a:b"]) == 78
+    finally:
+        os.umask(old)
 
 
 def test_run_with_only_a_config_file_serves(tmp_path: Path) -> None:
