@@ -51,7 +51,7 @@ from forkserver.worker_table import (
     WorkerState,
     WorkerTable,
 )
-from forkserver.workers.core import WorkerContext
+from forkserver.workers.core import HEARTBEAT_INTERVAL, WorkerContext
 
 log = logging.getLogger("forkserver.master")
 
@@ -170,6 +170,9 @@ class Master:
         self.interrupts = 0
         self._respawns: dict[int, TimerHandle] = {}
         self._status_timer: TimerHandle | None = None
+        self._last_check = 0.0
+        # Several heartbeats per timeout, so one late beat is not a death sentence.
+        self._heartbeat_interval = min(HEARTBEAT_INTERVAL, settings.timeout / 4)
         self._listener_names = tuple(listener.name for listener in listeners)
 
     # --- the loop ----------------------------------------------------------
@@ -198,6 +201,8 @@ class Master:
             extra={"event": "master_started", "pid": os.getpid()},
         )  # fmt: skip
         self._watchdog()
+        self._last_check = self.loop.time()
+        self.loop.call_later(self._check_interval(), self._check_heartbeats)
         try:
             self.loop.run()
         finally:
@@ -253,7 +258,7 @@ class Master:
             handler_spec=self.settings.handler, worker_class=self.worker_class,
             concurrency=self.capacity, listener_names=self._listener_names,
             name=self.settings.name, user=self.settings.user, group=self.settings.group,
-            handler=self.handler,
+            handler=self.handler, heartbeat_interval=self._heartbeat_interval,
         )  # fmt: skip
         try:
             pid = spawn.fork_worker(ctx, self.loop, self._owned_sockets(master_end))
@@ -401,15 +406,37 @@ class Master:
                    "listener": listener, "traceback": error.traceback},
         )  # fmt: skip
 
+    def _check_interval(self) -> float:
+        return max(0.05, self.settings.timeout / 4)
+
+    def _check_heartbeats(self) -> None:
+        """Kill workers silent for longer than ``timeout`` (they are replaced when reaped).
+
+        A check that runs late means the master itself was stalled
+        (suspended, swapped out): then the workers' silence proves
+        nothing, so every clock restarts instead of anyone being killed.
+        """
+        now, interval = self.loop.time(), self._check_interval()
+        stalled = now - self._last_check > 2 * interval
+        self._last_check = now
+        self.loop.call_later(interval, self._check_heartbeats)
+        for link in tuple(self.dispatcher.links.values()):
+            record = link.record
+            if stalled:
+                record.last_seen = now
+            elif not link.killed and now - record.last_seen > self.settings.timeout:
+                self._kill(link, "worker_timeout", f"silent for {now - record.last_seen:.1f} s")
+
     def _violation(self, link: WorkerLink, reason: str) -> None:
         """A worker broke the protocol: kill it (it is replaced when reaped)."""
+        if not link.killed:
+            self._kill(link, "protocol_error", f"broke the channel protocol: {reason}")
+
+    def _kill(self, link: WorkerLink, event: str, reason: str) -> None:
         record = link.record
-        if link.killed:
-            return
         link.killed = True
-        log.error("worker %d (pid %d) broke the channel protocol: %s; killing it",
-                  record.slot, record.pid, reason,
-                  extra={"event": "protocol_error", "slot": record.slot, "pid": record.pid,
+        log.error("worker %d (pid %d) %s; killing it", record.slot, record.pid, reason,
+                  extra={"event": event, "slot": record.slot, "pid": record.pid,
                          "reason": reason})  # fmt: skip
         self.table.mark_stopping(record.pid)
         self.loop.remove_reader(link.sock)

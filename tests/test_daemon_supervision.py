@@ -232,3 +232,17 @@ def test_a_worker_that_keeps_crashing_is_replaced_with_a_doubling_delay() -> Non
         assert all(r["exit_code"] == 3 for r in exits)
         assert "this handler fails in workers" in daemon.logs.text()
         assert daemon.proc.poll() is None
+
+
+def test_a_worker_silent_for_longer_than_the_timeout_is_killed_and_replaced() -> None:
+    with start_daemon("tests.handlers.basic:hold", "--timeout", "0.5", workers=1) as daemon:
+        with daemon.connect() as sock:
+            stuck = int(read_line(sock).split()[0])  # busy in a handler: no heartbeats
+            timeout = daemon.wait_log("worker_timeout", pid=stuck)
+            assert "silent for" in timeout["reason"]
+            assert daemon.wait_log("worker_exited", pid=stuck)["exit_code"] == -signal.SIGKILL
+        with daemon.connect() as sock:
+            replacement = int(read_line(sock).split()[0])
+            sock.sendall(b"quick")
+            assert recv_all(sock) == b"%d quick" % replacement
+        assert replacement != stuck

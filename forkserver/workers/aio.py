@@ -19,7 +19,6 @@ from typing import Any
 from forkserver import channel
 from forkserver.workers.core import (
     EXIT_OK,
-    HEARTBEAT_INTERVAL,
     ChannelClosed,
     WorkerChannel,
     WorkerContext,
@@ -137,6 +136,6 @@ class AsyncioWorker:
     async def _heartbeat(self) -> None:
         ctx = self.ctx
         while not self.master_gone:
-            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            await asyncio.sleep(ctx.heartbeat_interval)
             self._send(channel.Heartbeat())
             self._send(channel.Stats(served=ctx.served, in_flight=ctx.in_flight, errors=ctx.errors))

@@ -17,7 +17,8 @@ from forkserver import channel, fdpass
 from forkserver.channel import HandlerError, MasterMessage
 from forkserver.handler import HandlerKind, LoadedHandler, ServerInfo, WorkerClass
 
-#: Seconds between heartbeats (and stats) from an idle worker loop.
+#: The most seconds between heartbeats (and stats) from a worker's loop;
+#: the master asks for more often when its ``timeout`` is short.
 HEARTBEAT_INTERVAL = 1.0
 
 #: Worker exit codes the master understands.
@@ -40,6 +41,7 @@ class WorkerContext:
     user: str | None = None
     group: str | None = None
     handler: LoadedHandler | None = None
+    heartbeat_interval: float = HEARTBEAT_INTERVAL
     served: int = 0
     errors: int = 0
     in_flight: int = 0

@@ -1,7 +1,7 @@
 """The loop shared by the ``sync`` and ``thread`` worker classes.
 
 One selector waits on the channel and on a signal wake-up pipe.  An
-idle loop sends a heartbeat and stats every ``HEARTBEAT_INTERVAL``.
+idle loop sends a heartbeat and stats every ``ctx.heartbeat_interval``.
 SIGTERM or a STOP message means: take whatever connections are already
 queued on the channel, finish everything held, exit 0.  End of file on
 the channel means the master is gone: exit at once.
@@ -18,7 +18,6 @@ from collections.abc import Callable
 from forkserver import channel
 from forkserver.workers.core import (
     EXIT_OK,
-    HEARTBEAT_INTERVAL,
     ChannelClosed,
     WorkerChannel,
     WorkerContext,
@@ -51,7 +50,7 @@ class SelectorWorker:
 
     def run(self) -> int:
         self.chan.send(channel.Ready(pid=os.getpid()))
-        next_beat = time.monotonic() + HEARTBEAT_INTERVAL
+        next_beat = time.monotonic() + self.ctx.heartbeat_interval
         try:
             while not self.stopping:
                 timeout = max(0.0, next_beat - time.monotonic())
@@ -59,7 +58,7 @@ class SelectorWorker:
                     key.data()
                 if time.monotonic() >= next_beat and not self.master_gone:
                     self.beat()
-                    next_beat = time.monotonic() + HEARTBEAT_INTERVAL
+                    next_beat = time.monotonic() + self.ctx.heartbeat_interval
             if not self.master_gone:
                 self._on_channel()  # connections already queued are ours to serve
             self.finish()
