@@ -180,3 +180,12 @@ def test_workers_hold_only_their_channel_the_standard_streams_and_connections() 
         assert len(others) <= 3, table
     assert len(channels) == 2  # each worker its own
     assert channels <= master_sockets  # the master keeps a copy to take back undelivered fds
+
+
+def test_workers_inherit_no_systemd_variables() -> None:
+    with start_daemon("tests.handlers.basic:environment", workers=1,
+                      env={"WATCHDOG_USEC": "60000000", "MARKER": "kept"}) as daemon:  # fmt: skip
+        environ = json.loads(request(daemon))
+    assert environ["MARKER"] == "kept"
+    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID"):
+        assert name not in environ

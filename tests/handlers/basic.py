@@ -88,3 +88,8 @@ def hold(conn: socket.socket, peer: object) -> None:
     data = conn.recv(100)
     conn.sendall(b"%d %s" % (os.getpid(), data))
 
+
+
+def environment(conn: socket.socket, peer: object) -> None:
+    """Reply with the worker's environment, as JSON."""
+    conn.sendall(json.dumps(dict(os.environ)).encode())
