@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -70,6 +71,7 @@ def test_a_worker_killed_mid_connection_is_reported_and_replaced_and_queued_ones
         assert spawned["pid"] != old_pid
 
 
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2) to see channel queues")
 def test_descriptors_queued_to_a_worker_that_dies_go_to_its_replacement() -> None:
     args = ("--worker-class", "thread", "--concurrency", "4")
     with start_daemon("tests.handlers.basic:gate", *args, workers=1) as daemon:
