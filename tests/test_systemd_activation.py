@@ -1,0 +1,330 @@
+"""``forkserver run`` behind the real ``systemd-socket-activate``, telling a notify socket.
+
+``systemd-socket-activate`` binds (or passes through) the listening
+sockets, waits for the first connection, then execs the daemon in its
+own process with ``LISTEN_FDS``/``LISTEN_FDNAMES``/``LISTEN_PID`` set,
+just as systemd does.  A TCP socket the test bound on port 0 reaches it
+through ``listen_shim.py`` (it passes inherited sockets through, and
+takes no port 0 of its own); Unix sockets it binds itself.
+
+``NotifyReceiver`` stands in for systemd's notify socket, with
+``SO_PASSCRED`` so every message is checked to come from the master.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+from forkserver.master import EXIT_UNAVAILABLE
+from tests.support import LogReader, poll_until, wait_gone
+from tests.systemd_e2e.notify_receiver import Notification, NotifyReceiver
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIM = ROOT / "tests" / "systemd_e2e" / "listen_shim.py"
+TIMEOUT = 20.0
+
+pytestmark = pytest.mark.systemd
+
+
+@dataclass
+class Activated:
+    proc: subprocess.Popen[bytes]
+    logs: LogReader
+    notify: NotifyReceiver
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self, signum: int = signal.SIGTERM) -> int:
+        self.proc.send_signal(signum)
+        return self.proc.wait(timeout=TIMEOUT)
+
+    def until(self, key: str) -> tuple[Notification, list[Notification]]:
+        """Up to the first message with *key*; every message must be the master's."""
+        found, seen = self.notify.wait_for(key, TIMEOUT)
+        assert {m.pid for m in seen} == {self.pid}, [(m.pid, m.fields) for m in seen]
+        return found, seen
+
+
+def activate_command(*args: str) -> list[str]:
+    if not os.access("/usr/bin/systemd-socket-activate", os.X_OK):
+        pytest.fail("systemd-socket-activate is not installed (apt-get install systemd)")
+    return [
+        "/usr/bin/systemd-socket-activate", "-E", "PYTHONPATH", "-E", "NOTIFY_SOCKET",
+        *args,
+    ]  # fmt: skip
+
+
+def daemon_command(*args: str, handler: str = "forkserver.examples.echo:handle") -> list[str]:
+    return [
+        sys.executable, "-m", "forkserver", "run", "--workers", "2", "--log-format", "json",
+        *args, handler,
+    ]  # fmt: skip
+
+
+@contextlib.contextmanager
+def started(
+    command: list[str], *, pass_fds: tuple[int, ...] = (), env: dict[str, str] | None = None
+) -> Iterator[Activated]:
+    """Run *command* in its own session; on the way out kill and reap all of it."""
+    scratch = tempfile.mkdtemp(prefix="fs-sd-")  # short: Unix socket paths hold 107 bytes
+    notify = NotifyReceiver(os.path.join(scratch, "notify"))
+    proc: subprocess.Popen[bytes] | None = None
+    logs: LogReader | None = None
+    try:
+        full_env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "PYTHONPATH": str(ROOT),
+            "NOTIFY_SOCKET": notify.env_value,
+            **(env or {}),
+        }
+        proc = subprocess.Popen(
+            command,
+            pass_fds=pass_fds,
+            env=full_env,
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        logs = LogReader(proc.stderr)
+        logs.start()
+        yield Activated(proc, logs, notify)
+    except BaseException:
+        if logs is not None:
+            print("--- output of", " ".join(command), "\n" + logs.text())
+        raise
+    finally:
+        if proc is not None:
+            _kill_all(proc)
+            if logs is not None:
+                logs.join(timeout=TIMEOUT)
+            if proc.stderr is not None:
+                proc.stderr.close()
+        notify.close()
+        for name in os.listdir(scratch):
+            os.unlink(os.path.join(scratch, name))
+        os.rmdir(scratch)
+
+
+def _kill_all(proc: subprocess.Popen[bytes]) -> None:
+    children: list[int] = []
+    with contextlib.suppress(psutil.Error):
+        children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=TIMEOUT)
+    wait_gone(children, TIMEOUT)
+
+
+def echo(address: str | tuple[str, int], payload: bytes) -> bytes:
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(TIMEOUT)
+        sock.connect(address)
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        return _read_all(sock)
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.fixture
+def tcp_listener() -> Iterator[socket.socket]:
+    with socket.create_server(("127.0.0.1", 0), backlog=64) as sock:
+        yield sock
+
+
+def through_shim(sock: socket.socket, *activate_args: str) -> list[str]:
+    """systemd-socket-activate receiving *sock* as an already-passed descriptor."""
+    return [sys.executable, str(SHIM), str(sock.fileno()), "--", *activate_command(*activate_args)]
+
+
+# -- TCP -------------------------------------------------------------------
+
+
+def test_tcp_first_connection_activates_and_the_socket_outlives_the_daemon(
+    tcp_listener: socket.socket,
+) -> None:
+    address = tcp_listener.getsockname()
+    fd = tcp_listener.fileno()
+    command = through_shim(tcp_listener, "--fdname=web", *daemon_command("--bind", "systemd:web"))
+    with started(command, pass_fds=(fd,)) as daemon:
+        # Nothing runs the daemon until a client arrives: this connection
+        # waits in the backlog, starts it, and is served by it.
+        assert echo(address, b"first") == b"first"
+        ready, _ = daemon.until("READY")
+        assert ready.get("STATUS"), "READY=1 comes with a status line"
+        workers = psutil.Process(daemon.pid).children()
+        assert len(workers) == 2
+        for worker in workers:
+            assert not {"NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"} & set(
+                worker.environ()
+            ), "a worker inherited the systemd variables"
+        record = daemon.logs.wait_for(
+            lambda r: r.get("event") == "master_started", TIMEOUT, "master_started"
+        )
+        assert str(address[1]) in record["message"]
+        assert daemon.stop() == 0
+        stopping, _ = daemon.until("STOPPING")
+        assert stopping.pid == daemon.pid
+    # The daemon is gone but the socket is systemd's (here: ours): it still
+    # listens, a client that arrives now waits in the backlog ...
+    with socket.create_connection(address, timeout=TIMEOUT) as waiting:
+        waiting.sendall(b"queued while stopped")
+        waiting.shutdown(socket.SHUT_WR)
+        # ... and the next start serves it.
+        with started(command, pass_fds=(fd,)) as again:
+            assert _read_all(waiting) == b"queued while stopped"
+            again.until("READY")
+            assert again.stop() == 0
+
+
+def test_with_no_bind_every_passed_socket_is_used(
+    tcp_listener: socket.socket, tmp_path: Path
+) -> None:
+    path = str(tmp_path / "admin.sock")
+    command = through_shim(tcp_listener, "--fdname=web:admin", "-l", path, *daemon_command())
+    with started(command, pass_fds=(tcp_listener.fileno(),)) as daemon:
+        assert echo(tcp_listener.getsockname(), b"over tcp") == b"over tcp"
+        daemon.until("READY")
+        assert echo(path, b"over unix") == b"over unix"
+        assert daemon.stop() == 0
+    assert os.path.exists(path), "the master unlinked a socket that systemd owns"
+
+
+# -- Unix ------------------------------------------------------------------
+
+
+def test_unix_socket_named_by_fdname(tmp_path: Path) -> None:
+    path = str(tmp_path / "s.sock")
+    command = activate_command("-l", path, "--fdname=admin") + daemon_command(
+        "--bind", "systemd:admin"
+    )
+    with started(command) as daemon:
+        _wait_listening(daemon, path)
+        assert echo(path, b"hello") == b"hello"
+        daemon.until("READY")
+        for _ in range(5):
+            assert echo(path, b"again") == b"again"
+        assert daemon.stop() == 0
+    assert os.path.exists(path), "the master unlinked a socket that systemd owns"
+
+
+def wait_line(logs: LogReader, text: str, timeout: float = TIMEOUT) -> str:
+    """The first stderr line containing *text* (JSON or not), waiting for it."""
+    deadline = time.monotonic() + timeout
+    with logs.cond:
+        while True:
+            for line in logs.lines:
+                if text in line:
+                    return line
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or logs.eof:
+                tail = "\n".join(logs.lines[-30:])
+                raise AssertionError(f"no line with {text!r} within {timeout} s:\n{tail}")
+            logs.cond.wait(remaining)
+
+
+def _wait_listening(daemon: Activated, path: str) -> None:
+    """systemd-socket-activate logs once it has bound *path*."""
+    wait_line(daemon.logs, f"Listening on {path}")
+
+
+# -- refusals --------------------------------------------------------------
+
+
+def test_a_name_that_was_not_passed_is_a_clear_error(tcp_listener: socket.socket) -> None:
+    command = through_shim(tcp_listener, "--fdname=web", *daemon_command("--bind", "systemd:api"))
+    with started(command, pass_fds=(tcp_listener.fileno(),)) as daemon:
+        # The connection starts the daemon; nobody will serve it.
+        socket.create_connection(tcp_listener.getsockname(), timeout=TIMEOUT).close()
+        assert daemon.proc.wait(timeout=TIMEOUT) == EXIT_UNAVAILABLE
+        assert "systemd:api" in daemon.logs.text()
+        assert "ERRNO" in daemon.notify.next().names()
+
+
+def test_a_datagram_socket_is_refused_naming_the_unit_setting(tmp_path: Path) -> None:
+    path = str(tmp_path / "dgram.sock")
+    command = activate_command("--datagram", "-l", path) + daemon_command()
+    with started(command) as daemon:
+        _wait_listening(daemon, path)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as client:
+            client.sendto(b"wake up", path)
+        assert daemon.proc.wait(timeout=TIMEOUT) != 0
+        assert "use ListenStream=" in daemon.logs.text()
+
+
+def test_accept_yes_is_refused_naming_the_unit_setting(tmp_path: Path) -> None:
+    path = str(tmp_path / "accept.sock")
+    command = activate_command("--accept", "-l", path) + daemon_command()
+    with started(command) as daemon:
+        _wait_listening(daemon, path)
+        with socket.socket(socket.AF_UNIX) as client:
+            client.settimeout(TIMEOUT)
+            client.connect(path)
+            assert client.recv(100) == b"", "the per-connection daemon refused and closed it"
+        wait_line(daemon.logs, "set Accept=no")
+
+
+def test_sockets_for_another_pid_are_not_adopted(tcp_listener: socket.socket) -> None:
+    fd = tcp_listener.fileno()
+    command = [sys.executable, str(SHIM), "--listen-pid", "1", str(fd), "--"]
+    command += daemon_command("--bind", "systemd")
+    with started(command, pass_fds=(fd,)) as daemon:
+        assert daemon.proc.wait(timeout=TIMEOUT) == EXIT_UNAVAILABLE
+        text = daemon.logs.text()
+        assert "LISTEN_PID=1 is not this process" in text
+
+
+# -- the notify protocol over a whole life ---------------------------------
+
+
+def test_watchdog_pings_from_the_master_and_stop_when_it_is_wedged(
+    tcp_listener: socket.socket,
+) -> None:
+    fd = tcp_listener.fileno()
+    # -E NAME passes NAME on, empty if unset: only this test sets it.
+    command = through_shim(
+        tcp_listener, "-E", "WATCHDOG_USEC", "--fdname=web", *daemon_command("--bind", "systemd")
+    )
+    with started(command, pass_fds=(fd,), env={"WATCHDOG_USEC": "400000"}) as daemon:
+        assert echo(tcp_listener.getsockname(), b"go") == b"go"
+        daemon.until("READY")
+        for _ in range(3):
+            daemon.until("WATCHDOG")  # every 0.2 s, from the master
+        os.kill(daemon.pid, signal.SIGSTOP)
+        try:
+            master = psutil.Process(daemon.pid)
+            poll_until(lambda: master.status() == psutil.STATUS_STOPPED, "master stopped")
+            # Whatever was sent before the stop is drained; then silence.
+            while daemon.notify.pending():
+                daemon.notify.next()
+            with pytest.raises(AssertionError, match="no notification within"):
+                # Five watchdog intervals: a healthy loop would have pinged.
+                daemon.notify.next(timeout=1.0)
+        finally:
+            os.kill(daemon.pid, signal.SIGCONT)
+        message, _ = daemon.until("WATCHDOG")
+        assert message.pid == daemon.pid
+        assert daemon.stop() == 0
