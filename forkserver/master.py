@@ -24,6 +24,7 @@ READY=1 goes to systemd once every configured worker has reported ready.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
@@ -41,7 +42,7 @@ from forkserver.errors import ForkserverError
 from forkserver.eventloop import EventLoop, TimerHandle
 from forkserver.handler import LoadedHandler, WorkerClass, load_handler
 from forkserver.handler import resolve_worker_class as _resolve_class
-from forkserver.listeners import BindSpec, Listener
+from forkserver.listeners import Listener
 from forkserver.privileges import resolve as resolve_credentials
 from forkserver.systemd import Notifier, listen_fds
 from forkserver.worker_table import (
@@ -75,23 +76,26 @@ def serve(
         handler, worker_class = _check_handler(settings)
         resolve_credentials(settings.user, settings.group)
     except ForkserverError as exc:
-        log.error("cannot start: %s", exc, extra={"event": "master_failed"})
-        notifier.fatal(1, f"cannot start: {exc}")
-        return EXIT_CONFIG
+        return _cannot_start(notifier, exc, EXIT_CONFIG)
     loop = EventLoop()
     try:
         try:
             opened = _open_listeners(settings, loop)
-        except listeners.ListenerError as exc:
-            log.error("cannot start: %s", exc, extra={"event": "master_failed"})
-            notifier.fatal(1, f"cannot start: {exc}")
-            return EXIT_UNAVAILABLE
+        except ForkserverError as exc:  # ListenerError, or malformed LISTEN_* variables
+            return _cannot_start(notifier, exc, EXIT_UNAVAILABLE)
         master = Master(
             settings, loop, opened, notifier=notifier, handler=handler, worker_class=worker_class
         )
         return master.run()
     finally:
         loop.close()
+
+
+def _cannot_start(notifier: Notifier, exc: ForkserverError, code: int) -> int:
+    """Log why start-up failed (with the user's traceback, if any); the exit code."""
+    log.error("cannot start: %s", exc, exc_info=exc.__cause__, extra={"event": "master_failed"})
+    notifier.fatal(1, f"cannot start: {str(exc).splitlines()[0]}")
+    return code
 
 
 def _check_handler(settings: Settings) -> tuple[LoadedHandler | None, WorkerClass]:
@@ -120,12 +124,8 @@ def _open_listeners(settings: Settings, loop: EventLoop) -> list[Listener]:
     try:
         for item in configured:
             spec = listeners.parse_bind(item.bind)
-            if item.name:
-                spec = BindSpec(
-                    kind=spec.kind, host=spec.host, port=spec.port, path=spec.path,
-                    fd=spec.fd, name=item.name if spec.kind != "systemd" else spec.name,
-                    text=spec.text,
-                )  # fmt: skip
+            if item.name and spec.kind != "systemd":  # systemd sockets carry their own names
+                spec = dataclasses.replace(spec, name=item.name)
             backlog = item.backlog if item.backlog is not None else settings.backlog
             more = listeners.open_listeners([spec], backlog=backlog, loop=loop, inherited=inherited)
             for listener in more:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -142,13 +143,13 @@ def test_a_worker_breaking_the_channel_protocol_is_replaced_and_the_master_lives
         assert [w.pid for w in daemon.workers()] == [replacement["pid"]]
 
 
-def run_handler(handler: str) -> subprocess.CompletedProcess[str]:
+def run_handler(handler: str, *args: str) -> subprocess.CompletedProcess[str]:
     listener = socket.create_server(("127.0.0.1", 0))
     with listener:
         fd = listener.fileno()
         return subprocess.run(
             [sys.executable, "-m", "forkserver", "run", "--bind", f"fd://{fd}",
-             "--log-format", "json", "--workers", "2", handler],
+             "--log-format", "json", "--workers", "2", *args, handler],
             check=False, pass_fds=[fd], cwd=ROOT, capture_output=True, text=True, timeout=60,
             start_new_session=True,
         )  # fmt: skip
@@ -171,6 +172,21 @@ def test_a_handler_that_cannot_be_loaded_stops_start_up_before_any_fork(
     assert message in result.stderr
     assert "cannot start" in result.stderr
     assert "worker_spawned" not in result.stderr
+
+
+def test_with_preload_an_import_error_is_logged_with_its_traceback_before_any_fork() -> None:
+    result = run_handler("tests.handlers.broken_import:handle", "--preload")
+    assert result.returncode == 78, result.stderr
+    record = json.loads(result.stderr.strip().splitlines()[-1])
+    assert record["event"] == "master_failed"
+    assert "RuntimeError: this module refuses to be imported" in record["exc"]
+    assert "worker_spawned" not in result.stderr
+
+
+def test_a_worker_class_that_cannot_run_the_handler_is_refused() -> None:
+    result = run_handler("forkserver.examples.async_echo:handle", "--worker-class", "sync")
+    assert result.returncode == 78, result.stderr
+    assert "needs --worker-class asyncio, not sync" in result.stderr
 
 
 def test_killing_the_master_with_sigkill_leaves_no_worker_behind() -> None:
