@@ -189,3 +189,41 @@ def test_workers_inherit_no_systemd_variables() -> None:
     assert environ["MARKER"] == "kept"
     for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID"):
         assert name not in environ
+
+
+def read_line(sock: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize(
+    ("handler", "worker_class"),
+    [("tests.handlers.basic:hold", "thread"), ("tests.handlers.basic:async_hold", "asyncio")],
+)
+def test_a_worker_serves_up_to_its_concurrency_at_once_and_no_more(
+    handler: str, worker_class: str
+) -> None:
+    args = ("--worker-class", worker_class, "--concurrency", "4")
+    with start_daemon(handler, *args, workers=1) as daemon:
+        clients = [daemon.connect() for _ in range(5)]
+        try:
+            held = [read_line(sock) for sock in clients[:4]]  # four at once
+            assert all(line.endswith(b" held\n") for line in held)
+            clients[4].setblocking(False)
+            with pytest.raises(BlockingIOError):  # the fifth waits in the master
+                clients[4].recv(1)
+            clients[4].setblocking(True)
+            clients[0].sendall(b"done")
+            assert recv_all(clients[0]).endswith(b" done")
+            assert read_line(clients[4]).endswith(b" held\n")  # its turn came
+            for sock in clients[1:]:
+                sock.sendall(b"bye")
+                assert recv_all(sock).endswith(b" bye")
+        finally:
+            for sock in clients:
+                sock.close()

@@ -93,3 +93,12 @@ def hold(conn: socket.socket, peer: object) -> None:
 def environment(conn: socket.socket, peer: object) -> None:
     """Reply with the worker's environment, as JSON."""
     conn.sendall(json.dumps(dict(os.environ)).encode())
+
+
+async def async_hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """The asyncio twin of ``hold``."""
+    writer.write(b"%d held\n" % os.getpid())
+    await writer.drain()
+    data = await reader.read(100)
+    writer.write(b"%d %s" % (os.getpid(), data))
+    await writer.drain()
