@@ -181,17 +181,7 @@ class Master:
         for listener in self.listeners:
             listener.dispatch = self.dispatcher.dispatch
             listener.accept_error.connect(self._accept_failed(listener))
-        signals: dict[int, Callable[[], None]] = {
-            signal.SIGCHLD: self._reap,
-            signal.SIGTERM: self.stop,
-            signal.SIGINT: self._on_interrupt,
-            signal.SIGQUIT: self.stop_now,
-        }
-        for other in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN,
-                      signal.SIGTTOU):
-            signals[other] = self._unsupported(other)
-        for signum, callback in signals.items():
-            self.loop.add_signal_handler(signum, callback)
+        self._install_signal_handlers()
         setproctitle.setproctitle(self._title())
         for slot in range(self.settings.workers):
             self._spawn(slot)
@@ -208,6 +198,20 @@ class Master:
         finally:
             self._shutdown()
         return EXIT_OK
+
+    def _install_signal_handlers(self) -> None:
+        signals: dict[int, Callable[[], None]] = {
+            signal.SIGCHLD: self._reap,
+            signal.SIGTERM: self.stop,
+            signal.SIGINT: self._on_interrupt,
+            signal.SIGQUIT: self.stop_now,
+        }
+        # Not ours to act on yet, but their default action would kill the master.
+        for other in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN,
+                      signal.SIGTTOU):  # fmt: skip
+            signals[other] = self._unsupported(other)
+        for signum, callback in signals.items():
+            self.loop.add_signal_handler(signum, callback)
 
     def _watchdog(self) -> None:
         """WATCHDOG=1 every half of WATCHDOG_USEC: the loop is turning."""
@@ -252,7 +256,11 @@ class Master:
         if self.stopping and (self.forced or not self.dispatcher.pending):
             self._finish_if_done()
             return
-        master_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            master_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError as exc:  # out of descriptors: try again later, never crash
+            self._spawn_failed(slot, exc)
+            return
         ctx = WorkerContext(
             slot=slot, master_pid=os.getpid(), channel=worker_end,
             handler_spec=self.settings.handler, worker_class=self.worker_class,
@@ -265,8 +273,7 @@ class Master:
         except OSError as exc:
             master_end.close()
             worker_end.close()
-            log.error("cannot fork worker %d: %s", slot, exc, extra={"event": "worker_failed"})
-            self._schedule_respawn(slot, self.backoff.delay_after_exit(0.0))
+            self._spawn_failed(slot, exc)
             return
         master_end.setblocking(False)
         record = self.table.add(slot, pid, self.capacity, self.loop.time())
@@ -275,6 +282,10 @@ class Master:
         self.loop.add_reader(master_end, lambda: self._on_readable(link))
         log.info("worker %d (pid %d) spawned", slot, pid,
                  extra={"event": "worker_spawned", "slot": slot, "pid": pid})
+
+    def _spawn_failed(self, slot: int, exc: OSError) -> None:
+        log.error("cannot start worker %d: %s", slot, exc, extra={"event": "worker_failed"})
+        self._schedule_respawn(slot, self.backoff.delay_after_exit(0.0))
 
     def _owned_sockets(self, master_end: socket.socket) -> list[socket.socket]:
         owned = [master_end]
@@ -313,7 +324,7 @@ class Master:
         self.requeue(reclaimed)
         self.table.remove(record.pid)
         lifetime = self.loop.time() - record.started_at
-        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        how = describe_exit(code)
         level = logging.INFO if self.stopping and code == 0 else logging.WARNING
         log.log(level, "worker %d (pid %d) exited: %s", record.slot, record.pid, how,
                 extra={"event": "worker_exited", "slot": record.slot, "pid": record.pid,
@@ -519,4 +530,15 @@ class Master:
         return f"forkserver: master{name} listening on {self._where()}"
 
 
-__all__ = ["Master", "serve"]
+
+def describe_exit(code: int) -> str:
+    """``exit code 3`` or ``killed by SIGKILL`` from ``waitstatus_to_exitcode``."""
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        return f"killed by {signal.Signals(-code).name}"
+    except ValueError:  # a real-time signal without a name
+        return f"killed by signal {-code}"
+
+
+__all__ = ["Master", "describe_exit", "serve"]
