@@ -181,11 +181,13 @@ class Dispatcher:
         link = self.links.pop(pid)
         if link.writer_armed:
             self.loop.remove_writer(link.sock)
-        reclaimed = list(zip(link.out_fds, link.out_listeners, strict=True))
-        link.out_fds.clear()
-        link.out_listeners.clear()
+        reclaimed: list[tuple[int, int]] = []
+        # Oldest first: what was sent but never received, then what was never sent.
         for data, fds in fdpass.drain(link.peer, channel.MAX_MESSAGE_SIZE, fdpass.SCM_MAX_FD):
             reclaimed.extend(_undelivered(data, fds))
+        reclaimed.extend(zip(link.out_fds, link.out_listeners, strict=True))
+        link.out_fds.clear()
+        link.out_listeners.clear()
         link.sock.close()
         link.peer.close()
         return reclaimed

@@ -1,0 +1,184 @@
+"""The dispatcher on real socketpairs and a real event loop, without processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from forkserver import channel, fdpass
+from forkserver.dispatch import Dispatcher, WorkerLink
+from forkserver.eventloop import EventLoop
+from forkserver.listeners import Listener, parse_bind
+from forkserver.worker_table import WorkerTable
+
+PID = 4242  # bookkeeping only: no process is signalled here
+
+
+class Rig:
+    def __init__(self, capacity: int, max_pending: int = 10) -> None:
+        self.loop = EventLoop()
+        self.table = WorkerTable()
+        self.broken: list[str] = []
+        self.dispatcher = Dispatcher(
+            self.loop, self.table, max_pending, lambda link, why: self.broken.append(why)
+        )
+        self.listeners = [Listener(parse_bind("127.0.0.1:0"), 0)]
+        self.dispatcher.listeners = self.listeners
+        self.master_end, self.worker_end = socket.socketpair(
+            socket.AF_UNIX, socket.SOCK_SEQPACKET
+        )
+        self.master_end.setblocking(False)
+        record = self.table.add(0, PID, capacity, now=0.0)
+        self.link = WorkerLink(record=record, sock=self.master_end, peer=self.worker_end)
+        self.dispatcher.add_link(self.link)
+
+    def ready(self) -> None:
+        self.table.mark_ready(PID, now=0.0)
+
+    def receive_all(self) -> list[tuple[tuple[int, ...], list[int]]]:
+        received = []
+        for data, fds in fdpass.drain(self.worker_end, channel.MAX_MESSAGE_SIZE, 253):
+            message = channel.decode_master_message(data)
+            assert isinstance(message, channel.Connections)
+            received.append((message.listeners, fds))
+        return received
+
+    def close(self) -> None:
+        if PID in self.dispatcher.links:
+            fdpass.close_all([fd for fd, _ in self.dispatcher.remove_link(PID)])
+        fdpass.close_all([fd for fd, _ in self.dispatcher.pending])
+        self.loop.close()
+
+
+MakeRig = Callable[..., Rig]
+
+
+@pytest.fixture
+def rig() -> Iterator[MakeRig]:
+    made: list[Rig] = []
+
+    def make(capacity: int, max_pending: int = 10) -> Rig:
+        made.append(Rig(capacity, max_pending))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()
+
+
+def open_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def pipe_ends(count: int) -> list[int]:
+    fds = []
+    for _ in range(count // 2):
+        fds.extend(os.pipe())
+    return fds
+
+
+def test_a_batch_goes_out_253_per_message_and_the_master_copies_close(rig: MakeRig) -> None:
+    r = rig(capacity=600)
+    r.ready()
+    before = open_count()
+    fds = pipe_ends(600)
+    for i, fd in enumerate(fds):
+        r.dispatcher.dispatch(fd, i % 3)
+    r.loop.run_once(0)
+    assert open_count() == before  # the master's copies are closed once sent
+    received = r.receive_all()
+    assert [len(fds) for _, fds in received] == [253, 253, 94]
+    listeners = [index for indices, _ in received for index in indices]
+    assert listeners == [i % 3 for i in range(600)]
+    for _, got in received:
+        fdpass.close_all(got)
+    assert r.link.record.in_flight == 600
+
+
+def test_a_full_channel_keeps_the_descriptors_and_resumes_when_writable(rig: MakeRig) -> None:
+    r = rig(capacity=400)
+    r.ready()
+    r.master_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # the kernel minimum
+    r.worker_end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+    fds = pipe_ends(400)
+    got: list[int] = []
+    for fd in fds:
+        r.dispatcher.dispatch(fd, 0)
+        r.loop.run_once(0)
+    assert r.link.writer_armed  # EAGAIN: it waits for writability
+    assert r.link.out_fds  # and keeps what it could not send
+    for _ in range(1000):
+        for _, more in r.receive_all():
+            got.extend(more)
+        if len(got) == 400:
+            break
+        r.loop.run_once(1.0)
+    assert len(got) == 400
+    assert not r.link.writer_armed
+    fdpass.close_all(got)
+
+
+def test_with_no_free_worker_connections_wait_and_accepting_pauses(rig: MakeRig) -> None:
+    r = rig(capacity=4, max_pending=3)
+    fds = pipe_ends(6)
+    for fd in fds[:3]:
+        r.dispatcher.dispatch(fd, 0)  # the worker is not ready yet
+    assert len(r.dispatcher.pending) == 3
+    assert r.dispatcher.paused
+    r.ready()
+    r.dispatcher.drain_pending()
+    assert not r.dispatcher.pending
+    assert not r.dispatcher.paused
+    for fd in fds[3:]:
+        r.dispatcher.dispatch(fd, 1)
+    assert len(r.dispatcher.pending) == 2  # capacity 4: one got in, two wait
+    r.loop.run_once(0)
+    received = r.receive_all()
+    assert sum(len(fds) for _, fds in received) == 4
+    for _, got in received:
+        fdpass.close_all(got)
+
+
+def test_a_dead_workers_undelivered_descriptors_come_back_in_order(rig: MakeRig) -> None:
+    r = rig(capacity=8)
+    r.ready()
+    fds = pipe_ends(6)
+    for i, fd in enumerate(fds):
+        r.dispatcher.dispatch(fd, i)
+        if i == 3:
+            r.loop.run_once(0)  # four sent, two still in the outbox
+    reclaimed = r.dispatcher.remove_link(PID)
+    assert [index for _, index in reclaimed] == [0, 1, 2, 3, 4, 5]
+    r.dispatcher.requeue(reclaimed)
+    assert [index for _, index in r.dispatcher.pending] == [0, 1, 2, 3, 4, 5]
+    assert r.master_end.fileno() == -1
+    assert r.worker_end.fileno() == -1
+
+
+def test_a_send_that_fails_outright_reports_a_broken_channel(rig: MakeRig) -> None:
+    r = rig(capacity=2)
+    r.ready()
+    read_end, write_end = os.pipe()
+    os.close(write_end)
+    r.master_end.shutdown(socket.SHUT_WR)
+    r.dispatcher.dispatch(read_end, 0)
+    r.loop.run_once(0)
+    assert len(r.broken) == 1
+    assert "sending on its channel failed" in r.broken[0]
+    assert r.link.out_fds == [read_end]  # kept, to be reclaimed when the worker is reaped
+
+
+def test_stop_is_sent_after_everything_already_queued(rig: MakeRig) -> None:
+    r = rig(capacity=2)
+    r.ready()
+    fd = os.pipe()
+    r.dispatcher.dispatch(fd[0], 0)
+    os.close(fd[1])
+    r.dispatcher.queue_stop(r.link)
+    messages = fdpass.drain(r.worker_end, channel.MAX_MESSAGE_SIZE, 253)
+    decoded = [channel.decode_master_message(data) for data, _ in messages]
+    assert decoded == [channel.Connections(listeners=(0,)), channel.Stop()]
+    fdpass.close_all(messages[0][1])
