@@ -1,0 +1,93 @@
+"""The worker's side of the channel and its error reports, on real sockets."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from forkserver import channel, fdpass
+from forkserver.workers.core import ChannelClosed, WorkerChannel, error_report, format_peer
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, WorkerChannel]]:
+    master, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with master, worker:
+        yield master, WorkerChannel(worker)
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_connections_arrive_with_their_descriptors(
+    pair: tuple[socket.socket, WorkerChannel],
+) -> None:
+    master, chan = pair
+    assert chan.receive() == []  # nothing queued: no blocking
+    r, w = os.pipe()
+    try:
+        assert fdpass.send(master, channel.encode_connections([2, 5]), [r, w])
+        assert fdpass.send(master, channel.encode(channel.Stop()), [])
+        (first, fds), (second, none) = chan.receive()
+        assert first == channel.Connections(listeners=(2, 5))
+        assert len(fds) == 2
+        assert second == channel.Stop()
+        assert none == []
+        fdpass.close_all(fds)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_a_count_that_does_not_match_the_descriptors_is_refused_and_closes_them(
+    pair: tuple[socket.socket, WorkerChannel],
+) -> None:
+    master, chan = pair
+    r, w = os.pipe()
+    try:
+        assert fdpass.send(master, channel.encode_connections([0, 0, 0]), [r])
+        before = open_fds()
+        with pytest.raises(channel.ProtocolError, match="came with 1 descriptors, expected 3"):
+            chan.receive()
+        assert open_fds() == before
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_the_master_going_away_is_channel_closed(
+    pair: tuple[socket.socket, WorkerChannel],
+) -> None:
+    master, chan = pair
+    master.close()
+    with pytest.raises(ChannelClosed):
+        chan.receive()
+    with pytest.raises(ChannelClosed):
+        chan.send(channel.Heartbeat())
+
+
+@pytest.mark.parametrize(
+    ("peer", "text"),
+    [(("127.0.0.1", 80), "127.0.0.1:80"), (("::1", 80, 0, 0), "[::1]:80"), ("", "unix")],
+)
+def test_peers_are_formatted_for_logs(peer: object, text: str) -> None:
+    assert format_peer(peer) == text
+
+
+def test_an_error_report_names_the_exception_and_keeps_the_traceback() -> None:
+    def fail() -> None:
+        raise KeyError("missing")
+
+    try:
+        fail()
+    except KeyError as exc:
+        report = error_report(exc, 1, ("10.0.0.1", 5))
+    assert report.exc_type == "KeyError"
+    assert report.message == "'missing'"
+    assert "in fail" in report.traceback
+    assert report.peer == "10.0.0.1:5"
+    assert channel.decode_worker_message(channel.encode(report)) == report
