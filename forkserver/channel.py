@@ -129,6 +129,7 @@ _STATS: Final = struct.Struct("<QIQ")
 _U32_MAX: Final = 0xFFFFFFFF
 _U64_MAX: Final = 0xFFFFFFFFFFFFFFFF
 
+_TYPES: Final = {int(kind): kind for kind in MessageType}  # cheaper than MessageType(n)
 _STOP_BYTES: Final = _HEADER.pack(VERSION, MessageType.STOP)
 _HEARTBEAT_BYTES: Final = _HEADER.pack(VERSION, MessageType.HEARTBEAT)
 _CONNECTIONS_PREFIX: Final = _HEADER.pack(VERSION, MessageType.CONNECTIONS)
@@ -253,10 +254,9 @@ def _split(data: bytes) -> tuple[MessageType, bytes]:
     version, kind = _HEADER.unpack_from(data)
     if version != VERSION:
         raise ProtocolError(f"protocol version {version}, expected {VERSION}")
-    try:
-        message_type = MessageType(kind)
-    except ValueError:
-        raise ProtocolError(f"unknown message type 0x{kind:02x}") from None
+    message_type = _TYPES.get(kind)
+    if message_type is None:
+        raise ProtocolError(f"unknown message type 0x{kind:02x}")
     return message_type, data[_HEADER.size :]
 
 

@@ -27,8 +27,12 @@ from typing import Final
 #: The kernel's SCM_MAX_FD: the most descriptors one message can carry.
 SCM_MAX_FD: Final = 253
 _FD_SIZE: Final = array.array("i").itemsize
-_SEND_FLAGS: Final = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
-_RECV_FLAGS: Final = socket.MSG_CMSG_CLOEXEC
+# Plain ints: flag enums cost a Python call per operation on a hot path.
+_SEND_FLAGS: Final = int(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+_RECV_FLAGS: Final = int(socket.MSG_CMSG_CLOEXEC)
+_RECV_NOWAIT_FLAGS: Final = int(socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+_CTRUNC: Final = int(socket.MSG_CTRUNC)
+_TRUNC: Final = int(socket.MSG_TRUNC)
 
 
 class FdPassError(Exception):
@@ -64,7 +68,7 @@ def recv(
     ``FdPassError`` (the descriptors that did arrive are closed first).
     With *nonblocking*, ``BlockingIOError`` means nothing is queued.
     """
-    flags = _RECV_FLAGS | (socket.MSG_DONTWAIT if nonblocking else 0)
+    flags = _RECV_NOWAIT_FLAGS if nonblocking else _RECV_FLAGS
     space = socket.CMSG_SPACE(max_fds * _FD_SIZE) if max_fds else 0
     data, ancillary, msg_flags, _ = sock.recvmsg(max_size + 1, space, flags)
     fds = _collect_fds(ancillary)
@@ -85,9 +89,9 @@ def _collect_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
 
 
 def _check(data: bytes, fds: list[int], msg_flags: int, max_size: int, max_fds: int) -> str:
-    if msg_flags & socket.MSG_CTRUNC:
+    if msg_flags & _CTRUNC:
         return f"descriptors were truncated (more than {max_fds} sent with one message)"
-    if msg_flags & socket.MSG_TRUNC or len(data) > max_size:
+    if msg_flags & _TRUNC or len(data) > max_size:
         return f"message longer than {max_size} bytes"
     if len(fds) > max_fds:
         return f"{len(fds)} descriptors arrived, at most {max_fds} expected"
