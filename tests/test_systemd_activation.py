@@ -35,6 +35,8 @@ from tests.systemd_e2e.notify_receiver import Notification, NotifyReceiver
 ROOT = Path(__file__).resolve().parent.parent
 SHIM = ROOT / "tests" / "systemd_e2e" / "listen_shim.py"
 TIMEOUT = 20.0
+# For a message due at once (after a signal, or before READY=1).
+PROMPT = 5.0
 
 pytestmark = pytest.mark.systemd
 
@@ -53,9 +55,9 @@ class Activated:
         self.proc.send_signal(signum)
         return self.proc.wait(timeout=TIMEOUT)
 
-    def until(self, key: str) -> tuple[Notification, list[Notification]]:
+    def until(self, key: str, timeout: float = TIMEOUT) -> tuple[Notification, list[Notification]]:
         """Up to the first message with *key*; every message must be the master's."""
-        found, seen = self.notify.wait_for(key, TIMEOUT)
+        found, seen = self.notify.wait_for(key, timeout)
         assert {m.pid for m in seen} == {self.pid}, [(m.pid, m.fields) for m in seen]
         return found, seen
 
@@ -328,3 +330,83 @@ def test_watchdog_pings_from_the_master_and_stop_when_it_is_wedged(
         message, _ = daemon.until("WATCHDOG")
         assert message.pid == daemon.pid
         assert daemon.stop() == 0
+
+
+def _mono_usec() -> int:
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+
+
+@pytest.mark.xfail(strict=True, reason="the master ignores SIGHUP: reload is not implemented yet")
+def test_reload_is_bracketed_by_reloading_and_ready(tcp_listener: socket.socket) -> None:
+    fd = tcp_listener.fileno()
+    command = through_shim(tcp_listener, "--fdname=web", *daemon_command("--bind", "systemd"))
+    with started(command, pass_fds=(fd,)) as daemon:
+        assert echo(tcp_listener.getsockname(), b"go") == b"go"
+        daemon.until("READY")
+        before = _mono_usec()
+        os.kill(daemon.pid, signal.SIGHUP)
+        reloading, _ = daemon.until("RELOADING", PROMPT)
+        assert before <= int(reloading.get("MONOTONIC_USEC") or 0) <= _mono_usec()
+        daemon.until("READY")  # the new generation is up
+        assert echo(tcp_listener.getsockname(), b"after") == b"after"
+        assert daemon.stop() == 0
+
+
+@pytest.mark.xfail(strict=True, reason="the master does not send EXTEND_TIMEOUT_USEC yet")
+def test_a_long_drain_extends_the_stop_timeout(tcp_listener: socket.socket) -> None:
+    fd = tcp_listener.fileno()
+    command = through_shim(
+        tcp_listener,
+        "--fdname=web",
+        *daemon_command(
+            "--bind", "systemd", "--graceful-timeout", "15", handler="tests.handlers.basic:hold"
+        ),
+    )
+    with started(command, pass_fds=(fd,)) as daemon:
+        held = socket.create_connection(tcp_listener.getsockname(), timeout=TIMEOUT)
+        with held:
+            assert held.recv(100).endswith(b"held\n")
+            daemon.until("READY")
+            daemon.proc.send_signal(signal.SIGTERM)
+            daemon.until("STOPPING")
+            extend, _ = daemon.until("EXTEND_TIMEOUT_USEC", PROMPT)
+            assert int(extend.get("EXTEND_TIMEOUT_USEC") or 0) > 0
+            held.sendall(b"done\n")
+            assert held.recv(100).endswith(b" done\n")
+        assert daemon.proc.wait(timeout=TIMEOUT) == 0
+
+
+@pytest.mark.xfail(strict=True, reason="the master does not store its sockets (FDSTORE) yet")
+def test_sockets_the_master_bound_are_stored_and_adopted_by_name_after_restart(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "own.sock")
+    inode = 0
+    with started(daemon_command("--bind", f"unix:{path}")) as first:
+        stored, _ = first.until("FDSTORE", PROMPT)
+        first.until("READY")
+        try:
+            assert len(stored.fds) == 1
+            name = stored.get("FDNAME") or ""
+            assert name, "FDSTORE=1 comes with FDNAME="
+            kept = socket.socket(fileno=os.dup(stored.fds[0]))
+        finally:
+            stored.close_fds()
+        inode = os.stat(path).st_ino
+        assert first.stop() == 0
+    with kept:
+        assert kept.getsockname() == path
+        # Between the two runs systemd holds the socket: a client waits.
+        waiting = socket.socket(socket.AF_UNIX)
+        with waiting:
+            waiting.settimeout(TIMEOUT)
+            waiting.connect(path)
+            waiting.sendall(b"across the restart")
+            waiting.shutdown(socket.SHUT_WR)
+            command = [sys.executable, str(SHIM), "--names", name, str(kept.fileno()), "--"]
+            command += daemon_command("--bind", f"unix:{path}")
+            with started(command, pass_fds=(kept.fileno(),)) as second:
+                assert _read_all(waiting) == b"across the restart"
+                second.until("READY")
+                assert os.stat(path).st_ino == inode, "the socket was bound again"
+                assert second.stop() == 0

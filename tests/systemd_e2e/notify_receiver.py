@@ -75,7 +75,12 @@ class NotifyReceiver:
         deadline = time.monotonic() + timeout
         seen: list[Notification] = []
         while True:
-            message = self.next(max(0.0, deadline - time.monotonic()))
+            remaining = max(0.0, deadline - time.monotonic())
+            try:
+                message = self.next(remaining)
+            except AssertionError:
+                got = [m.names() for m in seen]
+                raise AssertionError(f"no {key}= within {timeout} s; got {got}") from None
             seen.append(message)
             if key in message.names():
                 return message, seen
