@@ -186,8 +186,9 @@ class Master:
         for slot in range(self.settings.workers):
             self._spawn(slot)
         log.info(
-            "listening on %s with %d %s workers",
+            "listening on %s with %d %s worker%s",
             self._where(), self.settings.workers, self.worker_class,
+            "" if self.settings.workers == 1 else "s",
             extra={"event": "master_started", "pid": os.getpid()},
         )  # fmt: skip
         self._watchdog()
@@ -392,7 +393,8 @@ class Master:
         ready = self.table.count(WorkerState.READY)
         if not self.announced and ready >= self.settings.workers:
             self.announced = True
-            status = f"listening on {self._where()}; {ready} workers ready"
+            total = self.settings.workers
+            status = f"listening on {self._where()}; {ready} of {total} workers ready"
             self.notifier.ready(status)
             log.info("%s", status, extra={"event": "master_ready", "workers": ready})
         elif self.announced:

@@ -43,7 +43,7 @@ def test_ready_is_announced_only_after_every_worker_is_ready() -> None:
         events = [r for r in daemon.logs.records if r.get("event") in wanted]
         assert [r["event"] for r in events] == ["worker_ready"] * 3 + ["master_ready"]
         assert ready["workers"] == 3
-        assert "3 workers ready" in ready["message"]
+        assert "3 of 3 workers ready" in ready["message"]
 
 
 def test_a_unix_listener_serves_and_its_file_is_removed_on_stop() -> None:
@@ -104,15 +104,18 @@ def test_with_no_bind_the_sockets_systemd_passed_are_used(tmp_path: Path) -> Non
     assert "listening on 127.0.0.1:" in log
 
 
-def test_systemd_hears_ready_status_and_stopping_from_the_master() -> None:
-    with start_daemon("tests.handlers.basic:pid", workers=2) as daemon:
+def test_systemd_hears_ready_status_and_stopping_from_the_master(tmp_path: Path) -> None:
+    marker = tmp_path / "fail"
+    env = {"TEST_FAIL_MARKER": str(marker)}
+    with start_daemon("tests.handlers.fail_when_marked:handle", workers=2, env=env) as daemon:
         ready = daemon.wait_notify("READY=1")
         host, port = daemon.address
-        assert f"STATUS=listening on {host}:{port}; 2 workers ready" in ready.split("\n")
+        assert f"STATUS=listening on {host}:{port}; 2 of 2 workers ready" in ready.split("\n")
+        marker.touch()  # from now on a replacement cannot boot
         victim = daemon.workers()[0].pid
         os.kill(victim, signal.SIGKILL)
         daemon.wait_log("worker_exited", pid=victim)
-        status = daemon.wait_notify(" of 2 workers ready")
-        assert f"STATUS=listening on {host}:{port}; " in status
+        status = daemon.wait_notify("; 1 of 2 workers ready")
+        assert f"STATUS=listening on {host}:{port}; 1 of 2 workers ready" in status.split("\n")
         assert daemon.stop(signal.SIGTERM) == 0
         daemon.wait_notify("STOPPING=1")
