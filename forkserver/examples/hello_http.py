@@ -2,8 +2,9 @@
 
 Keeps the connection open between requests (HTTP/1.1 keep-alive) unless
 the client sends ``Connection: close`` or speaks HTTP/1.0 without
-``Connection: keep-alive``.  Request bodies are not supported (a
-request with ``Content-Length`` gets its body skipped).
+``Connection: keep-alive``.  A request body (``Content-Length``, at most
+``MAX_BODY`` bytes) is read and ignored; a malformed or oversized
+request gets ``400 Bad Request`` and the connection is closed.
 
     forkserver run --bind 127.0.0.1:8000 forkserver.examples.hello_http:handle
     forkserver run --bind 127.0.0.1:8000 forkserver.examples.hello_http:async_handle
@@ -20,6 +21,7 @@ KEEP_ALIVE = _HEAD + b"\r\n" + BODY
 CLOSE = _HEAD + b"Connection: close\r\n\r\n" + BODY
 BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 MAX_HEAD = 16384
+MAX_BODY = 1 << 20
 
 
 def _wants_close(head: bytes) -> tuple[bool, int]:
@@ -34,7 +36,9 @@ def _wants_close(head: bytes) -> tuple[bool, int]:
             token = value.strip().lower()
             close = token == b"close" or (close and token != b"keep-alive")
         elif name == b"content-length":
-            length = int(value.strip() or b"0")
+            length = int(value.strip())
+            if not 0 <= length <= MAX_BODY:
+                raise ValueError(f"Content-Length {length} is out of range")
     return close, length
 
 
@@ -56,6 +60,11 @@ def handle(conn: socket.socket, peer: object) -> None:
         except ValueError:
             conn.sendall(BAD_REQUEST)
             return
+        while len(buffer) < end + 4 + length:
+            data = conn.recv(65536)
+            if not data:
+                return
+            buffer += data
         buffer = buffer[end + 4 + length :]
         conn.sendall(CLOSE if close else KEEP_ALIVE)
         if close:
@@ -77,7 +86,10 @@ async def async_handle(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
             writer.write(BAD_REQUEST)
             return
         if length:
-            await reader.readexactly(length)
+            try:
+                await reader.readexactly(length)
+            except asyncio.IncompleteReadError:
+                return
         writer.write(CLOSE if close else KEEP_ALIVE)
         await writer.drain()
         if close:
