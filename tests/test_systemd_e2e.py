@@ -279,3 +279,38 @@ def test_stop_leaves_the_socket_to_systemd_then_closes_it(box: Container) -> Non
     # Nothing of the service is left running: no master, no worker.
     assert box.prop("MainPID") == "0"
     assert box.run("pgrep", "-f", "forkserver: ", check=False) == ""
+
+
+INSTANCE_CLIENT = """
+import socket, sys
+with socket.socket(socket.AF_UNIX) as sock:
+    sock.settimeout(30)
+    sock.connect(sys.argv[1])
+    sock.sendall(b"to the api instance")
+    sock.shutdown(socket.SHUT_WR)
+    print(sock.recv(100).decode())
+"""
+
+
+def test_a_template_instance_reads_its_own_config(box: Container) -> None:
+    etc = "/etc/systemd/system"
+    script = f"""set -e
+cp /opt/forkserver/systemd/forkserver@.socket /opt/forkserver/systemd/forkserver@.service {etc}/
+mkdir -p {etc}/forkserver@.service.d
+printf '[Service]\\nEnvironment=PYTHONPATH=/opt/forkserver\\n' \\
+    > {etc}/forkserver@.service.d/e2e.conf
+printf 'handler = "forkserver.examples.echo:handle"\\nworkers = 1\\n' > /etc/forkserver/api.toml
+systemctl daemon-reload
+systemctl start forkserver@api.socket
+"""
+    box.run("bash", "-c", script)
+    try:
+        assert box.prop("ActiveState", "forkserver@api.service") == "inactive"
+        reply = box.run("python3", "-c", INSTANCE_CLIENT, "/run/forkserver-api.sock")
+        assert reply == "to the api instance"
+        assert box.prop("ActiveState", "forkserver@api.service") == "active"
+        pid = box.prop("MainPID", "forkserver@api.service")
+        title = box.run("ps", "-o", "args=", "-p", pid)
+        assert title.startswith("forkserver: master [api]"), title
+    finally:
+        box.run("systemctl", "stop", "forkserver@api.socket", "forkserver@api.service")

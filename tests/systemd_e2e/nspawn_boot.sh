@@ -22,7 +22,8 @@ REPO=$(cd "$(dirname "$0")/../.." && pwd)
 HIER="/sys/fs/cgroup/systemd /sys/fs/cgroup/unified"
 cmd=${1:-}
 W=${2:?usage: $0 start|exec|stop STATE_DIR ...}
-CG=forkserver-e2e-$(basename "$W")
+# Also the machine name, which allows only letters, digits and "-".
+CG=forkserver-e2e-$(basename "$W" | tr -c "a-zA-Z0-9\n" "-")
 leader() { cat "$W/leader"; }
 
 case "$cmd" in
