@@ -314,3 +314,24 @@ systemctl start forkserver@api.socket
         assert title.startswith("forkserver: master [api]"), title
     finally:
         box.run("systemctl", "stop", "forkserver@api.socket", "forkserver@api.service")
+
+
+def test_a_configuration_error_is_reported_and_not_restarted(box: Container) -> None:
+    fresh_socket(box)
+    bad = 'handler = "no.such.module:handle"\nworkers = 2\n'
+    box.run("bash", "-c", f"cat > /etc/forkserver/forkserver.toml <<'EOF'\n{bad}EOF")
+    try:
+        result = subprocess.run(
+            [str(BOOT), "exec", str(box.state), "systemctl", "start", "forkserver.service"],
+            capture_output=True, text=True, timeout=TIMEOUT, check=False,
+        )  # fmt: skip
+        assert result.returncode != 0, "a service that cannot load its handler started"
+        assert box.prop("ExecMainStatus") == "78", box.journal()
+        assert box.prop("ActiveState") == "failed"
+        assert box.prop("NRestarts") == "0", "RestartPreventExitStatus=78 was not honoured"
+        # ERRNO= and STATUS= reached systemd before the exit.
+        assert box.prop("StatusErrno") != "0"
+        assert "no.such.module" in box.prop("StatusText")
+    finally:
+        box.run("bash", "-c", f"cat > /etc/forkserver/forkserver.toml <<'EOF'\n{CONFIG}EOF")
+        box.run("systemctl", "reset-failed", "forkserver.service", check=False)
