@@ -19,9 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -56,6 +58,7 @@ class Sample:
     master_cpu_s: float  # the root process alone
     worker_cpu_s: list[float]
     start_to_ready_s: float | None
+    stalled_clients: int = 0  # connections with a request unanswered all through the run
 
     @property
     def cpu_us_per_request(self) -> float:
@@ -81,9 +84,13 @@ def measure(server: Server, *, mode: str, seconds: float, connections: int,
             pinned: bool, round_no: int) -> Sample:
     """One wrk run, with the server tree's CPU read before and after."""
     before = procstat.cpu_snapshot(server.pid)
+    # wrk times only answered requests: a client that is never answered is
+    # invisible in its latency, so look for such clients from the side.
+    watch = StallWatch(server.port, seconds)
     result = wrk.run(server.url, connections=connections, seconds=seconds,
                      close=mode == "close", cpu=CLIENT_CPU if pinned else None)
     after = procstat.cpu_snapshot(server.pid)
+    stalled = watch.result()
     delta = procstat.cpu_delta(before, after)
     return Sample(
         server=server.name, mode=mode, pinned=pinned, round=round_no,
@@ -91,8 +98,55 @@ def measure(server: Server, *, mode: str, seconds: float, connections: int,
         rps=result.rps, p50_ms=result.p50_ms, p99_ms=result.p99_ms, errors=result.errors,
         socket_errors=result.socket_errors, non_2xx=result.non_2xx, cpu_s=delta.total,
         master_cpu_s=delta.root, worker_cpu_s=sorted(delta.per_child.values(), reverse=True),
-        start_to_ready_s=server.start_to_ready,
+        start_to_ready_s=server.start_to_ready, stalled_clients=stalled,
     )
+
+
+def waiting_connections(port: int) -> dict[str, int]:
+    """Server-side connections holding unread request bytes: peer -> bytes received."""
+    out = subprocess.run(["ss", "-Htni", "state", "established", f"( sport = :{port} )"],
+                         capture_output=True, text=True, check=False, timeout=10).stdout
+    waiting: dict[str, int] = {}
+    peer = ""
+    for line in out.splitlines():
+        fields = line.split()
+        if not line[:1].isspace() and len(fields) >= 4:  # Recv-Q, Send-Q, local, peer
+            peer = fields[3] if fields[0] != "0" else ""
+        elif peer:  # the info line of a socket with unread bytes
+            match = re.search(r"bytes_received:(\d+)", line)
+            waiting[peer] = int(match.group(1)) if match else 0
+            peer = ""
+    return waiting
+
+
+class StallWatch:
+    """Clients whose request waits unread at both 1/3 and 2/3 of a run.
+
+    A busy keep-alive client often has its next request queued too, so a
+    client only counts when it has received nothing new in between.
+    """
+
+    def __init__(self, port: int, seconds: float) -> None:
+        self.samples: list[dict[str, int]] = []
+        self.timers = [threading.Timer(seconds * f, self._sample, args=(port,))
+                       for f in (1 / 3, 2 / 3)]
+        for t in self.timers:
+            t.start()
+
+    def _sample(self, port: int) -> None:
+        try:
+            self.samples.append(waiting_connections(port))
+        except (OSError, subprocess.SubprocessError):
+            self.samples.append({})
+
+    def result(self) -> int:
+        for t in self.timers:
+            t.cancel()
+            t.join(timeout=15)
+        if len(self.samples) < 2:
+            return 0
+        first, second = self.samples
+        return sum(1 for peer, got in first.items() if second.get(peer) == got)
 
 
 def available(names: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -142,7 +196,8 @@ def progress(s: Sample) -> None:
     pin = "pinned" if s.pinned else "shared"
     print(f"  r{s.round} {s.server:16} {s.mode:9} {pin:6} c={s.connections:<5} "
           f"w={s.workers} {s.rps:9.0f} req/s  {s.cpu_us_per_request:6.1f} us/req  "
-          f"p99 {s.p99_ms:6.2f} ms  err {s.errors} non2xx {s.non_2xx}", flush=True)
+          f"p99 {s.p99_ms:6.2f} ms  err {s.errors} non2xx {s.non_2xx} "
+          f"stalled {s.stalled_clients}", flush=True)
 
 
 def fairness_phase(res: Results, servers: list[str], args: argparse.Namespace) -> None:
@@ -202,7 +257,9 @@ def machine_info() -> dict[str, Any]:
             "wrk": " ".join(out(["wrk", "-v"]).split()[:2]) if shutil.which("wrk") else "",
             "nginx": subprocess.run(["nginx", "-v"], capture_output=True, text=True,
                                     check=False).stderr.strip() if shutil.which("nginx") else "",
-            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            # Other work on the machine shows up in every figure: say how much there was.
+            "loadavg_at_start": os.getloadavg()}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -278,6 +335,7 @@ def run(argv: list[str] | None = None) -> Results:
 
 
 def write(res: Results, args: argparse.Namespace) -> None:
+    res.machine["loadavg_at_end"] = os.getloadavg()
     data = asdict(res)
     (args.out / "results.json").write_text(json.dumps(data, indent=1, default=str))
     table = report.render(data)

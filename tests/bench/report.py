@@ -37,6 +37,7 @@ def summarise(samples: Iterable[dict[str, Any]]) -> dict[GROUP, dict[str, Any]]:
             "p50_ms": statistics.median(r["p50_ms"] for r in runs),
             "p99_ms": statistics.median(r["p99_ms"] for r in runs),
             "errors": sum(r["errors"] for r in runs),
+            "stalled": max(r.get("stalled_clients", 0) for r in runs),
             "non_2xx": sum(r["non_2xx"] for r in runs),
             "cpu_us": statistics.median(cpu) if cpu else float("nan"),
             "cpu_us_min": min(cpu) if cpu else float("nan"),
@@ -60,9 +61,10 @@ def fmt(x: float | None, spec: str = ".2f", suffix: str = "") -> str:
 def main_table(summary: dict[GROUP, dict[str, Any]]) -> list[str]:
     lines = [
         "| server | mode | pinned | req/s median (min-max) | p50 / p99 ms | errors / non-2xx "
+        "| stalled clients "
         "| server CPU µs per req (min-max) | master µs | req/s x shared | req/s x gunicorn "
         "| CPU x shared | start→ready s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (server, mode, pinned), s in sorted(summary.items(), key=lambda kv: (kv[0][1],
                                                                             not kv[0][2],
@@ -73,6 +75,7 @@ def main_table(summary: dict[GROUP, dict[str, Any]]) -> list[str]:
             f"| {server} | {mode} | {'yes' if pinned else 'no'} "
             f"| {s['rps']:,.0f} ({s['rps_min']:,.0f}-{s['rps_max']:,.0f}) "
             f"| {s['p50_ms']:.2f} / {s['p99_ms']:.2f} | {s['errors']} / {s['non_2xx']} "
+            f"| {s['stalled']} "
             f"| {s['cpu_us']:.1f} ({s['cpu_us_min']:.1f}-{s['cpu_us_max']:.1f}) "
             f"| {fmt(s['master_us'], '.1f')} "
             f"| {fmt(ratio(s['rps'], shared['rps'] if shared else None))} "
@@ -157,6 +160,10 @@ def dict_table(title: str, rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _load(triple: list[float] | None) -> str:
+    return "?" if not triple else "/".join(f"{x:.1f}" for x in triple)
+
+
 def render(data: dict[str, Any]) -> str:
     summary = summarise(data["samples"])
     m = data.get("machine", {})
@@ -164,12 +171,16 @@ def render(data: dict[str, Any]) -> str:
     lines = [
         f"## forkserver benchmark, {m.get('date_utc', '')}", "",
         f"{m.get('cpus')} CPUs ({m.get('cpu_model')}), kernel {m.get('kernel')}, "
-        f"{m.get('python')}, {m.get('wrk')}, {m.get('nginx')}. "
+        f"{m.get('python')}, {m.get('wrk')}, {m.get('nginx')}; load average "
+        f"{_load(m.get('loadavg_at_start'))} at the start, {_load(m.get('loadavg_at_end'))} "
+        "at the end. "
         f"wrk -t1 -c{cfg['connections']}, {cfg['seconds']} s per run, {cfg['rounds']} "
         f"interleaved rounds, {cfg['workers']} workers. Pinned: wrk on CPU 0, the server on "
         "CPU 1. CPU is the server's whole process tree from /proc; in `close` mode a request "
         "is a connection. Ratios: to shared-accept blocking (`close`) or epoll "
-        "(`keepalive`), and to gunicorn sync, in the same mode and pinning.", "",
+        "(`keepalive`), and to gunicorn sync, in the same mode and pinning. *Stalled clients*: "
+        "connections whose request sat unread at both 1/3 and 2/3 of a run (most in any "
+        "round); wrk's latency only counts answered requests, so it cannot show them.", "",
     ]
     lines += main_table(summary)
     lines += ["", "### Targets", "", *target_lines(summary, data)]
