@@ -70,7 +70,14 @@ def serve(
     reload_settings: Callable[[], Settings] | None = None,
     notifier: Notifier | None = None,
 ) -> int:
-    """Run the daemon in this process until it stops; the exit code."""
+    """Run the daemon in this process until it stops; the exit code.
+
+    0 after a requested stop, 78 when the handler or the user/group is
+    unusable, 69 when a listener cannot be opened; both failures happen
+    before any worker is forked.  *reload_settings* is the CLI's way to
+    re-read the configuration; this master does not reload yet (HUP is
+    logged and ignored), so it is only kept on the ``Master``.
+    """
     notifier = notifier if notifier is not None else Notifier.from_environ()
     try:
         handler, worker_class = _check_handler(settings)
@@ -86,6 +93,7 @@ def serve(
         master = Master(
             settings, loop, opened, notifier=notifier, handler=handler, worker_class=worker_class
         )
+        master.reload_settings = reload_settings
         return master.run()
     finally:
         loop.close()
@@ -152,6 +160,7 @@ class Master:
         worker_class: WorkerClass,
     ) -> None:
         self.settings = settings
+        self.reload_settings: Callable[[], Settings] | None = None
         self.loop = loop
         self.listeners = listeners
         self.notifier = notifier
@@ -240,13 +249,13 @@ class Master:
         for timer in self._respawns.values():
             timer.cancel()
         for pid in tuple(self.dispatcher.links):
-            self.requeue(self.dispatcher.remove_link(pid))
+            self._requeue(self.dispatcher.remove_link(pid))
         dropped = self.dispatcher.close_pending()
         if dropped:
             log.warning("%d accepted connections were never served", dropped,
                         extra={"event": "master_stopped", "dropped": dropped})
 
-    def requeue(self, items: list[tuple[int, int]]) -> None:
+    def _requeue(self, items: list[tuple[int, int]]) -> None:
         if items:
             self.dispatcher.requeue(items)
 
@@ -322,7 +331,7 @@ class Master:
             self._on_readable(link)  # its last words: an error report, say
         self.loop.remove_reader(link.sock)
         reclaimed = self.dispatcher.remove_link(record.pid)
-        self.requeue(reclaimed)
+        self._requeue(reclaimed)
         self.table.remove(record.pid)
         lifetime = self.loop.time() - record.started_at
         how = describe_exit(code)
