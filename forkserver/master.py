@@ -30,24 +30,29 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable
 from typing import Final
 
 import setproctitle
 
 from forkserver import channel, fdpass, listeners, spawn
+from forkserver.commands import ControlCommands
 from forkserver.config import Settings
+from forkserver.control import ControlServer, open_control
 from forkserver.dispatch import Dispatcher, WorkerLink
 from forkserver.errors import ForkserverError
 from forkserver.eventloop import EventLoop, TimerHandle
 from forkserver.handler import LoadedHandler, WorkerClass, load_handler
 from forkserver.handler import resolve_worker_class as _resolve_class
 from forkserver.listeners import Listener
+from forkserver.log import reopen as reopen_logs
 from forkserver.privileges import resolve as resolve_credentials
 from forkserver.systemd import Notifier, listen_fds
 from forkserver.worker_table import (
     HEALTHY_LIFETIME,
     CrashBackoff,
+    SlotHistory,
     TableError,
     WorkerState,
     WorkerTable,
@@ -173,6 +178,11 @@ class Master:
             loop, self.table, settings.max_pending_connections, self._violation
         )
         self.dispatcher.listeners = listeners
+        self.target = settings.workers  # how many workers to keep; TTIN/TTOU/scale change it
+        self.started = time.time()
+        self.history: dict[int, SlotHistory] = {}
+        self.spawned = 0
+        self.control: ControlServer | None = None
         self.stopping = False
         self.forced = False  # stop at once: no more respawns, pending connections dropped
         self.announced = False
@@ -190,9 +200,15 @@ class Master:
         for listener in self.listeners:
             listener.dispatch = self.dispatcher.dispatch
             listener.accept_error.connect(self._accept_failed(listener))
+        try:
+            self.control = open_control(self.loop, self.settings, ControlCommands(self).table())
+        except ForkserverError as exc:
+            for listener in self.listeners:
+                listener.close()
+            return _cannot_start(self.notifier, exc, EXIT_UNAVAILABLE)
         self._install_signal_handlers()
         setproctitle.setproctitle(self._title())
-        for slot in range(self.settings.workers):
+        for slot in range(self.target):
             self._spawn(slot)
         log.info(
             "listening on %s with %d %s worker%s",
@@ -215,10 +231,12 @@ class Master:
             signal.SIGTERM: self.stop,
             signal.SIGINT: self._on_interrupt,
             signal.SIGQUIT: self.stop_now,
+            signal.SIGTTIN: lambda: self.scale_to(self.target + 1),
+            signal.SIGTTOU: lambda: self.scale_to(max(1, self.target - 1)),
+            signal.SIGUSR1: self._reopen_logs,
         }
         # Not ours to act on yet, but their default action would kill the master.
-        for other in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN,
-                      signal.SIGTTOU):  # fmt: skip
+        for other in (signal.SIGHUP, signal.SIGUSR2):
             signals[other] = self._unsupported(other)
         for signum, callback in signals.items():
             self.loop.add_signal_handler(signum, callback)
@@ -234,7 +252,7 @@ class Master:
         """A STATUS= summary for systemd (rate-limited by the notifier)."""
         ready = self.table.count(WorkerState.READY)
         state = "stopping" if self.stopping else f"listening on {self._where()}"
-        self.notifier.status(f"{state}; {ready} of {self.settings.workers} workers ready")
+        self.notifier.status(f"{state}; {ready} of {self.target} workers ready")
         deadline = self.notifier.status_deadline()
         if deadline is not None and self._status_timer is None:
             self._status_timer = self.loop.call_at(deadline, self._flush_status)
@@ -244,6 +262,8 @@ class Master:
         self.notifier.flush_status()
 
     def _shutdown(self) -> None:
+        if self.control is not None:
+            self.control.close()
         for listener in self.listeners:
             listener.close()
         for timer in self._respawns.values():
@@ -279,7 +299,8 @@ class Master:
             handler=self.handler, heartbeat_interval=self._heartbeat_interval,
         )  # fmt: skip
         try:
-            pid = spawn.fork_worker(ctx, self.loop, self._owned_sockets(master_end))
+            after_fork = [self.control.discard_after_fork] if self.control else []
+            pid = spawn.fork_worker(ctx, self.loop, self._owned_sockets(master_end), after_fork)
         except OSError as exc:
             master_end.close()
             worker_end.close()
@@ -290,6 +311,9 @@ class Master:
         link = WorkerLink(record=record, sock=master_end, peer=worker_end)
         self.dispatcher.add_link(link)
         self.loop.add_reader(master_end, lambda: self._on_readable(link))
+        self.spawned += 1
+        history = self.history.setdefault(slot, SlotHistory())
+        history.started = time.time()
         log.info("worker %d (pid %d) spawned", slot, pid,
                  extra={"event": "worker_spawned", "slot": slot, "pid": pid})
 
@@ -340,10 +364,12 @@ class Master:
                 extra={"event": "worker_exited", "slot": record.slot, "pid": record.pid,
                        "exit_code": code, "lifetime": round(lifetime, 3),
                        "served": record.served, "reclaimed": len(reclaimed)})  # fmt: skip
+        history = self.history.setdefault(record.slot, SlotHistory())
+        history.exited(how, record.served)
         delay = self.backoff.delay_after_exit(lifetime)
         # While stopping, a worker is replaced only if accepted connections still need one.
         needed = not self.stopping or (self.dispatcher.pending and not self.forced)
-        if needed and record.slot < self.settings.workers:
+        if needed and record.slot < self.target:
             self._schedule_respawn(record.slot, delay)
         self.dispatcher.drain_pending()
         self._stop_workers_when_drained()
@@ -417,6 +443,9 @@ class Master:
     def _handler_error(self, link: WorkerLink, error: channel.HandlerError) -> None:
         record = link.record
         record.errors += 1
+        self.history.setdefault(record.slot, SlotHistory()).last_error = (
+            f"{error.exc_type}: {error.message}"
+        )
         names = self._listener_names
         listener = names[error.listener] if error.listener < len(names) else str(error.listener)
         log.error(
@@ -463,6 +492,33 @@ class Master:
         self.table.mark_stopping(record.pid)
         self.loop.remove_reader(link.sock)
         os.kill(record.pid, signal.SIGKILL)  # not reaped yet, so the pid is still its own
+
+    # --- run-time changes ----------------------------------------------------
+
+    def scale_to(self, workers: int) -> None:
+        """Keep *workers* workers: fork the missing slots, retire the highest ones."""
+        if self.stopping:
+            return
+        old, self.target = self.target, workers
+        log.info("scaling from %d to %d workers", old, workers,
+                 extra={"event": "workers_scaled", "workers": workers})  # fmt: skip
+        taken = {record.slot for record in self.table}  # a retiring slot comes back on exit
+        for slot in range(workers):
+            if slot not in taken and slot not in self._respawns:
+                self._spawn(slot)
+        for link in tuple(self.dispatcher.links.values()):
+            if link.record.slot >= workers and link.record.state is not WorkerState.STOPPING:
+                self.table.mark_stopping(link.record.pid)
+                self.dispatcher.queue_stop(link)  # finishes what it holds, then exits
+        for slot in [s for s in self._respawns if s >= workers]:
+            self._respawns.pop(slot).cancel()
+        self._update_status()
+
+    def _reopen_logs(self) -> None:
+        try:
+            reopen_logs()
+        except ForkserverError as exc:
+            log.error("%s", exc, extra={"event": "reopen_failed"})
 
     # --- stopping ----------------------------------------------------------
 

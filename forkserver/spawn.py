@@ -14,7 +14,7 @@ import os
 import socket
 import sys
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NoReturn
 
 from forkserver.eventloop import EventLoop
@@ -25,24 +25,37 @@ from forkserver.workers.core import EXIT_BOOT_ERROR, WorkerContext
 _MAX_PROBE_REPORT = 1 << 20
 
 
-def fork_worker(ctx: WorkerContext, loop: EventLoop, detach: Iterable[socket.socket]) -> int:
+def fork_worker(
+    ctx: WorkerContext,
+    loop: EventLoop,
+    detach: Iterable[socket.socket],
+    after_fork: Iterable[Callable[[], None]] = (),
+) -> int:
     """Fork a worker running *ctx*; the child's pid.
 
     In the child, the master's loop is discarded (never unregistered:
-    the epoll set is shared with the master) and the sockets in *detach*
-    are detached from their Python objects, so their finalizers can
-    never close a descriptor number the worker reuses.
+    the epoll set is shared with the master), each *after_fork* callback
+    lets another master object drop its copies, and the sockets in
+    *detach* are detached from their Python objects, so their finalizers
+    can never close a descriptor number the worker reuses.
     """
     _flush_stdio()
     pid = os.fork()
     if pid == 0:
-        _worker_child(ctx, loop, detach)
+        _worker_child(ctx, loop, detach, after_fork)
     return pid
 
 
-def _worker_child(ctx: WorkerContext, loop: EventLoop, detach: Iterable[socket.socket]) -> NoReturn:
+def _worker_child(
+    ctx: WorkerContext,
+    loop: EventLoop,
+    detach: Iterable[socket.socket],
+    after_fork: Iterable[Callable[[], None]],
+) -> NoReturn:
     try:
         loop.discard_after_fork()
+        for callback in after_fork:
+            callback()
         for sock in detach:
             if sock is not ctx.channel:
                 sock.detach()

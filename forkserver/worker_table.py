@@ -47,6 +47,22 @@ class WorkerRecord:
         return self.state is WorkerState.READY and self.in_flight < self.capacity
 
 
+@dataclass(slots=True)
+class SlotHistory:
+    """What outlives the workers of one slot: for ``forkserver ctl status``."""
+
+    started: float = 0.0  # time.time() of the latest fork
+    restarts: int = 0
+    served: int = 0  # by the slot's earlier workers
+    last_exit: str | None = None
+    last_error: str | None = None
+
+    def exited(self, how: str, served: int) -> None:
+        self.restarts += 1
+        self.served += served
+        self.last_exit = how
+
+
 class WorkerTable:
     """The live workers, by pid."""
 
