@@ -410,3 +410,46 @@ def test_sockets_the_master_bound_are_stored_and_adopted_by_name_after_restart(
                 second.until("READY")
                 assert os.stat(path).st_ino == inode, "the socket was bound again"
                 assert second.stop() == 0
+
+
+def test_notifications_follow_the_life_of_the_master(tcp_listener: socket.socket) -> None:
+    """From start to exit: READY once workers are up, pings, STOPPING, nothing after."""
+    fd = tcp_listener.fileno()
+    command = through_shim(
+        tcp_listener, "-E", "WATCHDOG_USEC", "--fdname=web", *daemon_command("--bind", "systemd")
+    )
+    with started(command, pass_fds=(fd,), env={"WATCHDOG_USEC": "1000000"}) as daemon:
+        assert echo(tcp_listener.getsockname(), b"go") == b"go"
+        _, life = daemon.until("READY")
+        for _ in range(2):
+            life += daemon.until("WATCHDOG")[1]
+        assert daemon.stop() == 0
+        while daemon.notify.pending():
+            life.append(daemon.notify.next())
+    assert {m.pid for m in life} == {daemon.pid}
+    keys = [key for m in life for key in m.names()]
+    assert keys.count("READY") == 1
+    assert keys.count("STOPPING") == 1
+    # Pings may start before READY=1 (the watchdog runs from the start);
+    # they must go on while serving, and STOPPING=1 comes after READY=1.
+    serving = keys[keys.index("READY") + 1 : keys.index("STOPPING")]
+    assert "WATCHDOG" in serving, keys
+    after_stop = keys[keys.index("STOPPING") + 1 :]
+    assert set(after_stop) <= {"STATUS"}, f"after STOPPING=1: {after_stop}"
+    assert all(m.get("STATUS") != "" for m in life), "an empty status line"
+
+
+@pytest.mark.xfail(strict=True, reason="the master does not re-exec on SIGUSR2 yet")
+def test_an_upgrade_hands_the_main_pid_to_the_new_master(tcp_listener: socket.socket) -> None:
+    fd = tcp_listener.fileno()
+    command = through_shim(tcp_listener, "--fdname=web", *daemon_command("--bind", "systemd"))
+    with started(command, pass_fds=(fd,)) as daemon:
+        assert echo(tcp_listener.getsockname(), b"go") == b"go"
+        daemon.until("READY")
+        os.kill(daemon.pid, signal.SIGUSR2)
+        handover, _ = daemon.until("MAINPID", PROMPT)
+        new_pid = int(handover.get("MAINPID") or 0)
+        assert new_pid not in (0, daemon.pid)
+        assert psutil.Process(new_pid).cmdline()[1:4] == ["-m", "forkserver", "run"]
+        ready, _ = daemon.notify.wait_for("READY", TIMEOUT)
+        assert ready.pid == new_pid, "READY=1 of the new generation comes from the new master"
