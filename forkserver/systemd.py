@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import array
 import errno as errno_mod
+import hashlib
 import logging
 import math
 import os
@@ -42,6 +43,7 @@ __all__ = [
     "SystemdError",
     "check_listening",
     "listen_fds",
+    "store_name",
     "valid_fd_name",
 ]
 
@@ -81,6 +83,30 @@ def valid_fd_name(name: str) -> bool:
     return (
         0 < len(name) <= FD_NAME_MAX and name.isascii() and name.isprintable() and ":" not in name
     )
+
+
+def store_name(bind: str) -> str:
+    """The FDNAME= under which the master stores the socket it bound for *bind*.
+
+    Deterministic, so the next start finds the socket again by its bind
+    spec in LISTEN_FDNAMES.  ``:`` (the LISTEN_FDNAMES separator), ``%``
+    and anything not printable ASCII are %-escaped, so distinct specs
+    give distinct names; a result longer than systemd allows is cut and
+    ends with a hash of the whole spec.
+    """
+    if not bind:
+        raise ValueError("store_name: empty bind spec")
+    escaped = "".join(
+        ch if ch.isascii() and ch.isprintable() and ch not in ":%" else _escape(ch) for ch in bind
+    )
+    if len(escaped) <= FD_NAME_MAX:
+        return escaped
+    digest = hashlib.sha256(bind.encode()).hexdigest()[:16]
+    return f"{escaped[: FD_NAME_MAX - 17]}~{digest}"
+
+
+def _escape(ch: str) -> str:
+    return "".join(f"%{byte:02X}" for byte in ch.encode("utf-8", "surrogateescape"))
 
 
 def _parse_int(environ: Mapping[str, str], var: str, *, low: int, high: int) -> int:

@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from forkserver.systemd import (
     SEND_TIMEOUT,
@@ -31,6 +33,8 @@ from forkserver.systemd import (
     SystemdError,
     check_listening,
     listen_fds,
+    store_name,
+    valid_fd_name,
 )
 from tests.systemd_e2e.notify_receiver import NotifyReceiver
 
@@ -493,3 +497,41 @@ def test_bad_arguments_are_errors(receiver: NotifyReceiver) -> None:
         notifier.main_pid(0)
     with pytest.raises(ValueError, match="negative"):
         notifier.fatal(-1, "x")
+
+
+# -- store_name(): FDNAME= for a socket the master bound ----------------
+
+
+@pytest.mark.parametrize(
+    ("bind", "name"),
+    [
+        ("127.0.0.1:8000", "127.0.0.1%3A8000"),
+        ("[::1]:80", "[%3A%3A1]%3A80"),
+        ("unix:/run/forkserver/web.sock", "unix%3A/run/forkserver/web.sock"),
+        ("100%", "100%25"),
+    ],
+)
+def test_store_name_is_legible(bind: str, name: str) -> None:
+    assert store_name(bind) == name
+
+
+@given(st.text(min_size=1))
+def test_store_name_is_always_a_name_systemd_accepts(bind: str) -> None:
+    assert valid_fd_name(store_name(bind))
+
+
+@given(st.text(max_size=40), st.text(max_size=40))
+def test_distinct_binds_get_distinct_store_names(a: str, b: str) -> None:
+    if a != b:
+        assert store_name(a) != store_name(b)
+
+
+def test_an_empty_bind_has_no_store_name() -> None:
+    with pytest.raises(ValueError, match="empty bind spec"):
+        store_name("")
+
+
+def test_an_overlong_bind_is_cut_with_a_hash() -> None:
+    a, b = "unix:/" + "x" * 300 + "a", "unix:/" + "x" * 300 + "b"
+    assert len(store_name(a)) == 255 and valid_fd_name(store_name(a))
+    assert store_name(a) != store_name(b)
