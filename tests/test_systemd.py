@@ -520,7 +520,7 @@ def test_store_name_is_always_a_name_systemd_accepts(bind: str) -> None:
     assert valid_fd_name(store_name(bind))
 
 
-@given(st.text(max_size=40), st.text(max_size=40))
+@given(st.text(min_size=1, max_size=40), st.text(min_size=1, max_size=40))
 def test_distinct_binds_get_distinct_store_names(a: str, b: str) -> None:
     if a != b:
         assert store_name(a) != store_name(b)
