@@ -33,7 +33,10 @@ ROOTFS = Path(os.environ.get("FORKSERVER_E2E_ROOTFS", "/var/tmp/forkserver-e2e/r
 TIMEOUT = 60.0
 WATCHDOG_SEC = 2
 
-pytestmark = [pytest.mark.systemd, pytest.mark.slow]
+# The first run on a machine builds the container root (about 70 s, more
+# from a slow mirror) inside the first test's set-up; every command after
+# that has its own timeout.
+pytestmark = [pytest.mark.systemd, pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def nspawn_unavailable() -> str | None:
