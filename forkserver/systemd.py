@@ -101,7 +101,7 @@ def store_name(bind: str) -> str:
     )
     if len(escaped) <= FD_NAME_MAX:
         return escaped
-    digest = hashlib.sha256(bind.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(bind.encode("utf-8", "surrogateescape")).hexdigest()[:16]
     return f"{escaped[: FD_NAME_MAX - 17]}~{digest}"
 
 
