@@ -67,6 +67,8 @@ EXIT_CONFIG: Final = 78  # EX_CONFIG: the handler or the user/group is unusable
 #: Messages read from one worker per wake-up, so one chatty worker cannot starve the rest.
 _READ_BATCH: Final = 64
 DEFAULT_BIND: Final = "127.0.0.1:8000"
+#: Seconds between the stack-dump ABRT and the SIGKILL of a stuck worker.
+KILL_GRACE: Final = 1.0
 
 
 def serve(
@@ -476,7 +478,24 @@ class Master:
             if stalled:
                 record.last_seen = now
             elif not link.killed and now - record.last_seen > self.settings.timeout:
-                self._kill(link, "worker_timeout", f"silent for {now - record.last_seen:.1f} s")
+                self._abort(link, f"silent for {now - record.last_seen:.1f} s")
+
+    def _abort(self, link: WorkerLink, reason: str) -> None:
+        """A stuck worker: ABRT for a stack dump in its log, SIGKILL ``KILL_GRACE`` later."""
+        record = link.record
+        log.error("worker %d (pid %d) %s; dumping its stacks, then killing it",
+                  record.slot, record.pid, reason,
+                  extra={"event": "worker_timeout", "slot": record.slot, "pid": record.pid,
+                         "reason": reason})  # fmt: skip
+        link.killed = True
+        self.table.mark_stopping(record.pid)
+        os.kill(record.pid, signal.SIGABRT)
+
+        def kill() -> None:
+            if self.dispatcher.links.get(record.pid) is link:  # not reaped: still its pid
+                os.kill(record.pid, signal.SIGKILL)
+
+        self.loop.call_later(KILL_GRACE, kill)
 
     def _violation(self, link: WorkerLink, reason: str) -> None:
         """A worker broke the protocol: kill it (it is replaced when reaped)."""

@@ -258,7 +258,12 @@ def test_a_worker_silent_for_longer_than_the_timeout_is_killed_and_replaced() ->
             stuck = int(read_line(sock).split()[0])  # busy in a handler: no heartbeats
             timeout = daemon.wait_log("worker_timeout", pid=stuck)
             assert "silent for" in timeout["reason"]
-            assert daemon.wait_log("worker_exited", pid=stuck)["exit_code"] == -signal.SIGKILL
+            exited = daemon.wait_log("worker_exited", pid=stuck)
+            assert exited["exit_code"] in (-signal.SIGABRT, -signal.SIGKILL)
+            dump = daemon.logs.text()  # the stacks it dumped on ABRT
+            assert "most recent call first" in dump
+            assert 'tests/handlers/basic.py", line' in dump
+            assert " in hold" in dump
         with daemon.connect() as sock:
             replacement = int(read_line(sock).split()[0])
             sock.sendall(b"quick")

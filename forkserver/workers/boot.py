@@ -5,7 +5,8 @@ In order:
 1. Signals: HUP, USR1, USR2, TTIN, TTOU and INT are ignored (the master
    drives workers over the channel, and ``pkill -HUP`` or a terminal's
    Ctrl-C must not take them down); TERM is "finish and exit", set up
-   by the worker loop.
+   by the worker loop; QUIT exits at once; ABRT dumps every thread's
+   stack to stderr, then the worker dies of it.
 2. Descriptors: everything but the standard streams, the channel and
    the log file is closed.  The master's Python objects that owned the
    closed descriptors were detached before (see ``spawn.fork_worker``)
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import faulthandler
 import logging
 import os
 import signal
@@ -68,6 +70,10 @@ def _boot_and_run(ctx: WorkerContext) -> int:
     for signum in _IGNORED:
         signal.signal(signum, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, lambda *_: os._exit(0))  # at once, dropping what it holds
+    # ABRT (sent by the master to a silent worker before SIGKILL), and a crash in C:
+    # every thread's stack goes to stderr from C, even while Python code is stuck.
+    faulthandler.enable(all_threads=True)
     close_inherited_fds({0, 1, 2, ctx.channel.fileno(), *_log_fds(), *ctx.keep_fds})
     drop_privileges(ctx.user, ctx.group)
     _die_with_master(ctx.master_pid)
