@@ -234,7 +234,7 @@ class Master:
             signal.SIGINT: self._on_interrupt,
             signal.SIGQUIT: self.stop_now,
             signal.SIGTTIN: lambda: self.scale_to(self.target + 1),
-            signal.SIGTTOU: lambda: self.scale_to(max(1, self.target - 1)),
+            signal.SIGTTOU: lambda: self.scale_to(self.target - 1),
             signal.SIGUSR1: self._reopen_logs,
         }
         # Not ours to act on yet, but their default action would kill the master.
@@ -518,9 +518,14 @@ class Master:
         """Keep *workers* workers: fork the missing slots, retire the highest ones."""
         if self.stopping:
             return
+        if workers < 1:
+            log.warning("not scaling to %d workers: at least 1 is needed", workers,
+                        extra={"event": "workers_scaled", "target": self.target,
+                               "refused": True})  # fmt: skip
+            return
         old, self.target = self.target, workers
         log.info("scaling from %d to %d workers", old, workers,
-                 extra={"event": "workers_scaled", "workers": workers})  # fmt: skip
+                 extra={"event": "workers_scaled", "target": workers, "previous": old})  # fmt: skip
         taken = {record.slot for record in self.table}  # a retiring slot comes back on exit
         for slot in range(workers):
             if slot not in taken and slot not in self._respawns:

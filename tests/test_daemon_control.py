@@ -82,7 +82,10 @@ def test_ttin_and_ttou_add_and_remove_one_worker() -> None:
         daemon.wait_log("worker_ready", slot=1)
         daemon.proc.send_signal(signal.SIGTTOU)
         assert daemon.wait_log("worker_exited", slot=1)["exit_code"] == 0
-        assert daemon.wait_log("workers_scaled", workers=1)
+        assert daemon.wait_log("workers_scaled", target=1, previous=2)
+        daemon.proc.send_signal(signal.SIGTTOU)  # never below 1
+        refused = daemon.wait_log("workers_scaled", refused=True)
+        assert "at least 1" in refused["message"]
         assert [w.pid for w in daemon.workers()] == [
             r["pid"] for r in daemon.records("worker_spawned") if r["slot"] == 0
         ]
