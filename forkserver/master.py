@@ -531,9 +531,14 @@ class Master:
             if slot not in taken and slot not in self._respawns:
                 self._spawn(slot)
         for link in tuple(self.dispatcher.links.values()):
-            if link.record.slot >= workers and link.record.state is not WorkerState.STOPPING:
-                self.table.mark_stopping(link.record.pid)
-                self.dispatcher.queue_stop(link)  # finishes what it holds, then exits
+            record = link.record
+            if record.slot >= workers and record.state is not WorkerState.STOPPING:
+                log.info("worker %d (pid %d) retired: it finishes what it holds, then exits",
+                         record.slot, record.pid,
+                         extra={"event": "worker_retired", "slot": record.slot,
+                                "pid": record.pid})  # fmt: skip
+                self.table.mark_stopping(record.pid)
+                self.dispatcher.queue_stop(link)
         for slot in [s for s in self._respawns if s >= workers]:
             self._respawns.pop(slot).cancel()
         self._update_status()
