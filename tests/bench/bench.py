@@ -153,8 +153,9 @@ def available(names: list[str]) -> tuple[list[str], dict[str, str]]:
     """Which servers can run here, and why the others cannot."""
     ok, skipped = [], {}
     has_forkserver = subprocess.run(
-        [launch.project_python(), "-c", "import forkserver.cli, forkserver.examples.hello_http"],
-        capture_output=True, check=False, cwd=launch.ROOT).returncode == 0
+        [launch.project_python(), "-c", "import forkserver.master, forkserver.examples.hello_http"],
+        capture_output=True, check=False,
+        cwd=launch.ROOT if launch.SOURCE is None else launch.SOURCE).returncode == 0
     for name in names:
         _, needs = launch.SERVERS[name]
         if needs == "gunicorn" and not (launch.BENCH_VENV / "bin" / "gunicorn").exists():
@@ -162,7 +163,7 @@ def available(names: list[str]) -> tuple[list[str], dict[str, str]]:
         elif needs == "nginx" and shutil.which("nginx") is None:
             skipped[name] = "nginx is not installed"
         elif needs == "forkserver" and not has_forkserver:
-            skipped[name] = "forkserver.cli or forkserver.examples.hello_http does not import"
+            skipped[name] = "forkserver.master or forkserver.examples.hello_http does not import"
         else:
             ok.append(name)
     return ok, skipped
@@ -282,6 +283,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scale-workers", default="1,2,4,8")
     p.add_argument("--idle-connections", type=int, default=10_000)
     p.add_argument("--state-mb", type=int, default=100)
+    p.add_argument("--forkserver-from", default="tree", metavar="tree|REV",
+                   help="measure the working tree (default) or a commit, e.g. HEAD, so that "
+                        "edits made during a run cannot change what is measured")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--no-chart", action="store_true")
     args = p.parse_args(argv)
@@ -308,10 +312,14 @@ def run(argv: list[str] | None = None) -> Results:
     args = parse_args(argv)
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: run tests/bench/run, which installs it")
+    source = "working tree"
+    if args.forkserver_from != "tree":
+        source = "commit " + launch.snapshot_forkserver(args.forkserver_from)
     servers, skipped = available(args.servers)
     config = {k: (sorted(v) if isinstance(v, set) else str(v) if isinstance(v, Path) else v)
               for k, v in vars(args).items()}
-    res = Results(config=config, skipped=skipped, machine=machine_info())
+    res = Results(config=config, skipped=skipped,
+                  machine={**machine_info(), "forkserver": source})
     for name, why in skipped.items():
         print(f"  skipping {name}: {why}", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)

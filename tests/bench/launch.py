@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,6 +30,30 @@ BENCH_VENV = WORK / "venv"
 BACKLOG = 2048
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
+
+
+# Where forkserver's code comes from: None for the working tree, or a
+# directory holding a snapshot of a commit (see snapshot_forkserver).
+SOURCE: Path | None = None
+
+
+def snapshot_forkserver(rev: str = "HEAD") -> str:
+    """Measure a commit, not a working tree that others may be editing mid-run.
+
+    Extracts ``forkserver/`` at *rev* into the bench's scratch space and
+    makes every server start from there; returns the commit measured.
+    """
+    global SOURCE
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", rev], capture_output=True,
+                            text=True, check=True).stdout.strip()
+    snap = WORK / "snapshot"
+    shutil.rmtree(snap, ignore_errors=True)
+    snap.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", commit,
+                              "forkserver"], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(snap)], input=archive, check=True)
+    SOURCE = snap
+    return commit
 
 
 def project_python() -> str:
@@ -154,10 +179,14 @@ class Server:
                                                          *self.launch.argv]
             self.log = (self.scratch / "server.log").open("wb")
             self.started = time.monotonic()
+            # With a snapshot, ``-m forkserver`` finds it first (the working
+            # directory leads sys.path) and the bench's own modules come from ROOT.
+            source_env = {} if SOURCE is None else {"PYTHONPATH": f"{SOURCE}:{ROOT}"}
             self.proc = subprocess.Popen(
-                argv, pass_fds=[fd], env={**os.environ, **self.launch.env, **(env or {})},
-                cwd=ROOT, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
-                start_new_session=True)
+                argv, pass_fds=[fd],
+                env={**os.environ, **source_env, **self.launch.env, **(env or {})},
+                cwd=ROOT if SOURCE is None else SOURCE, stdin=subprocess.DEVNULL,
+                stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         except BaseException:
             self.listener.close()
             raise

@@ -170,6 +170,7 @@ def render(data: dict[str, Any]) -> str:
     cfg = data["config"]
     lines = [
         f"## forkserver benchmark, {m.get('date_utc', '')}", "",
+        f"forkserver from the {m.get('forkserver', 'working tree')}.", "",
         f"{m.get('cpus')} CPUs ({m.get('cpu_model')}), kernel {m.get('kernel')}, "
         f"{m.get('python')}, {m.get('wrk')}, {m.get('nginx')}; load average "
         f"{_load(m.get('loadavg_at_start'))} at the start, {_load(m.get('loadavg_at_end'))} "
