@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.bench import extras, launch, procstat, profile, report, wrk
+from tests.bench import extras, launch, levers, procstat, profile, report, wrk
 from tests.bench.launch import Server, ServerFailed
 
 CLIENT_CPU, SERVER_CPU = 0, 1
@@ -77,6 +77,7 @@ class Results:
     idle: list[dict[str, Any]] = field(default_factory=list)
     respawn: list[dict[str, Any]] = field(default_factory=list)
     profile: list[dict[str, Any]] = field(default_factory=list)
+    levers: dict[str, float] = field(default_factory=dict)
     machine: dict[str, Any] = field(default_factory=dict)
 
 
@@ -274,7 +275,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--modes", default="close,keepalive")
     p.add_argument("--pin", choices=("both", "on", "off"), default="both")
-    p.add_argument("--phases", default="main,fairness,scaling,memory,idle,respawn,profile")
+    p.add_argument("--phases", default="main,fairness,scaling,memory,idle,respawn,profile,levers")
     p.add_argument("--profile-unpinned", dest="profile_pinned", action="store_false",
                    help="profile without pinning wrk and the server to separate CPUs")
     p.add_argument("--fair-servers", default=None, help="default: the --servers")
@@ -333,6 +334,7 @@ def run(argv: list[str] | None = None) -> Results:
         "idle": lambda: extras.idle_phase(res.idle, servers, args),
         "respawn": lambda: extras.respawn_phase(res.respawn, servers, args),
         "profile": lambda: profile.profile_phase(res.profile, servers, args),
+        "levers": lambda: res.levers.update(levers.measure()),
     }
     for phase, body in phases.items():
         if phase in args.phases:

@@ -109,8 +109,14 @@ def _short(frame: str) -> str:
 
 
 def targets(servers: list[str]) -> list[tuple[str, str]]:
-    """(server, role): forkserver's master and a worker, and a baseline worker."""
+    """(server, role): forkserver's masters and a sync worker, and a baseline worker.
+
+    The asyncio master shows the same path with several descriptors per
+    message, where workers have room for more than one connection.
+    """
     out = [("shared-blocking", "worker")]
+    if "fs-asyncio" in servers:
+        out = [("fs-asyncio", "master"), *out]
     if "fs-sync" in servers:
         out = [("fs-sync", "master"), ("fs-sync", "worker"), *out]
     return out

@@ -191,6 +191,8 @@ def render(data: dict[str, Any]) -> str:
     lines += dict_table("Idle connections", data.get("idle", []))
     lines += dict_table("Respawn: worker killed → replacement serving", data.get("respawn", []))
     lines += profile.render(data.get("profile", []))
+    lines += dict_table("Prices of steps on the per-connection path, in isolation (µs)",
+                        [{"step": k, "µs": round(v, 2)} for k, v in data.get("levers", {}).items()])
     if data.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(f"{k} ({v})" for k, v in data["skipped"].items())]
     if data.get("failures"):
