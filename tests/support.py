@@ -18,7 +18,8 @@ and the test fails if any process of the daemon's session is left.
   ``event`` (and those field values), waiting for it if needed.
 * ``workers()``: the live worker processes (``psutil``).
 * ``wait_notify("STOPPING=1")``: the first notify datagram with a line
-  containing that text.
+  containing that text (``since=N``: from the N-th on); a thread reads
+  every datagram as it arrives, as systemd would.
 * ``stop(signal)``: signal the master and wait for its exit code.
 
 ``wait_pid(pid, timeout)`` reaps a child of the test process itself.
@@ -142,6 +143,51 @@ class LogReader(threading.Thread):
             return "\n".join(self.lines)
 
 
+class NotifyReader(threading.Thread):
+    """Reads every sd_notify datagram as it arrives, as systemd would.
+
+    Reading at once matters: an unread datagram socket holds only a few
+    messages (``net.unix.max_dgram_qlen``), and a full one would make the
+    daemon wait on every notification.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(daemon=True)
+        self.sock = sock
+        self.messages: list[str] = []
+        self.cond = threading.Condition()
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            ready, _, _ = select.select([self.sock], [], [], 0.1)
+            if ready:
+                message = self.sock.recv(4096).decode("utf-8", "replace")
+                with self.cond:
+                    self.messages.append(message)
+                    self.cond.notify_all()
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=TIMEOUT)
+
+    def wait_for(self, text: str, timeout: float, since: int = 0) -> str:
+        """The first message from index *since* on with a line containing *text*."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            seen = since
+            while True:
+                for message in self.messages[seen:]:
+                    if any(text in part for part in message.split("\n")):
+                        return message
+                seen = max(seen, len(self.messages))
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"no {text!r} notification within {timeout} s: "
+                                         f"{self.messages}")  # fmt: skip
+                self.cond.wait(remaining)
+
+
 class Daemon:
     def __init__(
         self,
@@ -149,6 +195,7 @@ class Daemon:
         listener: socket.socket,
         logs: LogReader,
         notify: socket.socket,
+        notify_reader: NotifyReader | None = None,
     ) -> None:
         self.proc = proc
         self.pid = proc.pid
@@ -156,24 +203,22 @@ class Daemon:
         self.address = listener.getsockname()
         self.logs = logs
         self.notify = notify
-        self.notifications: list[str] = []
+        self.notify_reader = notify_reader or NotifyReader(notify)
 
-    def wait_notify(self, text: str, timeout: float = TIMEOUT) -> str:
-        """The first sd_notify datagram with a line containing *text*."""
-        for message in self.notifications:
-            if any(text in part for part in message.split("\n")):
-                return message
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            ready, _, _ = select.select([self.notify], [], [], max(0.0, remaining))
-            if not ready:
-                raise AssertionError(f"no {text!r} notification within {timeout} s: "
-                                     f"{self.notifications}")  # fmt: skip
-            message = self.notify.recv(4096).decode()
-            self.notifications.append(message)
-            if any(text in part for part in message.split("\n")):
-                return message
+    @property
+    def notifications(self) -> list[str]:
+        """Every notify datagram so far, oldest first."""
+        with self.notify_reader.cond:
+            return list(self.notify_reader.messages)
+
+    def wait_notify(self, text: str, timeout: float = TIMEOUT, since: int = 0) -> str:
+        """The first sd_notify datagram with a line containing *text*.
+
+        With *since*, only datagrams from that index of ``notifications``
+        on count: ``wait_notify("READY=1", since=len(daemon.notifications))``
+        waits for the next one.
+        """
+        return self.notify_reader.wait_for(text, timeout, since)
 
     def connect(self, timeout: float = 5.0) -> socket.socket:
         return socket.create_connection(self.address, timeout=timeout)
@@ -208,8 +253,8 @@ def _session_members(sid: int) -> list[int]:
     return members
 
 
-def _wait_notify(sock: socket.socket, proc: subprocess.Popen[bytes], timeout: float) -> str:
-    """The first notify datagram containing READY=1."""
+def _wait_ready(reader: NotifyReader, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Wait for READY=1 (or fail at once if the daemon exits first)."""
     deadline = time.monotonic() + timeout
     while True:
         remaining = deadline - time.monotonic()
@@ -217,11 +262,9 @@ def _wait_notify(sock: socket.socket, proc: subprocess.Popen[bytes], timeout: fl
             raise AssertionError(f"the daemon sent no READY=1 within {timeout} s")
         if proc.poll() is not None:
             raise AssertionError(f"the daemon exited with {proc.returncode} before READY=1")
-        ready, _, _ = select.select([sock], [], [], min(remaining, 0.5))
-        if ready:
-            message = sock.recv(4096).decode()
-            if "READY=1" in message.split("\n"):
-                return message
+        with contextlib.suppress(AssertionError):
+            reader.wait_for("READY=1", min(remaining, 0.5))
+            return
 
 
 @contextlib.contextmanager
@@ -240,6 +283,7 @@ def start_daemon(
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     proc: subprocess.Popen[bytes] | None = None
     logs: LogReader | None = None
+    reader: NotifyReader | None = None
     _set_subreaper(True)
     try:
         notify.bind(notify_path)
@@ -266,9 +310,11 @@ def start_daemon(
         )
         logs = LogReader(proc.stderr)
         logs.start()
-        daemon = Daemon(proc, listener, logs, notify)
+        reader = NotifyReader(notify)
+        reader.start()
+        daemon = Daemon(proc, listener, logs, notify, reader)
         if wait_ready:
-            daemon.notifications.append(_wait_notify(notify, proc, TIMEOUT))
+            _wait_ready(reader, proc, TIMEOUT)
         yield daemon
     finally:
         try:
@@ -277,6 +323,8 @@ def start_daemon(
         finally:
             if logs is not None:
                 logs.join(timeout=TIMEOUT)
+            if reader is not None:
+                reader.stop()
             if proc is not None and proc.stderr is not None:
                 proc.stderr.close()
             listener.close()
