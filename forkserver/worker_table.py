@@ -5,7 +5,10 @@ touches a descriptor, so every transition is tested without processes.
 
 Invariants:
 
-* A pid and a slot each belong to at most one live worker.
+* A pid belongs to at most one live worker; a slot to at most one
+  worker of each generation that is not stopping (a retiring worker
+  and its replacement share the slot while the first one drains, and
+  during a reload both generations fill the same slots).
 * ``0 <= in_flight <= capacity`` for every worker: the master only
   dispatches to a worker with free capacity, and a worker reporting more
   connections done than it holds is a protocol violation.
@@ -42,6 +45,9 @@ class WorkerRecord:
     served: int = 0
     errors: int = 0
     last_seen: float = 0.0
+    generation: int = 0
+    request_limit: int | None = None  # max_requests (with its jitter) for this worker
+    retired: bool = False  # asked to finish and exit; not replaced when it does
 
     def has_capacity(self) -> bool:
         return self.state is WorkerState.READY and self.in_flight < self.capacity
@@ -78,14 +84,22 @@ class WorkerTable:
     def get(self, pid: int) -> WorkerRecord | None:
         return self._by_pid.get(pid)
 
-    def add(self, slot: int, pid: int, capacity: int, now: float) -> WorkerRecord:
+    def add(
+        self, slot: int, pid: int, capacity: int, now: float, generation: int = 0
+    ) -> WorkerRecord:
         if pid in self._by_pid:
             raise TableError(f"pid {pid} is already worker {self._by_pid[pid].slot}")
-        if any(w.slot == slot for w in self._by_pid.values()):
+        if any(
+            w.slot == slot and w.generation == generation and w.state is not WorkerState.STOPPING
+            for w in self._by_pid.values()
+        ):
             raise TableError(f"slot {slot} is already taken")
         if capacity < 1:
             raise TableError(f"worker capacity must be at least 1, not {capacity}")
-        record = WorkerRecord(slot=slot, pid=pid, capacity=capacity, started_at=now, last_seen=now)
+        record = WorkerRecord(
+            slot=slot, pid=pid, capacity=capacity, started_at=now, last_seen=now,
+            generation=generation,
+        )  # fmt: skip
         self._by_pid[pid] = record
         return record
 
