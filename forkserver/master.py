@@ -1,17 +1,23 @@
 """The master: one loop that forks, signals, reaps and supervises.
 
-``serve(settings)`` checks the handler, opens the listeners, forks the
-workers and runs the loop until a stop completes.  Everything happens
-in the loop's thread: signals arrive through ``EventLoop`` (the Python
-signal handler only records them), children are reaped on SIGCHLD.
-
-Signals:
+``serve(settings)`` checks the handler, opens the listeners (or adopts
+those an older master handed over on USR2), forks the workers and runs
+the loop until a stop completes.  Everything happens in the loop's
+thread: signals arrive through ``EventLoop`` (the Python signal handler
+only records them), children are reaped on SIGCHLD.  SIGNALS.md at the
+top of the repository says what every signal does; in short:
 
 ========  ==========================================================
-TERM      graceful stop: stop accepting, hand out the connections
-          already accepted, tell every worker to finish (STOP), exit 0
-INT       the same; a second INT stops at once
-QUIT      stop at once: workers are killed
+TERM      graceful stop: stop accepting (inherited listeners stay
+          open for their owner), hand out what was accepted, workers
+          finish, ``graceful_timeout`` caps it, exit 0
+INT/QUIT  fast stop: queued connections dropped, STOP to every worker
+          at once; a second INT or QUIT kills them
+HUP       reload: a new generation of workers, the old one retired
+          once the new one is ready (``generations``)
+TTIN/TTOU one worker more / fewer (never below 1)
+USR1      reopen the log file
+USR2      re-execute the master, handing it the listeners (``upgrade``)
 CHLD      reap every exited child; unknown children are reaped quietly
 ========  ==========================================================
 
@@ -19,6 +25,8 @@ Workers report over their channel (see ``channel``): a malformed,
 oversized or out-of-place message gets that worker killed and replaced,
 never the master.  A worker that dies is logged with its exit code or
 signal and replaced, after a crash-loop back-off (``CrashBackoff``).
+A healthy worker over ``max_requests`` or ``max_memory`` is retired
+(it finishes what it holds) and replaced at once (``recycling``).
 READY=1 goes to systemd once every configured worker has reported ready.
 """
 
@@ -28,32 +36,37 @@ import dataclasses
 import gc
 import logging
 import os
+import random
 import signal
 import socket
 import time
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 import setproctitle
 
-from forkserver import channel, fdpass, listeners, spawn
+from forkserver import channel, fdpass, listeners, recycling, spawn, upgrade
 from forkserver.commands import ControlCommands
 from forkserver.config import Settings
-from forkserver.control import ControlServer, open_control
+from forkserver.control import CommandError, ControlServer, open_control
 from forkserver.dispatch import Dispatcher, WorkerLink
 from forkserver.errors import ForkserverError
 from forkserver.eventloop import EventLoop, TimerHandle
+from forkserver.generations import Generations
 from forkserver.handler import LoadedHandler, WorkerClass, load_handler
 from forkserver.handler import resolve_worker_class as _resolve_class
 from forkserver.listeners import Listener
 from forkserver.log import reopen as reopen_logs
+from forkserver.privileges import PidFile
 from forkserver.privileges import resolve as resolve_credentials
-from forkserver.systemd import Notifier, listen_fds
+from forkserver.systemd import InheritedSocket, Notifier, listen_fds
+from forkserver.upgrade import HandedListener, Handover, Upgrade
 from forkserver.worker_table import (
     HEALTHY_LIFETIME,
     CrashBackoff,
     SlotHistory,
     TableError,
+    WorkerRecord,
     WorkerState,
     WorkerTable,
 )
@@ -69,6 +82,10 @@ _READ_BATCH: Final = 64
 DEFAULT_BIND: Final = "127.0.0.1:8000"
 #: Seconds between the stack-dump ABRT and the SIGKILL of a stuck worker.
 KILL_GRACE: Final = 1.0
+#: While a stop drains, systemd is asked every this many seconds for more time.
+EXTEND_INTERVAL: Final = 5.0
+#: Beyond ``graceful_timeout``: time to kill the stragglers and exit.
+EXTEND_MARGIN: Final = 10.0
 
 
 def serve(
@@ -80,27 +97,36 @@ def serve(
     """Run the daemon in this process until it stops; the exit code.
 
     0 after a requested stop, 78 when the handler or the user/group is
-    unusable, 69 when a listener cannot be opened; both failures happen
-    before any worker is forked.  *reload_settings* is the CLI's way to
-    re-read the configuration; this master does not reload yet (HUP is
-    logged and ignored), so it is only kept on the ``Master``.
+    unusable, 69 when a listener cannot be opened (or an older master's
+    hand-over is unusable); these failures happen before any worker is
+    forked.  *reload_settings* re-reads the configuration on HUP.
     """
     notifier = notifier if notifier is not None else Notifier.from_environ()
+    try:
+        handover = Handover.from_environ()
+    except ForkserverError as exc:
+        return _cannot_start(notifier, exc, EXIT_UNAVAILABLE)
     try:
         handler, worker_class = _check_handler(settings)
         resolve_credentials(settings.user, settings.group)
     except ForkserverError as exc:
-        return _cannot_start(notifier, exc, EXIT_CONFIG)
+        return _cannot_start(notifier, exc, EXIT_CONFIG)  # the old master sees end of file
     loop = EventLoop()
     try:
         try:
-            opened = _open_listeners(settings, loop)
+            if handover is not None:
+                opened = _adopt_handover(handover, settings, loop)
+            else:
+                opened = _open_listeners(settings, loop)
         except ForkserverError as exc:  # ListenerError, or malformed LISTEN_* variables
             return _cannot_start(notifier, exc, EXIT_UNAVAILABLE)
         master = Master(
             settings, loop, opened, notifier=notifier, handler=handler, worker_class=worker_class
         )
         master.reload_settings = reload_settings
+        master.handover = handover
+        if handover is not None:
+            master.inherited = {i for i, item in enumerate(handover.listeners) if item.inherited}
         return master.run()
     finally:
         loop.close()
@@ -153,6 +179,23 @@ def _open_listeners(settings: Settings, loop: EventLoop) -> list[Listener]:
     return opened
 
 
+def _adopt_handover(handover: Handover, settings: Settings, loop: EventLoop) -> list[Listener]:
+    """The listeners an older master handed over, in its order and with its names.
+
+    They replace the configured binds: the sockets must stay the same
+    across an upgrade, whatever the file says now.
+    """
+    inherited = [InheritedSocket(item.fd, f"listener{i}") for i, item in
+                 enumerate(handover.listeners)]  # fmt: skip
+    spec = listeners.parse_bind("systemd")
+    opened = listeners.open_listeners([spec], backlog=settings.backlog, loop=loop,
+                                      inherited=inherited)  # fmt: skip
+    for listener, item in zip(opened, handover.listeners, strict=True):
+        listener.name = item.name
+        listener.created_path = item.path  # ours to remove now
+    return opened
+
+
 class Master:
     """The supervisor: owns the loop, the listeners and the workers."""
 
@@ -185,13 +228,28 @@ class Master:
         self.history: dict[int, SlotHistory] = {}
         self.spawned = 0
         self.control: ControlServer | None = None
+        self.pid_file: PidFile | None = None
         self.stopping = False
         self.forced = False  # stop at once: no more respawns, pending connections dropped
         self.announced = False
-        self.interrupts = 0
-        self._respawns: dict[int, TimerHandle] = {}
+        # Listeners given to us (systemd, fd://): left open on stop for their owner.
+        self.inherited = {i for i, item in enumerate(listeners)
+                          if item.spec.kind in ("systemd", "fd")}  # fmt: skip
+        self.generations = Generations()
+        self.last_reload_error: str | None = None
+        self._before_reload: tuple[Settings, WorkerClass, int, int] | None = None
+        self._rng = random.Random()
+        self.handover: Handover | None = None  # set when an older master started us (USR2)
+        self.upgrade: Upgrade | None = None  # a newer master we started (USR2)
+        self.upgraded = False  # the newer master took over: drain and exit
+        self._upgrade_problem: str | None = None
+        self._upgrade_timer: TimerHandle | None = None
+        self._old_master_fd = -1
+        # Pending re-forks, by (generation, slot).
+        self._respawns: dict[tuple[int, int], TimerHandle] = {}
         self._status_timer: TimerHandle | None = None
         self._last_check = 0.0
+        self._deadline = 0.0  # monotonic: when a graceful stop turns into killing
         # Several heartbeats per timeout, so one late beat is not a death sentence.
         self._heartbeat_interval = min(HEARTBEAT_INTERVAL, settings.timeout / 4)
         self._listener_names = tuple(listener.name for listener in listeners)
@@ -202,12 +260,13 @@ class Master:
         for listener in self.listeners:
             listener.dispatch = self.dispatcher.dispatch
             listener.accept_error.connect(self._accept_failed(listener))
-        try:
-            self.control = open_control(self.loop, self.settings, ControlCommands(self).table())
-        except ForkserverError as exc:
-            for listener in self.listeners:
-                listener.close()
-            return _cannot_start(self.notifier, exc, EXIT_UNAVAILABLE)
+        if self.handover is None:  # else once the old master, which holds them, is gone
+            try:
+                self._claim_files()
+            except ForkserverError as exc:
+                for listener in self.listeners:
+                    listener.close()
+                return _cannot_start(self.notifier, exc, EXIT_UNAVAILABLE)
         self._install_signal_handlers()
         setproctitle.setproctitle(self._title())
         for slot in range(self.target):
@@ -221,25 +280,56 @@ class Master:
         self._watchdog()
         self._last_check = self.loop.time()
         self.loop.call_later(self._check_interval(), self._check_heartbeats)
+        self.loop.call_later(recycling.MEMORY_INTERVAL, self._check_memory)
         try:
             self.loop.run()
         finally:
             self._shutdown()
         return EXIT_OK
 
+    def _claim_files(self) -> None:
+        """The pid file and the control socket; raises ForkserverError."""
+        if self.settings.pid_file:
+            pid_file = PidFile(self.settings.pid_file)
+            pid_file.acquire()
+            self.pid_file = pid_file
+        self.control = open_control(self.loop, self.settings, self._control_commands())
+
+    def _control_commands(self) -> dict[str, Callable[..., object]]:
+        commands = ControlCommands(self).table()
+        snapshot = commands["status"]
+
+        def status() -> object:
+            result: Any = snapshot()
+            self._add_generations(result)
+            return result
+
+        commands["status"] = status
+        commands["reload"] = self._control_reload
+        return commands
+
+    def _add_generations(self, status: dict[str, Any]) -> None:
+        master = status["master"]
+        master["generation"] = self.generations.serving
+        if self.generations.reloading and not self.stopping:
+            master["state"] = "reloading"
+        master["last_reload_error"] = self.last_reload_error
+        generation = {record.pid: record.generation for record in self.table}
+        for worker in status["workers"]:
+            worker["generation"] = generation.get(worker["pid"], 0)
+
     def _install_signal_handlers(self) -> None:
         signals: dict[int, Callable[[], None]] = {
             signal.SIGCHLD: self._reap,
             signal.SIGTERM: self.stop,
-            signal.SIGINT: self._on_interrupt,
-            signal.SIGQUIT: self.stop_now,
+            signal.SIGINT: self.stop_fast,
+            signal.SIGQUIT: self.stop_fast,
+            signal.SIGHUP: self.reload,
             signal.SIGTTIN: lambda: self.scale_to(self.target + 1),
             signal.SIGTTOU: lambda: self.scale_to(self.target - 1),
             signal.SIGUSR1: self._reopen_logs,
+            signal.SIGUSR2: self.start_upgrade,
         }
-        # Not ours to act on yet, but their default action would kill the master.
-        for other in (signal.SIGHUP, signal.SIGUSR2):
-            signals[other] = self._unsupported(other)
         for signum, callback in signals.items():
             self.loop.add_signal_handler(signum, callback)
 
@@ -266,6 +356,16 @@ class Master:
     def _shutdown(self) -> None:
         if self.control is not None:
             self.control.close()
+        if self.pid_file is not None:
+            self.pid_file.release()
+        if self.handover is not None:
+            self.handover.close()
+        if self.upgrade is not None and self.upgrade.ready_fd >= 0:
+            self.loop.remove_reader(self.upgrade.ready_fd)
+            os.close(self.upgrade.ready_fd)
+        if self._old_master_fd >= 0:
+            self.loop.remove_reader(self._old_master_fd)
+            os.close(self._old_master_fd)
         for listener in self.listeners:
             listener.close()
         for timer in self._respawns.values():
@@ -274,8 +374,11 @@ class Master:
             self._requeue(self.dispatcher.remove_link(pid))
         dropped = self.dispatcher.close_pending()
         if dropped:
-            log.warning("%d accepted connections were never served", dropped,
-                        extra={"event": "master_stopped", "dropped": dropped})
+            log.warning(
+                "%d accepted connections were never served",
+                dropped,
+                extra={"event": "master_stopped", "dropped": dropped},
+            )
 
     def _requeue(self, items: list[tuple[int, int]]) -> None:
         if items:
@@ -283,15 +386,18 @@ class Master:
 
     # --- workers -----------------------------------------------------------
 
-    def _spawn(self, slot: int) -> None:
-        self._respawns.pop(slot, None)
+    def _spawn(self, slot: int, generation: int | None = None) -> None:
+        generation = self.generations.serving if generation is None else generation
+        self._respawns.pop((generation, slot), None)
         if self.stopping and (self.forced or not self.dispatcher.pending):
             self._finish_if_done()
             return
+        if not self.generations.is_live(generation) or slot >= self.target:
+            return  # a reload or a scale-down overtook this re-fork
         try:
             master_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         except OSError as exc:  # out of descriptors: try again later, never crash
-            self._spawn_failed(slot, exc)
+            self._spawn_failed(slot, exc, generation)
             return
         ctx = WorkerContext(
             slot=slot, master_pid=os.getpid(), channel=worker_end,
@@ -306,10 +412,14 @@ class Master:
         except OSError as exc:
             master_end.close()
             worker_end.close()
-            self._spawn_failed(slot, exc)
+            self._spawn_failed(slot, exc, generation)
             return
         master_end.setblocking(False)
-        record = self.table.add(slot, pid, self.capacity, self.loop.time())
+        record = self.table.add(slot, pid, self.capacity, self.loop.time(), generation)
+        settings = self.settings
+        record.request_limit = recycling.request_limit(
+            settings.max_requests, settings.max_requests_jitter, self._rng
+        )
         link = WorkerLink(record=record, sock=master_end, peer=worker_end)
         self.dispatcher.add_link(link)
         self.loop.add_reader(master_end, lambda: self._on_readable(link))
@@ -317,11 +427,13 @@ class Master:
         history = self.history.setdefault(slot, SlotHistory())
         history.started = time.time()
         log.info("worker %d (pid %d) spawned", slot, pid,
-                 extra={"event": "worker_spawned", "slot": slot, "pid": pid})
+                 extra={"event": "worker_spawned", "slot": slot, "pid": pid,
+                        "generation": generation,
+                        "request_limit": record.request_limit})  # fmt: skip
 
-    def _spawn_failed(self, slot: int, exc: OSError) -> None:
+    def _spawn_failed(self, slot: int, exc: OSError, generation: int) -> None:
         log.error("cannot start worker %d: %s", slot, exc, extra={"event": "worker_failed"})
-        self._schedule_respawn(slot, self.backoff.delay_after_exit(0.0))
+        self._schedule_respawn(slot, self.backoff.delay_after_exit(0.0), generation)
 
     def _owned_sockets(self, master_end: socket.socket) -> list[socket.socket]:
         owned = [master_end]
@@ -333,11 +445,21 @@ class Master:
                 owned.append(sock)
         return owned
 
-    def _schedule_respawn(self, slot: int, delay: float) -> None:
+    def _schedule_respawn(self, slot: int, delay: float, generation: int) -> None:
         if delay > 0:
-            log.warning("worker %d keeps crashing: replacing it in %g s", slot, delay,
-                        extra={"event": "worker_backoff", "slot": slot, "delay": delay})
-        self._respawns[slot] = self.loop.call_later(delay, lambda: self._spawn(slot))
+            log.warning(
+                "worker %d keeps crashing: replacing it in %g s",
+                slot,
+                delay,
+                extra={"event": "worker_backoff", "slot": slot, "delay": delay},
+            )
+        self._respawns[(generation, slot)] = self.loop.call_later(
+            delay, lambda: self._spawn(slot, generation)
+        )
+
+    def _cancel_respawns(self, keep: Callable[[int, int], bool] = lambda gen, slot: False) -> None:
+        for key in [key for key in self._respawns if not keep(*key)]:
+            self._respawns.pop(key).cancel()
 
     def _reap(self) -> None:
         while True:
@@ -348,8 +470,11 @@ class Master:
             if pid == 0:
                 return
             link = self.dispatcher.links.get(pid)
-            if link is not None:  # anything else is not ours to mourn
+            if link is not None:
                 self._worker_exited(link, os.waitstatus_to_exitcode(status))
+            elif self.upgrade is not None and pid == self.upgrade.pid:
+                self._new_master_exited(os.waitstatus_to_exitcode(status))
+            # anything else is not ours to mourn
 
     def _worker_exited(self, link: WorkerLink, code: int) -> None:
         record = link.record
@@ -369,14 +494,31 @@ class Master:
         history = self.history.setdefault(record.slot, SlotHistory())
         history.exited(how, record.served)
         delay = self.backoff.delay_after_exit(lifetime)
-        # While stopping, a worker is replaced only if accepted connections still need one.
-        needed = not self.stopping or (self.dispatcher.pending and not self.forced)
-        if needed and record.slot < self.target:
-            self._schedule_respawn(record.slot, delay)
+        if record.generation == self.generations.starting and record.state is WorkerState.STARTING:
+            self._abandon_reload(f"worker {record.slot} of the new generation {how} "
+                                 "before it was ready")  # fmt: skip
+        elif self._replaceable(record):
+            self._schedule_respawn(record.slot, delay, record.generation)
         self.dispatcher.drain_pending()
         self._stop_workers_when_drained()
         self._update_status()
         self._finish_if_done()
+
+    def _replaceable(self, record: WorkerRecord) -> bool:
+        """Does this worker, now dead, need a successor?"""
+        if record.retired or not self.generations.is_live(record.generation):
+            return False  # its successor exists already, or it was meant to go
+        # While stopping, a worker is replaced only if accepted connections still need one.
+        needed = not self.stopping or (self.dispatcher.pending and not self.forced)
+        return bool(needed) and record.slot < self.target
+
+    def _retire(self, link: WorkerLink) -> None:
+        """Ask a worker to finish what it holds and exit, without a successor."""
+        record = link.record
+        record.retired = True
+        if record.state is not WorkerState.STOPPING and not link.killed:
+            self.table.mark_stopping(record.pid)
+            self.dispatcher.queue_stop(link)
 
     def _finish_if_done(self) -> None:
         """A stop is complete once no worker is left or due (pending ones are lost)."""
@@ -407,6 +549,10 @@ class Master:
         match message:
             case channel.Done(count=count):
                 self.table.complete(record.pid, count, now)
+                if recycling.served_enough(record.served, record.request_limit):
+                    self._recycle(link, f"served {record.served} connections, its "
+                                        f"max_requests limit of {record.request_limit}",
+                                  limit="max_requests")  # fmt: skip
                 self.dispatcher.drain_pending()
                 self._stop_workers_when_drained()
             case channel.Ready(pid=pid):
@@ -424,19 +570,29 @@ class Master:
             return
         self.table.mark_ready(record.pid, self.loop.time())
         log.info("worker %d (pid %d) ready", record.slot, record.pid,
-                 extra={"event": "worker_ready", "slot": record.slot, "pid": record.pid})
+                 extra={"event": "worker_ready", "slot": record.slot, "pid": record.pid,
+                        "generation": record.generation})  # fmt: skip
         pid = record.pid
         self.loop.call_later(HEALTHY_LIFETIME, lambda: self._healthy(pid))
         ready = self.table.count(WorkerState.READY)
-        if not self.announced and ready >= self.settings.workers:
-            self.announced = True
-            total = self.settings.workers
-            status = f"listening on {self._where()}; {ready} of {total} workers ready"
-            self.notifier.ready(status)
-            log.info("%s", status, extra={"event": "master_ready", "workers": ready})
+        if record.generation == self.generations.starting:
+            self._commit_reload_when_ready()
+        elif not self.announced and ready >= self.target:
+            self._announce(ready)
         elif self.announced:
             self._update_status()
         self.dispatcher.drain_pending()
+
+    def _announce(self, ready: int) -> None:
+        """Every worker is ready for the first time: tell systemd (or the old master)."""
+        self.announced = True
+        status = f"listening on {self._where()}; {ready} of {self.target} workers ready"
+        log.info("%s", status, extra={"event": "master_ready", "workers": ready})
+        if self.handover is None:
+            self.notifier.ready(status)
+        else:  # READY=1 once systemd knows our pid (MAINPID=, sent by the old master)
+            self.handover.report_ready()
+            self._await_old_master(self.handover.old_pid)
 
     def _healthy(self, pid: int) -> None:
         if self.table.get(pid) is not None:
@@ -445,9 +601,9 @@ class Master:
     def _handler_error(self, link: WorkerLink, error: channel.HandlerError) -> None:
         record = link.record
         record.errors += 1
-        self.history.setdefault(record.slot, SlotHistory()).last_error = (
-            f"{error.exc_type}: {error.message}"
-        )
+        self.history.setdefault(
+            record.slot, SlotHistory()
+        ).last_error = f"{error.exc_type}: {error.message}"
         names = self._listener_names
         listener = names[error.listener] if error.listener < len(names) else str(error.listener)
         log.error(
@@ -526,22 +682,300 @@ class Master:
         old, self.target = self.target, workers
         log.info("scaling from %d to %d workers", old, workers,
                  extra={"event": "workers_scaled", "target": workers, "previous": old})  # fmt: skip
-        taken = {record.slot for record in self.table}  # a retiring slot comes back on exit
-        for slot in range(workers):
-            if slot not in taken and slot not in self._respawns:
-                self._spawn(slot)
+        # A retiring worker's slot is free again: its successor starts now.
+        taken = {(r.generation, r.slot) for r in self.table if not r.retired}
+        for generation in (self.generations.serving, self.generations.starting):
+            for slot in range(workers):
+                key = (generation, slot)
+                if generation is not None and key not in taken and key not in self._respawns:
+                    self._spawn(slot, generation)
         for link in tuple(self.dispatcher.links.values()):
             record = link.record
-            if record.slot >= workers and record.state is not WorkerState.STOPPING:
+            if record.slot >= workers and not record.retired:
                 log.info("worker %d (pid %d) retired: it finishes what it holds, then exits",
                          record.slot, record.pid,
                          extra={"event": "worker_retired", "slot": record.slot,
                                 "pid": record.pid})  # fmt: skip
-                self.table.mark_stopping(record.pid)
-                self.dispatcher.queue_stop(link)
-        for slot in [s for s in self._respawns if s >= workers]:
-            self._respawns.pop(slot).cancel()
+                self._retire(link)
+        self._cancel_respawns(keep=lambda gen, slot: slot < workers)
+        if self.generations.reloading:
+            self._commit_reload_when_ready()  # fewer workers may be enough now
         self._update_status()
+
+    # --- recycling -------------------------------------------------------------
+
+    def _recycle(self, link: WorkerLink, reason: str, **extra: object) -> None:
+        """Retire a healthy worker over a limit, and start its successor at once."""
+        record = link.record
+        if record.retired or link.killed:
+            return
+        log.info("worker %d (pid %d) %s: retiring it after its connections and replacing it",
+                 record.slot, record.pid, reason,
+                 extra={"event": "worker_recycled", "slot": record.slot, "pid": record.pid,
+                        "reason": reason, **extra})  # fmt: skip
+        successor = self._replaceable(record)
+        self._retire(link)
+        if successor:
+            self._spawn(record.slot, record.generation)
+
+    def _check_memory(self) -> None:
+        """Sample every working worker's memory; recycle those over ``max_memory``."""
+        self.loop.call_later(recycling.MEMORY_INTERVAL, self._check_memory)
+        limit, metric = self.settings.max_memory, self.settings.memory_metric
+        if limit <= 0 or self.stopping:
+            return
+        for link in tuple(self.dispatcher.links.values()):
+            record = link.record
+            if record.state is not WorkerState.READY or record.retired:
+                continue
+            used = recycling.sample_memory(record.pid, metric)
+            excess = recycling.check_memory(used, limit, metric)
+            if excess is not None:
+                self._recycle(link, excess.describe(), limit="max_memory", metric=metric,
+                              used=excess.used, max_memory=limit, excess=excess.excess)  # fmt: skip
+
+    # --- reload -------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """HUP: start a new generation with the settings as they are now on disk."""
+        if self.stopping or self.upgraded:
+            log.warning("reload ignored: the master is stopping", extra={"event": "reload_ignored"})
+            return
+        if not self.generations.request():
+            log.info("reload queued: generation %d is still starting", self.generations.starting,
+                     extra={"event": "reload_queued"})  # fmt: skip
+            return
+        try:
+            settings = self.reload_settings() if self.reload_settings else self.settings
+            settings = self._reloadable(settings)
+            worker_class = self._reload_worker_class(settings)
+            resolve_credentials(settings.user, settings.group)
+        except ForkserverError as exc:
+            self._reload_failed(str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                                detail=str(exc))  # fmt: skip
+            return
+        self._begin_generation(settings, worker_class)
+
+    def _reloadable(self, settings: Settings) -> Settings:
+        """*settings* without the changes a reload cannot make (each one logged)."""
+        current = self.settings
+        kept: dict[str, object] = {}
+        if settings.listeners != current.listeners:
+            kept["listeners"] = current.listeners
+            log.warning("the listeners changed in the configuration: a reload keeps the "
+                        "listening sockets; restart, or upgrade with USR2, to change them",
+                        extra={"event": "reload_listeners_kept"})  # fmt: skip
+        if settings.preload != current.preload:
+            kept["preload"] = current.preload
+            log.warning("preload changed in the configuration: it takes a restart or USR2",
+                        extra={"event": "reload_preload_kept"})  # fmt: skip
+        if current.preload and settings.handler != current.handler:
+            kept["handler"] = current.handler
+            log.warning(
+                "the handler changed, but with preload it is fixed in the master: "
+                "upgrade with USR2 to change it",
+                extra={"event": "reload_handler_kept"},
+            )
+        return dataclasses.replace(settings, **kept) if kept else settings  # type: ignore[arg-type]
+
+    def _reload_worker_class(self, settings: Settings) -> WorkerClass:
+        if self.handler is not None:  # preloaded: the code in the master is the code
+            kind = self.handler.kind
+        else:
+            kind = spawn.probe_handler(settings.handler)  # the code on disk now
+        return _resolve_class(settings.handler, kind, settings.worker_class)
+
+    def _begin_generation(self, settings: Settings, worker_class: WorkerClass) -> None:
+        self._before_reload = (self.settings, self.worker_class, self.capacity, self.target)
+        if settings.workers != self.settings.workers:
+            self.target = settings.workers  # else a count set by TTIN/TTOU/scale stands
+        self.settings, self.worker_class = settings, worker_class
+        self._apply_settings()
+        generation = self.generations.begin()
+        self.notifier.reloading()
+        self.backoff.reset()
+        if self.handler is not None:
+            log.info("reloading: generation %d starts; with preload the handler code stays as "
+                     "loaded, so this reloads the configuration only (USR2 loads new code)",
+                     generation, extra={"event": "reload_started", "generation": generation,
+                                        "preload": True})  # fmt: skip
+        else:
+            log.info("reloading: generation %d starts with the handler code as it is on disk",
+                     generation, extra={"event": "reload_started", "generation": generation,
+                                        "preload": False})  # fmt: skip
+        for slot in range(self.target):
+            self._spawn(slot, generation)
+
+    def _apply_settings(self) -> None:
+        settings = self.settings
+        self.capacity = 1 if self.worker_class == "sync" else settings.concurrency
+        self.dispatcher.max_pending = settings.max_pending_connections
+        self._heartbeat_interval = min(HEARTBEAT_INTERVAL, settings.timeout / 4)
+        setproctitle.setproctitle(self._title())
+
+    def _commit_reload_when_ready(self) -> None:
+        """Once the whole new generation is ready it serves; older workers are retired."""
+        generation = self.generations.starting
+        ready = sum(1 for r in self.table
+                    if r.generation == generation and r.state is WorkerState.READY)  # fmt: skip
+        if generation is None or ready < self.target:
+            return
+        self.generations.commit()
+        self._before_reload = None
+        self.last_reload_error = None
+        for link in tuple(self.dispatcher.links.values()):
+            if link.record.generation != generation:
+                self._retire(link)  # it finishes its connections, then exits
+        self._cancel_respawns(keep=lambda gen, slot: gen == generation)
+        log.info("reload complete: generation %d serves", generation,
+                 extra={"event": "reload_completed", "generation": generation})  # fmt: skip
+        if self.announced:
+            self.notifier.ready(f"listening on {self._where()}; generation {generation}; "
+                                f"{ready} of {self.target} workers ready")  # fmt: skip
+        else:
+            self._announce(ready)
+        if self.generations.take_again():
+            self.loop.call_soon(self.reload)
+
+    def _abandon_reload(self, reason: str) -> None:
+        """A new worker could not start: back to the serving generation, untouched."""
+        failed = self.generations.abandon()
+        if self._before_reload is not None:
+            self.settings, self.worker_class, self.capacity, self.target = self._before_reload
+            self._before_reload = None
+            self._apply_settings()
+        for link in tuple(self.dispatcher.links.values()):
+            if link.record.generation == failed:
+                self._retire(link)
+        self._cancel_respawns(keep=lambda gen, slot: gen != failed)
+        self._reload_failed(reason)
+        self.notifier.ready(f"listening on {self._where()}; reload failed: {reason}")
+        if self.generations.take_again():
+            self.loop.call_soon(self.reload)
+
+    def _reload_failed(self, reason: str, detail: str | None = None) -> None:
+        self.last_reload_error = reason
+        log.error("reload failed, the running workers keep serving: %s", detail or reason,
+                  extra={"event": "reload_failed", "reason": reason})  # fmt: skip
+        self.notifier.status(f"reload failed: {reason}", force=True)
+
+    def _control_reload(self) -> dict[str, Any]:
+        if self.stopping:
+            raise CommandError("the master is stopping")
+        before = self.last_reload_error
+        self.last_reload_error = None
+        self.reload()
+        if self.last_reload_error is not None:
+            raise CommandError(f"reload failed: {self.last_reload_error}")
+        if not self.generations.reloading:  # nothing began: keep the previous error on show
+            self.last_reload_error = before
+        starting = self.generations.starting
+        return {"generation": starting if starting is not None else self.generations.serving}
+
+    # --- upgrade (USR2) -------------------------------------------------------------
+
+    def start_upgrade(self) -> None:
+        """USR2: run a new master on the same listening sockets (see ``upgrade``)."""
+        if self.stopping or self.upgrade is not None or self.handover is not None:
+            why = ("the master is stopping" if self.stopping else
+                   "an upgrade is already under way" if self.upgrade is not None else
+                   "the previous master has not exited yet")  # fmt: skip
+            log.warning("USR2 ignored: %s", why, extra={"event": "upgrade_ignored"})
+            return
+        handed = [
+            HandedListener(fd=listener.socket_descriptor(), name=listener.name,
+                           inherited=index in self.inherited, path=listener.created_path)
+            for index, listener in enumerate(self.listeners)
+        ]  # fmt: skip
+        try:
+            new = upgrade.start_new_master(
+                upgrade.new_master_argv(), handed, self.notifier.handover_environ()
+            )
+        except OSError as exc:
+            log.error("upgrade failed, this master keeps serving: cannot start a new master: %s",
+                      exc, extra={"event": "upgrade_failed"})  # fmt: skip
+            return
+        self.upgrade, self._upgrade_problem = new, None
+        self.loop.add_reader(new.ready_fd, self._on_new_master_pipe)
+        self._upgrade_timer = self.loop.call_later(upgrade.READY_TIMEOUT, self._new_master_late)
+        log.info("upgrading: new master (pid %d) starting on the same sockets", new.pid,
+                 extra={"event": "upgrade_started", "new_pid": new.pid})  # fmt: skip
+
+    def _on_new_master_pipe(self) -> None:
+        new = self.upgrade
+        if new is None:
+            return
+        said = upgrade.read_ready(new)
+        if said is None:
+            return
+        self.loop.remove_reader(new.ready_fd)
+        os.close(new.ready_fd)
+        new.ready_fd = -1
+        if said:
+            self._handed_over(new)
+        # else: it gave up; its exit (reaped soon) says why
+
+    def _handed_over(self, new: Upgrade) -> None:
+        if self._upgrade_timer is not None:
+            self._upgrade_timer.cancel()
+        self.upgraded = True
+        log.info("upgrade complete: new master (pid %d) serves; this one drains and exits",
+                 new.pid, extra={"event": "upgrade_completed", "pid": os.getpid(),
+                                 "new_pid": new.pid})  # fmt: skip
+        self.notifier.main_pid(new.pid)  # NotifyAccess=main: only the main pid is heard
+        for listener in self.listeners:
+            listener.created_path = None  # the new master's to remove now
+        self.stop()
+
+    def _new_master_late(self) -> None:
+        new = self.upgrade
+        if new is not None and not self.upgraded:
+            self._upgrade_problem = f"not ready within {upgrade.READY_TIMEOUT:g} s"
+            os.kill(new.pid, signal.SIGKILL)  # its workers follow (parent-death signal)
+
+    def _new_master_exited(self, code: int) -> None:
+        new, self.upgrade = self.upgrade, None
+        if self._upgrade_timer is not None:
+            self._upgrade_timer.cancel()
+            self._upgrade_timer = None
+        if new is not None and new.ready_fd >= 0:
+            self.loop.remove_reader(new.ready_fd)
+            os.close(new.ready_fd)
+        pid = new.pid if new is not None else 0
+        if self.upgraded:
+            log.warning("the new master (pid %d) exited: %s", pid, describe_exit(code),
+                        extra={"event": "upgrade_new_master_exited", "new_pid": pid})  # fmt: skip
+            return
+        problem = self._upgrade_problem or f"exited before it was ready: {describe_exit(code)}"
+        log.error("upgrade failed, this master keeps serving: new master (pid %d) %s", pid,
+                  problem, extra={"event": "upgrade_failed", "new_pid": pid})  # fmt: skip
+
+    def _await_old_master(self, old_pid: int) -> None:
+        """The pid file and control socket are ours once the old master is gone."""
+        try:
+            self._old_master_fd = os.pidfd_open(old_pid)
+        except ProcessLookupError:
+            self._took_over(old_pid)
+            return
+        self.loop.add_reader(self._old_master_fd, lambda: self._took_over(old_pid))
+
+    def _took_over(self, old_pid: int) -> None:
+        if self._old_master_fd >= 0:
+            self.loop.remove_reader(self._old_master_fd)
+            os.close(self._old_master_fd)
+            self._old_master_fd = -1
+        self.handover = None
+        try:
+            self._claim_files()
+        except ForkserverError as exc:
+            log.error("after the upgrade: %s", exc, extra={"event": "takeover_failed"})
+        ready = self.table.count(WorkerState.READY)
+        self.notifier.ready(f"listening on {self._where()}; {ready} of {self.target} workers ready")
+        log.info(
+            "the old master (pid %d) has exited: this master is in charge",
+            old_pid,
+            extra={"event": "master_took_over", "pid": os.getpid(), "old_pid": old_pid},
+        )
 
     def _reopen_logs(self) -> None:
         try:
@@ -558,36 +992,56 @@ class Master:
         self.stopping = True
         log.info("stopping: workers finish their connections", extra={"event": "master_stopping"})
         self.notifier.stopping()
-        for listener in self.listeners:
-            listener.close()
+        self.dispatcher.listeners = []  # accepting stays off whatever the queue does
+        for index, listener in enumerate(self.listeners):
+            if index in self.inherited and not self.upgraded:
+                listener.pause_accepting()  # its owner's: its backlog waits for the next start
+            else:
+                listener.close()
         if not self.dispatcher.pending:  # otherwise a replacement may still be needed
-            for timer in self._respawns.values():
-                timer.cancel()
-            self._respawns.clear()
+            self._cancel_respawns()
+        self._deadline = self.loop.time() + self.settings.graceful_timeout
         self.loop.call_later(self.settings.graceful_timeout, self._graceful_timeout)
+        self._extend_stop_timeout()
+        self._stop_workers_when_drained()
+
+    def _extend_stop_timeout(self) -> None:
+        """EXTEND_TIMEOUT_USEC while workers drain connections, so systemd waits for them."""
+        busy = self.dispatcher.pending or any(record.in_flight for record in self.table)
+        if not busy or self.forced:
+            return
+        remaining = max(0.0, self._deadline - self.loop.time())
+        self.notifier.extend_timeout(remaining + EXTEND_MARGIN)
+        self.loop.call_later(min(EXTEND_INTERVAL, remaining + 1.0), self._extend_stop_timeout)
+
+    def stop_fast(self) -> None:
+        """INT/QUIT: drop what no worker holds yet, STOP every worker now; again: kill."""
+        if self.forced:
+            self.stop_now()
+            return
+        self.stop()
+        self.forced = True
+        self._cancel_respawns()
+        dropped = self.dispatcher.close_pending()
+        log.info("fast stop: %d queued connections dropped, workers stop now", dropped,
+                 extra={"event": "master_stopping", "dropped": dropped, "fast": True})  # fmt: skip
         self._stop_workers_when_drained()
 
     def stop_now(self) -> None:
         self.stop()
         self.forced = True
-        for timer in self._respawns.values():
-            timer.cancel()
-        self._respawns.clear()
+        self._cancel_respawns()
         for record in self.table:
             os.kill(record.pid, signal.SIGKILL)
         self._finish_if_done()
 
     def _graceful_timeout(self) -> None:
         if self.table:
-            log.warning("workers still busy after %g s: killing them",
-                        self.settings.graceful_timeout, extra={"event": "master_stopping"})
-            self.stop_now()
-
-    def _on_interrupt(self) -> None:
-        self.interrupts += 1
-        if self.interrupts == 1:
-            self.stop()
-        else:
+            log.warning(
+                "workers still busy after %g s: killing them",
+                self.settings.graceful_timeout,
+                extra={"event": "master_stopping"},
+            )
             self.stop_now()
 
     def _stop_workers_when_drained(self) -> None:
@@ -609,22 +1063,12 @@ class Master:
 
         return report
 
-    def _unsupported(self, signum: int) -> Callable[[], None]:
-        name = signal.Signals(signum).name
-
-        def ignore() -> None:
-            log.warning("%s ignored: this master does not handle it", name,
-                        extra={"event": "signal_ignored", "signal": name})  # fmt: skip
-
-        return ignore
-
     def _where(self) -> str:
         return ", ".join(listener.describe() for listener in self.listeners)
 
     def _title(self) -> str:
         name = f" [{self.settings.name}]" if self.settings.name else ""
         return f"forkserver: master{name} listening on {self._where()}"
-
 
 
 def describe_exit(code: int) -> str:

@@ -6,7 +6,7 @@ inherited descriptors, exactly as systemd socket activation passes them:
 descriptors 3, 4, ... with ``LISTEN_FDS``, ``LISTEN_FDNAMES`` and
 ``LISTEN_PID`` (set in the child after fork, so it is the new master's
 own pid).  One more inherited descriptor, the write end of a pipe, is
-how the new master says it is ready; ``FORKSERVER_UPGRADE`` (JSON) names
+how the new master says it is ready; ``FORKSERVER__UPGRADE`` (JSON) names
 it, with the old master's pid and what each listener was::
 
     {"ready_fd": 5, "old_pid": 1234,
@@ -41,8 +41,8 @@ from typing import Any, Final, NoReturn
 from forkserver.errors import ForkserverError
 from forkserver.systemd import SD_LISTEN_FDS_START, InheritedSocket, listen_fds, valid_fd_name
 
-ENV: Final = "FORKSERVER_UPGRADE"
-#: The most bytes of ``FORKSERVER_UPGRADE`` the new master will read.
+ENV: Final = "FORKSERVER__UPGRADE"  # the reserved prefix: no setting may take it
+#: The most bytes of ``FORKSERVER__UPGRADE`` the new master will read.
 MAX_ENV: Final = 65536
 #: Seconds the old master gives the new one to report ready.
 READY_TIMEOUT: Final = 60.0
@@ -166,7 +166,7 @@ class Handover:
     def from_environ(cls, environ: MutableMapping[str, str] = os.environ) -> Handover | None:
         """Claim the hand-over (None if this master was not started by USR2).
 
-        Removes ``FORKSERVER_UPGRADE`` and the ``LISTEN_*`` variables, so
+        Removes ``FORKSERVER__UPGRADE`` and the ``LISTEN_*`` variables, so
         no worker inherits them, and makes every handed descriptor
         close-on-exec.  Raises ``UpgradeError`` naming what is wrong.
         """

@@ -36,7 +36,7 @@ for item in handover.listeners:
                  "listening": sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN),
                  "cloexec": not os.get_inheritable(item.fd)})
     sock.close()
-left = sorted(k for k in os.environ if k.startswith(("LISTEN_", "FORKSERVER_UPGRADE")))
+left = sorted(k for k in os.environ if k.startswith(("LISTEN_", "FORKSERVER__UPGRADE")))
 with open(out, "w") as f:
     json.dump({"pid": os.getpid(), "old_pid": handover.old_pid, "listeners": seen,
                "left": left, "extra": os.environ.get("EXTRA"),

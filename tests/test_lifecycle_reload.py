@@ -1,0 +1,178 @@
+"""HUP with real processes: a new generation, zero loss under load, failures harmless."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.loadgen import BackgroundLoad
+from tests.support import start_daemon, wait_gone
+
+ECHO = "forkserver.examples.echo:handle"
+
+# A handler whose answer says which version of its code runs.
+VERSIONED = """
+import socket
+VERSION = b"{version}"
+
+def handle(conn: socket.socket, peer: object) -> None:
+    conn.sendall(VERSION + b" held\\n")
+    data = conn.recv(100)
+    conn.sendall(VERSION + b" " + data)
+"""
+
+
+def recv_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def read_line(sock: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+@pytest.fixture
+def code_dir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="fs-code-") as path:
+        yield Path(path)
+
+
+def write_module(directory: Path, version: str) -> None:
+    path = directory / "versioned_handler.py"
+    path.write_text(VERSIONED.format(version=version))
+    # Make sure the new text is not taken for the old by a coarse mtime.
+    stamp = time.time() + (1 if version != "1" else 0)
+    os.utime(path, (stamp, stamp))
+
+
+def test_reload_under_load_answers_every_request() -> None:
+    total = 2000
+    with start_daemon(ECHO, workers=2) as daemon:
+        before = {p.pid for p in daemon.workers()}
+        host, port = daemon.address
+        hups = 0
+        with BackgroundLoad(host, port, total=total, concurrency=16, deadline=60) as load:
+            load.wait_answered(50)
+            while load.running() and hups < 250:
+                daemon.proc.send_signal(signal.SIGHUP)
+                hups += 1
+                # sleep-ok: the cadence under test is one HUP every 0.2 s
+                time.sleep(0.2)
+            result = load.join()
+        assert result.failures == [], result.failure_summary()
+        assert result.answered == total
+        assert hups >= 3, "the load ended before the reloads began: it proves nothing"
+        completed = daemon.wait_log("reload_completed")
+        assert completed["generation"] >= 1
+        after = {p.pid for p in daemon.workers()}
+        assert not before & after, "the first generation was never retired"
+        assert daemon.stop() == 0
+
+
+def test_reload_runs_the_new_code_and_lets_old_workers_finish(code_dir: Path) -> None:
+    write_module(code_dir, "1")
+    env = {"PYTHONPATH": f"{code_dir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    with start_daemon("versioned_handler:handle", workers=1, env=env) as daemon:
+        old_worker = daemon.workers()[0].pid
+        with daemon.connect() as held:
+            assert read_line(held) == b"1 held\n"
+            write_module(code_dir, "2")
+            before = len(daemon.notifications)
+            daemon.proc.send_signal(signal.SIGHUP)
+            daemon.wait_notify("RELOADING=1", since=before)
+            completed = daemon.wait_log("reload_completed")
+            assert completed["generation"] == 1
+            with daemon.connect() as fresh:
+                assert read_line(fresh) == b"2 held\n"  # new code, new generation
+                fresh.sendall(b"new\n")
+                assert recv_all(fresh) == b"2 new\n"
+            assert psutil_alive(old_worker), "an old worker holding a connection was stopped"
+            held.sendall(b"old\n")
+            assert recv_all(held) == b"1 old\n"  # the old worker finished its connection
+        assert daemon.wait_log("worker_exited", pid=old_worker)["exit_code"] == 0
+        reloading = daemon.wait_notify("RELOADING=1", since=before)
+        after = daemon.notifications.index(reloading) + 1
+        ready_again = daemon.wait_notify("READY=1", since=after)  # the new generation is up
+        assert "generation 1" in ready_again
+        assert daemon.stop() == 0
+
+
+def psutil_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_an_invalid_config_file_keeps_the_running_settings_and_workers(tmp_path: Path) -> None:
+    config = tmp_path / "forkserver.toml"
+    config.write_text("max_requests = 0\n")
+    with start_daemon(ECHO, "-c", str(config), workers=2) as daemon:
+        before = sorted(p.pid for p in daemon.workers())
+        config.write_text("max_requests = -5\n")
+        daemon.proc.send_signal(signal.SIGHUP)
+        failed = daemon.wait_log("reload_failed")
+        assert "max_requests" in failed["message"]
+        assert sorted(p.pid for p in daemon.workers()) == before
+        with daemon.connect() as sock:
+            sock.sendall(b"still here")
+            sock.shutdown(socket.SHUT_WR)
+            assert recv_all(sock) == b"still here"
+        # The next good reload works.
+        config.write_text("max_requests = 0\n")
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_log("reload_completed")
+        wait_gone(before)
+        assert daemon.stop() == 0
+
+
+def test_a_handler_that_no_longer_imports_fails_the_reload_and_keeps_serving(
+    code_dir: Path,
+) -> None:
+    write_module(code_dir, "1")
+    env = {"PYTHONPATH": f"{code_dir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    with start_daemon("versioned_handler:handle", workers=1, env=env) as daemon:
+        before = daemon.workers()[0].pid
+        (code_dir / "versioned_handler.py").write_text("raise ImportError('broken on disk')\n")
+        daemon.proc.send_signal(signal.SIGHUP)
+        failed = daemon.wait_log("reload_failed")
+        assert "broken on disk" in failed["message"]
+        assert [p.pid for p in daemon.workers()] == [before]
+        with daemon.connect() as sock:
+            assert read_line(sock) == b"1 held\n"
+            sock.sendall(b"x\n")
+            assert recv_all(sock) == b"1 x\n"
+        assert daemon.stop() == 0
+
+
+def test_with_preload_a_reload_changes_the_configuration_only(tmp_path: Path) -> None:
+    config = tmp_path / "forkserver.toml"
+    config.write_text('name = "before"\n')
+    with start_daemon(ECHO, "--preload", "-c", str(config), workers=1) as daemon:
+        before = [p.pid for p in daemon.workers()]
+        config.write_text('name = "after"\n')
+        daemon.proc.send_signal(signal.SIGHUP)
+        started = daemon.wait_log("reload_started")
+        assert started["preload"] is True
+        assert "configuration only" in started["message"]
+        daemon.wait_log("reload_completed")
+        daemon.wait_log("worker_exited", pid=before[0])  # reaped: no zombie left to list
+        titles = [" ".join(p.cmdline()) for p in daemon.workers()]
+        assert titles and all("[after]" in title for title in titles), titles
+        assert daemon.stop() == 0
