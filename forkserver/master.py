@@ -59,7 +59,7 @@ from forkserver.listeners import Listener
 from forkserver.log import reopen as reopen_logs
 from forkserver.privileges import PidFile
 from forkserver.privileges import resolve as resolve_credentials
-from forkserver.systemd import InheritedSocket, Notifier, listen_fds
+from forkserver.systemd import InheritedSocket, Notifier, listen_fds, store_name
 from forkserver.upgrade import HandedListener, Handover, Upgrade
 from forkserver.worker_table import (
     HEALTHY_LIFETIME,
@@ -117,7 +117,7 @@ def serve(
             if handover is not None:
                 opened = _adopt_handover(handover, settings, loop)
             else:
-                opened = _open_listeners(settings, loop)
+                opened = _open_listeners(settings, loop, notifier)
         except ForkserverError as exc:  # ListenerError, or malformed LISTEN_* variables
             return _cannot_start(notifier, exc, EXIT_UNAVAILABLE)
         master = Master(
@@ -151,32 +151,52 @@ def _check_handler(settings: Settings) -> tuple[LoadedHandler | None, WorkerClas
     return handler, _resolve_class(settings.handler, kind, settings.worker_class)
 
 
-def _open_listeners(settings: Settings, loop: EventLoop) -> list[Listener]:
-    configured = settings.listeners
-    if not configured:
-        claimed = listen_fds()
-        spec = listeners.parse_bind("systemd" if claimed else DEFAULT_BIND)
-        return listeners.open_listeners(
-            [spec], backlog=settings.backlog, loop=loop, inherited=claimed
-        )
-    wants_systemd = any(item.bind.startswith("systemd") for item in configured)
-    inherited = listen_fds() if wants_systemd else None
+def _open_listeners(settings: Settings, loop: EventLoop, notifier: Notifier) -> list[Listener]:
+    """Open the configured listeners (``DEFAULT_BIND``, or systemd's, if none).
+
+    A socket this master binds itself is given to systemd to keep
+    (FDSTORE=1, named by ``store_name(bind)``), so that after a restart
+    it comes back in LISTEN_FDS and is adopted instead of bound again:
+    connections that wait in its backlog meanwhile are not refused.
+    """
+    claimed = listen_fds()
+    if settings.listeners:
+        binds = [(item.bind, item.name, item.backlog) for item in settings.listeners]
+    else:
+        binds = [("systemd" if claimed else DEFAULT_BIND, "", None)]
+    kept = {sock.name: sock for sock in claimed}
+    own = {store_name(bind) for bind, _, _ in binds if _bindable(bind)}
+    from_units = [sock for sock in claimed if sock.name not in own]  # for "systemd" specs
     opened: list[Listener] = []
     try:
-        for item in configured:
-            spec = listeners.parse_bind(item.bind)
-            if item.name and spec.kind != "systemd":  # systemd sockets carry their own names
-                spec = dataclasses.replace(spec, name=item.name)
-            backlog = item.backlog if item.backlog is not None else settings.backlog
-            more = listeners.open_listeners([spec], backlog=backlog, loop=loop, inherited=inherited)
+        for bind, name, backlog in binds:
+            spec = listeners.parse_bind(bind)
+            if name and spec.kind != "systemd":  # systemd sockets carry their own names
+                spec = dataclasses.replace(spec, name=name)
+            stored = kept.get(store_name(bind)) if _bindable(bind) else None
+            if stored is not None:  # ours from the previous run: adopt, never bind again
+                spec = dataclasses.replace(spec, kind="fd", fd=stored.fd)
+            size = backlog if backlog is not None else settings.backlog
+            more = listeners.open_listeners([spec], backlog=size, loop=loop, inherited=from_units)
             for listener in more:
                 listener.index = len(opened)
                 opened.append(listener)
+                if stored is None and _bindable(bind) and notifier.enabled:
+                    _store(notifier, bind, listener)
     except BaseException:
         for listener in opened:
             listener.close()
         raise
     return opened
+
+
+def _bindable(bind: str) -> bool:
+    return listeners.parse_bind(bind).kind in ("tcp", "unix")
+
+
+def _store(notifier: Notifier, bind: str, listener: Listener) -> None:
+    notifier.store_fds({store_name(bind): listener.socket_descriptor()})
+    listener.created_path = None  # the file stays with the socket systemd keeps
 
 
 def _adopt_handover(handover: Handover, settings: Settings, loop: EventLoop) -> list[Listener]:
