@@ -18,6 +18,7 @@ from forkserver.recycling import (
     sample_memory,
     served_enough,
 )
+from forkserver.worker_table import TableError, WorkerTable
 
 # --- generations ---------------------------------------------------------
 
@@ -136,3 +137,19 @@ def test_memory_is_sampled_from_a_real_process_and_grows_with_it() -> None:
 def test_sampling_ourselves_works_for_both_metrics() -> None:
     assert (sample_memory(os.getpid(), "rss") or 0) > 0
     assert (sample_memory(os.getpid(), "uss") or 0) > 0
+
+
+# --- the worker table across generations ----------------------------------------
+
+
+def test_a_slot_is_shared_by_two_generations_and_by_a_retiring_worker_and_its_successor() -> None:
+    table = WorkerTable()
+    table.add(0, 100, 1, now=0.0, generation=0)
+    table.add(0, 200, 1, now=0.0, generation=1)  # a reload fills the same slot
+    with pytest.raises(TableError, match="slot 0 is already taken"):
+        table.add(0, 300, 1, now=0.0, generation=1)
+    table.mark_stopping(200)  # retiring: its successor may start now
+    successor = table.add(0, 300, 1, now=0.0, generation=1)
+    assert successor.generation == 1
+    assert (successor.retired, successor.request_limit) == (False, None)
+    assert sorted((w.generation, w.pid) for w in table) == [(0, 100), (1, 200), (1, 300)]

@@ -267,3 +267,21 @@ def test_a_fast_stop_drops_queued_connections_and_a_second_one_kills(
             for sock in queued:
                 sock.close()
         assert daemon.wait_log("worker_exited", pid=worker)["exit_code"] == -signal.SIGKILL
+
+
+def test_a_suspended_master_kills_no_healthy_worker_when_it_resumes() -> None:
+    with start_daemon("tests.handlers.basic:pid", "--timeout", "1", workers=2) as daemon:
+        workers = sorted(p.pid for p in daemon.workers())
+        os.kill(daemon.pid, signal.SIGSTOP)
+        try:
+            # sleep-ok: the master must stay suspended for several timeouts; nothing to wait on
+            time.sleep(3.0)
+        finally:
+            os.kill(daemon.pid, signal.SIGCONT)
+        for _ in range(10):  # the loop has resumed and checked the clocks many times over
+            with daemon.connect() as sock:
+                assert int(recv_all(sock)) in workers
+        poll_until(lambda: len(daemon.records("worker_ready")) >= 2, "workers ready")
+        assert daemon.records("worker_timeout") == []
+        assert sorted(p.pid for p in daemon.workers()) == workers
+        assert daemon.stop() == 0
