@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import resource
 import selectors
 import signal
 import socket
 import time
+from datetime import datetime
 from typing import Any
 
 from tests.bench import launch, procstat, wrk
@@ -179,6 +181,23 @@ def idle_phase(rows: list[dict[str, Any]], servers: list[str], args: argparse.Na
         print(f"  idle {rows[-1]}", flush=True)
 
 
+_LIFECYCLE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*"
+                        r"worker \d+ \(pid (\d+)\) (spawned|ready)$", re.MULTILINE)
+
+
+def fork_to_ready_ms(log: str) -> list[float]:
+    """From forkserver's own log: each worker's fork to its READY, in ms."""
+    spawned: dict[str, datetime] = {}
+    out = []
+    for stamp, pid, what in _LIFECYCLE.findall(log):
+        when = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f")
+        if what == "spawned":
+            spawned[pid] = when
+        elif pid in spawned:
+            out.append((when - spawned.pop(pid)).total_seconds() * 1e3)
+    return out
+
+
 def respawn_phase(rows: list[dict[str, Any]], servers: list[str], args: argparse.Namespace) -> None:
     """With one worker: SIGKILL it and time until a request is answered again."""
     for name in [s for s in ("gunicorn-sync", "nginx", "fs-sync") if s in servers]:
@@ -198,8 +217,11 @@ def respawn_phase(rows: list[dict[str, Any]], servers: list[str], args: argparse
         except (ServerFailed, ValueError) as exc:
             rows.append({"server": name, "error": str(exc)[:200]})
             continue
+        forks = fork_to_ready_ms(server.log_tail(limit=None)) if name == "fs-sync" else []
         rows.append({"server": name, "kill → serving ms (3 kills)":
-                     ", ".join(f"{1e3 * t:.0f}" for t in times)})
+                     ", ".join(f"{1e3 * t:.0f}" for t in times),
+                     "fork → ready ms (first worker, then each replacement)":
+                     ", ".join(f"{ms:.0f}" for ms in forks) or "not logged"})
         print(f"  respawn {rows[-1]}", flush=True)
 
 

@@ -230,9 +230,12 @@ class Server:
         raise ServerFailed(f"{self.name} not ready after {timeout}s ({last}); "
                            f"log: {self.log_tail()}")
 
-    def log_tail(self) -> str:
-        self.log.flush()
-        return (self.scratch / "server.log").read_text(errors="replace")[-2000:]
+    def log_tail(self, limit: int | None = 2000) -> str:
+        """The end of the server's output (all of it with ``limit=None``)."""
+        if not self.log.closed:
+            self.log.flush()
+        text = (self.scratch / "server.log").read_text(errors="replace")
+        return text if limit is None else text[-limit:]
 
     def stop(self) -> None:
         """Stop gracefully, then by force; reap; check nothing is left behind."""

@@ -151,11 +151,13 @@ def scaling_lines(data: dict[str, Any]) -> list[str]:
 def dict_table(title: str, rows: list[dict[str, Any]]) -> list[str]:
     if not rows:
         return []
-    keys = list(rows[0])
+    keys = list(dict.fromkeys(k for row in rows for k in row))  # a failed row has fewer
     lines = ["", f"### {title}", "", "| " + " | ".join(keys) + " |",
              "|" + "---|" * len(keys)]
     for row in rows:
-        cells = [f"{v:,.3f}" if isinstance(v, float) else str(v) for v in row.values()]
+        values = [row.get(k, "") for k in keys]
+        cells = [f"{v:,.3f}" if isinstance(v, float) else str(v).replace("\n", " ")
+                 for v in values]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
