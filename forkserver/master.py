@@ -14,10 +14,10 @@ TERM      graceful stop: stop accepting (inherited listeners stay
 INT/QUIT  fast stop: queued connections dropped, STOP to every worker
           at once; a second INT or QUIT kills them
 HUP       reload: a new generation of workers, the old one retired
-          once the new one is ready (``generations``)
+          once the new one is ready (``reloader``)
 TTIN/TTOU one worker more / fewer (never below 1)
 USR1      reopen the log file
-USR2      re-execute the master, handing it the listeners (``upgrade``)
+USR2      re-execute the master, handing it the listeners (``upgrader``)
 CHLD      reap every exited child; unknown children are reaped quietly
 ========  ==========================================================
 
@@ -45,10 +45,10 @@ from typing import Any, Final
 
 import setproctitle
 
-from forkserver import channel, fdpass, listeners, recycling, spawn, upgrade
+from forkserver import channel, fdpass, listeners, recycling, spawn
 from forkserver.commands import ControlCommands
 from forkserver.config import Settings
-from forkserver.control import CommandError, ControlServer, open_control
+from forkserver.control import ControlServer, open_control
 from forkserver.dispatch import Dispatcher, WorkerLink
 from forkserver.errors import ForkserverError
 from forkserver.eventloop import EventLoop, TimerHandle
@@ -59,8 +59,10 @@ from forkserver.listeners import Listener
 from forkserver.log import reopen as reopen_logs
 from forkserver.privileges import PidFile
 from forkserver.privileges import resolve as resolve_credentials
+from forkserver.reloader import Reloader
 from forkserver.systemd import InheritedSocket, Notifier, listen_fds, store_name
-from forkserver.upgrade import HandedListener, Handover, Upgrade
+from forkserver.upgrade import Handover
+from forkserver.upgrader import Upgrader
 from forkserver.worker_table import (
     HEALTHY_LIFETIME,
     CrashBackoff,
@@ -255,16 +257,10 @@ class Master:
         # Listeners given to us (systemd, fd://): left open on stop for their owner.
         self.inherited = {i for i, item in enumerate(listeners)
                           if item.spec.kind in ("systemd", "fd")}  # fmt: skip
-        self.generations = Generations()
-        self.last_reload_error: str | None = None
-        self._before_reload: tuple[Settings, WorkerClass, int, int] | None = None
-        self._rng = random.Random()
+        self.reloader = Reloader(self)
+        self.upgrader = Upgrader(self)
         self.handover: Handover | None = None  # set when an older master started us (USR2)
-        self.upgrade: Upgrade | None = None  # a newer master we started (USR2)
-        self.upgraded = False  # the newer master took over: drain and exit
-        self._upgrade_problem: str | None = None
-        self._upgrade_timer: TimerHandle | None = None
-        self._old_master_fd = -1
+        self._rng = random.Random()
         # Pending re-forks, by (generation, slot).
         self._respawns: dict[tuple[int, int], TimerHandle] = {}
         self._status_timer: TimerHandle | None = None
@@ -274,6 +270,15 @@ class Master:
         self._heartbeat_interval = min(HEARTBEAT_INTERVAL, settings.timeout / 4)
         self._listener_names = tuple(listener.name for listener in listeners)
 
+    @property
+    def generations(self) -> Generations:
+        return self.reloader.generations
+
+    @property
+    def upgraded(self) -> bool:
+        """A newer master took over (USR2): this one drains and exits."""
+        return self.upgrader.done
+
     # --- the loop ----------------------------------------------------------
 
     def run(self) -> int:
@@ -282,7 +287,7 @@ class Master:
             listener.accept_error.connect(self._accept_failed(listener))
         if self.handover is None:  # else once the old master, which holds them, is gone
             try:
-                self._claim_files()
+                self.claim_files()
             except ForkserverError as exc:
                 for listener in self.listeners:
                     listener.close()
@@ -290,10 +295,10 @@ class Master:
         self._install_signal_handlers()
         setproctitle.setproctitle(self._title())
         for slot in range(self.target):
-            self._spawn(slot)
+            self.spawn(slot)
         log.info(
             "listening on %s with %d %s worker%s",
-            self._where(), self.settings.workers, self.worker_class,
+            self.where(), self.settings.workers, self.worker_class,
             "" if self.settings.workers == 1 else "s",
             extra={"event": "master_started", "pid": os.getpid()},
         )  # fmt: skip
@@ -307,7 +312,7 @@ class Master:
             self._shutdown()
         return EXIT_OK
 
-    def _claim_files(self) -> None:
+    def claim_files(self) -> None:
         """The pid file and the control socket; raises ForkserverError."""
         if self.settings.pid_file:
             pid_file = PidFile(self.settings.pid_file)
@@ -321,22 +326,12 @@ class Master:
 
         def status() -> object:
             result: Any = snapshot()
-            self._add_generations(result)
+            self.reloader.add_to_status(result)
             return result
 
         commands["status"] = status
-        commands["reload"] = self._control_reload
+        commands["reload"] = self.reloader.control_reload
         return commands
-
-    def _add_generations(self, status: dict[str, Any]) -> None:
-        master = status["master"]
-        master["generation"] = self.generations.serving
-        if self.generations.reloading and not self.stopping:
-            master["state"] = "reloading"
-        master["last_reload_error"] = self.last_reload_error
-        generation = {record.pid: record.generation for record in self.table}
-        for worker in status["workers"]:
-            worker["generation"] = generation.get(worker["pid"], 0)
 
     def _install_signal_handlers(self) -> None:
         signals: dict[int, Callable[[], None]] = {
@@ -344,11 +339,11 @@ class Master:
             signal.SIGTERM: self.stop,
             signal.SIGINT: self.stop_fast,
             signal.SIGQUIT: self.stop_fast,
-            signal.SIGHUP: self.reload,
+            signal.SIGHUP: self.reloader.reload,
             signal.SIGTTIN: lambda: self.scale_to(self.target + 1),
             signal.SIGTTOU: lambda: self.scale_to(self.target - 1),
             signal.SIGUSR1: self._reopen_logs,
-            signal.SIGUSR2: self.start_upgrade,
+            signal.SIGUSR2: self.upgrader.start,
         }
         for signum, callback in signals.items():
             self.loop.add_signal_handler(signum, callback)
@@ -363,7 +358,7 @@ class Master:
     def _update_status(self) -> None:
         """A STATUS= summary for systemd (rate-limited by the notifier)."""
         ready = self.table.count(WorkerState.READY)
-        state = "stopping" if self.stopping else f"listening on {self._where()}"
+        state = "stopping" if self.stopping else f"listening on {self.where()}"
         self.notifier.status(f"{state}; {ready} of {self.target} workers ready")
         deadline = self.notifier.status_deadline()
         if deadline is not None and self._status_timer is None:
@@ -380,12 +375,7 @@ class Master:
             self.pid_file.release()
         if self.handover is not None:
             self.handover.close()
-        if self.upgrade is not None and self.upgrade.ready_fd >= 0:
-            self.loop.remove_reader(self.upgrade.ready_fd)
-            os.close(self.upgrade.ready_fd)
-        if self._old_master_fd >= 0:
-            self.loop.remove_reader(self._old_master_fd)
-            os.close(self._old_master_fd)
+        self.upgrader.close()
         for listener in self.listeners:
             listener.close()
         for timer in self._respawns.values():
@@ -406,7 +396,7 @@ class Master:
 
     # --- workers -----------------------------------------------------------
 
-    def _spawn(self, slot: int, generation: int | None = None) -> None:
+    def spawn(self, slot: int, generation: int | None = None) -> None:
         generation = self.generations.serving if generation is None else generation
         self._respawns.pop((generation, slot), None)
         if self.stopping and (self.forced or not self.dispatcher.pending):
@@ -474,7 +464,7 @@ class Master:
                 extra={"event": "worker_backoff", "slot": slot, "delay": delay},
             )
         self._respawns[(generation, slot)] = self.loop.call_later(
-            delay, lambda: self._spawn(slot, generation)
+            delay, lambda: self.spawn(slot, generation)
         )
 
     def _cancel_respawns(self, keep: Callable[[int, int], bool] = lambda gen, slot: False) -> None:
@@ -492,8 +482,8 @@ class Master:
             link = self.dispatcher.links.get(pid)
             if link is not None:
                 self._worker_exited(link, os.waitstatus_to_exitcode(status))
-            elif self.upgrade is not None and pid == self.upgrade.pid:
-                self._new_master_exited(os.waitstatus_to_exitcode(status))
+            elif self.upgrader.is_new_master(pid):
+                self.upgrader.new_master_exited(describe_exit(os.waitstatus_to_exitcode(status)))
             # anything else is not ours to mourn
 
     def _worker_exited(self, link: WorkerLink, code: int) -> None:
@@ -515,7 +505,7 @@ class Master:
         history.exited(how, record.served)
         delay = self.backoff.delay_after_exit(lifetime)
         if record.generation == self.generations.starting and record.state is WorkerState.STARTING:
-            self._abandon_reload(f"worker {record.slot} of the new generation {how} "
+            self.reloader.abandon(f"worker {record.slot} of the new generation {how} "
                                  "before it was ready")  # fmt: skip
         elif self._replaceable(record):
             self._schedule_respawn(record.slot, delay, record.generation)
@@ -539,6 +529,21 @@ class Master:
         if record.state is not WorkerState.STOPPING and not link.killed:
             self.table.mark_stopping(record.pid)
             self.dispatcher.queue_stop(link)
+
+    def retire_all(self, generations: Callable[[int], bool]) -> None:
+        """Retire every worker of the generations chosen, and forget their re-forks."""
+        for link in tuple(self.dispatcher.links.values()):
+            if generations(link.record.generation):
+                self._retire(link)  # it finishes its connections, then exits
+        self._cancel_respawns(keep=lambda gen, slot: not generations(gen))
+
+    def apply_settings(self, settings: Settings, worker_class: WorkerClass) -> None:
+        """Settings from a reload (or back from a failed one) for the workers to come."""
+        self.settings, self.worker_class = settings, worker_class
+        self.capacity = 1 if worker_class == "sync" else settings.concurrency
+        self.dispatcher.max_pending = settings.max_pending_connections
+        self._heartbeat_interval = min(HEARTBEAT_INTERVAL, settings.timeout / 4)
+        setproctitle.setproctitle(self._title())
 
     def _finish_if_done(self) -> None:
         """A stop is complete once no worker is left or due (pending ones are lost)."""
@@ -596,23 +601,34 @@ class Master:
         self.loop.call_later(HEALTHY_LIFETIME, lambda: self._healthy(pid))
         ready = self.table.count(WorkerState.READY)
         if record.generation == self.generations.starting:
-            self._commit_reload_when_ready()
+            self.reloader.commit_when_ready()
         elif not self.announced and ready >= self.target:
-            self._announce(ready)
+            self.announce(ready)
         elif self.announced:
             self._update_status()
         self.dispatcher.drain_pending()
 
-    def _announce(self, ready: int) -> None:
-        """Every worker is ready for the first time: tell systemd (or the old master)."""
+    def announce(self, ready: int, detail: str = "") -> None:
+        """Every worker is ready (at start, or after a reload): tell systemd.
+
+        A master started by USR2 tells the old master instead; READY=1
+        follows once systemd knows its pid (see ``upgrader``).
+        """
+        status = self.ready_status(detail)
+        if self.announced:
+            self.notifier.ready(status)
+            return
         self.announced = True
-        status = f"listening on {self._where()}; {ready} of {self.target} workers ready"
         log.info("%s", status, extra={"event": "master_ready", "workers": ready})
         if self.handover is None:
             self.notifier.ready(status)
-        else:  # READY=1 once systemd knows our pid (MAINPID=, sent by the old master)
+        else:
             self.handover.report_ready()
-            self._await_old_master(self.handover.old_pid)
+            self.upgrader.await_old_master(self.handover.old_pid)
+
+    def ready_status(self, detail: str = "") -> str:
+        ready = self.table.count(WorkerState.READY)
+        return f"listening on {self.where()}; {detail}{ready} of {self.target} workers ready"
 
     def _healthy(self, pid: int) -> None:
         if self.table.get(pid) is not None:
@@ -708,7 +724,7 @@ class Master:
             for slot in range(workers):
                 key = (generation, slot)
                 if generation is not None and key not in taken and key not in self._respawns:
-                    self._spawn(slot, generation)
+                    self.spawn(slot, generation)
         for link in tuple(self.dispatcher.links.values()):
             record = link.record
             if record.slot >= workers and not record.retired:
@@ -719,7 +735,7 @@ class Master:
                 self._retire(link)
         self._cancel_respawns(keep=lambda gen, slot: slot < workers)
         if self.generations.reloading:
-            self._commit_reload_when_ready()  # fewer workers may be enough now
+            self.reloader.commit_when_ready()  # fewer workers may be enough now
         self._update_status()
 
     # --- recycling -------------------------------------------------------------
@@ -736,7 +752,7 @@ class Master:
         successor = self._replaceable(record)
         self._retire(link)
         if successor:
-            self._spawn(record.slot, record.generation)
+            self.spawn(record.slot, record.generation)
 
     def _check_memory(self) -> None:
         """Sample every working worker's memory; recycle those over ``max_memory``."""
@@ -753,249 +769,6 @@ class Master:
             if excess is not None:
                 self._recycle(link, excess.describe(), limit="max_memory", metric=metric,
                               used=excess.used, max_memory=limit, excess=excess.excess)  # fmt: skip
-
-    # --- reload -------------------------------------------------------------------
-
-    def reload(self) -> None:
-        """HUP: start a new generation with the settings as they are now on disk."""
-        if self.stopping or self.upgraded:
-            log.warning("reload ignored: the master is stopping", extra={"event": "reload_ignored"})
-            return
-        if not self.generations.request():
-            log.info("reload queued: generation %d is still starting", self.generations.starting,
-                     extra={"event": "reload_queued"})  # fmt: skip
-            return
-        try:
-            settings = self.reload_settings() if self.reload_settings else self.settings
-            settings = self._reloadable(settings)
-            worker_class = self._reload_worker_class(settings)
-            resolve_credentials(settings.user, settings.group)
-        except ForkserverError as exc:
-            self._reload_failed(str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
-                                detail=str(exc))  # fmt: skip
-            return
-        self._begin_generation(settings, worker_class)
-
-    def _reloadable(self, settings: Settings) -> Settings:
-        """*settings* without the changes a reload cannot make (each one logged)."""
-        current = self.settings
-        kept: dict[str, object] = {}
-        if settings.listeners != current.listeners:
-            kept["listeners"] = current.listeners
-            log.warning("the listeners changed in the configuration: a reload keeps the "
-                        "listening sockets; restart, or upgrade with USR2, to change them",
-                        extra={"event": "reload_listeners_kept"})  # fmt: skip
-        if settings.preload != current.preload:
-            kept["preload"] = current.preload
-            log.warning("preload changed in the configuration: it takes a restart or USR2",
-                        extra={"event": "reload_preload_kept"})  # fmt: skip
-        if current.preload and settings.handler != current.handler:
-            kept["handler"] = current.handler
-            log.warning(
-                "the handler changed, but with preload it is fixed in the master: "
-                "upgrade with USR2 to change it",
-                extra={"event": "reload_handler_kept"},
-            )
-        return dataclasses.replace(settings, **kept) if kept else settings  # type: ignore[arg-type]
-
-    def _reload_worker_class(self, settings: Settings) -> WorkerClass:
-        if self.handler is not None:  # preloaded: the code in the master is the code
-            kind = self.handler.kind
-        else:
-            kind = spawn.probe_handler(settings.handler)  # the code on disk now
-        return _resolve_class(settings.handler, kind, settings.worker_class)
-
-    def _begin_generation(self, settings: Settings, worker_class: WorkerClass) -> None:
-        self._before_reload = (self.settings, self.worker_class, self.capacity, self.target)
-        if settings.workers != self.settings.workers:
-            self.target = settings.workers  # else a count set by TTIN/TTOU/scale stands
-        self.settings, self.worker_class = settings, worker_class
-        self._apply_settings()
-        generation = self.generations.begin()
-        self.notifier.reloading()
-        self.backoff.reset()
-        if self.handler is not None:
-            log.info("reloading: generation %d starts; with preload the handler code stays as "
-                     "loaded, so this reloads the configuration only (USR2 loads new code)",
-                     generation, extra={"event": "reload_started", "generation": generation,
-                                        "preload": True})  # fmt: skip
-        else:
-            log.info("reloading: generation %d starts with the handler code as it is on disk",
-                     generation, extra={"event": "reload_started", "generation": generation,
-                                        "preload": False})  # fmt: skip
-        for slot in range(self.target):
-            self._spawn(slot, generation)
-
-    def _apply_settings(self) -> None:
-        settings = self.settings
-        self.capacity = 1 if self.worker_class == "sync" else settings.concurrency
-        self.dispatcher.max_pending = settings.max_pending_connections
-        self._heartbeat_interval = min(HEARTBEAT_INTERVAL, settings.timeout / 4)
-        setproctitle.setproctitle(self._title())
-
-    def _commit_reload_when_ready(self) -> None:
-        """Once the whole new generation is ready it serves; older workers are retired."""
-        generation = self.generations.starting
-        ready = sum(1 for r in self.table
-                    if r.generation == generation and r.state is WorkerState.READY)  # fmt: skip
-        if generation is None or ready < self.target:
-            return
-        self.generations.commit()
-        self._before_reload = None
-        self.last_reload_error = None
-        for link in tuple(self.dispatcher.links.values()):
-            if link.record.generation != generation:
-                self._retire(link)  # it finishes its connections, then exits
-        self._cancel_respawns(keep=lambda gen, slot: gen == generation)
-        log.info("reload complete: generation %d serves", generation,
-                 extra={"event": "reload_completed", "generation": generation})  # fmt: skip
-        if self.announced:
-            self.notifier.ready(f"listening on {self._where()}; generation {generation}; "
-                                f"{ready} of {self.target} workers ready")  # fmt: skip
-        else:
-            self._announce(ready)
-        if self.generations.take_again():
-            self.loop.call_soon(self.reload)
-
-    def _abandon_reload(self, reason: str) -> None:
-        """A new worker could not start: back to the serving generation, untouched."""
-        failed = self.generations.abandon()
-        if self._before_reload is not None:
-            self.settings, self.worker_class, self.capacity, self.target = self._before_reload
-            self._before_reload = None
-            self._apply_settings()
-        for link in tuple(self.dispatcher.links.values()):
-            if link.record.generation == failed:
-                self._retire(link)
-        self._cancel_respawns(keep=lambda gen, slot: gen != failed)
-        self._reload_failed(reason)
-        self.notifier.ready(f"listening on {self._where()}; reload failed: {reason}")
-        if self.generations.take_again():
-            self.loop.call_soon(self.reload)
-
-    def _reload_failed(self, reason: str, detail: str | None = None) -> None:
-        self.last_reload_error = reason
-        log.error("reload failed, the running workers keep serving: %s", detail or reason,
-                  extra={"event": "reload_failed", "reason": reason})  # fmt: skip
-        self.notifier.status(f"reload failed: {reason}", force=True)
-
-    def _control_reload(self) -> dict[str, Any]:
-        if self.stopping:
-            raise CommandError("the master is stopping")
-        before = self.last_reload_error
-        self.last_reload_error = None
-        self.reload()
-        if self.last_reload_error is not None:
-            raise CommandError(f"reload failed: {self.last_reload_error}")
-        if not self.generations.reloading:  # nothing began: keep the previous error on show
-            self.last_reload_error = before
-        starting = self.generations.starting
-        return {"generation": starting if starting is not None else self.generations.serving}
-
-    # --- upgrade (USR2) -------------------------------------------------------------
-
-    def start_upgrade(self) -> None:
-        """USR2: run a new master on the same listening sockets (see ``upgrade``)."""
-        if self.stopping or self.upgrade is not None or self.handover is not None:
-            why = ("the master is stopping" if self.stopping else
-                   "an upgrade is already under way" if self.upgrade is not None else
-                   "the previous master has not exited yet")  # fmt: skip
-            log.warning("USR2 ignored: %s", why, extra={"event": "upgrade_ignored"})
-            return
-        handed = [
-            HandedListener(fd=listener.socket_descriptor(), name=listener.name,
-                           inherited=index in self.inherited, path=listener.created_path)
-            for index, listener in enumerate(self.listeners)
-        ]  # fmt: skip
-        try:
-            new = upgrade.start_new_master(
-                upgrade.new_master_argv(), handed, self.notifier.handover_environ()
-            )
-        except OSError as exc:
-            log.error("upgrade failed, this master keeps serving: cannot start a new master: %s",
-                      exc, extra={"event": "upgrade_failed"})  # fmt: skip
-            return
-        self.upgrade, self._upgrade_problem = new, None
-        self.loop.add_reader(new.ready_fd, self._on_new_master_pipe)
-        self._upgrade_timer = self.loop.call_later(upgrade.READY_TIMEOUT, self._new_master_late)
-        log.info("upgrading: new master (pid %d) starting on the same sockets", new.pid,
-                 extra={"event": "upgrade_started", "new_pid": new.pid})  # fmt: skip
-
-    def _on_new_master_pipe(self) -> None:
-        new = self.upgrade
-        if new is None:
-            return
-        said = upgrade.read_ready(new)
-        if said is None:
-            return
-        self.loop.remove_reader(new.ready_fd)
-        os.close(new.ready_fd)
-        new.ready_fd = -1
-        if said:
-            self._handed_over(new)
-        # else: it gave up; its exit (reaped soon) says why
-
-    def _handed_over(self, new: Upgrade) -> None:
-        if self._upgrade_timer is not None:
-            self._upgrade_timer.cancel()
-        self.upgraded = True
-        log.info("upgrade complete: new master (pid %d) serves; this one drains and exits",
-                 new.pid, extra={"event": "upgrade_completed", "pid": os.getpid(),
-                                 "new_pid": new.pid})  # fmt: skip
-        self.notifier.main_pid(new.pid)  # NotifyAccess=main: only the main pid is heard
-        for listener in self.listeners:
-            listener.created_path = None  # the new master's to remove now
-        self.stop()
-
-    def _new_master_late(self) -> None:
-        new = self.upgrade
-        if new is not None and not self.upgraded:
-            self._upgrade_problem = f"not ready within {upgrade.READY_TIMEOUT:g} s"
-            os.kill(new.pid, signal.SIGKILL)  # its workers follow (parent-death signal)
-
-    def _new_master_exited(self, code: int) -> None:
-        new, self.upgrade = self.upgrade, None
-        if self._upgrade_timer is not None:
-            self._upgrade_timer.cancel()
-            self._upgrade_timer = None
-        if new is not None and new.ready_fd >= 0:
-            self.loop.remove_reader(new.ready_fd)
-            os.close(new.ready_fd)
-        pid = new.pid if new is not None else 0
-        if self.upgraded:
-            log.warning("the new master (pid %d) exited: %s", pid, describe_exit(code),
-                        extra={"event": "upgrade_new_master_exited", "new_pid": pid})  # fmt: skip
-            return
-        problem = self._upgrade_problem or f"exited before it was ready: {describe_exit(code)}"
-        log.error("upgrade failed, this master keeps serving: new master (pid %d) %s", pid,
-                  problem, extra={"event": "upgrade_failed", "new_pid": pid})  # fmt: skip
-
-    def _await_old_master(self, old_pid: int) -> None:
-        """The pid file and control socket are ours once the old master is gone."""
-        try:
-            self._old_master_fd = os.pidfd_open(old_pid)
-        except ProcessLookupError:
-            self._took_over(old_pid)
-            return
-        self.loop.add_reader(self._old_master_fd, lambda: self._took_over(old_pid))
-
-    def _took_over(self, old_pid: int) -> None:
-        if self._old_master_fd >= 0:
-            self.loop.remove_reader(self._old_master_fd)
-            os.close(self._old_master_fd)
-            self._old_master_fd = -1
-        self.handover = None
-        try:
-            self._claim_files()
-        except ForkserverError as exc:
-            log.error("after the upgrade: %s", exc, extra={"event": "takeover_failed"})
-        ready = self.table.count(WorkerState.READY)
-        self.notifier.ready(f"listening on {self._where()}; {ready} of {self.target} workers ready")
-        log.info(
-            "the old master (pid %d) has exited: this master is in charge",
-            old_pid,
-            extra={"event": "master_took_over", "pid": os.getpid(), "old_pid": old_pid},
-        )
 
     def _reopen_logs(self) -> None:
         try:
@@ -1083,12 +856,12 @@ class Master:
 
         return report
 
-    def _where(self) -> str:
+    def where(self) -> str:
         return ", ".join(listener.describe() for listener in self.listeners)
 
     def _title(self) -> str:
         name = f" [{self.settings.name}]" if self.settings.name else ""
-        return f"forkserver: master{name} listening on {self._where()}"
+        return f"forkserver: master{name} listening on {self.where()}"
 
 
 def describe_exit(code: int) -> str:
