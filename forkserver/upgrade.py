@@ -50,6 +50,12 @@ READY_WORD: Final = b"ready\n"
 _EXEC_FAILED: Final = 127
 
 
+#: Where the master was started: ``chdir`` may move it later, but the command it
+#: re-executes may name files relative to here.  (Read when the master imports
+#: this module, which the command line does before it applies ``chdir``.)
+START_DIRECTORY: Final = os.getcwd()
+
+
 class UpgradeError(ForkserverError):
     """The hand-over from an old master is malformed or unusable."""
 
@@ -105,6 +111,7 @@ def _exec_child(
         for offset, fd in enumerate(high):
             os.dup2(fd, SD_LISTEN_FDS_START + offset, inheritable=True)
         ready_fd = SD_LISTEN_FDS_START + len(listeners)
+        os.chdir(START_DIRECTORY)
         os.execve(argv[0], list(argv), _child_environ(listeners, env, ready_fd))  # noqa: S606 (no shell: argv as given)
     except BaseException as exc:  # nothing may unwind into the master's frames
         with contextlib.suppress(OSError):

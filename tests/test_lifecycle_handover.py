@@ -22,6 +22,8 @@ NEW_MASTER = r"""
 import json, os, socket, sys
 from forkserver.upgrade import Handover
 out = sys.argv[1]
+open_fds = sorted(int(fd) for fd in os.listdir("/proc/self/fd")
+                  if os.path.exists(f"/proc/self/fd/{fd}"))
 try:
     handover = Handover.from_environ()
 except Exception as exc:
@@ -39,6 +41,7 @@ for item in handover.listeners:
 left = sorted(k for k in os.environ if k.startswith(("LISTEN_", "FORKSERVER__UPGRADE")))
 with open(out, "w") as f:
     json.dump({"pid": os.getpid(), "old_pid": handover.old_pid, "listeners": seen,
+               "open_fds": open_fds, "cwd": os.getcwd(),
                "left": left, "extra": os.environ.get("EXTRA"),
                "ready_cloexec": not os.get_inheritable(handover.ready_fd)}, f)
 handover.report_ready()
@@ -49,6 +52,17 @@ handover.report_ready()
 def scratch() -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="fs-up-") as path:
         yield Path(path)
+
+
+def inheritable_fds() -> set[int]:
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.get_inheritable(int(name)):
+                found.add(int(name))
+        except OSError:
+            continue  # the listdir's own descriptor, closed by now
+    return found
 
 
 def _wait_ready(up: upgrade.Upgrade, timeout: float = 20.0) -> bool | None:
@@ -68,6 +82,7 @@ def test_the_new_master_gets_the_listeners_from_fd_3_and_reports_ready(scratch: 
         HandedListener(fd=unix.fileno(), name="web", inherited=True, path=str(scratch / "s.sock")),
     ]
     env = {"PYTHONPATH": str(ROOT), "EXTRA": "passed on"}
+    ambient = inheritable_fds() - {0, 1, 2}
     with tcp, unix:
         up = upgrade.start_new_master([sys.executable, "-c", NEW_MASTER, str(out)], handed, env)
         try:
@@ -80,6 +95,10 @@ def test_the_new_master_gets_the_listeners_from_fd_3_and_reports_ready(scratch: 
         assert report["extra"] == "passed on"
         assert report["left"] == []  # claimed and removed: no worker inherits them
         assert report["ready_cloexec"] is True
+        # Nothing of ours leaked into the new master: the streams, the sockets, the
+        # pipe, and whatever this test process was itself given to pass on.
+        assert set(report["open_fds"]) == {0, 1, 2, 3, 4, 5} | ambient
+        assert report["cwd"] == upgrade.START_DIRECTORY
         got = report["listeners"]
         assert [item["fd"] for item in got] == [3, 4]
         assert [item["inode"] for item in got] == [os.fstat(tcp.fileno()).st_ino,
