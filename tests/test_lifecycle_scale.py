@@ -153,3 +153,17 @@ def test_control_reload_and_scale_answer_the_client_with_what_they_began(tmp_pat
         daemon.wait_log("reload_completed", generation=1)
         control.request(str(sock_path), "stop", {"mode": "fast"})
         assert daemon.proc.wait(timeout=TIMEOUT) == 0
+
+
+def test_usr1_reopens_the_log_file_after_rotation(tmp_path: Path) -> None:
+    log_file = tmp_path / "forkserver.log"
+    rotated = tmp_path / "forkserver.log.1"
+    with start_daemon(ECHO, "--log-file", str(log_file), workers=1) as daemon:
+        poll_until(lambda: "master_ready" in log_file.read_text(), "the log file is written")
+        log_file.rename(rotated)
+        daemon.proc.send_signal(signal.SIGUSR1)
+        poll_until(log_file.exists, "a new log file after USR1")
+        daemon.proc.send_signal(signal.SIGTTIN)  # something to log
+        poll_until(lambda: "workers_scaled" in log_file.read_text(), "logging goes to the new file")
+        assert "workers_scaled" not in rotated.read_text()
+        assert daemon.stop() == 0
