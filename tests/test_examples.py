@@ -94,3 +94,19 @@ def test_http_1_0_closes_unless_asked_to_keep_alive() -> None:
 def test_echo_returns_every_byte() -> None:
     data = bytes(range(256)) * 200  # fits the socket buffers: no need to read while sending
     assert run_sync(echo.handle, data) == data
+
+
+def test_hello_http_closes_after_its_keepalive_request_limit() -> None:
+    many = b"GET / HTTP/1.1\r\n\r\n" * (hello_http.MAX_KEEPALIVE_REQUESTS + 5)
+    reply = run_sync(hello_http.handle, many)
+    limit = hello_http.MAX_KEEPALIVE_REQUESTS
+    assert reply == hello_http.KEEP_ALIVE * (limit - 1) + hello_http.CLOSE
+
+
+def test_hello_http_lets_a_silent_keepalive_client_go(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hello_http, "KEEPALIVE_TIMEOUT", 0.2)
+    server, client = socket.socketpair()
+    with server, client:
+        client.sendall(b"GET / HTTP/1.1\r\n\r\n")  # then silence, connection kept open
+        hello_http.handle(server, "peer")  # returns instead of waiting forever
+        assert client.recv(4096) == hello_http.KEEP_ALIVE

@@ -6,6 +6,13 @@ the client sends ``Connection: close`` or speaks HTTP/1.0 without
 ``MAX_BODY`` bytes) is read and ignored; a malformed or oversized
 request gets ``400 Bad Request`` and the connection is closed.
 
+A sync worker serves one connection at a time, so the sync ``handle``
+bounds what one client can hold, as nginx's ``keepalive_requests`` and
+``keepalive_timeout`` do: at most ``MAX_KEEPALIVE_REQUESTS`` requests
+per connection, and ``KEEPALIVE_TIMEOUT`` seconds of silence, then it
+closes.  Without that, a few keep-alive clients would hold every sync
+worker and the rest would wait forever.
+
     forkserver run --bind 127.0.0.1:8000 forkserver.examples.hello_http:handle
     forkserver run --bind 127.0.0.1:8000 forkserver.examples.hello_http:async_handle
 """
@@ -22,6 +29,8 @@ CLOSE = _HEAD + b"Connection: close\r\n\r\n" + BODY
 BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 MAX_HEAD = 16384
 MAX_BODY = 1 << 20
+MAX_KEEPALIVE_REQUESTS = 25
+KEEPALIVE_TIMEOUT = 5.0
 
 
 def _wants_close(head: bytes) -> tuple[bool, int]:
@@ -43,7 +52,16 @@ def _wants_close(head: bytes) -> tuple[bool, int]:
 
 
 def handle(conn: socket.socket, peer: object) -> None:
+    conn.settimeout(KEEPALIVE_TIMEOUT)
+    try:
+        _serve(conn)
+    except TimeoutError:
+        return  # a silent client lets the worker go
+
+
+def _serve(conn: socket.socket) -> None:
     buffer = b""
+    answered = 0
     while True:
         end = buffer.find(b"\r\n\r\n")
         if end < 0:
@@ -66,6 +84,8 @@ def handle(conn: socket.socket, peer: object) -> None:
                 return
             buffer += data
         buffer = buffer[end + 4 + length :]
+        answered += 1
+        close = close or answered >= MAX_KEEPALIVE_REQUESTS
         conn.sendall(CLOSE if close else KEEP_ALIVE)
         if close:
             return

@@ -66,8 +66,6 @@ def test_no_client_waits_unanswered_through_a_run(smoke: tuple[bench.Results, Pa
     assert stalled == dict.fromkeys(stalled, 0)
 
 
-@pytest.mark.xfail(strict=True, reason="hello_http keeps a connection alive inside a sync "
-                   "worker, which serves one connection at a time: the other clients wait")
 def test_sync_workers_leave_no_keepalive_client_unanswered(
     smoke: tuple[bench.Results, Path],
 ) -> None:
