@@ -177,3 +177,35 @@ def test_with_preload_a_reload_changes_the_configuration_only(tmp_path: Path) ->
         titles = [" ".join(p.cmdline()) for p in daemon.workers()]
         assert titles and all("[after]" in title for title in titles), titles
         assert daemon.stop() == 0
+
+
+CRASHING = '''
+import os
+import setproctitle
+
+if os.path.exists({flag!r}) and setproctitle.getproctitle().startswith("forkserver: worker"):
+    raise RuntimeError("broken in workers while the flag file exists")
+
+
+def handle(conn, peer):
+    conn.sendall(b"fixed")
+'''
+
+
+def test_a_reload_with_fixed_code_ends_a_crash_loop(code_dir: Path) -> None:
+    flag = code_dir / "broken"
+    flag.touch()
+    (code_dir / "crashing_handler.py").write_text(CRASHING.format(flag=str(flag)))
+    env = {"PYTHONPATH": f"{code_dir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    with start_daemon("crashing_handler:handle", workers=1, env=env, wait_ready=False) as daemon:
+        daemon.wait_log("worker_backoff", delay=0.4)  # three crashes in a row
+        flag.unlink()
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_log("reload_completed", generation=1)
+        daemon.wait_notify("READY=1")
+        with daemon.connect() as sock:
+            assert recv_all(sock) == b"fixed"
+        completed = daemon.records("reload_completed")[0]
+        after = [r for r in daemon.records("worker_backoff") if r["time"] > completed["time"]]
+        assert after == [], "the crash loop went on after the reload"
+        assert daemon.stop() == 0
