@@ -179,7 +179,7 @@ def test_with_preload_a_reload_changes_the_configuration_only(tmp_path: Path) ->
         assert daemon.stop() == 0
 
 
-CRASHING = '''
+CRASHING = """
 import os
 import setproctitle
 
@@ -189,7 +189,7 @@ if os.path.exists({flag!r}) and setproctitle.getproctitle().startswith("forkserv
 
 def handle(conn, peer):
     conn.sendall(b"fixed")
-'''
+"""
 
 
 def test_a_reload_with_fixed_code_ends_a_crash_loop(code_dir: Path) -> None:
