@@ -84,6 +84,8 @@ _READ_BATCH: Final = 64
 DEFAULT_BIND: Final = "127.0.0.1:8000"
 #: Seconds between the stack-dump ABRT and the SIGKILL of a stuck worker.
 KILL_GRACE: Final = 1.0
+#: Seconds between STATUS= refreshes while the load changes (only under systemd).
+STATUS_TICK: Final = 2.0
 #: While a stop drains, systemd is asked every this many seconds for more time.
 EXTEND_INTERVAL: Final = 5.0
 #: Beyond ``graceful_timeout``: time to kill the stragglers and exit.
@@ -103,7 +105,10 @@ def serve(
     hand-over is unusable); these failures happen before any worker is
     forked.  *reload_settings* re-reads the configuration on HUP.
     """
-    notifier = notifier if notifier is not None else Notifier.from_environ()
+    try:
+        notifier = notifier if notifier is not None else Notifier.from_environ()
+    except ForkserverError as exc:  # a malformed WATCHDOG_USEC: nobody to notify
+        return _cannot_start(Notifier(None), exc, EXIT_CONFIG)
     try:
         handover = Handover.from_environ()
     except ForkserverError as exc:
@@ -303,6 +308,8 @@ class Master:
             extra={"event": "master_started", "pid": os.getpid()},
         )  # fmt: skip
         self._watchdog()
+        if self.notifier.enabled:
+            self._status_tick()
         self._last_check = self.loop.time()
         self.loop.call_later(self._check_interval(), self._check_heartbeats)
         self.loop.call_later(recycling.MEMORY_INTERVAL, self._check_memory)
@@ -352,17 +359,39 @@ class Master:
         """WATCHDOG=1 every half of WATCHDOG_USEC: the loop is turning."""
         interval = self.notifier.watchdog_interval()
         if interval is not None:
-            self.notifier.watchdog()
+            if self.handover is None:  # until an upgrade completes, the old master pings
+                self.notifier.watchdog()
             self.loop.call_later(interval, self._watchdog)
 
     def _update_status(self) -> None:
-        """A STATUS= summary for systemd (rate-limited by the notifier)."""
-        ready = self.table.count(WorkerState.READY)
-        state = "stopping" if self.stopping else f"listening on {self.where()}"
-        self.notifier.status(f"{state}; {ready} of {self.target} workers ready")
+        """A STATUS= summary for systemd (rate-limited by the notifier).
+
+        A master started by USR2 keeps quiet until the old one has gone:
+        systemd takes notifications from the main pid only.
+        """
+        if self.handover is not None:
+            return
+        self.notifier.status(self._summary())
         deadline = self.notifier.status_deadline()
         if deadline is not None and self._status_timer is None:
             self._status_timer = self.loop.call_at(deadline, self._flush_status)
+
+    def _summary(self) -> str:
+        """One line for STATUS=: what the service is doing, in numbers."""
+        ready = self.table.count(WorkerState.READY)
+        busy = sum(1 for record in self.table if record.in_flight)
+        served = sum(record.served for record in self.table)
+        served += sum(history.served for history in self.history.values())
+        state = "stopping" if self.stopping else f"listening on {self.where()}"
+        return (
+            f"{state}; workers {busy} busy/{ready} ready/{self.target}; "
+            f"{served} served; {len(self.dispatcher.pending)} queued"
+        )
+
+    def _status_tick(self) -> None:
+        """Keep STATUS= current under load, when nothing else changes it."""
+        self._update_status()
+        self.loop.call_later(STATUS_TICK, self._status_tick)
 
     def _flush_status(self) -> None:
         self._status_timer = None

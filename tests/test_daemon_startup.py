@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -46,23 +47,45 @@ def test_ready_is_announced_only_after_every_worker_is_ready() -> None:
         assert "3 of 3 workers ready" in ready["message"]
 
 
+def _serve_over_unix(path: str, env: dict[str, str] | None = None) -> None:
+    with start_daemon(
+        "forkserver.examples.echo:handle", "--bind", f"unix:{path}", env=env, wait_ready=not env
+    ) as daemon:
+        if env:
+            daemon.wait_log("master_ready")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.settimeout(5)
+            client.connect(path)
+            client.sendall(b"over unix")
+            client.shutdown(socket.SHUT_WR)
+            assert recv_all(client) == b"over unix"
+        with daemon.connect() as sock:  # the TCP listener still works beside it
+            sock.sendall(b"over tcp")
+            sock.shutdown(socket.SHUT_WR)
+            assert recv_all(sock) == b"over tcp"
+        assert daemon.stop(signal.SIGTERM) == 0
+
+
 def test_a_unix_listener_serves_and_its_file_is_removed_on_stop() -> None:
     scratch = tempfile.mkdtemp(prefix="fs-")
     path = os.path.join(scratch, "echo.sock")
     try:
-        with start_daemon("forkserver.examples.echo:handle", "--bind", f"unix:{path}") as daemon:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
-                client.settimeout(5)
-                client.connect(path)
-                client.sendall(b"over unix")
-                client.shutdown(socket.SHUT_WR)
-                assert recv_all(client) == b"over unix"
-            with daemon.connect() as sock:  # the TCP listener still works beside it
-                sock.sendall(b"over tcp")
-                sock.shutdown(socket.SHUT_WR)
-                assert recv_all(sock) == b"over tcp"
-            assert daemon.stop(signal.SIGTERM) == 0
-            assert not os.path.exists(path)
+        _serve_over_unix(path, env={"NOTIFY_SOCKET": ""})  # not under systemd
+        assert not os.path.exists(path)
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+        os.rmdir(scratch)
+
+
+def test_under_systemd_a_unix_socket_file_outlives_the_master_for_the_store() -> None:
+    # The socket went to systemd's descriptor store: the next start adopts
+    # it, and clients must still find it by its path meanwhile.
+    scratch = tempfile.mkdtemp(prefix="fs-")
+    path = os.path.join(scratch, "echo.sock")
+    try:
+        _serve_over_unix(path)
+        assert stat.S_ISSOCK(os.stat(path).st_mode)
     finally:
         if os.path.exists(path):
             os.unlink(path)
@@ -115,7 +138,9 @@ def test_systemd_hears_ready_status_and_stopping_from_the_master(tmp_path: Path)
         victim = daemon.workers()[0].pid
         os.kill(victim, signal.SIGKILL)
         daemon.wait_log("worker_exited", pid=victim)
-        status = daemon.wait_notify("; 1 of 2 workers ready")
-        assert f"STATUS=listening on {host}:{port}; 1 of 2 workers ready" in status.split("\n")
+        status = daemon.wait_notify("1 ready/2")
+        summary = "workers 0 busy/1 ready/2; 0 served; 0 queued"
+        expected = f"STATUS=listening on {host}:{port}; {summary}"
+        assert expected in status.split("\n")
         assert daemon.stop(signal.SIGTERM) == 0
         daemon.wait_notify("STOPPING=1")
