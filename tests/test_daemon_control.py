@@ -8,8 +8,6 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import pytest
-
 from forkserver import control
 from tests.support import Daemon, start_daemon
 
@@ -96,9 +94,3 @@ def test_stop_over_the_control_socket_is_graceful() -> None:
         assert control.request(path, "stop") is None
         assert daemon.proc.wait(timeout=20) == 0
         assert not os.path.exists(path)
-
-
-def test_reload_is_refused_with_a_reason() -> None:
-    with controlled(workers=1) as (_, path):
-        with pytest.raises(control.CommandFailed, match="reload is not available"):
-            control.request(path, "reload")

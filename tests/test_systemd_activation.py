@@ -336,7 +336,6 @@ def _mono_usec() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
 
 
-@pytest.mark.xfail(strict=True, reason="the master ignores SIGHUP: reload is not implemented yet")
 def test_reload_is_bracketed_by_reloading_and_ready(tcp_listener: socket.socket) -> None:
     fd = tcp_listener.fileno()
     command = through_shim(tcp_listener, "--fdname=web", *daemon_command("--bind", "systemd"))
@@ -352,7 +351,6 @@ def test_reload_is_bracketed_by_reloading_and_ready(tcp_listener: socket.socket)
         assert daemon.stop() == 0
 
 
-@pytest.mark.xfail(strict=True, reason="the master does not send EXTEND_TIMEOUT_USEC yet")
 def test_a_long_drain_extends_the_stop_timeout(tcp_listener: socket.socket) -> None:
     fd = tcp_listener.fileno()
     command = through_shim(
@@ -376,7 +374,6 @@ def test_a_long_drain_extends_the_stop_timeout(tcp_listener: socket.socket) -> N
         assert daemon.proc.wait(timeout=TIMEOUT) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="the master does not store its sockets (FDSTORE) yet")
 def test_sockets_the_master_bound_are_stored_and_adopted_by_name_after_restart(
     tmp_path: Path,
 ) -> None:
@@ -439,7 +436,6 @@ def test_notifications_follow_the_life_of_the_master(tcp_listener: socket.socket
     assert all(m.get("STATUS") != "" for m in life), "an empty status line"
 
 
-@pytest.mark.xfail(strict=True, reason="the master does not re-exec on SIGUSR2 yet")
 def test_an_upgrade_hands_the_main_pid_to_the_new_master(tcp_listener: socket.socket) -> None:
     fd = tcp_listener.fileno()
     command = through_shim(tcp_listener, "--fdname=web", *daemon_command("--bind", "systemd"))
@@ -450,6 +446,7 @@ def test_an_upgrade_hands_the_main_pid_to_the_new_master(tcp_listener: socket.so
         handover, _ = daemon.until("MAINPID", PROMPT)
         new_pid = int(handover.get("MAINPID") or 0)
         assert new_pid not in (0, daemon.pid)
-        assert psutil.Process(new_pid).cmdline()[1:4] == ["-m", "forkserver", "run"]
+        # setproctitle rewrote its arguments: the title says what it is
+        assert "forkserver: master" in " ".join(psutil.Process(new_pid).cmdline())
         ready, _ = daemon.notify.wait_for("READY", TIMEOUT)
         assert ready.pid == new_pid, "READY=1 of the new generation comes from the new master"
