@@ -444,6 +444,7 @@ class Master:
             concurrency=self.capacity, listener_names=self._listener_names,
             name=self.settings.name, user=self.settings.user, group=self.settings.group,
             handler=self.handler, heartbeat_interval=self._heartbeat_interval,
+            access_log=self.settings.access_log,
         )  # fmt: skip
         try:
             after_fork = [self.control.discard_after_fork] if self.control else []

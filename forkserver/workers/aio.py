@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -24,6 +25,7 @@ from forkserver.workers.core import (
     WorkerContext,
     adopt,
     error_report,
+    log_access,
     peer_of,
 )
 
@@ -85,6 +87,7 @@ class AsyncioWorker:
         task.add_done_callback(self._finished)
 
     async def _serve(self, fd: int, listener: int) -> None:
+        started = time.monotonic() if self.ctx.access_log else 0.0
         try:
             sock = adopt(fd, blocking=False)
         except OSError as exc:
@@ -97,15 +100,19 @@ class AsyncioWorker:
             sock.close()
             self._report(error_report(exc, listener, peer))
             return
+        failed = False
         try:
             await self.handle(reader, writer)
         except (Exception, SystemExit) as exc:  # a handler's sys.exit() must not end the worker
+            failed = True
             self._report(error_report(exc, listener, peer))
         finally:
             writer.close()
             # A peer that reset the connection: it is closed either way.
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
+            if self.ctx.access_log:
+                log_access(self.ctx, listener, peer, started, failed=failed)
 
     def _report(self, error: channel.HandlerError) -> None:
         self.ctx.errors += 1

@@ -7,8 +7,10 @@ use ``MSG_DONTWAIT``, so a worker never blocks inside ``recvmsg``.
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +22,8 @@ from forkserver.handler import HandlerKind, LoadedHandler, ServerInfo, WorkerCla
 #: The most seconds between heartbeats (and stats) from a worker's loop;
 #: the master asks for more often when its ``timeout`` is short.
 HEARTBEAT_INTERVAL = 1.0
+
+access = logging.getLogger("forkserver.access")
 
 #: Worker exit codes the master understands.
 EXIT_OK = 0
@@ -46,6 +50,7 @@ class WorkerContext:
     errors: int = 0
     in_flight: int = 0
     keep_fds: set[int] = field(default_factory=set)
+    access_log: bool = False
 
     def listener_name(self, index: int) -> str:
         if 0 <= index < len(self.listener_names):
@@ -146,12 +151,14 @@ def peer_of(sock: socket.socket) -> object:
 def serve_blocking(ctx: WorkerContext, fd: int, listener: int) -> HandlerError | None:
     """Run a sync handler on one connection; close it; report what went wrong."""
     assert ctx.handler is not None
+    started = time.monotonic() if ctx.access_log else 0.0
     try:
         conn = adopt(fd, blocking=True)
     except OSError as exc:
         return error_report(exc, listener, "")
     peer = peer_of(conn)
     call: Callable[..., object] = ctx.handler.target  # type: ignore[assignment]
+    error = None
     try:
         if ctx.handler.kind is HandlerKind.REQUEST_HANDLER:
             info = ServerInfo(server_address=_sockname(conn), listener=ctx.listener_name(listener))
@@ -159,10 +166,29 @@ def serve_blocking(ctx: WorkerContext, fd: int, listener: int) -> HandlerError |
         else:
             call(conn, peer)
     except (Exception, SystemExit) as exc:  # a handler's sys.exit() must not end the worker
-        return error_report(exc, listener, peer)
+        error = error_report(exc, listener, peer)
     finally:
         conn.close()
-    return None
+        if ctx.access_log:
+            log_access(ctx, listener, peer, started, failed=error is not None)
+    return error
+
+
+def log_access(ctx: WorkerContext, listener: int, peer: object, started: float, *,
+               failed: bool) -> None:
+    """One access line per connection: where, who, which worker, how long.
+
+    What was said on the connection (bytes, status) is the handler's
+    business: the worker never reads client bytes itself.
+    """
+    elapsed_ms = (time.monotonic() - started) * 1e3
+    name, who = ctx.listener_name(listener), format_peer(peer)
+    access.info(
+        "%s %s worker %d %.1f ms%s", name, who, ctx.slot, elapsed_ms,
+        " (handler error)" if failed else "",
+        extra={"event": "connection_served", "listener": name, "peer": who,
+               "slot": ctx.slot, "duration_ms": round(elapsed_ms, 3), "ok": not failed},
+    )  # fmt: skip
 
 
 def _sockname(sock: socket.socket) -> object:
