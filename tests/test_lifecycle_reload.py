@@ -71,8 +71,7 @@ def test_reload_under_load_answers_every_request() -> None:
             while load.running() and hups < 250:
                 daemon.proc.send_signal(signal.SIGHUP)
                 hups += 1
-                # sleep-ok: the cadence under test is one HUP every 0.2 s
-                time.sleep(0.2)
+                time.sleep(0.2)  # sleep-ok: the cadence under test is one HUP every 0.2 s
             result = load.join()
         assert result.failures == [], result.failure_summary()
         assert result.answered == total

@@ -274,8 +274,8 @@ def test_a_suspended_master_kills_no_healthy_worker_when_it_resumes() -> None:
         workers = sorted(p.pid for p in daemon.workers())
         os.kill(daemon.pid, signal.SIGSTOP)
         try:
-            # sleep-ok: the master must stay suspended for several timeouts; nothing to wait on
-            time.sleep(3.0)
+            # the master must stay suspended for several timeouts; there is nothing to wait on
+            time.sleep(3.0)  # sleep-ok
         finally:
             os.kill(daemon.pid, signal.SIGCONT)
         for _ in range(10):  # the loop has resumed and checked the clocks many times over
