@@ -795,5 +795,15 @@ def render_markdown() -> str:
                 "listeners entirely.",
                 "",
             ]
+        if group == "security":
+            out += [
+                "Workers drop to `user`/`group` right after fork, before the handler",
+                "is imported, and set their parent-death signal after the drop.  The",
+                "master keeps the uid it was started with: it may need root to bind",
+                "a privileged port again or to re-execute itself on USR2, and it never",
+                "runs handler code.  Under systemd, prefer `User=`/`DynamicUser=` and",
+                "socket activation, so that no process of the service is root.",
+                "",
+            ]
     out += ["## systemd", "", *_SYSTEMD_NOTE.splitlines(), "", *_CTL_NOTE.splitlines(), ""]
     return "\n".join(out)
