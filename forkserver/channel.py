@@ -141,6 +141,8 @@ _CONNECTIONS_PREFIX: Final = _HEADER.pack(VERSION, MessageType.CONNECTIONS)
 def encode_connections(listeners: Sequence[int]) -> bytes:
     """The CONNECTIONS header for ``len(listeners)`` descriptors."""
     count = len(listeners)
+    if count == 1 and listeners[0] < _CACHED_LISTENERS:
+        return _ONE_CONNECTION[listeners[0]]
     if not 1 <= count <= MAX_FDS_PER_MESSAGE:
         raise ValueError(f"CONNECTIONS carries 1 to {MAX_FDS_PER_MESSAGE} descriptors, not {count}")
     return _CONNECTIONS_PREFIX + struct.pack(f"<H{count}H", count, *listeners)
@@ -148,6 +150,8 @@ def encode_connections(listeners: Sequence[int]) -> bytes:
 
 def encode(message: MasterMessage | WorkerMessage) -> bytes:  # noqa: PLR0911 (one per type)
     """Encode any message; raises ValueError for out-of-range fields."""
+    if isinstance(message, Done):
+        return encode_done(message.count)
     match message:
         case Connections(listeners=listeners):
             return encode_connections(listeners)
@@ -157,10 +161,6 @@ def encode(message: MasterMessage | WorkerMessage) -> bytes:  # noqa: PLR0911 (o
             return _HEARTBEAT_BYTES
         case Ready(pid=pid):
             return _header(MessageType.READY) + _U32.pack(_bounded(pid, _U32_MAX, "pid"))
-        case Done(count=count):
-            if count < 1:
-                raise ValueError(f"DONE needs a positive count, not {count}")
-            return _header(MessageType.DONE) + _U32.pack(_bounded(count, _U32_MAX, "count"))
         case Stats(served=served, in_flight=in_flight, errors=errors):
             return _header(MessageType.STATS) + _STATS.pack(
                 _bounded(served, _U64_MAX, "served"),
@@ -170,6 +170,15 @@ def encode(message: MasterMessage | WorkerMessage) -> bytes:  # noqa: PLR0911 (o
         case HandlerError():
             return _encode_error(message)
     raise TypeError(f"not a channel message: {message!r}")
+
+
+def encode_done(count: int) -> bytes:
+    """DONE for *count* connections, without building a ``Done`` first."""
+    if 0 < count < _CACHED_COUNTS:
+        return _DONE_BYTES[count]
+    if count < 1:
+        raise ValueError(f"DONE needs a positive count, not {count}")
+    return _header(MessageType.DONE) + _U32.pack(_bounded(count, _U32_MAX, "count"))
 
 
 def _header(kind: MessageType) -> bytes:
@@ -213,6 +222,9 @@ def _encode_string(text: str, limit: int, *, keep_end: bool) -> bytes:
 
 def decode_master_message(data: bytes) -> MasterMessage:
     """Decode what a worker receives from the master."""
+    known = _KNOWN_FROM_MASTER.get(data)
+    if known is not None:
+        return known
     kind, body = _split(data)
     if kind == MessageType.CONNECTIONS:
         return _decode_connections(body)
@@ -224,6 +236,9 @@ def decode_master_message(data: bytes) -> MasterMessage:
 
 def decode_worker_message(data: bytes) -> WorkerMessage:
     """Decode what the master receives from a worker."""
+    known = _KNOWN_FROM_WORKER.get(data)
+    if known is not None:
+        return known
     kind, body = _split(data)
     match kind:
         case MessageType.READY:
@@ -322,3 +337,27 @@ def _decode_string(body: bytes, offset: int, name: str, limit: int) -> tuple[str
     except UnicodeDecodeError as exc:
         raise ProtocolError(f"ERROR field {name} is not UTF-8: {exc.reason}") from None
     return text, offset + size
+
+
+# --- the per-connection messages, encoded and decoded once -------------
+#
+# One connection costs the master a CONNECTIONS of one descriptor and a
+# DONE back, each a few microseconds of struct work and frozen-dataclass
+# construction.  Their common forms are computed here, with the general
+# code above, and looked up by their exact bytes: anything else, including
+# every malformed message, takes the strict path.
+
+_CACHED_LISTENERS: Final = 16
+_CACHED_COUNTS: Final = 64
+_ONE_CONNECTION: Final = tuple(
+    _CONNECTIONS_PREFIX + struct.pack("<HH", 1, index) for index in range(_CACHED_LISTENERS)
+)
+_DONE_BYTES: Final = tuple(  # by count; 0 is never sent
+    _header(MessageType.DONE) + _U32.pack(count) for count in range(_CACHED_COUNTS)
+)
+_KNOWN_FROM_MASTER: Final[dict[bytes, MasterMessage]] = {
+    data: _decode_connections(data[_HEADER.size :]) for data in _ONE_CONNECTION
+}
+_KNOWN_FROM_WORKER: Final[dict[bytes, WorkerMessage]] = {
+    data: Done(count=count) for count, data in enumerate(_DONE_BYTES) if count
+}

@@ -8,9 +8,15 @@ hot, so it works on raw descriptors and does no logging:
   it goes into that worker's outbox and its credit is taken at once.
   One flush per loop pass sends every outbox, several descriptors per
   ``sendmsg`` (at most SCM_MAX_FD), then closes the master's copies.
+* A worker with ``prefetch`` (sync) may get one descriptor beyond its
+  capacity when no worker has free capacity.  It goes in a message of
+  its own, and the worker reads one message at a time, so the
+  prefetched descriptor stays on the channel (and comes back if the
+  worker dies) until the worker is free to serve it.
 * No worker free: the descriptor waits in the pending queue.  At
   ``max_pending`` every listener pauses accepting (the kernel backlog
-  holds the rest) until the queue has drained.
+  holds the rest) until the queue has drained.  Under steady overload
+  that happens many times a second, so the warning is rate-limited.
 * A channel that cannot take more (``EAGAIN``) keeps its outbox and the
   flush resumes when it is writable; ``ETOOMANYREFS``/``ENOBUFS`` retry
   on a short timer, since writability does not signal their end.
@@ -42,6 +48,8 @@ log = logging.getLogger("forkserver.master")
 
 #: Seconds before retrying a send that failed for lack of kernel resources.
 RESOURCE_RETRY: Final = 0.05
+#: At most one ``accept_paused`` warning per this many seconds.
+PAUSE_LOG_INTERVAL: Final = 10.0
 _RESOURCE_ERRNOS: Final = frozenset({errno.ETOOMANYREFS, errno.ENOBUFS, errno.ENOMEM})
 
 
@@ -77,6 +85,9 @@ class Dispatcher:
         self.listeners: list[Listener] = []
         self.paused = False
         self._flush_scheduled = False
+        self._pause_logged_at: float | None = None
+        self._pauses_unlogged = 0  # pauses since the last warning
+        self._pause_logged = False  # so is its end, "accepting resumed"
 
     # --- the hot path ------------------------------------------------------
 
@@ -128,8 +139,11 @@ class Dispatcher:
     def _flush_link(self, link: WorkerLink) -> None:
         if link.retry_armed:
             return
+        # A prefetched descriptor must stay on the channel until the worker
+        # is free, so a worker that prefetches gets one per message.
+        per_message = 1 if link.record.prefetch else fdpass.SCM_MAX_FD
         while link.out_fds:
-            count = min(len(link.out_fds), fdpass.SCM_MAX_FD)
+            count = min(len(link.out_fds), per_message)
             fds = link.out_fds[:count]
             data = channel.encode_connections(link.out_listeners[:count])
             if not self._send(link, data, fds):
@@ -198,17 +212,30 @@ class Dispatcher:
         self.paused = True
         for listener in self.listeners:
             listener.pause_accepting()
+        now = self.loop.time()
+        last = self._pause_logged_at
+        self._pause_logged = last is None or now - last >= PAUSE_LOG_INTERVAL
+        if not self._pause_logged:
+            self._pauses_unlogged += 1
+            return
+        since = ""
+        if last is not None:
+            since = f" ({self._pauses_unlogged} more in the last {now - last:.0f} s)"
         log.warning(
-            "%d connections wait for a free worker: accepting paused",
-            len(self.pending),
-            extra={"event": "accept_paused", "pending": len(self.pending)},
-        )
+            "%d connections wait for a free worker: accepting paused%s",
+            len(self.pending), since,
+            extra={"event": "accept_paused", "pending": len(self.pending),
+                   "unlogged": self._pauses_unlogged},
+        )  # fmt: skip
+        self._pause_logged_at = now
+        self._pauses_unlogged = 0
 
     def _resume(self) -> None:
         self.paused = False
         for listener in self.listeners:
             listener.resume_accepting()
-        log.info("accepting resumed", extra={"event": "accept_resumed"})
+        if self._pause_logged:
+            log.info("accepting resumed", extra={"event": "accept_resumed"})
 
     def close_pending(self) -> int:
         """At exit: close what no worker will ever serve; how many."""

@@ -23,6 +23,7 @@ import os
 import selectors
 import signal
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
@@ -113,6 +114,7 @@ class EventLoop:
     def __init__(self) -> None:
         self._selector: selectors.BaseSelector | None = selectors.DefaultSelector()
         self._timers: list[tuple[float, int, TimerHandle]] = []
+        self._ready: deque[TimerHandle] = deque()  # call_soon: due now, no heap needed
         self._timer_seq = 0
         self._stopping = False
         # Signals: our handlers, what they replaced, and what has arrived.
@@ -186,7 +188,12 @@ class EventLoop:
     # -- timers ---------------------------------------------------------
 
     def call_soon(self, callback: Callback) -> TimerHandle:
-        return self.call_at(self.time(), callback)
+        # The master calls this once per loop pass that dispatches: a
+        # plain queue, run after the timers due in the same pass.
+        self._sel()
+        handle = TimerHandle(self.time(), callback)
+        self._ready.append(handle)
+        return handle
 
     def call_later(self, delay: float, callback: Callback) -> TimerHandle:
         return self.call_at(self.time() + max(0.0, delay), callback)
@@ -199,6 +206,8 @@ class EventLoop:
         return handle
 
     def _next_timeout(self, limit: float | None) -> float | None:
+        if self._ready:
+            return 0.0
         while self._timers and self._timers[0][2].cancelled:
             heapq.heappop(self._timers)
         if not self._timers:
@@ -209,10 +218,14 @@ class EventLoop:
     def _run_due_timers(self) -> None:
         # Only timers due now run in this pass; a timer scheduled by one of
         # them runs in the next pass, so call_soon() cannot starve I/O.
-        now = self.time()
         due: list[TimerHandle] = []
-        while self._timers and self._timers[0][0] <= now:
-            due.append(heapq.heappop(self._timers)[2])
+        if self._timers:
+            now = self.time()
+            while self._timers and self._timers[0][0] <= now:
+                due.append(heapq.heappop(self._timers)[2])
+        ready = self._ready
+        for _ in range(len(ready)):
+            due.append(ready.popleft())
         for index, handle in enumerate(due):
             if handle.cancelled:
                 continue
@@ -363,6 +376,7 @@ class EventLoop:
                 os.close(fd)
         self._wakeup_r = self._wakeup_w = -1
         self._timers.clear()
+        self._ready.clear()
         self._tripped.clear()
 
     def __enter__(self) -> EventLoop:

@@ -79,7 +79,7 @@ log = logging.getLogger("forkserver.master")
 EXIT_OK: Final = 0
 EXIT_UNAVAILABLE: Final = 69  # EX_UNAVAILABLE: a listener could not be opened
 EXIT_CONFIG: Final = 78  # EX_CONFIG: the handler or the user/group is unusable
-#: Messages read from one worker per wake-up, so one chatty worker cannot starve the rest.
+#: Messages read from a dead worker's channel: its last words, bounded.
 _READ_BATCH: Final = 64
 DEFAULT_BIND: Final = "127.0.0.1:8000"
 #: Seconds between the stack-dump ABRT and the SIGKILL of a stuck worker.
@@ -460,6 +460,8 @@ class Master:
         record.request_limit = recycling.request_limit(
             settings.max_requests, settings.max_requests_jitter, self._rng
         )
+        # A busy sync worker keeps its next connection queued (see dispatch).
+        record.prefetch = 1 if self.worker_class == "sync" else 0
         link = WorkerLink(record=record, sock=master_end, peer=worker_end)
         self.dispatcher.add_link(link)
         self.loop.add_reader(master_end, lambda: self._on_readable(link))
@@ -519,7 +521,7 @@ class Master:
     def _worker_exited(self, link: WorkerLink, code: int) -> None:
         record = link.record
         if not link.killed:
-            self._on_readable(link)  # its last words: an error report, say
+            self._on_readable(link, _READ_BATCH)  # its last words: an error report, say
         self.loop.remove_reader(link.sock)
         reclaimed = self.dispatcher.remove_link(record.pid)
         self._requeue(reclaimed)
@@ -584,8 +586,11 @@ class Master:
 
     # --- the channel -------------------------------------------------------
 
-    def _on_readable(self, link: WorkerLink) -> None:
-        for _ in range(_READ_BATCH):
+    def _on_readable(self, link: WorkerLink, limit: int = 1) -> None:
+        # One message per wake-up: the channel is level-triggered, so more
+        # wake the loop again, and a chatty worker cannot starve the rest;
+        # reading on to EAGAIN would cost a failed recvmsg per connection.
+        for _ in range(limit):
             if self.dispatcher.links.get(link.record.pid) is not link:
                 return
             try:

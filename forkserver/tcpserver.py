@@ -414,8 +414,9 @@ class TcpServer:
         pending = self._pending
         accepted = 0
         for _ in range(self._batch):
-            # incoming_connection() may fill the queue or close the server.
-            if self._sock is not sock or len(pending) >= self._max_pending:
+            # incoming_connection() may fill the queue, pause accepting (a
+            # dispatcher whose own queue is full) or close the server.
+            if self._sock is not sock or self._paused or len(pending) >= self._max_pending:
                 break
             try:
                 fd, _peer = accept()  # no socket object per connection

@@ -9,9 +9,13 @@ Invariants:
   worker of each generation that is not stopping (a retiring worker
   and its replacement share the slot while the first one drains, and
   during a reload both generations fill the same slots).
-* ``0 <= in_flight <= capacity`` for every worker: the master only
-  dispatches to a worker with free capacity, and a worker reporting more
-  connections done than it holds is a protocol violation.
+* ``0 <= in_flight <= capacity + prefetch`` for every worker: the
+  master only dispatches to a worker with room, and a worker reporting
+  more connections done than it holds is a protocol violation.
+  ``prefetch`` (0 or 1) lets a busy worker hold one descriptor beyond
+  its concurrency, queued on its channel, so that it never waits for a
+  round trip through the master between two connections; ``pick``
+  still prefers a worker with free capacity, so idle workers come first.
 * Only ``READY`` workers receive connections.  States move forward
   only: ``STARTING`` -> ``READY`` -> ``STOPPING``.
 """
@@ -48,9 +52,10 @@ class WorkerRecord:
     generation: int = 0
     request_limit: int | None = None  # max_requests (with its jitter) for this worker
     retired: bool = False  # asked to finish and exit; not replaced when it does
+    prefetch: int = 0  # descriptors it may hold queued beyond its capacity
 
     def has_capacity(self) -> bool:
-        return self.state is WorkerState.READY and self.in_flight < self.capacity
+        return self.state is WorkerState.READY and self.in_flight < self.capacity + self.prefetch
 
 
 @dataclass(slots=True)
@@ -125,27 +130,31 @@ class WorkerTable:
         return record
 
     def pick(self) -> WorkerRecord | None:
-        """The least-loaded ready worker with free capacity, if any.
+        """The least-loaded ready worker with room, if any.
 
-        Ties go to the lowest slot, so a lightly loaded service keeps
-        its connections on few workers' warm caches.
+        Least loaded means fewest connections held: a worker with free
+        capacity always wins over one that could only prefetch.  Ties go
+        to the lowest slot, so a lightly loaded service keeps its
+        connections on few workers' warm caches.
         """
         best: WorkerRecord | None = None
+        best_key = (True, 0, 0)
+        ready = WorkerState.READY
         for record in self._by_pid.values():
-            if record.has_capacity() and (
-                best is None
-                or record.in_flight < best.in_flight
-                or (record.in_flight == best.in_flight and record.slot < best.slot)
-            ):
-                best = record
+            held = record.in_flight
+            if record.state is ready and held < record.capacity + record.prefetch:
+                key = (held >= record.capacity, held, record.slot)
+                if best is None or key < best_key:
+                    best, best_key = record, key
         return best
 
     def assign(self, record: WorkerRecord, count: int = 1) -> None:
         """Count *count* connections as sent to *record*."""
-        if not record.has_capacity() or record.in_flight + count > record.capacity:
+        room = record.capacity + record.prefetch
+        if not record.has_capacity() or record.in_flight + count > room:
             raise TableError(
-                f"worker {record.slot} has {record.capacity - record.in_flight} free of "
-                f"{record.capacity}, cannot take {count}"
+                f"worker {record.slot} has {room - record.in_flight} free of "
+                f"{room}, cannot take {count}"
             )
         record.in_flight += count
 

@@ -166,3 +166,27 @@ def test_any_encodable_error_decodes(message: HandlerError) -> None:
     decoded = decode_worker_message(encode(message))
     assert isinstance(decoded, HandlerError)
     assert decoded.listener == message.listener
+
+
+@pytest.mark.parametrize("count", [1, 2, 63, 64, 65, 1000, 0xFFFFFFFF])
+def test_done_encodes_the_same_with_or_without_a_message_object(count: int) -> None:
+    data = channel.encode_done(count)
+    assert data == channel.encode(channel.Done(count=count))
+    assert data == bytes([channel.VERSION, channel.MessageType.DONE]) + count.to_bytes(4, "little")
+    assert channel.decode_worker_message(data) == channel.Done(count=count)
+
+
+@pytest.mark.parametrize("listener", [0, 1, 15, 16, 300])
+def test_one_connection_encodes_and_decodes_the_same_on_every_path(listener: int) -> None:
+    data = channel.encode_connections([listener])
+    assert data == bytes([channel.VERSION, channel.MessageType.CONNECTIONS]) + struct.pack(
+        "<HH", 1, listener
+    )
+    assert channel.decode_master_message(data) == channel.Connections(listeners=(listener,))
+
+
+def test_a_done_of_zero_is_refused_on_both_sides() -> None:
+    with pytest.raises(ValueError, match="positive count"):
+        channel.encode_done(0)
+    with pytest.raises(channel.ProtocolError, match="DONE with a count of 0"):
+        channel.decode_worker_message(bytes([channel.VERSION, MessageType.DONE, 0, 0, 0, 0]))

@@ -94,6 +94,26 @@ def test_descriptors_queued_to_a_worker_that_dies_go_to_its_replacement() -> Non
         assert {int(reply[0]) for reply in replies} != {worker}
 
 
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2) to see channel queues")
+def test_a_sync_worker_that_dies_with_a_prefetched_connection_loses_nothing() -> None:
+    with start_daemon("tests.handlers.basic:hold", workers=1) as daemon:
+        busy = daemon.connect()
+        prefetched = daemon.connect()
+        try:
+            worker = int(read_line(busy).split()[0])  # it serves the first
+            poll_until(lambda: channel_backlog(worker) > 0, "the next one queued to the worker")
+            os.kill(worker, signal.SIGKILL)
+            exited = daemon.wait_log("worker_exited", pid=worker)
+            assert exited["reclaimed"] == 1
+            replacement = int(read_line(prefetched).split()[0])
+            prefetched.sendall(b"still here")
+            assert recv_all(prefetched) == b"%d still here" % replacement
+        finally:
+            busy.close()
+            prefetched.close()
+        assert replacement != worker
+
+
 def test_a_handler_exception_is_reported_with_its_traceback_and_the_worker_serves_on() -> None:
     with start_daemon("tests.handlers.basic:boom", workers=1) as daemon:
         worker = daemon.workers()[0].pid

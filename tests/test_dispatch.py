@@ -8,11 +8,11 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from forkserver import channel, fdpass
+from forkserver import channel, dispatch, fdpass
 from forkserver.dispatch import Dispatcher, WorkerLink
 from forkserver.eventloop import EventLoop
 from forkserver.listeners import Listener, parse_bind
-from forkserver.worker_table import WorkerTable
+from forkserver.worker_table import WorkerState, WorkerTable
 
 PID = 4242  # bookkeeping only: no process is signalled here
 
@@ -182,3 +182,89 @@ def test_stop_is_sent_after_everything_already_queued(rig: MakeRig) -> None:
     decoded = [channel.decode_master_message(data) for data, _ in messages]
     assert decoded == [channel.Connections(listeners=(0,)), channel.Stop()]
     fdpass.close_all(messages[0][1])
+
+
+def prefetching(r: Rig) -> Rig:
+    r.link.record.prefetch = 1
+    r.ready()
+    return r
+
+
+def test_a_prefetching_worker_gets_one_more_than_its_capacity_one_per_message(
+    rig: MakeRig,
+) -> None:
+    r = prefetching(rig(capacity=1))
+    fds = pipe_ends(4)
+    for i, fd in enumerate(fds[:3]):
+        r.dispatcher.dispatch(fd, i)
+    r.loop.run_once(0)
+    received = r.receive_all()
+    assert [(indices, len(got)) for indices, got in received] == [((0,), 1), ((1,), 1)]
+    assert r.link.record.in_flight == 2
+    assert [index for _, index in r.dispatcher.pending] == [2]  # never a third
+    for _, got in received:
+        fdpass.close_all(got)
+    os.close(fds[3])
+
+
+def test_a_prefetched_descriptor_a_dead_worker_never_read_comes_back(rig: MakeRig) -> None:
+    r = prefetching(rig(capacity=1))
+    for i, fd in enumerate(pipe_ends(2)):
+        r.dispatcher.dispatch(fd, i)
+    r.loop.run_once(0)
+    serving = fdpass.recv(r.worker_end, channel.MAX_MESSAGE_SIZE, 253, nonblocking=True)
+    fdpass.close_all(serving[1])  # the worker took the first and died serving it
+    reclaimed = r.dispatcher.remove_link(PID)
+    assert [index for _, index in reclaimed] == [1]
+    r.dispatcher.requeue(reclaimed)
+
+
+def test_accepting_stops_within_a_batch_as_soon_as_the_queue_is_full(rig: MakeRig) -> None:
+    r = rig(capacity=1, max_pending=3)  # never ready: everything queues
+    listener = Listener(parse_bind("127.0.0.1:0"), 0, loop=r.loop)
+    clients: list[socket.socket] = []
+    try:
+        assert listener.listen("127.0.0.1", 0)
+        listener.dispatch = r.dispatcher.dispatch
+        r.dispatcher.listeners = [listener]
+        clients = [socket.create_connection(("127.0.0.1", listener.server_port()), timeout=5)
+                   for _ in range(6)]  # fmt: skip
+        r.loop.run_once(5.0)
+        assert len(r.dispatcher.pending) == 3  # the bound holds: three wait in the backlog
+        assert not listener.is_accepting()
+    finally:
+        listener.close()
+        for sock in clients:
+            sock.close()
+
+
+def test_the_pause_warning_is_rate_limited_under_steady_overload(
+    rig: MakeRig, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    r = rig(capacity=1, max_pending=1)
+    now = [100.0]
+    monkeypatch.setattr(r.loop, "time", lambda: now[0])
+
+    def episode() -> None:  # the worker is busy, the queue fills, then the worker takes it
+        r.dispatcher.dispatch(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), 0)
+        assert r.dispatcher.paused
+        if r.link.record.state is WorkerState.STARTING:
+            r.ready()
+        else:
+            r.table.complete(PID, 1, now=now[0])
+        r.dispatcher.drain_pending()
+        assert not r.dispatcher.paused
+
+    with caplog.at_level("INFO", logger="forkserver.master"):
+        for _ in range(5):
+            episode()
+            now[0] += 1.0
+        now[0] += dispatch.PAUSE_LOG_INTERVAL
+        episode()
+    r.loop.run_once(0)
+    for _, got in r.receive_all():
+        fdpass.close_all(got)
+    events = [(rec.event, getattr(rec, "unlogged", None)) for rec in caplog.records]  # type: ignore[attr-defined]
+    assert events == [("accept_paused", 0), ("accept_resumed", None),
+                      ("accept_paused", 4), ("accept_resumed", None)]  # fmt: skip
+    assert "(4 more in the last 15 s)" in caplog.records[2].getMessage()

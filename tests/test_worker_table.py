@@ -132,3 +132,46 @@ def test_crash_backoff_doubles_to_thirty_seconds_and_resets() -> None:
     assert backoff.delay_after_exit(0.1) == pytest.approx(0.1)
     backoff.reset()
     assert backoff.crashes == 0
+
+
+def prefetching_table(count: int) -> WorkerTable:
+    table = WorkerTable()
+    for slot in range(count):
+        record = table.add(slot, 100 + slot, 1, now=0.0)
+        record.prefetch = 1
+        table.mark_ready(100 + slot, now=0.0)
+    return table
+
+
+def test_prefetch_goes_to_busy_workers_only_after_every_idle_one() -> None:
+    table = prefetching_table(3)
+    order = []
+    while (record := table.pick()) is not None:
+        table.assign(record)
+        order.append(record.slot)
+    assert order == [0, 1, 2, 0, 1, 2]  # every worker busy before any prefetches
+    assert [record.in_flight for record in table] == [2, 2, 2]  # capacity + 1, no more
+
+
+def test_a_worker_with_free_capacity_wins_over_a_less_loaded_one_that_could_only_prefetch() -> None:
+    table = WorkerTable()
+    sync = table.add(0, 100, 1, now=0.0)
+    sync.prefetch = 1
+    roomy = table.add(1, 101, 8, now=0.0)
+    for pid in (100, 101):
+        table.mark_ready(pid, now=0.0)
+    table.assign(sync)
+    table.assign(roomy, 5)
+    assert table.pick() is roomy
+
+
+def test_assign_beyond_capacity_and_prefetch_is_refused() -> None:
+    table = prefetching_table(1)
+    record = table.get(100)
+    assert record is not None
+    table.assign(record, 2)
+    assert table.pick() is None
+    with pytest.raises(TableError, match=r"^worker 0 has 0 free of 2, cannot take 1$"):
+        table.assign(record)
+    table.complete(100, 1, now=1.0)
+    assert table.pick() is record

@@ -89,7 +89,7 @@ class AsyncioWorker:
     async def _serve(self, fd: int, listener: int) -> None:
         started = time.monotonic() if self.ctx.access_log else 0.0
         try:
-            sock = adopt(fd, blocking=False)
+            sock = adopt(self.ctx, fd, listener, blocking=None)  # asyncio makes it non-blocking
         except OSError as exc:
             self._report(error_report(exc, listener, ""))
             return

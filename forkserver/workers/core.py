@@ -51,6 +51,8 @@ class WorkerContext:
     in_flight: int = 0
     keep_fds: set[int] = field(default_factory=set)
     access_log: bool = False
+    #: (family, type, proto) of each listener's connections, learnt from the first.
+    socket_kinds: dict[int, tuple[int, int, int]] = field(default_factory=dict)
 
     def listener_name(self, index: int) -> str:
         if 0 <= index < len(self.listener_names):
@@ -73,7 +75,13 @@ class WorkerChannel:
         return self.sock.fileno()
 
     def send(self, message: channel.WorkerMessage) -> None:
-        data = channel.encode(message)
+        self.send_bytes(channel.encode(message))
+
+    def send_done(self, count: int) -> None:
+        """DONE for *count* connections: once per connection, so kept cheap."""
+        self.send_bytes(channel.encode_done(count))
+
+    def send_bytes(self, data: bytes) -> None:
         with self._send_lock:
             try:
                 self.sock.send(data)
@@ -87,16 +95,26 @@ class WorkerChannel:
         the master raises ``ProtocolError`` after closing its descriptors.
         """
         received: list[tuple[MasterMessage, list[int]]] = []
-        while True:
-            try:
-                data, fds = fdpass.recv(
-                    self.sock, channel.MAX_MESSAGE_SIZE, fdpass.SCM_MAX_FD, nonblocking=True
-                )
-            except BlockingIOError:
-                return received
-            if not data and not fds:
-                raise ChannelClosed
-            received.append((_decode(data, fds), fds))
+        while (message := self.receive_one()) is not None:
+            received.append(message)
+        return received
+
+    def receive_one(self) -> tuple[MasterMessage, list[int]] | None:
+        """The next queued message with its descriptors, or None if none is queued.
+
+        What is left queued stays the master's to take back if this
+        worker dies, so a worker that serves one message at a time can
+        lose only the connections it is serving.
+        """
+        try:
+            data, fds = fdpass.recv(
+                self.sock, channel.MAX_MESSAGE_SIZE, fdpass.SCM_MAX_FD, nonblocking=True
+            )
+        except BlockingIOError:
+            return None
+        if not data and not fds:
+            raise ChannelClosed
+        return _decode(data, fds), fds
 
 
 def _decode(data: bytes, fds: list[int]) -> MasterMessage:
@@ -130,14 +148,29 @@ def error_report(exc: BaseException, listener: int, peer: object) -> HandlerErro
     )
 
 
-def adopt(fd: int, *, blocking: bool) -> socket.socket:
-    """A socket object owning the received descriptor *fd*."""
+def adopt(ctx: WorkerContext, fd: int, listener: int, *, blocking: bool | None) -> socket.socket:
+    """A socket object owning the received descriptor *fd* from *listener*.
+
+    ``socket.socket(fileno=fd)`` asks the kernel for the family, type and
+    protocol (a getsockname and two getsockopt calls) every time; every
+    connection of one listener has the same three, so only its first
+    one asks.  *blocking* None leaves the descriptor's mode alone (the
+    caller sets it); True skips the ioctl when it would change nothing:
+    the master accepts without ``SOCK_NONBLOCK``, so a received
+    descriptor is blocking, as Python assumes without a default timeout.
+    """
+    kind = ctx.socket_kinds.get(listener)
     try:
-        sock = socket.socket(fileno=fd)
+        if kind is None:
+            sock = socket.socket(fileno=fd)
+            ctx.socket_kinds[listener] = (sock.family, sock.type, sock.proto)
+        else:
+            sock = socket.socket(*kind, fileno=fd)
     except OSError:
         fdpass.close_all([fd])
         raise
-    sock.setblocking(blocking)
+    if blocking is False or (blocking and socket.getdefaulttimeout() is not None):
+        sock.setblocking(blocking)
     return sock
 
 
@@ -153,7 +186,7 @@ def serve_blocking(ctx: WorkerContext, fd: int, listener: int) -> HandlerError |
     assert ctx.handler is not None
     started = time.monotonic() if ctx.access_log else 0.0
     try:
-        conn = adopt(fd, blocking=True)
+        conn = adopt(ctx, fd, listener, blocking=True)
     except OSError as exc:
         return error_report(exc, listener, "")
     peer = peer_of(conn)

@@ -35,7 +35,10 @@ class SelectorWorker:
         self.selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        signal.signal(signal.SIGTERM, lambda *_: None)
+        # The flag, not just the wake-up pipe: a sync worker under steady
+        # load may serve connection after connection without selecting.
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.next_beat = 0.0
         self.watch(self.chan.fileno(), self._on_channel)
         self.watch(self._wake_r, self._on_signal)
 
@@ -50,21 +53,28 @@ class SelectorWorker:
 
     def run(self) -> int:
         self.chan.send(channel.Ready(pid=os.getpid()))
-        next_beat = time.monotonic() + self.ctx.heartbeat_interval
+        self.next_beat = time.monotonic() + self.ctx.heartbeat_interval
         try:
             while not self.stopping:
-                timeout = max(0.0, next_beat - time.monotonic())
+                timeout = max(0.0, self.next_beat - time.monotonic())
                 for key, _ in self.selector.select(timeout):
                     key.data()
-                if time.monotonic() >= next_beat and not self.master_gone:
-                    self.beat()
-                    next_beat = time.monotonic() + self.ctx.heartbeat_interval
+                self.beat_if_due()
             if not self.master_gone:
-                self._on_channel()  # connections already queued are ours to serve
+                self.drain()  # connections already queued are ours to serve
             self.finish()
         except ChannelClosed:
             pass
         return EXIT_OK
+
+    def drain(self) -> None:
+        """On the way out: serve what is queued on the channel."""
+        self._on_channel()
+
+    def beat_if_due(self) -> None:
+        if time.monotonic() >= self.next_beat and not self.master_gone:
+            self.beat()
+            self.next_beat = time.monotonic() + self.ctx.heartbeat_interval
 
     def beat(self) -> None:
         ctx = self.ctx
@@ -84,6 +94,9 @@ class SelectorWorker:
                 self.take(fds, message.listeners)
             else:
                 self.stopping = True
+
+    def _on_sigterm(self, signum: int, frame: object) -> None:
+        self.stopping = True
 
     def _on_signal(self) -> None:
         try:

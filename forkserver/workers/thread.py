@@ -12,7 +12,6 @@ import os
 import queue
 from concurrent.futures import ThreadPoolExecutor
 
-from forkserver import channel
 from forkserver.channel import HandlerError
 from forkserver.workers.core import WorkerContext, serve_blocking
 from forkserver.workers.loop import SelectorWorker
@@ -53,7 +52,7 @@ class ThreadWorker(SelectorWorker):
         if count:
             self.ctx.in_flight -= count
             self.ctx.served += count
-            self.chan.send(channel.Done(count=count))
+            self.chan.send_done(count)
 
     def finish(self) -> None:
         self.pool.shutdown(wait=True)
