@@ -12,7 +12,12 @@ hot, so it works on raw descriptors and does no logging:
   capacity when no worker has free capacity.  It goes in a message of
   its own, and the worker reads one message at a time, so the
   prefetched descriptor stays on the channel (and comes back if the
-  worker dies) until the worker is free to serve it.
+  worker dies) until the worker is free to serve it.  A connection that
+  holds its worker long must not hold the one queued behind it: when a
+  worker has been free for ``STEAL_AFTER`` with nothing pending, the
+  master takes back any prefetched descriptor still unread (receiving a
+  SEQPACKET message is atomic: either the worker has it or the master
+  does) and gives it to the free worker.
 * No worker free: the descriptor waits in the pending queue.  At
   ``max_pending`` every listener pauses accepting (the kernel backlog
   holds the rest) until the queue has drained.  Under steady overload
@@ -22,10 +27,10 @@ hot, so it works on raw descriptors and does no logging:
   on a short timer, since writability does not signal their end.
 
 No descriptor is lost when a worker dies: the master keeps its own copy
-of the worker's end of each socketpair and never reads it while the
-worker lives.  Once the worker is reaped, ``remove_link`` returns the
-outbox and every descriptor still queued on that end, and they go back
-to the front of the pending queue.
+of the worker's end of each socketpair and reads it while the worker
+lives only to take back a prefetched descriptor.  Once the worker is
+reaped, ``remove_link`` returns the outbox and every descriptor still
+queued on that end, and they go back to the front of the pending queue.
 """
 
 from __future__ import annotations
@@ -40,14 +45,16 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from forkserver import channel, fdpass
-from forkserver.eventloop import EventLoop
+from forkserver.eventloop import EventLoop, TimerHandle
 from forkserver.listeners import Listener
-from forkserver.worker_table import WorkerRecord, WorkerTable
+from forkserver.worker_table import WorkerRecord, WorkerState, WorkerTable
 
 log = logging.getLogger("forkserver.master")
 
 #: Seconds before retrying a send that failed for lack of kernel resources.
 RESOURCE_RETRY: Final = 0.05
+#: Seconds a worker stays free before prefetched descriptors move to it.
+STEAL_AFTER: Final = 0.05
 #: At most one ``accept_paused`` warning per this many seconds.
 PAUSE_LOG_INTERVAL: Final = 10.0
 _RESOURCE_ERRNOS: Final = frozenset({errno.ETOOMANYREFS, errno.ENOBUFS, errno.ENOMEM})
@@ -85,6 +92,7 @@ class Dispatcher:
         self.listeners: list[Listener] = []
         self.paused = False
         self._flush_scheduled = False
+        self._steal_timer: TimerHandle | None = None
         self._pause_logged_at: float | None = None
         self._pauses_unlogged = 0  # pauses since the last warning
         self._pause_logged = False  # so is its end, "accepting resumed"
@@ -121,6 +129,50 @@ class Dispatcher:
             self._assign(record, fd, listener)
         if self.paused and not pending:
             self._resume()
+        if not pending and self._steal_timer is None and self._prefetch_waits():
+            self._steal_timer = self.loop.call_later(STEAL_AFTER, self._steal)
+
+    # --- prefetched descriptors back to a free worker ---------------------
+
+    def _prefetch_waits(self) -> bool:
+        """Is a descriptor prefetched while some worker has free capacity?"""
+        prefetched = free = False
+        for link in self.links.values():
+            record = link.record
+            if record.in_flight > record.capacity:
+                prefetched = True
+            elif record.in_flight < record.capacity and record.state is WorkerState.READY:
+                free = True
+        return prefetched and free
+
+    def _steal(self) -> None:
+        self._steal_timer = None
+        if self.pending or not self._prefetch_waits():
+            return
+        taken: list[tuple[int, int]] = []
+        for link in tuple(self.links.values()):
+            record = link.record
+            if record.in_flight > record.capacity:
+                taken += self._take_back(link)
+        if taken:
+            self.requeue(taken)
+            self.drain_pending()
+
+    def _take_back(self, link: WorkerLink) -> list[tuple[int, int]]:
+        """The oldest message still unread on a live worker's channel, if any."""
+        record = link.record
+        if record.state is not WorkerState.READY or link.stop_queued or link.killed:
+            return []  # a STOP may be queued behind it: leave the channel alone
+        try:
+            data, fds = fdpass.recv(
+                link.peer, channel.MAX_MESSAGE_SIZE, fdpass.SCM_MAX_FD, nonblocking=True
+            )
+        except (BlockingIOError, fdpass.FdPassError):
+            return []  # the worker has it (or it was unusable, and is closed)
+        items = _undelivered(data, fds)
+        if items:
+            self.table.unassign(record, len(items))
+        return items
 
     def requeue(self, items: Sequence[tuple[int, int]]) -> None:
         """Descriptors taken back from a dead worker go first in line."""

@@ -227,3 +227,24 @@ def test_a_worker_serves_up_to_its_concurrency_at_once_and_no_more(
         finally:
             for sock in clients:
                 sock.close()
+
+
+def test_a_connection_prefetched_behind_a_long_one_moves_to_a_worker_that_frees_up() -> None:
+    with start_daemon("tests.handlers.basic:hold", workers=2) as daemon:
+        long_one, short_one = daemon.connect(), daemon.connect()
+        behind = daemon.connect()  # both workers busy: prefetched to one of them
+        try:
+            holders = {int(read_line(sock).split()[0]) for sock in (long_one, short_one)}
+            assert len(holders) == 2
+            short_one.sendall(b"bye")
+            short_pid = int(recv_all(short_one).split()[0])
+            # The long one still holds its worker; the one behind it is served anyway.
+            assert int(read_line(behind).split()[0]) == short_pid
+            behind.sendall(b"served")
+            assert recv_all(behind).endswith(b" served")
+            long_one.sendall(b"done")
+            assert recv_all(long_one).endswith(b" done")
+        finally:
+            for sock in (long_one, short_one, behind):
+                sock.close()
+        assert short_pid in holders  # and the long one never let go of the other

@@ -268,3 +268,39 @@ def test_the_pause_warning_is_rate_limited_under_steady_overload(
     assert events == [("accept_paused", 0), ("accept_resumed", None),
                       ("accept_paused", 4), ("accept_resumed", None)]  # fmt: skip
     assert "(4 more in the last 15 s)" in caplog.records[2].getMessage()
+
+
+def test_a_prefetched_descriptor_moves_to_a_worker_that_has_been_free_a_while(
+    rig: MakeRig,
+) -> None:
+    r = prefetching(rig(capacity=1))
+    other_master, other_worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    other_master.setblocking(False)
+    second = r.table.add(1, PID + 1, 1, now=0.0)
+    second.prefetch = 1
+    r.table.mark_ready(PID + 1, now=0.0)
+    r.dispatcher.add_link(WorkerLink(record=second, sock=other_master, peer=other_worker))
+    try:
+        for i, fd in enumerate(pipe_ends(4)[:3]):
+            r.dispatcher.dispatch(fd, i)  # slot 0 serves 0, slot 1 serves 1, slot 0 prefetches 2
+        r.loop.run_once(0)
+        assert (r.link.record.in_flight, second.in_flight) == (2, 1)
+        serving = fdpass.recv(r.worker_end, channel.MAX_MESSAGE_SIZE, 253, nonblocking=True)
+        for _, got in fdpass.drain(other_worker, channel.MAX_MESSAGE_SIZE, 253):
+            fdpass.close_all(got)  # slot 1 finishes its connection...
+        r.table.complete(PID + 1, 1, now=1.0)
+        r.dispatcher.drain_pending()  # ...while slot 0 is still busy with its first
+        start = r.loop.time()
+        while second.in_flight == 0 and r.loop.time() - start < 5:
+            r.loop.run_once(1.0)
+        assert r.loop.time() - start >= dispatch.STEAL_AFTER
+        r.loop.run_once(0)  # the flush
+        moved = fdpass.drain(other_worker, channel.MAX_MESSAGE_SIZE, 253)
+        assert [channel.decode_master_message(data) for data, _ in moved] == [
+            channel.Connections(listeners=(2,))
+        ]
+        assert (r.link.record.in_flight, second.in_flight) == (1, 1)
+        assert r.receive_all() == []  # nothing left queued behind the busy worker
+        fdpass.close_all(serving[1] + moved[0][1])
+    finally:
+        fdpass.close_all([fd for fd, _ in r.dispatcher.remove_link(PID + 1)])
