@@ -53,6 +53,7 @@ log = logging.getLogger("forkserver.master")
 
 #: Seconds before retrying a send that failed for lack of kernel resources.
 RESOURCE_RETRY: Final = 0.05
+_STOP: Final = channel.encode(channel.Stop())
 #: Seconds a worker stays free before prefetched descriptors move to it.
 STEAL_AFTER: Final = 0.05
 #: At most one ``accept_paused`` warning per this many seconds.
@@ -159,23 +160,30 @@ class Dispatcher:
             self.drain_pending()
 
     def _take_back(self, link: WorkerLink) -> list[tuple[int, int]]:
-        """The oldest message still unread on a live worker's channel, if any."""
-        record = link.record
-        if record.state is not WorkerState.READY or link.stop_queued or link.killed:
-            return []  # a STOP may be queued behind it: leave the channel alone
+        """The oldest message still unread on a live worker's channel, if any.
+
+        A stopping worker's STOP may come first: it is sent again, and is
+        still the last message on the channel (a stopping worker is sent
+        no more connections).
+        """
+        if link.killed or link.stop_queued:
+            return []  # being killed, or its STOP is not on the channel yet
         try:
             data, fds = fdpass.recv(
                 link.peer, channel.MAX_MESSAGE_SIZE, fdpass.SCM_MAX_FD, nonblocking=True
             )
         except (BlockingIOError, fdpass.FdPassError):
             return []  # the worker has it (or it was unusable, and is closed)
+        if data == _STOP and not fds:
+            self.queue_stop(link)
+            return []
         items = _undelivered(data, fds)
         if items:
-            self.table.unassign(record, len(items))
+            self.table.unassign(link.record, len(items))
         return items
 
     def requeue(self, items: Sequence[tuple[int, int]]) -> None:
-        """Descriptors taken back from a dead worker go first in line."""
+        """Descriptors taken back from a worker go first in line."""
         self.pending.extendleft(reversed(items))
         if len(self.pending) >= self.max_pending and not self.paused:
             self._pause()
@@ -290,7 +298,15 @@ class Dispatcher:
             log.info("accepting resumed", extra={"event": "accept_resumed"})
 
     def close_pending(self) -> int:
-        """At exit: close what no worker will ever serve; how many."""
+        """Close what no worker is serving yet, prefetched ones too; how many.
+
+        For a fast stop and at exit: a prefetched descriptor would be
+        served only after the connection ahead of it, so it is taken
+        back from the worker's channel and dropped with the rest.
+        """
+        for link in tuple(self.links.values()):
+            if link.record.in_flight > link.record.capacity:
+                self.pending.extend(self._take_back(link))
         count = len(self.pending)
         while self.pending:
             fd, _ = self.pending.popleft()

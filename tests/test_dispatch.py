@@ -304,3 +304,38 @@ def test_a_prefetched_descriptor_moves_to_a_worker_that_has_been_free_a_while(
         fdpass.close_all(serving[1] + moved[0][1])
     finally:
         fdpass.close_all([fd for fd, _ in r.dispatcher.remove_link(PID + 1)])
+
+
+def test_a_fast_stop_takes_back_a_prefetched_descriptor_and_leaves_stop_last(
+    rig: MakeRig,
+) -> None:
+    r = prefetching(rig(capacity=1))
+    for i, fd in enumerate(pipe_ends(2)):
+        r.dispatcher.dispatch(fd, i)
+    r.loop.run_once(0)
+    serving = fdpass.recv(r.worker_end, channel.MAX_MESSAGE_SIZE, 253, nonblocking=True)
+    r.table.mark_stopping(PID)
+    r.dispatcher.queue_stop(r.link)  # the channel: the prefetched one, then STOP
+    assert r.dispatcher.close_pending() == 1  # the prefetched one, dropped
+    assert r.link.record.in_flight == 1  # only the one being served
+    left = fdpass.drain(r.worker_end, channel.MAX_MESSAGE_SIZE, 253)
+    assert [channel.decode_master_message(data) for data, _ in left] == [channel.Stop()]
+    fdpass.close_all(serving[1])
+
+
+def test_taking_back_from_a_stopping_worker_that_has_only_stop_left_sends_stop_again(
+    rig: MakeRig,
+) -> None:
+    r = prefetching(rig(capacity=1))
+    for i, fd in enumerate(pipe_ends(2)):
+        r.dispatcher.dispatch(fd, i)
+    r.loop.run_once(0)
+    taken = [fdpass.recv(r.worker_end, channel.MAX_MESSAGE_SIZE, 253, nonblocking=True)
+             for _ in range(2)]  # fmt: skip  # the worker has both already
+    r.table.mark_stopping(PID)
+    r.dispatcher.queue_stop(r.link)
+    assert r.dispatcher.close_pending() == 0
+    left = fdpass.drain(r.worker_end, channel.MAX_MESSAGE_SIZE, 253)
+    assert [channel.decode_master_message(data) for data, _ in left] == [channel.Stop()]
+    for _, got in taken:
+        fdpass.close_all(got)
