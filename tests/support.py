@@ -365,6 +365,25 @@ def _reap_orphans(sid: int) -> None:
                 wait_pid(child.pid, TIMEOUT)
 
 
+def recv_all(sock: socket.socket) -> bytes:
+    """Everything the peer sends until it closes (the socket's own timeout applies)."""
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def read_line(sock: socket.socket) -> bytes:
+    """One line, newline included (less at end of file)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def poll_until(predicate: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
     """For states that can only be polled: retry with a growing pause, then fail."""
     deadline = time.monotonic() + timeout

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import Daemon, start_daemon
+from tests.support import Daemon, read_line, recv_all, start_daemon
 
 
 def request(daemon: Daemon, data: bytes = b"") -> bytes:
@@ -18,13 +18,6 @@ def request(daemon: Daemon, data: bytes = b"") -> bytes:
         if data:
             sock.sendall(data)
         return recv_all(sock)
-
-
-def recv_all(sock: socket.socket) -> bytes:
-    chunks = []
-    while chunk := sock.recv(65536):
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def test_workers_are_forked_and_titled() -> None:
@@ -189,16 +182,6 @@ def test_workers_inherit_no_systemd_variables() -> None:
     assert environ["MARKER"] == "kept"
     for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID"):
         assert name not in environ
-
-
-def read_line(sock: socket.socket) -> bytes:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(1)
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 @pytest.mark.parametrize(

@@ -11,14 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.support import ROOT, TIMEOUT, start_daemon
-
-
-def recv_all(sock: socket.socket) -> bytes:
-    chunks = []
-    while chunk := sock.recv(65536):
-        chunks.append(chunk)
-    return b"".join(chunks)
+from tests.support import ROOT, TIMEOUT, recv_all, start_daemon
 
 
 def test_without_preload_each_worker_imports_the_handler() -> None:

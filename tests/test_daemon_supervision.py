@@ -16,26 +16,11 @@ from tests.support import (
     ROOT,
     channel_backlog,
     poll_until,
+    read_line,
+    recv_all,
     start_daemon,
     wait_gone,
 )
-
-
-def recv_all(sock: socket.socket) -> bytes:
-    chunks = []
-    while chunk := sock.recv(65536):
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def read_line(sock: socket.socket) -> bytes:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(1)
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 def test_a_worker_killed_mid_connection_is_reported_and_replaced_and_queued_ones_served() -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.loadgen import BackgroundLoad
-from tests.support import start_daemon, wait_gone
+from tests.support import read_line, recv_all, start_daemon, wait_gone
 
 ECHO = "forkserver.examples.echo:handle"
 
@@ -27,23 +27,6 @@ def handle(conn: socket.socket, peer: object) -> None:
     data = conn.recv(100)
     conn.sendall(VERSION + b" " + data)
 """
-
-
-def recv_all(sock: socket.socket) -> bytes:
-    chunks = []
-    while chunk := sock.recv(65536):
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def read_line(sock: socket.socket) -> bytes:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(1)
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,26 +12,9 @@ from typing import Any
 
 from forkserver import control
 from tests.loadgen import BackgroundLoad
-from tests.support import ROOT, TIMEOUT, poll_until, start_daemon
+from tests.support import ROOT, TIMEOUT, poll_until, read_line, recv_all, start_daemon
 
 ECHO = "forkserver.examples.echo:handle"
-
-
-def read_line(sock: socket.socket) -> bytes:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(1)
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
-def recv_all(sock: socket.socket) -> bytes:
-    chunks = []
-    while chunk := sock.recv(65536):
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def test_ttin_and_ttou_under_load_answer_every_request_and_the_count_follows() -> None:

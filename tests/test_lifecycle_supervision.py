@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 
@@ -14,27 +13,10 @@ import pytest
 
 from forkserver import control
 from tests.loadgen import BackgroundLoad, run_load
-from tests.support import TIMEOUT, Daemon, poll_until, start_daemon
+from tests.support import TIMEOUT, Daemon, poll_until, read_line, recv_all, start_daemon
 
 ECHO = "forkserver.examples.echo:handle"
 LIFE = "tests.handlers.lifecycle"
-
-
-def read_line(sock: socket.socket) -> bytes:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(1)
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
-def recv_all(sock: socket.socket) -> bytes:
-    chunks = []
-    while chunk := sock.recv(65536):
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def wait_text(daemon: Daemon, text: str, timeout: float = TIMEOUT) -> None:
