@@ -22,7 +22,7 @@ import enum
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import Any, Final, NoReturn
 
 from forkserver import config, control, log
 from forkserver.config import ConfigError, ConfigFileNotFound, Settings
@@ -40,6 +40,16 @@ class ExitCode(enum.IntEnum):
     TEMPFAIL = 75        # EX_TEMPFAIL: the daemon did not reply in time
     NOPERM = 77          # EX_NOPERM: the control socket refused us
     CONFIG = 78          # EX_CONFIG
+
+
+#: How ``forkserver ctl`` reports each way a request can fail, for scripts.
+_CTL_EXIT_CODES: Final[dict[type[control.ControlError], ExitCode]] = {
+    control.ControlRefused: ExitCode.NOPERM,
+    control.ControlUnavailable: ExitCode.UNAVAILABLE,
+    control.ControlTimeout: ExitCode.TEMPFAIL,
+    control.CommandFailed: ExitCode.FAILURE,
+    control.BadReply: ExitCode.SOFTWARE,
+}
 
 
 class UsageError(Exception):
@@ -270,21 +280,10 @@ def _cmd_ctl(ns: argparse.Namespace) -> int:
         args["mode"] = ns.mode
     try:
         result = control.request(path, ns.ctl_command, args, timeout=ns.timeout)
-    except control.ControlRefused as exc:
-        print(f"forkserver ctl: {exc}", file=sys.stderr)
-        return ExitCode.NOPERM
-    except control.ControlUnavailable as exc:
-        print(f"forkserver ctl: {exc}", file=sys.stderr)
-        return ExitCode.UNAVAILABLE
-    except control.ControlTimeout as exc:
-        print(f"forkserver ctl: {exc}", file=sys.stderr)
-        return ExitCode.TEMPFAIL
-    except control.CommandFailed as exc:
-        print(f"forkserver ctl: {ns.ctl_command}: {exc}", file=sys.stderr)
-        return ExitCode.FAILURE
-    except control.BadReply as exc:
-        print(f"forkserver ctl: {exc}", file=sys.stderr)
-        return ExitCode.SOFTWARE
+    except tuple(_CTL_EXIT_CODES) as exc:
+        what = f"{ns.ctl_command}: " if isinstance(exc, control.CommandFailed) else ""
+        print(f"forkserver ctl: {what}{exc}", file=sys.stderr)
+        return _CTL_EXIT_CODES[type(exc)]
     if ns.ctl_command == "status":
         sys.stdout.write(control.format_status(result, as_json=ns.json))
     elif result:

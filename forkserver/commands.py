@@ -34,8 +34,8 @@ class ControlCommands:
             "reopen-logs": reopen_logs,
         }
 
-    def reload(self) -> None:
-        raise CommandError("reload is not available in this version of the master")
+    def reload(self) -> dict[str, Any]:
+        return self.master.reloader.control_reload()
 
     def scale(self, workers: int) -> dict[str, int]:
         if self.master.stopping:
@@ -48,6 +48,11 @@ class ControlCommands:
         self.master.loop.call_soon(self.master.stop if graceful else self.master.stop_now)
 
     def status(self) -> dict[str, Any]:
+        snapshot = self._snapshot()
+        self.master.reloader.add_to_status(snapshot)  # generations, last reload error
+        return snapshot
+
+    def _snapshot(self) -> dict[str, Any]:
         m = self.master
         records = sorted(m.table, key=lambda r: r.slot)
         now, wall = m.loop.time(), time.time()

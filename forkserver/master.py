@@ -41,7 +41,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Final
 
 import setproctitle
 
@@ -325,20 +325,7 @@ class Master:
             pid_file = PidFile(self.settings.pid_file)
             pid_file.acquire()
             self.pid_file = pid_file
-        self.control = open_control(self.loop, self.settings, self._control_commands())
-
-    def _control_commands(self) -> dict[str, Callable[..., object]]:
-        commands = ControlCommands(self).table()
-        snapshot = commands["status"]
-
-        def status() -> object:
-            result: Any = snapshot()
-            self.reloader.add_to_status(result)
-            return result
-
-        commands["status"] = status
-        commands["reload"] = self.reloader.control_reload
-        return commands
+        self.control = open_control(self.loop, self.settings, ControlCommands(self).table())
 
     def _install_signal_handlers(self) -> None:
         signals: dict[int, Callable[[], None]] = {
