@@ -31,6 +31,10 @@ type  name       body
                  ``traceback``, ``peer``: a handler raised
 0x13  HEARTBEAT  empty: the worker's loop is alive
 0x14  STATS      ``u64 served``, ``u32 in_flight``, ``u64 errors``
+0x15  SERVED     ``u32 n``: n connections this worker accepted itself from
+                 a ``dispatch = "shared"`` listener finished; counted as
+                 served, never as capacity freed (the master did not
+                 hand them out)
 ====  =========  ==========================================================
 
 A worker never sends descriptors.  The decoder is strict: a short or
@@ -70,6 +74,7 @@ class MessageType(enum.IntEnum):
     ERROR = 0x12
     HEARTBEAT = 0x13
     STATS = 0x14
+    SERVED = 0x15
 
 
 class ProtocolError(Exception):
@@ -99,6 +104,13 @@ class Done:
 
 
 @dataclass(frozen=True, slots=True)
+class Served:
+    """Connections from a shared listener, accepted by the worker itself, finished."""
+
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
 class HandlerError:
     listener: int
     exc_type: str
@@ -120,7 +132,7 @@ class Stats:
 
 
 MasterMessage = Connections | Stop
-WorkerMessage = Ready | Done | HandlerError | Heartbeat | Stats
+WorkerMessage = Ready | Done | Served | HandlerError | Heartbeat | Stats
 
 _HEADER: Final = struct.Struct("<BB")
 _U16: Final = struct.Struct("<H")
@@ -167,6 +179,10 @@ def encode(message: MasterMessage | WorkerMessage) -> bytes:  # noqa: PLR0911 (o
                 _bounded(in_flight, _U32_MAX, "in_flight"),
                 _bounded(errors, _U64_MAX, "errors"),
             )
+        case Served(count=count):
+            if count < 1:
+                raise ValueError(f"SERVED needs a positive count, not {count}")
+            return _header(MessageType.SERVED) + _U32.pack(_bounded(count, _U32_MAX, "count"))
         case HandlerError():
             return _encode_error(message)
     raise TypeError(f"not a channel message: {message!r}")
@@ -248,6 +264,11 @@ def decode_worker_message(data: bytes) -> WorkerMessage:
             if count == 0:
                 raise ProtocolError("DONE with a count of 0")
             return Done(count=count)
+        case MessageType.SERVED:
+            count = _decode_u32(kind, body)
+            if count == 0:
+                raise ProtocolError("SERVED with a count of 0")
+            return Served(count=count)
         case MessageType.HEARTBEAT:
             _expect_empty(kind, body)
             return Heartbeat()

@@ -116,9 +116,11 @@ class ListenerSettings:
     bind: str
     name: str = ""
     backlog: int | None = None
+    #: None means the settings' ``dispatch``; filled in by :func:`load`.
+    dispatch: Literal["master", "shared"] | None = None
 
 
-LISTENER_KEYS: Final = ("bind", "name", "backlog")
+LISTENER_KEYS: Final = ("bind", "name", "backlog", "dispatch")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -138,6 +140,14 @@ class Settings:
         30, kind="int", group="listeners", minimum=1, maximum=1_000_000,
         help="accepted connections the master queues while no worker is free; "
              "beyond that it stops accepting and the kernel backlog holds the rest")
+    dispatch: Literal["master", "shared"] = _s(
+        "master", kind="choice", group="listeners", choices=("master", "shared"),
+        help="who accepts on each listener that does not set its own: master (the master "
+             "accepts and hands each connection to the least-loaded free worker, with a "
+             "master-owned queue) or shared (every worker accepts from the listening "
+             "socket itself while it has room: less CPU per connection, but the kernel "
+             "spreads connections, there is no master queue, and the backlog waits for "
+             "a free worker)")
     # -- workers
     handler: str = _s("", kind="handler", group="workers", metavar="MODULE:CALLABLE",
                       example='"forkserver.examples.echo:handle"',
@@ -519,6 +529,7 @@ class _TomlSource:
             "bind": parse_bind,
             "name": lambda v: _check_str(SETTINGS["name"], v),
             "backlog": lambda v: _from_toml("backlog", v),
+            "dispatch": lambda v: _from_toml("dispatch", v),
         }
         values: dict[str, Any] = {}
         for key, value in table.items():
@@ -593,7 +604,11 @@ def load(config_file: str | None = None, environ: Mapping[str, str] | None = Non
         origins[key] = f"command line {flag_name(key)}"
     settings = Settings(**values)
     settings = dataclasses.replace(settings, listeners=tuple(
-        dataclasses.replace(ls, backlog=settings.backlog) if ls.backlog is None else ls
+        dataclasses.replace(
+            ls,
+            backlog=settings.backlog if ls.backlog is None else ls.backlog,
+            dispatch=settings.dispatch if ls.dispatch is None else ls.dispatch,
+        )
         for ls in settings.listeners))
     return Loaded(settings, origins)
 
@@ -690,6 +705,8 @@ def _listener_example() -> list[str]:
         "#                            # fd://N, systemd, systemd:NAME",
         '# name = "web"               # shown in logs and `forkserver ctl status`',
         "# backlog = 2048             # this listener's listen() backlog",
+        '# dispatch = "master"        # or "shared": workers accept themselves',
+        "#                            # (default: the dispatch setting)",
         "#",
         "# [[listeners]]",
         '# bind = "unix:/run/forkserver/app.sock"',
@@ -781,14 +798,26 @@ def render_markdown() -> str:
         if group == "listeners":
             out += [
                 "In the file, each listener is a table of the array `listeners`,",
-                "with `bind` (required), `name` and `backlog`:",
+                "with `bind` (required), `name`, `backlog` and `dispatch`",
+                "(`backlog` and `dispatch` default to the global settings):",
                 "",
                 "```toml",
                 "[[listeners]]",
                 'bind = "127.0.0.1:8000"',
                 'name = "web"',
                 "backlog = 1024",
+                'dispatch = "shared"',
                 "```",
+                "",
+                "With `dispatch = \"shared\"` the master never accepts on that",
+                "listener: every worker holds the listening socket and accepts",
+                "while it has room (a sync worker one connection at a time).  It",
+                "costs less CPU per connection than master dispatch, and gives up",
+                "what the master adds: least-loaded dispatch (the kernel decides",
+                "which waiting worker wakes), the master's queue of accepted",
+                "connections, and `max_pending_connections` (what waits stays in",
+                "the kernel backlog).  A worker that dies loses only the",
+                "connections it had accepted.  See docs/performance.md.",
                 "",
                 "`FORKSERVER_BIND` takes one or more bind specs separated by commas",
                 "or spaces; `--bind` can be repeated.  Either replaces the file's",
