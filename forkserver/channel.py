@@ -250,7 +250,7 @@ def decode_master_message(data: bytes) -> MasterMessage:
     raise ProtocolError(f"message type {kind.name} is not sent by the master")
 
 
-def decode_worker_message(data: bytes) -> WorkerMessage:
+def decode_worker_message(data: bytes) -> WorkerMessage:  # noqa: PLR0911 (one per type)
     """Decode what the master receives from a worker."""
     known = _KNOWN_FROM_WORKER.get(data)
     if known is not None:

@@ -174,6 +174,8 @@ class Listener(TcpServer):
         self.name = spec.name or spec.text
         self.dispatch: Dispatch | None = None
         self.created_path: str | None = None
+        #: ``dispatch = "shared"``: the workers accept on it, never the master.
+        self.shared = False
 
     def incoming_connection(self, socket_descriptor: int) -> None:
         dispatch = self.dispatch

@@ -28,6 +28,11 @@ signal and replaced, after a crash-loop back-off (``CrashBackoff``).
 A healthy worker over ``max_requests`` or ``max_memory`` is retired
 (it finishes what it holds) and replaced at once (``recycling``).
 READY=1 goes to systemd once every configured worker has reported ready.
+
+A ``dispatch = "shared"`` listener is never accepted on here: every
+worker inherits it and accepts itself (``workers.shared``), and reports
+what it served with SERVED, which frees no credit.  The master still
+holds it open, so a reload's or an upgrade's new workers get it too.
 """
 
 from __future__ import annotations
@@ -168,15 +173,16 @@ def _open_listeners(settings: Settings, loop: EventLoop, notifier: Notifier) -> 
     """
     claimed = listen_fds()
     if settings.listeners:
-        binds = [(item.bind, item.name, item.backlog) for item in settings.listeners]
+        binds = [(item.bind, item.name, item.backlog, item.dispatch or settings.dispatch)
+                 for item in settings.listeners]  # fmt: skip
     else:
-        binds = [("systemd" if claimed else DEFAULT_BIND, "", None)]
+        binds = [("systemd" if claimed else DEFAULT_BIND, "", None, settings.dispatch)]
     kept = {sock.name: sock for sock in claimed}
-    own = {store_name(bind) for bind, _, _ in binds if _bindable(bind)}
+    own = {store_name(bind) for bind, _, _, _ in binds if _bindable(bind)}
     from_units = [sock for sock in claimed if sock.name not in own]  # for "systemd" specs
     opened: list[Listener] = []
     try:
-        for bind, name, backlog in binds:
+        for bind, name, backlog, dispatch in binds:
             spec = listeners.parse_bind(bind)
             if name and spec.kind != "systemd":  # systemd sockets carry their own names
                 spec = dataclasses.replace(spec, name=name)
@@ -187,6 +193,7 @@ def _open_listeners(settings: Settings, loop: EventLoop, notifier: Notifier) -> 
             more = listeners.open_listeners([spec], backlog=size, loop=loop, inherited=from_units)
             for listener in more:
                 listener.index = len(opened)
+                listener.shared = dispatch == "shared"
                 opened.append(listener)
                 if stored is None and _bindable(bind) and notifier.enabled:
                     _store(notifier, bind, listener)
@@ -217,7 +224,12 @@ def _adopt_handover(handover: Handover, settings: Settings, loop: EventLoop) -> 
     spec = listeners.parse_bind("systemd")
     opened = listeners.open_listeners([spec], backlog=settings.backlog, loop=loop,
                                       inherited=inherited)  # fmt: skip
-    for listener, item in zip(opened, handover.listeners, strict=True):
+    # The configured tables match the handed listeners one to one unless a
+    # "systemd" spec stood for several sockets; then the global setting decides.
+    tables = settings.listeners if len(settings.listeners) == len(opened) else ()
+    for index, (listener, item) in enumerate(zip(opened, handover.listeners, strict=True)):
+        dispatch = tables[index].dispatch if tables else None
+        listener.shared = (dispatch or settings.dispatch) == "shared"
         listener.name = item.name
         listener.created_path = item.path  # ours to remove now
     return opened
@@ -249,7 +261,10 @@ class Master:
         self.dispatcher = Dispatcher(
             loop, self.table, settings.max_pending_connections, self._violation
         )
-        self.dispatcher.listeners = listeners
+        # Listeners the workers accept on themselves (dispatch = "shared").
+        self.shared = {index for index, item in enumerate(listeners) if item.shared}
+        self.dispatcher.listeners = [item for index, item in enumerate(listeners)
+                                     if index not in self.shared]  # fmt: skip
         self.target = settings.workers  # how many workers to keep; TTIN/TTOU/scale change it
         self.started = time.time()
         self.history: dict[int, SlotHistory] = {}
@@ -287,7 +302,10 @@ class Master:
     # --- the loop ----------------------------------------------------------
 
     def run(self) -> int:
-        for listener in self.listeners:
+        for index, listener in enumerate(self.listeners):
+            if index in self.shared:
+                listener.pause_accepting()  # for good: the workers accept on it
+                continue
             listener.dispatch = self.dispatcher.dispatch
             listener.accept_error.connect(self._accept_failed(listener))
         if self.handover is None:  # else once the old master, which holds them, is gone
@@ -431,8 +449,9 @@ class Master:
             concurrency=self.capacity, listener_names=self._listener_names,
             name=self.settings.name, user=self.settings.user, group=self.settings.group,
             handler=self.handler, heartbeat_interval=self._heartbeat_interval,
-            access_log=self.settings.access_log,
+            access_log=self.settings.access_log, shared_listeners=self._shared_fds(),
         )  # fmt: skip
+        ctx.keep_fds.update(fd for _, fd in ctx.shared_listeners)
         try:
             after_fork = [self.control.discard_after_fork] if self.control else []
             pid = spawn.fork_worker(ctx, self.loop, self._owned_sockets(master_end), after_fork)
@@ -463,6 +482,12 @@ class Master:
     def _spawn_failed(self, slot: int, exc: OSError, generation: int) -> None:
         log.error("cannot start worker %d: %s", slot, exc, extra={"event": "worker_failed"})
         self._schedule_respawn(slot, self.backoff.delay_after_exit(0.0), generation)
+
+    def _shared_fds(self) -> tuple[tuple[int, int], ...]:
+        """(index, descriptor) of each shared listener still open, for a new worker."""
+        return tuple((index, listener.socket_descriptor())
+                     for index, listener in enumerate(self.listeners)
+                     if index in self.shared and listener.socket_descriptor() >= 0)  # fmt: skip
 
     def _owned_sockets(self, master_end: socket.socket) -> list[socket.socket]:
         owned = [master_end]
@@ -596,12 +621,13 @@ class Master:
         match message:
             case channel.Done(count=count):
                 self.table.complete(record.pid, count, now)
-                if recycling.served_enough(record.served, record.request_limit):
-                    self._recycle(link, f"served {record.served} connections, its "
-                                        f"max_requests limit of {record.request_limit}",
-                                  limit="max_requests")  # fmt: skip
+                self._check_requests(link)
                 self.dispatcher.drain_pending()
                 self._stop_workers_when_drained()
+            case channel.Served(count=count):
+                self.table.seen(record.pid, now)
+                record.served += count  # never credit: the master did not hand these out
+                self._check_requests(link)
             case channel.Ready(pid=pid):
                 if pid != record.pid:
                     raise channel.ProtocolError(f"READY names pid {pid}")
@@ -610,6 +636,13 @@ class Master:
                 self._handler_error(link, message)
             case channel.Heartbeat() | channel.Stats():
                 self.table.seen(record.pid, now)
+
+    def _check_requests(self, link: WorkerLink) -> None:
+        record = link.record
+        if recycling.served_enough(record.served, record.request_limit):
+            self._recycle(link, f"served {record.served} connections, its "
+                                f"max_requests limit of {record.request_limit}",
+                          limit="max_requests")  # fmt: skip
 
     def _worker_ready(self, link: WorkerLink) -> None:
         record = link.record

@@ -3,8 +3,11 @@
 Each received descriptor becomes ``asyncio.open_connection(sock=...)``
 and a task running ``await handle(reader, writer)``.  Finished tasks
 are counted and one DONE per loop pass reports them (batched).
-SIGTERM or STOP: stop taking connections once the ones already queued
-on the channel are in, wait for every task, exit 0.
+Connections it accepts itself from a shared listener (watched only
+while fewer than ``concurrency`` tasks run) are reported with SERVED,
+with the heartbeat, never with DONE.  SIGTERM or STOP: stop accepting,
+stop taking connections once the ones already queued on the channel
+are in, wait for every task, exit 0.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Coroutine
+from functools import partial
 from typing import Any
 
 from forkserver import channel
@@ -28,6 +32,7 @@ from forkserver.workers.core import (
     log_access,
     peer_of,
 )
+from forkserver.workers.shared import SharedListeners
 
 AsyncHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, object]]
 
@@ -42,6 +47,8 @@ class AsyncioWorker:
         self.done_count = 0
         self.stopped = asyncio.Event()
         self.master_gone = False
+        self.shared = SharedListeners(ctx)
+        self._accepting = False
 
     def run(self) -> int:
         asyncio.run(self._main())
@@ -53,18 +60,47 @@ class AsyncioWorker:
         self.chan.send(channel.Ready(pid=os.getpid()))
         loop.add_reader(self.chan.fileno(), self._on_channel)
         beat = asyncio.create_task(self._heartbeat())
+        self._update_accepting()
         try:
             await self.stopped.wait()
+            self._update_accepting()
+            self.shared.close()
             loop.remove_reader(self.chan.fileno())
             if not self.master_gone:
                 self._on_channel()  # connections already queued are ours to serve
             while self.tasks:
                 await asyncio.wait(set(self.tasks))
+            self._report_served()
         finally:
             beat.cancel()
 
     def _stop(self) -> None:
         self.stopped.set()
+
+    def _update_accepting(self) -> None:
+        """Watch the shared listeners while there is room, and not once stopped."""
+        room = self.ctx.concurrency - self.ctx.in_flight
+        want = bool(self.shared) and not self.stopped.is_set() and room > 0
+        if want == self._accepting:
+            return
+        loop = asyncio.get_running_loop()
+        for index, fd in self.shared.fds().items():
+            if want:
+                loop.add_reader(fd, partial(self._on_listener, index))
+            else:
+                loop.remove_reader(fd)
+        self._accepting = want
+
+    def _on_listener(self, index: int) -> None:
+        if not self.stopped.is_set():
+            room = self.ctx.concurrency - self.ctx.in_flight
+            self.shared.accept(index, room, partial(self._start, own=True))
+        self._update_accepting()
+
+    def _report_served(self) -> None:
+        count = self.shared.take_unreported()
+        if count:
+            self._send(channel.Served(count=count))
 
     def _on_channel(self) -> None:
         try:
@@ -79,12 +115,13 @@ class AsyncioWorker:
                     self._start(fd, listener)
             else:
                 self._stop()
+        self._update_accepting()
 
-    def _start(self, fd: int, listener: int) -> None:
+    def _start(self, fd: int, listener: int, *, own: bool = False) -> None:
         self.ctx.in_flight += 1
         task = asyncio.create_task(self._serve(fd, listener))
         self.tasks.add(task)
-        task.add_done_callback(self._finished)
+        task.add_done_callback(self._finished_own if own else self._finished)
 
     async def _serve(self, fd: int, listener: int) -> None:
         started = time.monotonic() if self.ctx.access_log else 0.0
@@ -131,9 +168,19 @@ class AsyncioWorker:
         self.tasks.discard(task)
         self.ctx.in_flight -= 1
         self.ctx.served += 1
+        if not self._accepting:
+            self._update_accepting()
         if self.done_count == 0:
             asyncio.get_running_loop().call_soon(self._flush_done)
         self.done_count += 1
+
+    def _finished_own(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        self.ctx.in_flight -= 1
+        self.ctx.served += 1
+        self.shared.unreported += 1
+        if not self._accepting:
+            self._update_accepting()
 
     def _flush_done(self) -> None:
         count, self.done_count = self.done_count, 0
@@ -146,3 +193,4 @@ class AsyncioWorker:
             await asyncio.sleep(ctx.heartbeat_interval)
             self._send(channel.Heartbeat())
             self._send(channel.Stats(served=ctx.served, in_flight=ctx.in_flight, errors=ctx.errors))
+            self._report_served()

@@ -51,6 +51,9 @@ class WorkerContext:
     in_flight: int = 0
     keep_fds: set[int] = field(default_factory=set)
     access_log: bool = False
+    #: (listener index, descriptor) of each ``dispatch = "shared"`` listener:
+    #: kept open across boot (see ``keep_fds``), accepted from by the worker.
+    shared_listeners: tuple[tuple[int, int], ...] = ()
     #: (family, type, proto) of each listener's connections, learnt from the first.
     socket_kinds: dict[int, tuple[int, int, int]] = field(default_factory=dict)
 

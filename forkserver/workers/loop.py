@@ -2,8 +2,10 @@
 
 One selector waits on the channel and on a signal wake-up pipe.  An
 idle loop sends a heartbeat and stats every ``ctx.heartbeat_interval``.
-SIGTERM or a STOP message means: take whatever connections are already
-queued on the channel, finish everything held, exit 0.  End of file on
+SIGTERM or a STOP message means: stop accepting from shared listeners,
+take whatever connections are already queued on the channel, finish
+everything held, exit 0.  Shared listeners (``workers.shared``) are
+watched only while the worker has room for one more connection.  End of file on
 the channel means the master is gone: exit at once.
 """
 
@@ -14,6 +16,7 @@ import selectors
 import signal
 import time
 from collections.abc import Callable
+from functools import partial
 
 from forkserver import channel
 from forkserver.workers.core import (
@@ -22,6 +25,7 @@ from forkserver.workers.core import (
     WorkerChannel,
     WorkerContext,
 )
+from forkserver.workers.shared import SharedListeners
 
 
 class SelectorWorker:
@@ -41,12 +45,44 @@ class SelectorWorker:
         self.next_beat = 0.0
         self.watch(self.chan.fileno(), self._on_channel)
         self.watch(self._wake_r, self._on_signal)
+        self.shared = SharedListeners(ctx)
+        self._accepting = False
+        self.update_accepting()
 
     def watch(self, fd: int, callback: Callable[[], None]) -> None:
         self.selector.register(fd, selectors.EVENT_READ, callback)
 
     def take(self, fds: list[int], listeners: tuple[int, ...]) -> None:
         raise NotImplementedError
+
+    def take_own(self, fd: int, listener: int) -> None:
+        """Serve *fd*, accepted by this worker from shared *listener*."""
+        raise NotImplementedError
+
+    def room(self) -> int:
+        return self.ctx.concurrency - self.ctx.in_flight
+
+    def update_accepting(self) -> None:
+        """Watch the shared listeners while there is room, and not while stopping."""
+        want = bool(self.shared) and not self.stopping and self.room() > 0
+        if want == self._accepting:
+            return
+        for index, fd in self.shared.fds().items():
+            if want:
+                self.watch(fd, partial(self._on_listener, index))
+            else:
+                self.selector.unregister(fd)
+        self._accepting = want
+
+    def stop_accepting(self) -> None:
+        self.stopping = True
+        self.update_accepting()
+        self.shared.close()
+
+    def _on_listener(self, index: int) -> None:
+        if not self.stopping:
+            self.shared.accept(index, self.room(), self.take_own)
+        self.update_accepting()
 
     def finish(self) -> None:
         """Wait for the connections still held (thread workers)."""
@@ -60,9 +96,12 @@ class SelectorWorker:
                 for key, _ in self.selector.select(timeout):
                     key.data()
                 self.beat_if_due()
+            self.stop_accepting()
             if not self.master_gone:
                 self.drain()  # connections already queued are ours to serve
             self.finish()
+            if not self.master_gone:
+                self.report_served()
         except ChannelClosed:
             pass
         return EXIT_OK
@@ -82,6 +121,13 @@ class SelectorWorker:
         self.chan.send(
             channel.Stats(served=ctx.served, in_flight=ctx.in_flight, errors=ctx.errors)
         )
+        self.report_served()
+
+    def report_served(self) -> None:
+        """SERVED for the self-accepted connections finished since the last report."""
+        count = self.shared.take_unreported()
+        if count:
+            self.chan.send(channel.Served(count=count))
 
     def _on_channel(self) -> None:
         try:

@@ -6,6 +6,8 @@ the master keeps one descriptor queued for a busy sync worker (its
 ends, and whatever is still queued when a worker dies goes back to the
 master rather than being lost.  DONE goes out after every message, so
 the master can queue the next descriptor while this one is served.
+From a shared listener it accepts one connection when free and serves
+it before it looks again.
 """
 
 from __future__ import annotations
@@ -27,6 +29,15 @@ class SyncWorker(SelectorWorker):
             self.report(serve_blocking(ctx, fd, listener))
             ctx.in_flight -= 1
             ctx.served += 1
+
+    def take_own(self, fd: int, listener: int) -> None:
+        ctx = self.ctx
+        ctx.in_flight += 1
+        self.report(serve_blocking(ctx, fd, listener))
+        ctx.in_flight -= 1
+        ctx.served += 1
+        self.shared.unreported += 1
+        self.beat_if_due()
 
     def _on_channel(self) -> None:
         """Serve message after message while the next one is already queued."""
