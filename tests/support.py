@@ -22,6 +22,9 @@ and the test fails if any process of the daemon's session is left.
   every datagram as it arrives, as systemd would.
 * ``stop(signal)``: signal the master and wait for its exit code.
 
+``extra_fds`` passes more of the test's descriptors; ``bind=False``
+leaves out ``--bind`` (the test's config file names the listeners).
+
 ``wait_pid(pid, timeout)`` reaps a child of the test process itself.
 
 Every wait has a timeout and wakes on the event itself (a datagram, a
@@ -275,6 +278,8 @@ def start_daemon(
     env: dict[str, str] | None = None,
     wait_ready: bool = True,
     cwd: Path | None = None,
+    extra_fds: Sequence[int] = (),
+    bind: bool = True,
 ) -> Iterator[Daemon]:
     """Run ``forkserver run --bind fd://N --workers W ARGS HANDLER``; see the module docstring."""
     scratch = tempfile.mkdtemp(prefix="fs-")  # short: a Unix socket path holds 107 bytes
@@ -294,13 +299,14 @@ def start_daemon(
             **(env or {}),
         }
         fd = listener.fileno()
+        binds = ["--bind", f"fd://{fd}"] if bind else []  # else the test's config file says
         command = [
-            sys.executable, "-m", "forkserver", "run", "--bind", f"fd://{fd}",
+            sys.executable, "-m", "forkserver", "run", *binds,
             "--workers", str(workers), "--log-format", "json", *args, handler,
         ]  # fmt: skip
         proc = subprocess.Popen(
             command,
-            pass_fds=[fd],
+            pass_fds=[fd, *extra_fds],
             env=full_env,
             cwd=cwd or ROOT,
             stdin=subprocess.DEVNULL,

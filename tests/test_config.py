@@ -23,6 +23,7 @@ SAMPLES: dict[str, tuple[tuple[str, str, str], tuple[object, object, object]]] =
                   ("127.0.0.1:7001", "127.0.0.1:7002", "unix:/tmp/x.sock")),
     "backlog": (("11", "12", "13"), (11, 12, 13)),
     "max_pending_connections": (("5", "6", "7"), (5, 6, 7)),
+    "dispatch": (('"shared"', "master", "SHARED"), ("shared", "master", "shared")),
     "handler": (('"a.b:c"', "d:e", "f.g:h.i"), ("a.b:c", "d:e", "f.g:h.i")),
     "workers": (("3", "5", "7"), (3, 5, 7)),
     "worker_class": (('"sync"', "thread", "asyncio"), ("sync", "thread", "asyncio")),
@@ -124,8 +125,9 @@ def test_listeners_array_of_tables(tmp_path: Path) -> None:
     path.write_text('backlog = 99\n[[listeners]]\nbind = "127.0.0.1:0"\nname = "web"\n'
                     '[[listeners]]\nbind = "unix:/tmp/a.sock"\nbacklog = 5\n')
     s = config.load_settings(str(path), {})
-    assert s.listeners == (ListenerSettings(bind="127.0.0.1:0", name="web", backlog=99),
-                           ListenerSettings(bind="unix:/tmp/a.sock", name="", backlog=5))
+    assert s.listeners == (
+        ListenerSettings(bind="127.0.0.1:0", name="web", backlog=99, dispatch="master"),
+        ListenerSettings(bind="unix:/tmp/a.sock", name="", backlog=5, dispatch="master"))
 
 
 def test_env_bind_takes_several_specs_and_replaces_the_file(tmp_path: Path) -> None:
@@ -183,6 +185,12 @@ def _error(tmp_path: Path, text: str, environ: dict[str, str] | None = None) -> 
     ("[[listeners]]\nbind = ':1'\nbacklog = 0\n", "listeners[0].backlog", 3,
      "expected an integer >= 1"),
     ("[workers]\ncount = 2\n", "workers", 1, "got a table"),
+    ("dispatch = 'fanout'\n", "dispatch", 1,
+     "expected one of 'master', 'shared', got 'fanout'"),
+    ("[[listeners]]\nbind = ':1'\ndispatch = 'fanout'\n", "listeners[0].dispatch", 3,
+     "expected one of 'master', 'shared', got 'fanout'"),
+    ("[[listeners]]\nbind = ':1'\ndispatch = 1\n", "listeners[0].dispatch", 3,
+     "expected a string, got an integer"),
 ])
 def test_bad_file_names_file_key_line_and_expectation(
         tmp_path: Path, text: str, key: str, line: int, expected: str) -> None:
@@ -246,3 +254,31 @@ def test_parse_size() -> None:
     assert config.parse_size("1_000k") == 1000 << 10
     with pytest.raises(ValueError, match="size in bytes"):
         config.parse_size("-1")
+
+
+def test_listeners_inherit_dispatch_unless_they_set_their_own(tmp_path: Path) -> None:
+    path = tmp_path / "f.toml"
+    path.write_text('dispatch = "shared"\n[[listeners]]\nbind = "127.0.0.1:1"\n'
+                    '[[listeners]]\nbind = "127.0.0.1:2"\ndispatch = "master"\n')
+    s = config.load_settings(str(path), {})
+    assert [ls.dispatch for ls in s.listeners] == ["shared", "master"]
+    # The environment (and the command line) change the default, not a listener's own choice.
+    s = config.load_settings(str(path), {"FORKSERVER_DISPATCH": "master"})
+    assert (s.dispatch, [ls.dispatch for ls in s.listeners]) == ("master", ["master", "master"])
+    s = config.load_settings(None, {}, {"dispatch": "shared",
+                                        "listeners": (ListenerSettings(bind=":1"),)})
+    assert s.listeners[0].dispatch == "shared"
+    assert config.load_settings(None, {}).dispatch == "master"
+
+
+@pytest.mark.parametrize("command", ["check-config", "run"])
+def test_an_invalid_dispatch_exits_78_naming_the_key(
+        command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "f.toml"
+    path.write_text('[[listeners]]\nbind = "127.0.0.1:1"\ndispatch = "fanout"\n')
+    assert cli.main([command, "-c", str(path), "a:b"]) == 78
+    assert "listeners[0].dispatch" in capsys.readouterr().err
+    monkeypatch.setenv("FORKSERVER_DISPATCH", "fanout")
+    assert cli.main([command, "a:b"]) == 78
+    assert "FORKSERVER_DISPATCH" in capsys.readouterr().err

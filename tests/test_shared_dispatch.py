@@ -1,0 +1,216 @@
+"""``dispatch = "shared"`` with real processes: workers accept on the listener themselves."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.loadgen import BackgroundLoad, run_load
+from tests.support import start_daemon
+
+ECHO = "forkserver.examples.echo:handle"
+
+
+def read_line(sock: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def recv_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize(
+    ("worker_class", "handler", "concurrency"),
+    [
+        ("sync", "tests.handlers.basic:hold", 1),
+        ("thread", "tests.handlers.basic:hold", 2),
+        ("asyncio", "tests.handlers.basic:async_hold", 2),
+    ],
+)
+def test_each_worker_accepts_up_to_its_capacity_and_no_more(
+    worker_class: str, handler: str, concurrency: int
+) -> None:
+    """2 workers x concurrency held connections: each worker holds exactly its share.
+
+    A worker at capacity stops watching the listener, so the rest can
+    only go to the other worker; each answers once it is released.
+    """
+    args = ("--dispatch", "shared", "--worker-class", worker_class,
+            "--concurrency", str(concurrency))  # fmt: skip
+    with start_daemon(handler, *args, workers=2) as daemon, contextlib.ExitStack() as stack:
+        held = []
+        for _ in range(2 * concurrency):
+            conn = stack.enter_context(daemon.connect())
+            held.append((conn, int(read_line(conn).split()[0])))
+        by_worker = Counter(pid for _, pid in held)
+        assert set(by_worker.values()) == {concurrency}, by_worker
+        assert set(by_worker) == {p.pid for p in daemon.workers()}
+        for i, (conn, pid) in enumerate(held):
+            conn.sendall(b"go %d\n" % i)
+            assert recv_all(conn) == b"%d go %d\n" % (pid, i)
+        assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("worker_class", ["sync", "thread", "asyncio"])
+def test_a_shared_listener_serves_many_connections(worker_class: str) -> None:
+    handler = "forkserver.examples.async_echo:handle" if worker_class == "asyncio" else ECHO
+    args = ("--dispatch", "shared", "--worker-class", worker_class)
+    with start_daemon(handler, *args, workers=2) as daemon:
+        result = run_load(*daemon.address, total=600, concurrency=16, deadline=60)
+        assert result.failures == [], result.failure_summary()
+        assert result.answered == 600
+        assert daemon.stop() == 0
+
+
+def test_served_counts_reach_the_master_without_touching_its_credit() -> None:
+    """max_requests recycles shared-listener workers: SERVED is counted as served."""
+    with start_daemon(ECHO, "--dispatch", "shared", "--max-requests", "40", workers=2) as daemon:
+        first = {p.pid for p in daemon.workers()}
+        result = run_load(*daemon.address, total=400, concurrency=8, deadline=60)
+        assert result.failures == [], result.failure_summary()
+        record = daemon.wait_log("worker_recycled", limit="max_requests")
+        assert record["pid"] in first
+        # A DONE the master never handed out would be a protocol error: none.
+        assert daemon.records("protocol_error") == []
+        assert daemon.stop() == 0
+
+
+@pytest.fixture
+def two_listeners(tmp_path: Path) -> Iterator[tuple[socket.socket, socket.socket, Path]]:
+    dispatched = socket.create_server(("127.0.0.1", 0), backlog=256)
+    shared = socket.create_server(("127.0.0.1", 0), backlog=256)
+    path = tmp_path / "forkserver.toml"
+    path.write_text(
+        f'[[listeners]]\nbind = "fd://{dispatched.fileno()}"\nname = "dispatched"\n\n'
+        f'[[listeners]]\nbind = "fd://{shared.fileno()}"\nname = "shared"\n'
+        'dispatch = "shared"\n'
+    )
+    with dispatched, shared:
+        yield dispatched, shared, path
+
+
+def ask_fds(address: tuple[str, int]) -> dict[str, object]:
+    with socket.create_connection(address, timeout=5) as conn:
+        report: dict[str, object] = json.loads(recv_all(conn))
+    return report
+
+
+def test_master_and_shared_listeners_side_by_side(
+    two_listeners: tuple[socket.socket, socket.socket, Path],
+) -> None:
+    dispatched, shared, config = two_listeners
+    fds = [dispatched.fileno(), shared.fileno()]
+    with start_daemon(ECHO, "-c", str(config), extra_fds=fds, bind=False) as daemon:
+        with BackgroundLoad(*dispatched.getsockname(), total=300, concurrency=8,
+                            deadline=60) as other:  # fmt: skip
+            result = run_load(*shared.getsockname(), total=300, concurrency=8, deadline=60)
+            other_result = other.join()
+        assert result.failures == [], result.failure_summary()
+        assert other_result.failures == [], other_result.failure_summary()
+        assert result.answered == other_result.answered == 300
+        assert daemon.stop() == 0
+
+
+def test_workers_hold_the_shared_listener_and_nothing_else_unexpected(
+    two_listeners: tuple[socket.socket, socket.socket, Path],
+) -> None:
+    dispatched, shared, config = two_listeners
+    fds = [dispatched.fileno(), shared.fileno()]
+    inode = {sock: f"socket:[{os.fstat(sock.fileno()).st_ino}]" for sock in (dispatched, shared)}
+    with start_daemon("tests.handlers.basic:fds", "-c", str(config), extra_fds=fds,
+                      bind=False) as daemon:  # fmt: skip
+        reports = [ask_fds(sock.getsockname()) for sock in (dispatched, shared)]
+        assert daemon.stop() == 0
+    for report in reports:
+        table = dict(report["fds"])  # type: ignore[call-overload]
+        assert str(table.pop(str(report["me"]))).startswith("socket:")  # being served
+        for fd in ("0", "1", "2"):
+            table.pop(fd)
+        sockets = sorted(str(t) for t in table.values() if str(t).startswith("socket:"))
+        assert len(sockets) == 2, table  # its channel and the shared listener
+        assert inode[shared] in sockets
+        assert inode[dispatched] not in sockets  # the master accepts there
+        others = [str(t) for t in table.values() if not str(t).startswith("socket:")]
+        assert all(t.startswith(("pipe:", "anon_inode:[eventpoll]")) for t in others), table
+        assert len(others) <= 3, table
+
+
+def test_the_shared_listener_stays_non_blocking_and_close_on_exec(
+    two_listeners: tuple[socket.socket, socket.socket, Path],
+) -> None:
+    dispatched, shared, config = two_listeners
+    fds = [dispatched.fileno(), shared.fileno()]
+    inode = f"socket:[{os.fstat(shared.fileno()).st_ino}]"
+    with start_daemon(ECHO, "-c", str(config), extra_fds=fds, bind=False) as daemon:
+        for worker in daemon.workers():
+            held = [name for name in os.listdir(f"/proc/{worker.pid}/fd")
+                    if _readlink(f"/proc/{worker.pid}/fd/{name}") == inode]  # fmt: skip
+            assert len(held) == 1, held
+            flags = _fdinfo_flags(worker.pid, held[0])
+            assert flags & os.O_NONBLOCK
+            assert flags & 0o2000000  # O_CLOEXEC as /proc shows it
+        assert daemon.stop() == 0
+
+
+def _readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""
+
+
+def _fdinfo_flags(pid: int, fd: str) -> int:
+    with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("flags:"):
+                return int(line.split()[1], 8)
+    raise AssertionError(f"no flags in /proc/{pid}/fdinfo/{fd}")
+
+
+def test_reload_under_load_on_a_shared_listener_loses_nothing() -> None:
+    total = 2000
+    with start_daemon(ECHO, "--dispatch", "shared", workers=2) as daemon:
+        before = {p.pid for p in daemon.workers()}
+        hups = 0
+        with BackgroundLoad(*daemon.address, total=total, concurrency=16, deadline=60) as load:
+            load.wait_answered(50)
+            while load.running() and hups < 250:
+                daemon.proc.send_signal(signal.SIGHUP)
+                hups += 1
+                time.sleep(0.2)  # sleep-ok: the cadence under test is one HUP every 0.2 s
+            result = load.join()
+        assert result.failures == [], result.failure_summary()
+        assert result.answered == total
+        assert hups >= 3, "the load ended before the reloads began: it proves nothing"
+        assert len(daemon.records("reload_completed")) >= 3
+        assert not before & {p.pid for p in daemon.workers()}
+        assert daemon.stop() == 0
+
+
+def test_a_graceful_stop_lets_shared_workers_finish_what_they_hold() -> None:
+    with start_daemon("tests.handlers.basic:hold", "--dispatch", "shared", workers=1) as daemon:
+        with daemon.connect() as conn:
+            pid = int(read_line(conn).split()[0])
+            daemon.proc.send_signal(signal.SIGTERM)
+            daemon.wait_log("master_stopping")
+            conn.sendall(b"bye\n")
+            assert recv_all(conn) == b"%d bye\n" % pid
+        assert daemon.proc.wait(timeout=20) == 0
