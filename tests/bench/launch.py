@@ -114,6 +114,7 @@ HELLO = "forkserver.examples.hello_http:handle"
 # server here serves them all.
 ROOMY = ("--concurrency", "64")
 HELLO_ASYNC = "forkserver.examples.hello_http:async_handle"
+SHARED = ("--dispatch", "shared")
 
 # name -> (builder, what it needs installed)
 SERVERS: dict[str, tuple[Builder, str]] = {
@@ -124,6 +125,9 @@ SERVERS: dict[str, tuple[Builder, str]] = {
     "fs-sync": (forkserver("sync", HELLO), "forkserver"),
     "fs-thread": (forkserver("thread", HELLO, *ROOMY), "forkserver"),
     "fs-asyncio": (forkserver("asyncio", HELLO_ASYNC, *ROOMY), "forkserver"),
+    # dispatch = "shared": the workers accept themselves, the master only supervises.
+    "fs-sync-shared": (forkserver("sync", HELLO, *SHARED), "forkserver"),
+    "fs-asyncio-shared": (forkserver("asyncio", HELLO_ASYNC, *ROOMY, *SHARED), "forkserver"),
 }
 
 # The same servers with the bench's own handlers, which name the worker.
@@ -136,6 +140,9 @@ FAIRNESS_SERVERS: dict[str, tuple[Builder, str]] = {
     "fs-thread": (forkserver("thread", "tests.bench.handlers:handle", *ROOMY), "forkserver"),
     "fs-asyncio": (forkserver("asyncio", "tests.bench.handlers:async_handle", *ROOMY),
                    "forkserver"),
+    "fs-sync-shared": (forkserver("sync", "tests.bench.handlers:handle", *SHARED), "forkserver"),
+    "fs-asyncio-shared": (forkserver("asyncio", "tests.bench.handlers:async_handle", *ROOMY,
+                                     *SHARED), "forkserver"),
 }
 
 
