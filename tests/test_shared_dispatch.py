@@ -15,26 +15,9 @@ from pathlib import Path
 import pytest
 
 from tests.loadgen import BackgroundLoad, run_load
-from tests.support import start_daemon
+from tests.support import read_line, recv_all, start_daemon
 
 ECHO = "forkserver.examples.echo:handle"
-
-
-def read_line(sock: socket.socket) -> bytes:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(1)
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
-def recv_all(sock: socket.socket) -> bytes:
-    chunks = []
-    while chunk := sock.recv(65536):
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 @pytest.mark.parametrize(
