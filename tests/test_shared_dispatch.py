@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import signal
 import socket
 import time
@@ -12,6 +13,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.loadgen import BackgroundLoad, run_load
@@ -197,3 +199,44 @@ def test_a_graceful_stop_lets_shared_workers_finish_what_they_hold() -> None:
             conn.sendall(b"bye\n")
             assert recv_all(conn) == b"%d bye\n" % pid
         assert daemon.proc.wait(timeout=20) == 0
+
+
+@pytest.mark.parametrize(
+    ("worker_class", "handler"),
+    [("thread", "tests.handlers.basic:hold"), ("asyncio", "tests.handlers.basic:async_hold")],
+)
+def test_a_worker_out_of_descriptors_backs_off_instead_of_spinning(
+    worker_class: str, handler: str
+) -> None:
+    """EMFILE on a shared listener: the worker pauses watching it, then serves the rest.
+
+    The listener stays readable while the worker cannot accept, so a
+    worker that kept watching it would burn a CPU until descriptors free up.
+    """
+    args = ("--dispatch", "shared", "--worker-class", worker_class, "--concurrency", "32")
+    with start_daemon(handler, *args, workers=1) as daemon, contextlib.ExitStack() as stack:
+        (worker,) = daemon.workers()
+        _, hard = worker.rlimit(psutil.RLIMIT_NOFILE)
+        # New descriptors take the lowest free numbers: below the limit,
+        # the holes left by closing the master's descriptors, plus 2.
+        in_use = {int(fd) for fd in os.listdir(f"/proc/{worker.pid}/fd")}
+        limit = max(in_use) + 3
+        free = limit - len(in_use)
+        worker.rlimit(psutil.RLIMIT_NOFILE, (limit, hard))
+        clients = [stack.enter_context(daemon.connect()) for _ in range(free + 3)]
+        held = [c for c in clients[:free] if read_line(c).endswith(b" held\n")]
+        assert len(held) == free
+        waiting = clients[free]
+        before = sum(worker.cpu_times()[:2])
+        # The observation window is a wait that must time out: nobody is served.
+        ready, _, _ = select.select([waiting], [], [], 1.0)
+        spent = sum(worker.cpu_times()[:2]) - before
+        assert ready == [], "a connection was served beyond the descriptor limit"
+        assert spent < 0.3, f"the worker spun on EMFILE: {spent:.2f} s of CPU in 1 s"
+        worker.rlimit(psutil.RLIMIT_NOFILE, (hard, hard))
+        for index, conn in enumerate(clients):
+            if conn not in held:
+                assert read_line(conn).endswith(b" held\n")
+            conn.sendall(b"go %d\n" % index)
+            assert recv_all(conn).endswith(b" go %d\n" % index)
+        assert daemon.stop() == 0

@@ -48,6 +48,7 @@ class AsyncioWorker:
         self.stopped = asyncio.Event()
         self.master_gone = False
         self.shared = SharedListeners(ctx)
+        self._rearm_scheduled = False
         self._accepting = False
 
     def run(self) -> int:
@@ -80,16 +81,25 @@ class AsyncioWorker:
     def _update_accepting(self) -> None:
         """Watch the shared listeners while there is room, and not once stopped."""
         room = self.ctx.concurrency - self.ctx.in_flight
-        want = bool(self.shared) and not self.stopped.is_set() and room > 0
+        backing_off = self.shared.backing_off()
+        want = bool(self.shared) and not self.stopped.is_set() and room > 0 and not backing_off
+        loop = asyncio.get_running_loop()
+        if backing_off and not self._rearm_scheduled:
+            # asyncio may run a timer a little early: check again, never give up
+            self._rearm_scheduled = True
+            loop.call_at(loop.time() + self.shared.resume_at - time.monotonic(), self._rearm)
         if want == self._accepting:
             return
-        loop = asyncio.get_running_loop()
         for index, fd in self.shared.fds().items():
             if want:
                 loop.add_reader(fd, partial(self._on_listener, index))
             else:
                 loop.remove_reader(fd)
         self._accepting = want
+
+    def _rearm(self) -> None:
+        self._rearm_scheduled = False
+        self._update_accepting()
 
     def _on_listener(self, index: int) -> None:
         if not self.stopped.is_set():

@@ -64,7 +64,12 @@ class SelectorWorker:
 
     def update_accepting(self) -> None:
         """Watch the shared listeners while there is room, and not while stopping."""
-        want = bool(self.shared) and not self.stopping and self.room() > 0
+        want = (
+            bool(self.shared)
+            and not self.stopping
+            and self.room() > 0
+            and not self.shared.backing_off()
+        )
         if want == self._accepting:
             return
         for index, fd in self.shared.fds().items():
@@ -92,9 +97,12 @@ class SelectorWorker:
         self.next_beat = time.monotonic() + self.ctx.heartbeat_interval
         try:
             while not self.stopping:
-                timeout = max(0.0, self.next_beat - time.monotonic())
-                for key, _ in self.selector.select(timeout):
+                wake_at = self.next_beat
+                if self.shared.backing_off():
+                    wake_at = min(wake_at, self.shared.resume_at)
+                for key, _ in self.selector.select(max(0.0, wake_at - time.monotonic())):
                     key.data()
+                self.update_accepting()  # a back-off may have ended
                 self.beat_if_due()
             self.stop_accepting()
             if not self.master_gone:

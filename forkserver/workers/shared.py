@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import time
 from collections.abc import Callable
 from typing import Final
 
@@ -21,6 +22,11 @@ from forkserver.workers.core import WorkerContext
 
 #: The most connections one worker accepts per wake-up.
 ACCEPT_BATCH: Final = 16
+#: After a failed accept (EMFILE and the like) the listener is not
+#: watched for this long, doubling up to ``BACKOFF_MAX``: it stays
+#: readable, so watching it at once would spin.
+BACKOFF_FIRST: Final = 0.1
+BACKOFF_MAX: Final = 1.0
 
 
 class SharedListeners:
@@ -36,9 +42,15 @@ class SharedListeners:
             self.sockets[index] = sock
         #: Self-accepted connections finished and not yet reported with SERVED.
         self.unreported = 0
+        #: Monotonic time before which the listeners are not watched.
+        self.resume_at = 0.0
+        self._backoff = BACKOFF_FIRST
 
     def __bool__(self) -> bool:
         return bool(self.sockets)
+
+    def backing_off(self) -> bool:
+        return time.monotonic() < self.resume_at
 
     def fds(self) -> dict[int, int]:
         """Listener index -> descriptor, to watch for readability."""
@@ -63,7 +75,11 @@ class SharedListeners:
             except (ConnectionAbortedError, PermissionError):
                 continue  # the peer reset it before we accepted, or a firewall said no
             except OSError:
-                break  # EMFILE and the like: the next wake-up tries again
+                # EMFILE and the like: look again only after a pause
+                self.resume_at = time.monotonic() + self._backoff
+                self._backoff = min(2 * self._backoff, BACKOFF_MAX)
+                break
+            self._backoff = BACKOFF_FIRST
             accepted += 1
             take(fd, index)
         return accepted
