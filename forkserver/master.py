@@ -37,8 +37,6 @@ holds it open, so a reload's or an upgrade's new workers get it too.
 
 from __future__ import annotations
 
-import dataclasses
-import gc
 import logging
 import os
 import random
@@ -50,7 +48,7 @@ from typing import Final
 
 import setproctitle
 
-from forkserver import channel, fdpass, listeners, recycling, spawn
+from forkserver import channel, fdpass, recycling, spawn, startup
 from forkserver.commands import ControlCommands
 from forkserver.config import Settings
 from forkserver.control import ControlServer, open_control
@@ -58,14 +56,14 @@ from forkserver.dispatch import Dispatcher, WorkerLink
 from forkserver.errors import ForkserverError
 from forkserver.eventloop import EventLoop, TimerHandle
 from forkserver.generations import Generations
-from forkserver.handler import LoadedHandler, WorkerClass, load_handler
-from forkserver.handler import resolve_worker_class as _resolve_class
+from forkserver.handler import LoadedHandler, WorkerClass
+from forkserver.health import Health
 from forkserver.listeners import Listener
 from forkserver.log import reopen as reopen_logs
 from forkserver.privileges import PidFile
 from forkserver.privileges import resolve as resolve_credentials
 from forkserver.reloader import Reloader
-from forkserver.systemd import InheritedSocket, Notifier, listen_fds, store_name
+from forkserver.systemd import Notifier
 from forkserver.upgrade import Handover
 from forkserver.upgrader import Upgrader
 from forkserver.worker_table import (
@@ -86,9 +84,6 @@ EXIT_UNAVAILABLE: Final = 69  # EX_UNAVAILABLE: a listener could not be opened
 EXIT_CONFIG: Final = 78  # EX_CONFIG: the handler or the user/group is unusable
 #: Messages read from a dead worker's channel: its last words, bounded.
 _READ_BATCH: Final = 64
-DEFAULT_BIND: Final = "127.0.0.1:8000"
-#: Seconds between the stack-dump ABRT and the SIGKILL of a stuck worker.
-KILL_GRACE: Final = 1.0
 #: Seconds between STATUS= refreshes while the load changes (only under systemd).
 STATUS_TICK: Final = 2.0
 #: While a stop drains, systemd is asked every this many seconds for more time.
@@ -119,7 +114,7 @@ def serve(
     except ForkserverError as exc:
         return _cannot_start(notifier, exc, EXIT_UNAVAILABLE)
     try:
-        handler, worker_class = _check_handler(settings)
+        handler, worker_class = startup.check_handler(settings)
         resolve_credentials(settings.user, settings.group)
     except ForkserverError as exc:
         return _cannot_start(notifier, exc, EXIT_CONFIG)  # the old master sees end of file
@@ -127,9 +122,9 @@ def serve(
     try:
         try:
             if handover is not None:
-                opened = _adopt_handover(handover, settings, loop)
+                opened = startup.adopt_handover(handover, settings, loop)
             else:
-                opened = _open_listeners(settings, loop, notifier)
+                opened = startup.open_configured(settings, loop, notifier)
         except ForkserverError as exc:  # ListenerError, or malformed LISTEN_* variables
             return _cannot_start(notifier, exc, EXIT_UNAVAILABLE)
         master = Master(
@@ -149,90 +144,6 @@ def _cannot_start(notifier: Notifier, exc: ForkserverError, code: int) -> int:
     log.error("cannot start: %s", exc, exc_info=exc.__cause__, extra={"event": "master_failed"})
     notifier.fatal(1, f"cannot start: {str(exc).splitlines()[0]}")
     return code
-
-
-def _check_handler(settings: Settings) -> tuple[LoadedHandler | None, WorkerClass]:
-    """The preloaded handler (or None) and the worker class; before any worker fork."""
-    if settings.preload:
-        handler = load_handler(settings.handler)
-        kind = handler.kind
-        gc.freeze()  # what the handler built stays shared copy-on-write with workers
-    else:
-        handler = None
-        kind = spawn.probe_handler(settings.handler)
-    return handler, _resolve_class(settings.handler, kind, settings.worker_class)
-
-
-def _open_listeners(settings: Settings, loop: EventLoop, notifier: Notifier) -> list[Listener]:
-    """Open the configured listeners (``DEFAULT_BIND``, or systemd's, if none).
-
-    A socket this master binds itself is given to systemd to keep
-    (FDSTORE=1, named by ``store_name(bind)``), so that after a restart
-    it comes back in LISTEN_FDS and is adopted instead of bound again:
-    connections that wait in its backlog meanwhile are not refused.
-    """
-    claimed = listen_fds()
-    if settings.listeners:
-        binds = [(item.bind, item.name, item.backlog, item.dispatch or settings.dispatch)
-                 for item in settings.listeners]  # fmt: skip
-    else:
-        binds = [("systemd" if claimed else DEFAULT_BIND, "", None, settings.dispatch)]
-    kept = {sock.name: sock for sock in claimed}
-    own = {store_name(bind) for bind, _, _, _ in binds if _bindable(bind)}
-    from_units = [sock for sock in claimed if sock.name not in own]  # for "systemd" specs
-    opened: list[Listener] = []
-    try:
-        for bind, name, backlog, dispatch in binds:
-            spec = listeners.parse_bind(bind)
-            if name and spec.kind != "systemd":  # systemd sockets carry their own names
-                spec = dataclasses.replace(spec, name=name)
-            stored = kept.get(store_name(bind)) if _bindable(bind) else None
-            if stored is not None:  # ours from the previous run: adopt, never bind again
-                spec = dataclasses.replace(spec, kind="fd", fd=stored.fd)
-            size = backlog if backlog is not None else settings.backlog
-            more = listeners.open_listeners([spec], backlog=size, loop=loop, inherited=from_units)
-            for listener in more:
-                listener.index = len(opened)
-                listener.shared = dispatch == "shared"
-                opened.append(listener)
-                if stored is None and _bindable(bind) and notifier.enabled:
-                    _store(notifier, bind, listener)
-    except BaseException:
-        for listener in opened:
-            listener.close()
-        raise
-    return opened
-
-
-def _bindable(bind: str) -> bool:
-    return listeners.parse_bind(bind).kind in ("tcp", "unix")
-
-
-def _store(notifier: Notifier, bind: str, listener: Listener) -> None:
-    notifier.store_fds({store_name(bind): listener.socket_descriptor()})
-    listener.created_path = None  # the file stays with the socket systemd keeps
-
-
-def _adopt_handover(handover: Handover, settings: Settings, loop: EventLoop) -> list[Listener]:
-    """The listeners an older master handed over, in its order and with its names.
-
-    They replace the configured binds: the sockets must stay the same
-    across an upgrade, whatever the file says now.
-    """
-    inherited = [InheritedSocket(item.fd, f"listener{i}") for i, item in
-                 enumerate(handover.listeners)]  # fmt: skip
-    spec = listeners.parse_bind("systemd")
-    opened = listeners.open_listeners([spec], backlog=settings.backlog, loop=loop,
-                                      inherited=inherited)  # fmt: skip
-    # The configured tables match the handed listeners one to one unless a
-    # "systemd" spec stood for several sockets; then the global setting decides.
-    tables = settings.listeners if len(settings.listeners) == len(opened) else ()
-    for index, (listener, item) in enumerate(zip(opened, handover.listeners, strict=True)):
-        dispatch = tables[index].dispatch if tables else None
-        listener.shared = (dispatch or settings.dispatch) == "shared"
-        listener.name = item.name
-        listener.created_path = item.path  # ours to remove now
-    return opened
 
 
 class Master:
@@ -284,7 +195,7 @@ class Master:
         # Pending re-forks, by (generation, slot).
         self._respawns: dict[tuple[int, int], TimerHandle] = {}
         self._status_timer: TimerHandle | None = None
-        self._last_check = 0.0
+        self.health = Health(self)
         self._deadline = 0.0  # monotonic: when a graceful stop turns into killing
         # Several heartbeats per timeout, so one late beat is not a death sentence.
         self._heartbeat_interval = min(HEARTBEAT_INTERVAL, settings.timeout / 4)
@@ -328,9 +239,7 @@ class Master:
         self._watchdog()
         if self.notifier.enabled:
             self._status_tick()
-        self._last_check = self.loop.time()
-        self.loop.call_later(self._check_interval(), self._check_heartbeats)
-        self.loop.call_later(recycling.MEMORY_INTERVAL, self._check_memory)
+        self.health.start()
         try:
             self.loop.run()
         finally:
@@ -640,7 +549,7 @@ class Master:
     def _check_requests(self, link: WorkerLink) -> None:
         record = link.record
         if recycling.served_enough(record.served, record.request_limit):
-            self._recycle(link, f"served {record.served} connections, its "
+            self.recycle(link, f"served {record.served} connections, its "
                                 f"max_requests limit of {record.request_limit}",
                           limit="max_requests")  # fmt: skip
 
@@ -706,44 +615,6 @@ class Master:
                    "listener": listener, "traceback": error.traceback},
         )  # fmt: skip
 
-    def _check_interval(self) -> float:
-        return max(0.05, self.settings.timeout / 4)
-
-    def _check_heartbeats(self) -> None:
-        """Kill workers silent for longer than ``timeout`` (they are replaced when reaped).
-
-        A check that runs late means the master itself was stalled
-        (suspended, swapped out): then the workers' silence proves
-        nothing, so every clock restarts instead of anyone being killed.
-        """
-        now, interval = self.loop.time(), self._check_interval()
-        stalled = now - self._last_check > 2 * interval
-        self._last_check = now
-        self.loop.call_later(interval, self._check_heartbeats)
-        for link in tuple(self.dispatcher.links.values()):
-            record = link.record
-            if stalled:
-                record.last_seen = now
-            elif not link.killed and now - record.last_seen > self.settings.timeout:
-                self._abort(link, f"silent for {now - record.last_seen:.1f} s")
-
-    def _abort(self, link: WorkerLink, reason: str) -> None:
-        """A stuck worker: ABRT for a stack dump in its log, SIGKILL ``KILL_GRACE`` later."""
-        record = link.record
-        log.error("worker %d (pid %d) %s; dumping its stacks, then killing it",
-                  record.slot, record.pid, reason,
-                  extra={"event": "worker_timeout", "slot": record.slot, "pid": record.pid,
-                         "reason": reason})  # fmt: skip
-        link.killed = True
-        self.table.mark_stopping(record.pid)
-        os.kill(record.pid, signal.SIGABRT)
-
-        def kill() -> None:
-            if self.dispatcher.links.get(record.pid) is link:  # not reaped: still its pid
-                os.kill(record.pid, signal.SIGKILL)
-
-        self.loop.call_later(KILL_GRACE, kill)
-
     def _violation(self, link: WorkerLink, reason: str) -> None:
         """A worker broke the protocol: kill it (it is replaced when reaped)."""
         if not link.killed:
@@ -795,7 +666,7 @@ class Master:
 
     # --- recycling -------------------------------------------------------------
 
-    def _recycle(self, link: WorkerLink, reason: str, **extra: object) -> None:
+    def recycle(self, link: WorkerLink, reason: str, **extra: object) -> None:
         """Retire a healthy worker over a limit, and start its successor at once."""
         record = link.record
         if record.retired or link.killed:
@@ -808,22 +679,6 @@ class Master:
         self._retire(link)
         if successor:
             self.spawn(record.slot, record.generation)
-
-    def _check_memory(self) -> None:
-        """Sample every working worker's memory; recycle those over ``max_memory``."""
-        self.loop.call_later(recycling.MEMORY_INTERVAL, self._check_memory)
-        limit, metric = self.settings.max_memory, self.settings.memory_metric
-        if limit <= 0 or self.stopping:
-            return
-        for link in tuple(self.dispatcher.links.values()):
-            record = link.record
-            if record.state is not WorkerState.READY or record.retired:
-                continue
-            used = recycling.sample_memory(record.pid, metric)
-            excess = recycling.check_memory(used, limit, metric)
-            if excess is not None:
-                self._recycle(link, excess.describe(), limit="max_memory", metric=metric,
-                              used=excess.used, max_memory=limit, excess=excess.excess)  # fmt: skip
 
     def _reopen_logs(self) -> None:
         try:

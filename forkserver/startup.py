@@ -1,0 +1,107 @@
+"""Start-up: check the handler, and open or adopt the listening sockets.
+
+Everything here runs in the master before any worker is forked, and
+fails with a ``ForkserverError`` that names what is wrong; ``serve()``
+turns that into an exit code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+from typing import Final
+
+from forkserver import listeners, spawn
+from forkserver.config import Settings
+from forkserver.eventloop import EventLoop
+from forkserver.handler import LoadedHandler, WorkerClass, load_handler
+from forkserver.handler import resolve_worker_class as _resolve_class
+from forkserver.listeners import Listener
+from forkserver.systemd import InheritedSocket, Notifier, listen_fds, store_name
+from forkserver.upgrade import Handover
+
+DEFAULT_BIND: Final = "127.0.0.1:8000"
+
+
+def check_handler(settings: Settings) -> tuple[LoadedHandler | None, WorkerClass]:
+    """The preloaded handler (or None) and the worker class; before any worker fork."""
+    if settings.preload:
+        handler = load_handler(settings.handler)
+        kind = handler.kind
+        gc.freeze()  # what the handler built stays shared copy-on-write with workers
+    else:
+        handler = None
+        kind = spawn.probe_handler(settings.handler)
+    return handler, _resolve_class(settings.handler, kind, settings.worker_class)
+
+
+def open_configured(settings: Settings, loop: EventLoop, notifier: Notifier) -> list[Listener]:
+    """Open the configured listeners (``DEFAULT_BIND``, or systemd's, if none).
+
+    A socket this master binds itself is given to systemd to keep
+    (FDSTORE=1, named by ``store_name(bind)``), so that after a restart
+    it comes back in LISTEN_FDS and is adopted instead of bound again:
+    connections that wait in its backlog meanwhile are not refused.
+    """
+    claimed = listen_fds()
+    if settings.listeners:
+        binds = [(item.bind, item.name, item.backlog, item.dispatch or settings.dispatch)
+                 for item in settings.listeners]  # fmt: skip
+    else:
+        binds = [("systemd" if claimed else DEFAULT_BIND, "", None, settings.dispatch)]
+    kept = {sock.name: sock for sock in claimed}
+    own = {store_name(bind) for bind, _, _, _ in binds if _bindable(bind)}
+    from_units = [sock for sock in claimed if sock.name not in own]  # for "systemd" specs
+    opened: list[Listener] = []
+    try:
+        for bind, name, backlog, dispatch in binds:
+            spec = listeners.parse_bind(bind)
+            if name and spec.kind != "systemd":  # systemd sockets carry their own names
+                spec = dataclasses.replace(spec, name=name)
+            stored = kept.get(store_name(bind)) if _bindable(bind) else None
+            if stored is not None:  # ours from the previous run: adopt, never bind again
+                spec = dataclasses.replace(spec, kind="fd", fd=stored.fd)
+            size = backlog if backlog is not None else settings.backlog
+            more = listeners.open_listeners([spec], backlog=size, loop=loop, inherited=from_units)
+            for listener in more:
+                listener.index = len(opened)
+                listener.shared = dispatch == "shared"
+                opened.append(listener)
+                if stored is None and _bindable(bind) and notifier.enabled:
+                    _store(notifier, bind, listener)
+    except BaseException:
+        for listener in opened:
+            listener.close()
+        raise
+    return opened
+
+
+def _bindable(bind: str) -> bool:
+    return listeners.parse_bind(bind).kind in ("tcp", "unix")
+
+
+def _store(notifier: Notifier, bind: str, listener: Listener) -> None:
+    notifier.store_fds({store_name(bind): listener.socket_descriptor()})
+    listener.created_path = None  # the file stays with the socket systemd keeps
+
+
+def adopt_handover(handover: Handover, settings: Settings, loop: EventLoop) -> list[Listener]:
+    """The listeners an older master handed over, in its order and with its names.
+
+    They replace the configured binds: the sockets must stay the same
+    across an upgrade, whatever the file says now.
+    """
+    inherited = [InheritedSocket(item.fd, f"listener{i}") for i, item in
+                 enumerate(handover.listeners)]  # fmt: skip
+    spec = listeners.parse_bind("systemd")
+    opened = listeners.open_listeners([spec], backlog=settings.backlog, loop=loop,
+                                      inherited=inherited)  # fmt: skip
+    # The configured tables match the handed listeners one to one unless a
+    # "systemd" spec stood for several sockets; then the global setting decides.
+    tables = settings.listeners if len(settings.listeners) == len(opened) else ()
+    for index, (listener, item) in enumerate(zip(opened, handover.listeners, strict=True)):
+        dispatch = tables[index].dispatch if tables else None
+        listener.shared = (dispatch or settings.dispatch) == "shared"
+        listener.name = item.name
+        listener.created_path = item.path  # ours to remove now
+    return opened
