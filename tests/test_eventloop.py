@@ -5,18 +5,10 @@ from __future__ import annotations
 import os
 import signal
 import socket
-from collections.abc import Iterator
 
 import pytest
 
 from forkserver.eventloop import EventLoop, Signal
-
-
-@pytest.fixture
-def loop() -> Iterator[EventLoop]:
-    ev = EventLoop()
-    yield ev
-    ev.close()
 
 
 def run_until(loop: EventLoop, done: object, timeout: float = 5.0) -> None:

@@ -11,7 +11,7 @@ import resource
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -51,19 +51,6 @@ def echo_once(server_side: socket.socket, client: socket.socket) -> None:
     assert server_side.recv(4) == b"ping"
     server_side.sendall(b"pong")
     assert client.recv(4) == b"pong"
-
-
-@pytest.fixture
-def loop() -> Iterator[EventLoop]:
-    ev = EventLoop()
-    yield ev
-    ev.close()
-
-
-@pytest.fixture
-def server(loop: EventLoop) -> Iterator[TcpServer]:
-    with TcpServer(loop=loop) as srv:
-        yield srv
 
 
 # -- a fresh server ----------------------------------------------------------

@@ -25,13 +25,6 @@ from tests.test_tcpserver import accept_queue, echo_once, run_until
 
 
 @pytest.fixture
-def loop() -> Iterator[EventLoop]:
-    ev = EventLoop()
-    yield ev
-    ev.close()
-
-
-@pytest.fixture
 def server(loop: EventLoop) -> Iterator[TcpServer]:
     with TcpServer(loop=loop) as srv:
         assert srv.listen(HostAddress.LocalHost, 0)

@@ -5,26 +5,12 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from forkserver import EventLoop, HostAddress, SocketError, TcpServer
 from tests.test_tcpserver import accept_queue, echo_once, run_until
-
-
-@pytest.fixture
-def loop() -> Iterator[EventLoop]:
-    ev = EventLoop()
-    yield ev
-    ev.close()
-
-
-@pytest.fixture
-def server(loop: EventLoop) -> Iterator[TcpServer]:
-    with TcpServer(loop=loop) as srv:
-        yield srv
 
 
 def inherited_listener(
