@@ -52,6 +52,8 @@ from typing import Any
 
 import psutil
 
+from tests.loadgen import BackgroundLoad, LoadResult
+
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 20.0
 
@@ -369,6 +371,23 @@ def _reap_orphans(sid: int) -> None:
         with contextlib.suppress(ProcessLookupError, psutil.Error):
             if os.getsid(child.pid) == sid:
                 wait_pid(child.pid, TIMEOUT)
+
+
+def reload_under_load(daemon: Daemon, total: int, max_hups: int = 250) -> tuple[LoadResult, int]:
+    """Send HUP every 0.2 s while *total* one-request connections run; (result, HUPs sent).
+
+    The first HUP waits until 50 connections were answered, so the load
+    is really flowing when the reloads begin.
+    """
+    hups = 0
+    with BackgroundLoad(*daemon.address, total=total, concurrency=16, deadline=60) as load:
+        load.wait_answered(50)
+        while load.running() and hups < max_hups:
+            daemon.proc.send_signal(signal.SIGHUP)
+            hups += 1
+            time.sleep(0.2)  # sleep-ok: the cadence under test is one HUP every 0.2 s
+        result = load.join()
+    return result, hups
 
 
 def recv_all(sock: socket.socket) -> bytes:

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.loadgen import BackgroundLoad
-from tests.support import read_line, recv_all, start_daemon, wait_gone
+from tests.support import read_line, recv_all, reload_under_load, start_daemon, wait_gone
 
 ECHO = "forkserver.examples.echo:handle"
 
@@ -47,15 +46,7 @@ def test_reload_under_load_answers_every_request() -> None:
     total = 2000
     with start_daemon(ECHO, workers=2) as daemon:
         before = {p.pid for p in daemon.workers()}
-        host, port = daemon.address
-        hups = 0
-        with BackgroundLoad(host, port, total=total, concurrency=16, deadline=60) as load:
-            load.wait_answered(50)
-            while load.running() and hups < 250:
-                daemon.proc.send_signal(signal.SIGHUP)
-                hups += 1
-                time.sleep(0.2)  # sleep-ok: the cadence under test is one HUP every 0.2 s
-            result = load.join()
+        result, hups = reload_under_load(daemon, total)
         assert result.failures == [], result.failure_summary()
         assert result.answered == total
         assert hups >= 3, "the load ended before the reloads began: it proves nothing"

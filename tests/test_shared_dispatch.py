@@ -8,7 +8,6 @@ import os
 import select
 import signal
 import socket
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ import psutil
 import pytest
 
 from tests.loadgen import BackgroundLoad, run_load
-from tests.support import read_line, recv_all, start_daemon
+from tests.support import read_line, recv_all, reload_under_load, start_daemon
 
 ECHO = "forkserver.examples.echo:handle"
 
@@ -174,14 +173,7 @@ def test_reload_under_load_on_a_shared_listener_loses_nothing() -> None:
     total = 2000
     with start_daemon(ECHO, "--dispatch", "shared", workers=2) as daemon:
         before = {p.pid for p in daemon.workers()}
-        hups = 0
-        with BackgroundLoad(*daemon.address, total=total, concurrency=16, deadline=60) as load:
-            load.wait_answered(50)
-            while load.running() and hups < 250:
-                daemon.proc.send_signal(signal.SIGHUP)
-                hups += 1
-                time.sleep(0.2)  # sleep-ok: the cadence under test is one HUP every 0.2 s
-            result = load.join()
+        result, hups = reload_under_load(daemon, total)
         assert result.failures == [], result.failure_summary()
         assert result.answered == total
         assert hups >= 3, "the load ended before the reloads began: it proves nothing"
