@@ -16,12 +16,21 @@ def _echo_once(sock: socket.socket, payload: bytes) -> bytes:
     return b"".join(iter(lambda: sock.recv(65536), b""))
 
 
+@pytest.mark.parametrize("dispatch", ["master", "shared"])
 @pytest.mark.parametrize(
-    "handler",
-    ["forkserver.examples.echo:handle", "forkserver.examples.async_echo:handle"],
+    ("worker_class", "handler"),
+    [
+        ("sync", "forkserver.examples.echo:handle"),
+        ("thread", "forkserver.examples.echo:handle"),
+        ("asyncio", "forkserver.examples.async_echo:handle"),
+    ],
 )
-def test_each_connection_gets_one_access_line(handler: str) -> None:
-    with start_daemon(handler, "--access-log", workers=1) as daemon:
+def test_each_connection_gets_one_access_line(
+    worker_class: str, handler: str, dispatch: str
+) -> None:
+    """The peer is the client's address, from the master's descriptor or the worker's accept."""
+    args = ("--access-log", "--worker-class", worker_class, "--dispatch", dispatch)
+    with start_daemon(handler, *args, workers=1) as daemon:
         peers = []
         for index in range(3):
             with daemon.connect() as sock:

@@ -52,7 +52,9 @@ class AsyncioWorker:
         self._accepting = False
 
     def run(self) -> int:
-        asyncio.run(self._main())
+        selector = self.shared.selector()
+        with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(selector)) as runner:
+            runner.run(self._main())
         return EXIT_OK
 
     async def _main(self) -> None:
@@ -127,20 +129,21 @@ class AsyncioWorker:
                 self._stop()
         self._update_accepting()
 
-    def _start(self, fd: int, listener: int, *, own: bool = False) -> None:
+    def _start(self, fd: int, listener: int, peer: object = None, *, own: bool = False) -> None:
         self.ctx.in_flight += 1
-        task = asyncio.create_task(self._serve(fd, listener))
+        task = asyncio.create_task(self._serve(fd, listener, peer))
         self.tasks.add(task)
         task.add_done_callback(self._finished_own if own else self._finished)
 
-    async def _serve(self, fd: int, listener: int) -> None:
+    async def _serve(self, fd: int, listener: int, peer: object) -> None:
         started = time.monotonic() if self.ctx.access_log else 0.0
         try:
             sock = adopt(self.ctx, fd, listener, blocking=None)  # asyncio makes it non-blocking
         except OSError as exc:
             self._report(error_report(exc, listener, ""))
             return
-        peer = peer_of(sock)
+        if peer is None:
+            peer = peer_of(sock)
         try:
             reader, writer = await asyncio.open_connection(sock=sock)
         except OSError as exc:

@@ -184,15 +184,22 @@ def peer_of(sock: socket.socket) -> object:
         return ""
 
 
-def serve_blocking(ctx: WorkerContext, fd: int, listener: int) -> HandlerError | None:
-    """Run a sync handler on one connection; close it; report what went wrong."""
+def serve_blocking(
+    ctx: WorkerContext, fd: int, listener: int, peer: object = None
+) -> HandlerError | None:
+    """Run a sync handler on one connection; close it; report what went wrong.
+
+    *peer* is the address ``accept()`` returned, if this worker accepted
+    it; otherwise (a descriptor from the master) it is asked for.
+    """
     assert ctx.handler is not None
     started = time.monotonic() if ctx.access_log else 0.0
     try:
         conn = adopt(ctx, fd, listener, blocking=True)
     except OSError as exc:
         return error_report(exc, listener, "")
-    peer = peer_of(conn)
+    if peer is None:
+        peer = peer_of(conn)
     call: Callable[..., object] = ctx.handler.target  # type: ignore[assignment]
     error = None
     try:

@@ -36,7 +36,8 @@ class SelectorWorker:
         self.chan = WorkerChannel(ctx.channel)
         self.stopping = False
         self.master_gone = False
-        self.selector = selectors.DefaultSelector()
+        self.shared = SharedListeners(ctx)
+        self.selector = self.shared.selector()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         # The flag, not just the wake-up pipe: a sync worker under steady
@@ -45,7 +46,6 @@ class SelectorWorker:
         self.next_beat = 0.0
         self.watch(self.chan.fileno(), self._on_channel)
         self.watch(self._wake_r, self._on_signal)
-        self.shared = SharedListeners(ctx)
         self._accepting = False
         self.update_accepting()
 
@@ -55,7 +55,7 @@ class SelectorWorker:
     def take(self, fds: list[int], listeners: tuple[int, ...]) -> None:
         raise NotImplementedError
 
-    def take_own(self, fd: int, listener: int) -> None:
+    def take_own(self, fd: int, listener: int, peer: object) -> None:
         """Serve *fd*, accepted by this worker from shared *listener*."""
         raise NotImplementedError
 

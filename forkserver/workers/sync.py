@@ -30,10 +30,10 @@ class SyncWorker(SelectorWorker):
             ctx.in_flight -= 1
             ctx.served += 1
 
-    def take_own(self, fd: int, listener: int) -> None:
+    def take_own(self, fd: int, listener: int, peer: object) -> None:
         ctx = self.ctx
         ctx.in_flight += 1
-        self.report(serve_blocking(ctx, fd, listener))
+        self.report(serve_blocking(ctx, fd, listener, peer))
         ctx.in_flight -= 1
         ctx.served += 1
         self.shared.unreported += 1

@@ -34,13 +34,13 @@ class ThreadWorker(SelectorWorker):
             self.pool.submit(self._serve, fd, listener, False)
         self.update_accepting()
 
-    def take_own(self, fd: int, listener: int) -> None:
+    def take_own(self, fd: int, listener: int, peer: object) -> None:
         self.ctx.in_flight += 1
-        self.pool.submit(self._serve, fd, listener, True)
+        self.pool.submit(self._serve, fd, listener, True, peer)
 
-    def _serve(self, fd: int, listener: int, own: bool) -> None:
+    def _serve(self, fd: int, listener: int, own: bool, peer: object = None) -> None:
         try:
-            self.finished.put((serve_blocking(self.ctx, fd, listener), own))
+            self.finished.put((serve_blocking(self.ctx, fd, listener, peer), own))
         finally:
             # A full pipe means the main loop is already due to wake.
             with contextlib.suppress(BlockingIOError):

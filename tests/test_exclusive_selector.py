@@ -1,0 +1,127 @@
+"""Shared listeners wake one idle worker per connection (EPOLLEXCLUSIVE).
+
+Real processes block in ``epoll_wait`` on one listening socket; the test
+connects once and counts how many of them the kernel woke.  The same
+test with a plain ``EpollSelector`` is the control: there every waiter
+wakes, so the count can tell the two apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import selectors
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from forkserver.workers.shared import EPOLLEXCLUSIVE, ExclusiveSelector
+from tests.support import ROOT, poll_until
+
+WAITERS = 3
+
+# A waiter: watch the inherited listener, block, say "woke" when
+# select() returns, never accept (so the listener stays readable).
+WAITER = """
+import selectors, sys
+from forkserver.workers.shared import ExclusiveSelector
+fd = int(sys.argv[1])
+sel = ExclusiveSelector([fd]) if sys.argv[2] == "exclusive" else selectors.EpollSelector()
+sel.register(fd, selectors.EVENT_READ)
+if sel.select(timeout=30):
+    sys.stdout.write("woke\\n")
+"""
+
+pytestmark = pytest.mark.skipif(not EPOLLEXCLUSIVE, reason="no EPOLLEXCLUSIVE on this kernel")
+
+
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    with socket.create_server(("127.0.0.1", 0), backlog=16) as sock:
+        yield sock
+
+
+def _in_epoll_wait(pid: int) -> bool:
+    # The kernel function the process sleeps in: do_epoll_wait / ep_poll.
+    with contextlib.suppress(FileNotFoundError):
+        return "epoll" in Path(f"/proc/{pid}/wchan").read_text()
+    return False
+
+
+def _count_woken(listener: socket.socket, kind: str) -> int:
+    """Start the waiters, connect once, count the ones that woke."""
+    fd = listener.fileno()
+    waiters = [
+        subprocess.Popen(
+            [sys.executable, "-c", WAITER, str(fd), kind],
+            pass_fds=(fd,), cwd=ROOT, stdout=subprocess.PIPE,
+        )
+        for _ in range(WAITERS)
+    ]  # fmt: skip
+    try:
+        for proc in waiters:
+            poll_until(lambda p=proc: _in_epoll_wait(p.pid), f"waiter {proc.pid} in epoll_wait")
+        client = socket.create_connection(listener.getsockname(), timeout=5)
+        with client:
+            outputs = {proc.stdout.fileno(): proc for proc in waiters if proc.stdout}
+            woken = 0
+            # Wait for the first one up to 10 s, then 0.5 s more for any other.
+            deadline = time.monotonic() + 10
+            while outputs:
+                ready, _, _ = select.select(list(outputs), [], [], deadline - time.monotonic())
+                if not ready:
+                    break
+                for out in ready:
+                    proc = outputs.pop(out)
+                    assert proc.stdout is not None
+                    woken += proc.stdout.read() == b"woke\n"
+                deadline = min(deadline, time.monotonic() + 0.5)
+            return woken
+    finally:
+        for proc in waiters:
+            proc.kill()
+            proc.wait(timeout=10)
+            if proc.stdout:
+                proc.stdout.close()
+
+
+def test_one_waiter_wakes_per_connection(listener: socket.socket) -> None:
+    assert _count_woken(listener, "exclusive") == 1
+
+
+def test_without_the_flag_every_waiter_wakes(listener: socket.socket) -> None:
+    # The control: the count above could not be 1 by accident.
+    assert _count_woken(listener, "plain") == WAITERS
+
+
+def test_exclusive_descriptors_are_watched_for_reading_only(listener: socket.socket) -> None:
+    fd = listener.fileno()
+    with ExclusiveSelector([fd]) as sel:
+        with pytest.raises(ValueError, match=f"fd {fd} can only be watched for reading"):
+            sel.register(fd, selectors.EVENT_WRITE)
+        assert sel.get_map().get(fd) is None  # the refused registration left nothing behind
+        sel.register(fd, selectors.EVENT_READ, "data")
+        with pytest.raises(ValueError, match="only be watched for reading"):
+            sel.modify(fd, selectors.EVENT_READ | selectors.EVENT_WRITE)
+        # the data alone may change
+        assert sel.modify(fd, selectors.EVENT_READ, "other").data == "other"
+        sel.unregister(fd)
+        sel.register(fd, selectors.EVENT_READ)  # and it can come back
+
+
+def test_other_descriptors_are_ordinary(listener: socket.socket) -> None:
+    r, w = os.pipe()
+    try:
+        with ExclusiveSelector([listener.fileno()]) as sel:
+            sel.register(w, selectors.EVENT_WRITE)
+            sel.modify(w, selectors.EVENT_READ | selectors.EVENT_WRITE)
+            assert [key.fd for key, _ in sel.select(timeout=1)] == [w]
+    finally:
+        os.close(r)
+        os.close(w)
