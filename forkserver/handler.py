@@ -4,7 +4,7 @@ A handler is named ``module:attribute`` (the attribute may be dotted,
 ``pkg.mod:App.handle``) and imported as a user expects: the current
 directory comes first on ``sys.path``, as with ``python -m``.
 
-Three forms are supported:
+Four forms are supported:
 
 ``def handle(conn: socket.socket, peer) -> None``
     Called once per connection with a blocking socket and the peer
@@ -14,6 +14,15 @@ Three forms are supported:
 ``async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter)``
     A coroutine function, run as a task on an ``asyncio`` worker (the
     default worker class for such handlers).
+
+an ``asyncio.Protocol`` subclass (or any ``asyncio.BaseProtocol``)
+    Instantiated per connection with no arguments and attached to the
+    connection with ``loop.connect_accepted_socket``, as
+    ``loop.create_server`` would: callbacks instead of a coroutine per
+    connection, the cheapest form on an ``asyncio`` worker (its default
+    worker class).  The connection counts as served once
+    ``connection_lost`` has run; an exception raised by a callback
+    closes the connection and is reported like any handler error.
 
 a ``socketserver.BaseRequestHandler`` subclass
     Instantiated per connection as ``cls(conn, peer, server)`` exactly as
@@ -26,6 +35,7 @@ The worker closes the connection after the handler returns or raises.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import importlib
 import inspect
@@ -47,7 +57,12 @@ class HandlerLoadError(ForkserverError):
 class HandlerKind(enum.Enum):
     FUNCTION = "function"
     COROUTINE = "coroutine"
+    PROTOCOL = "protocol"
     REQUEST_HANDLER = "request_handler"
+
+
+#: The forms only an ``asyncio`` worker can run.
+ASYNC_KINDS = frozenset({HandlerKind.COROUTINE, HandlerKind.PROTOCOL})
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,8 +117,11 @@ def classify(spec: str, target: object) -> HandlerKind:
     if inspect.isclass(target):
         if issubclass(target, socketserver.BaseRequestHandler):
             return HandlerKind.REQUEST_HANDLER
+        if issubclass(target, asyncio.BaseProtocol):
+            return HandlerKind.PROTOCOL
         raise HandlerLoadError(
-            f"handler {spec!r} is a class but not a socketserver.BaseRequestHandler subclass"
+            f"handler {spec!r} is a class but neither a socketserver.BaseRequestHandler "
+            "nor an asyncio.Protocol subclass"
         )
     if inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(
         getattr(target, "__call__", None)  # noqa: B004 (an async __call__ counts)
@@ -119,16 +137,16 @@ def resolve_worker_class(
 ) -> WorkerClass:
     """The worker class to run *kind* with; refuses combinations that cannot work."""
     if requested is None:
-        return "asyncio" if kind is HandlerKind.COROUTINE else "sync"
-    if kind is HandlerKind.COROUTINE and requested != "asyncio":
+        return "asyncio" if kind in ASYNC_KINDS else "sync"
+    if kind in ASYNC_KINDS and requested != "asyncio":
+        what = "a coroutine function" if kind is HandlerKind.COROUTINE else "an asyncio protocol"
         raise HandlerLoadError(
-            f"handler {spec!r} is a coroutine function: it needs --worker-class asyncio, "
-            f"not {requested}"
+            f"handler {spec!r} is {what}: it needs --worker-class asyncio, not {requested}"
         )
-    if kind is not HandlerKind.COROUTINE and requested == "asyncio":
+    if kind not in ASYNC_KINDS and requested == "asyncio":
         raise HandlerLoadError(
             f"handler {spec!r} is not a coroutine function: the asyncio worker class runs "
-            "`async def handle(reader, writer)`; use sync or thread"
+            "`async def handle(reader, writer)` or an asyncio.Protocol subclass; use sync or thread"
         )
     return requested
 

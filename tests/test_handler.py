@@ -24,6 +24,8 @@ from forkserver.handler import (
         ("forkserver.examples.hello_http:async_handle", HandlerKind.COROUTINE),
         ("http.server:SimpleHTTPRequestHandler", HandlerKind.REQUEST_HANDLER),
         ("tests.handlers.basic:PidRequestHandler.handle", HandlerKind.FUNCTION),
+        ("forkserver.examples.hello_http:HelloProtocol", HandlerKind.PROTOCOL),
+        ("tests.handlers.protocols:BufferedEcho", HandlerKind.PROTOCOL),
     ],
 )
 def test_each_handler_form_is_recognised(spec: str, kind: HandlerKind) -> None:
@@ -45,7 +47,7 @@ def test_each_handler_form_is_recognised(spec: str, kind: HandlerKind) -> None:
         ("tests.handlers.basic:missing", "tests.handlers.basic has no 'missing'"),
         ("tests.handlers.basic:socket.nope", "has no 'socket.nope'"),
         ("tests.handlers.basic:__doc__", "is a str, not callable"),
-        ("tests.handlers.basic:MessageType", "not a socketserver.BaseRequestHandler subclass"),
+        ("tests.handlers.basic:MessageType", "neither a socketserver.BaseRequestHandler nor"),
     ],
 )
 def test_unusable_handlers_are_refused_naming_the_spec(spec: str, message: str) -> None:
@@ -107,6 +109,8 @@ def test_split_spec_allows_dotted_attributes() -> None:
         (HandlerKind.FUNCTION, "thread", "thread"),
         (HandlerKind.REQUEST_HANDLER, "thread", "thread"),
         (HandlerKind.COROUTINE, "asyncio", "asyncio"),
+        (HandlerKind.PROTOCOL, None, "asyncio"),
+        (HandlerKind.PROTOCOL, "asyncio", "asyncio"),
     ],
 )
 def test_the_worker_class_follows_the_handler(
@@ -122,6 +126,8 @@ def test_the_worker_class_follows_the_handler(
         (HandlerKind.COROUTINE, "thread", "needs --worker-class asyncio, not thread"),
         (HandlerKind.FUNCTION, "asyncio", "is not a coroutine function"),
         (HandlerKind.REQUEST_HANDLER, "asyncio", "is not a coroutine function"),
+        (HandlerKind.PROTOCOL, "sync", "is an asyncio protocol: it needs --worker-class asyncio"),
+        (HandlerKind.PROTOCOL, "thread", "is an asyncio protocol: it needs --worker-class asyncio"),
     ],
 )
 def test_impossible_worker_classes_are_refused(

@@ -15,6 +15,11 @@ worker and the rest would wait forever.
 
     forkserver run --bind 127.0.0.1:8000 forkserver.examples.hello_http:handle
     forkserver run --bind 127.0.0.1:8000 forkserver.examples.hello_http:async_handle
+    forkserver run --bind 127.0.0.1:8000 forkserver.examples.hello_http:HelloProtocol
+
+``HelloProtocol`` answers as ``async_handle`` does, as an
+``asyncio.Protocol``: callbacks instead of a coroutine and stream
+buffers per connection, the cheapest form an asyncio worker runs.
 """
 
 from __future__ import annotations
@@ -114,3 +119,57 @@ async def async_handle(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
         await writer.drain()
         if close:
             return
+
+
+class HelloProtocol(asyncio.Protocol):
+    """``async_handle`` as callbacks.
+
+    Requests are answered as they are parsed, several per read if the
+    client pipelines them.  While the client does not read its answers
+    (``pause_writing``), no more requests are read from it.
+    """
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+        self.skip = 0  # body bytes of the request just answered, still to discard
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        transport = self.transport
+        assert transport is not None
+        buffer = self.buffer + data if self.buffer else data
+        while True:
+            if self.skip:
+                taken = min(self.skip, len(buffer))
+                self.skip -= taken
+                buffer = buffer[taken:]
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                break
+            try:
+                close, self.skip = _wants_close(buffer[:end])
+            except ValueError:
+                close = True
+                transport.write(BAD_REQUEST)
+            else:
+                transport.write(CLOSE if close else KEEP_ALIVE)
+            buffer = buffer[end + 4 :]
+            if close:
+                transport.close()
+                return
+        if len(buffer) > MAX_HEAD:
+            transport.write(BAD_REQUEST)
+            transport.close()
+        self.buffer = buffer
+
+    def pause_writing(self) -> None:
+        assert self.transport is not None
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        assert self.transport is not None
+        self.transport.resume_reading()

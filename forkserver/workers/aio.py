@@ -1,7 +1,9 @@
 """The ``asyncio`` worker class: connections as tasks on one event loop.
 
 Each received descriptor becomes ``asyncio.open_connection(sock=...)``
-and a task running ``await handle(reader, writer)``.  Finished tasks
+and a task running ``await handle(reader, writer)``, or, for an
+``asyncio.Protocol`` handler, a new protocol attached to it and a task
+that waits until its connection is over (``workers.protocols``).  Finished tasks
 are counted and one DONE per loop pass reports them (batched).
 Connections it accepts itself from a shared listener (watched only
 while fewer than ``concurrency`` tasks run) are reported with SERVED,
@@ -16,12 +18,15 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable, Coroutine
 from functools import partial
 from typing import Any
 
 from forkserver import channel
+from forkserver.handler import HandlerKind
+from forkserver.workers import protocols
 from forkserver.workers.core import (
     EXIT_OK,
     ChannelClosed,
@@ -42,6 +47,10 @@ class AsyncioWorker:
         assert ctx.handler is not None
         self.ctx = ctx
         self.handle: AsyncHandler = ctx.handler.target  # type: ignore[assignment]
+        #: An ``asyncio.Protocol`` handler, subclassed to track its connections.
+        self.protocol: type[protocols.TrackedProtocol] | None = None
+        if ctx.handler.kind is HandlerKind.PROTOCOL:
+            self.protocol = protocols.tracked(ctx.handler.target)  # type: ignore[arg-type]
         self.chan = WorkerChannel(ctx.channel)
         self.tasks: set[asyncio.Task[None]] = set()
         self.done_count = 0
@@ -60,6 +69,7 @@ class AsyncioWorker:
     async def _main(self) -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._stop)
+        loop.set_exception_handler(protocols.record_callback_error)
         self.chan.send(channel.Ready(pid=os.getpid()))
         loop.add_reader(self.chan.fileno(), self._on_channel)
         beat = asyncio.create_task(self._heartbeat())
@@ -144,25 +154,40 @@ class AsyncioWorker:
             return
         if peer is None:
             peer = peer_of(sock)
+        if self.protocol is not None:
+            error = await self._run_protocol(self.protocol, sock)
+        else:
+            error = await self._run_streams(sock)
+        if error is not None:
+            self._report(error_report(error, listener, peer))
+        if self.ctx.access_log:
+            log_access(self.ctx, listener, peer, started, failed=error is not None)
+
+    async def _run_streams(self, sock: socket.socket) -> BaseException | None:
         try:
             reader, writer = await asyncio.open_connection(sock=sock)
         except OSError as exc:
             sock.close()
-            self._report(error_report(exc, listener, peer))
-            return
-        failed = False
+            return exc
         try:
             await self.handle(reader, writer)
         except (Exception, SystemExit) as exc:  # a handler's sys.exit() must not end the worker
-            failed = True
-            self._report(error_report(exc, listener, peer))
+            return exc
         finally:
             writer.close()
             # A peer that reset the connection: it is closed either way.
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
-            if self.ctx.access_log:
-                log_access(self.ctx, listener, peer, started, failed=failed)
+        return None
+
+    @staticmethod
+    async def _run_protocol(
+        protocol: type[protocols.TrackedProtocol], sock: socket.socket
+    ) -> BaseException | None:
+        try:
+            return await protocols.serve(protocol, sock)
+        except (Exception, SystemExit) as exc:  # its __init__, or attaching the socket
+            return exc
 
     def _report(self, error: channel.HandlerError) -> None:
         self.ctx.errors += 1
