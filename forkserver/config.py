@@ -159,7 +159,8 @@ class Settings:
     worker_class: Literal["sync", "thread", "asyncio"] | None = _s(
         None, kind="choice", group="workers", choices=("sync", "thread", "asyncio"),
         optional=True,
-        help="how a worker runs the handler (auto: asyncio for coroutine handlers, else sync)")
+        help="how a worker runs the handler "
+             "(auto: asyncio for coroutine and protocol handlers, else sync)")
     concurrency: int = _s(16, kind="int", group="workers", minimum=1, maximum=100_000,
                           help="connections one thread or asyncio worker serves at once "
                                "(sync workers always serve one)")
