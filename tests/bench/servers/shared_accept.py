@@ -17,6 +17,12 @@ Modes:
 Every response carries ``X-Worker: <pid>`` so a client can count the
 connections each worker served (fairness).
 
+``--handler MODULE:FUNC`` (blocking mode only) runs a forkserver-style
+handler, ``handle(conn, peer) -> None``, on each accepted connection
+instead of the inline responder: with forkserver's own example handler
+the baseline does exactly the work a forkserver sync worker does, less
+the dispatch.  The handler is imported once, before fork.
+
 ``--preload-mb N`` builds N MB of read-only state (``tests/bench/state.py``)
 that each request reads a slice of; ``--preload`` builds it in the master
 before fork (optionally with ``gc.freeze()``), otherwise each worker
@@ -30,17 +36,43 @@ import argparse
 import contextlib
 import ctypes
 import gc
+import importlib
 import os
 import select
 import signal
 import socket
 import sys
+from collections.abc import Callable
+from typing import Any, cast
 
 from tests.bench.state import State
 
 MAX_REQUEST = 8192  # bytes of request head we accept before giving up on a client
 BODY = b"Hello, world\n"
 STATE = State(0)
+
+Handler = Callable[[socket.socket, Any], None]
+
+
+class HandlerError(ValueError):
+    """``--handler`` names nothing callable; the message says what and why."""
+
+
+def load_handler(spec: str) -> Handler:
+    """Import ``MODULE:FUNC`` and return the callable, or say what is wrong with it."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise HandlerError(f"--handler {spec!r}: expected MODULE:FUNC")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise HandlerError(f"--handler {spec!r}: cannot import {module_name}: {exc}") from exc
+    if not hasattr(module, attr):
+        raise HandlerError(f"--handler {spec!r}: {module_name} has no attribute {attr!r}")
+    handler: object = getattr(module, attr)
+    if not callable(handler):
+        raise HandlerError(f"--handler {spec!r}: {attr} is not callable")
+    return cast(Handler, handler)
 
 
 def response(keep_alive: bool) -> bytes:
@@ -66,6 +98,15 @@ def read_head(conn: socket.socket) -> bytes:
             return b""
         data += chunk
     return data
+
+
+def serve_with(listener: socket.socket, handler: Handler) -> None:
+    """Blocking accept, then the handler, as a forkserver sync worker runs it."""
+    while True:
+        conn, peer = listener.accept()
+        # An OSError is a client gone away; the next one is waiting.
+        with conn, contextlib.suppress(OSError):
+            handler(conn, peer)
 
 
 def serve_blocking(listener: socket.socket) -> None:
@@ -164,11 +205,14 @@ class EpollWorker:
         return True
 
 
-def worker_main(listener: socket.socket, mode: str, state: State) -> None:
+def worker_main(listener: socket.socket, mode: str, state: State,
+                handler: Handler | None) -> None:
     global STATE
     set_pdeathsig()
     STATE = state
-    if mode == "blocking":
+    if handler is not None:
+        serve_with(listener, handler)
+    elif mode == "blocking":
         serve_blocking(listener)
     else:
         EpollWorker(listener, echo=mode == "echo").run()
@@ -183,7 +227,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preload", action="store_true")
     parser.add_argument("--freeze", action="store_true", help="gc.freeze() after preloading")
     parser.add_argument("--blob", action="store_true", help="the state as one bytes buffer")
+    parser.add_argument("--handler", metavar="MODULE:FUNC",
+                        help="blocking mode: run handle(conn, peer) on each connection")
     args = parser.parse_args(argv)
+    if args.handler is not None and args.mode != "blocking":
+        parser.error(f"--handler runs only in blocking mode, not --mode {args.mode}")
+    try:
+        # Imported once, before fork, so every worker shares it (as preload does).
+        handler = None if args.handler is None else load_handler(args.handler)
+    except HandlerError as exc:
+        print(f"shared_accept: {exc}", file=sys.stderr)
+        return 2
     listener = socket.socket(fileno=args.fd)
     listener.set_inheritable(False)
     if listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) != 1:
@@ -203,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         if pid == 0:
             try:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_set)
-                worker_main(listener, args.mode, preloaded or State(args.preload_mb, kind))
+                worker_main(listener, args.mode, preloaded or State(args.preload_mb, kind),
+                            handler)
             finally:
                 os._exit(1)
         pids.append(pid)
