@@ -150,21 +150,39 @@ class StallWatch:
         return sum(1 for peer, got in first.items() if second.get(peer) == got)
 
 
+# What a server that runs forkserver's code needs to import, and why it is
+# skipped when that fails (a snapshot of an older commit may lack a handler).
+IMPORTS = {
+    "forkserver": ("import forkserver.master, forkserver.examples.hello_http",
+                   "forkserver.master or forkserver.examples.hello_http does not import"),
+    "forkserver-protocol": ("import forkserver.master\n"
+                            "from forkserver.examples.hello_http import HelloProtocol",
+                            "forkserver.examples.hello_http has no HelloProtocol (protocol "
+                            "handlers are not in the forkserver measured)"),
+}
+
+
+def importable(statement: str) -> bool:
+    """Whether the project's interpreter, in the tree measured, can run *statement*."""
+    return subprocess.run(
+        [launch.project_python(), "-c", statement], capture_output=True, check=False,
+        cwd=launch.ROOT if launch.SOURCE is None else launch.SOURCE).returncode == 0
+
+
 def available(names: list[str]) -> tuple[list[str], dict[str, str]]:
     """Which servers can run here, and why the others cannot."""
     ok, skipped = [], {}
-    has_forkserver = subprocess.run(
-        [launch.project_python(), "-c", "import forkserver.master, forkserver.examples.hello_http"],
-        capture_output=True, check=False,
-        cwd=launch.ROOT if launch.SOURCE is None else launch.SOURCE).returncode == 0
+    imports: dict[str, bool] = {}
     for name in names:
         _, needs = launch.SERVERS[name]
+        if needs in IMPORTS and needs not in imports:
+            imports[needs] = importable(IMPORTS[needs][0])
         if needs == "gunicorn" and not (launch.BENCH_VENV / "bin" / "gunicorn").exists():
             skipped[name] = "gunicorn is not in tests/bench/.work/venv (run installs it)"
         elif needs == "nginx" and shutil.which("nginx") is None:
             skipped[name] = "nginx is not installed"
-        elif needs == "forkserver" and not has_forkserver:
-            skipped[name] = "forkserver.master or forkserver.examples.hello_http does not import"
+        elif needs in IMPORTS and not imports[needs]:
+            skipped[name] = IMPORTS[needs][1]
         else:
             ok.append(name)
     return ok, skipped
@@ -207,6 +225,12 @@ def fairness_phase(res: Results, servers: list[str], args: argparse.Namespace) -
     lua = launch.WORK / "fairness.lua"
     lua.write_text(wrk.FAIRNESS_LUA)
     for name in servers:
+        if name not in launch.FAIRNESS_SERVERS:
+            # Counting needs the X-Worker header, which only the fairness twins add.
+            why = "no twin in launch.FAIRNESS_SERVERS that adds X-Worker"
+            res.skipped[f"fairness {name}"] = why
+            print(f"  skipping fairness {name}: {why}", file=sys.stderr)
+            continue
         builder, _ = launch.FAIRNESS_SERVERS[name]
         try:
             with Server(f"{name}-fair", builder, workers=args.workers) as server:

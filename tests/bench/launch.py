@@ -114,17 +114,26 @@ HELLO = "forkserver.examples.hello_http:handle"
 # server here serves them all.
 ROOMY = ("--concurrency", "64")
 HELLO_ASYNC = "forkserver.examples.hello_http:async_handle"
+HELLO_PROTOCOL = "forkserver.examples.hello_http:HelloProtocol"
 SHARED = ("--dispatch", "shared")
+FAIR = "tests.bench.handlers:handle"
+FAIR_ASYNC = "tests.bench.handlers:async_handle"
+FAIR_PROTOCOL = "tests.bench.handlers:WorkerProtocol"
 
 # name -> (builder, what it needs installed)
 SERVERS: dict[str, tuple[Builder, str]] = {
     "shared-blocking": (shared_accept("blocking"), "python"),
+    # The same prefork, running forkserver's own example handler: what
+    # fs-sync does, less the dispatch (see report.SAME_HANDLER).
+    "shared-blocking-hello": (shared_accept("blocking", "--handler", HELLO), "forkserver"),
     "shared-epoll": (shared_accept("epoll"), "python"),
     "gunicorn-sync": (gunicorn, "gunicorn"),
     "nginx": (nginx, "nginx"),
     "fs-sync": (forkserver("sync", HELLO), "forkserver"),
     "fs-thread": (forkserver("thread", HELLO, *ROOMY), "forkserver"),
     "fs-asyncio": (forkserver("asyncio", HELLO_ASYNC, *ROOMY), "forkserver"),
+    "fs-asyncio-protocol": (forkserver("asyncio", HELLO_PROTOCOL, *ROOMY),
+                            "forkserver-protocol"),
     # dispatch = "shared": the workers accept themselves, the master only supervises.
     "fs-sync-shared": (forkserver("sync", HELLO, *SHARED), "forkserver"),
     "fs-asyncio-shared": (forkserver("asyncio", HELLO_ASYNC, *ROOMY, *SHARED), "forkserver"),
@@ -133,16 +142,16 @@ SERVERS: dict[str, tuple[Builder, str]] = {
 # The same servers with the bench's own handlers, which name the worker.
 FAIRNESS_SERVERS: dict[str, tuple[Builder, str]] = {
     "shared-blocking": SERVERS["shared-blocking"],
+    "shared-blocking-hello": (shared_accept("blocking", "--handler", FAIR), "python"),
     "shared-epoll": SERVERS["shared-epoll"],
     "gunicorn-sync": SERVERS["gunicorn-sync"],
     "nginx": SERVERS["nginx"],
-    "fs-sync": (forkserver("sync", "tests.bench.handlers:handle"), "forkserver"),
-    "fs-thread": (forkserver("thread", "tests.bench.handlers:handle", *ROOMY), "forkserver"),
-    "fs-asyncio": (forkserver("asyncio", "tests.bench.handlers:async_handle", *ROOMY),
-                   "forkserver"),
-    "fs-sync-shared": (forkserver("sync", "tests.bench.handlers:handle", *SHARED), "forkserver"),
-    "fs-asyncio-shared": (forkserver("asyncio", "tests.bench.handlers:async_handle", *ROOMY,
-                                     *SHARED), "forkserver"),
+    "fs-sync": (forkserver("sync", FAIR), "forkserver"),
+    "fs-thread": (forkserver("thread", FAIR, *ROOMY), "forkserver"),
+    "fs-asyncio": (forkserver("asyncio", FAIR_ASYNC, *ROOMY), "forkserver"),
+    "fs-asyncio-protocol": (forkserver("asyncio", FAIR_PROTOCOL, *ROOMY), "forkserver-protocol"),
+    "fs-sync-shared": (forkserver("sync", FAIR, *SHARED), "forkserver"),
+    "fs-asyncio-shared": (forkserver("asyncio", FAIR_ASYNC, *ROOMY, *SHARED), "forkserver"),
 }
 
 
