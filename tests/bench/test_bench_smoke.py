@@ -12,11 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.bench import bench, launch, procstat, wrk
+from tests.bench import bench, launch, procstat, report, wrk
+from tests.bench.servers import shared_accept
 
 pytestmark = pytest.mark.bench
 
-SMOKE_SERVERS = ["shared-blocking", "fs-sync", "fs-asyncio"]
+SMOKE_SERVERS = ["shared-blocking", "shared-blocking-hello", "fs-sync", "fs-asyncio",
+                 "fs-asyncio-protocol"]
+FAIR_SERVERS = ["fs-sync", "fs-asyncio-protocol"]
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +29,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[bench.Results, Path
         pytest.skip("wrk is missing (.ci/run installs it)")
     out = tmp_path_factory.mktemp("bench")
     res = bench.run([
-        "--servers", ",".join(SMOKE_SERVERS), "--fair-servers", "fs-sync",
+        "--servers", ",".join(SMOKE_SERVERS), "--fair-servers", ",".join(FAIR_SERVERS),
         "--rounds", "1", "--seconds", "1", "--warmup", "0", "--pin", "off",
         "--phases", "main,fairness", "--no-chart", "--out", str(out),
     ])
@@ -50,13 +53,21 @@ def test_a_short_run_measures_every_server_with_zero_errors(
         assert len(fair["counts"]) == 2, fair  # both workers served, each counted
         assert min(fair["counts"]) > 0
         assert (fair["errors"], fair["non_2xx"]) == (0, 0)
-    assert [f["server"] for f in res.fairness] == ["fs-sync"]
+    assert [f["server"] for f in res.fairness] == FAIR_SERVERS
 
     saved = json.loads((out / "results.json").read_text())
     assert len(saved["samples"]) == len(res.samples)
     table = (out / "table.md").read_text()
     for name in SMOKE_SERVERS:
         assert f"| {name} | close |" in table
+    # Both baselines were in the run, so the sync CPU targets have figures.
+    assert "| CPU per new connection | fs-sync | shared-blocking-hello (same handler) " \
+        "| unpinned | " in table
+    sync_rows = [line for line in table.splitlines()
+                 if line.startswith("| CPU per new connection | fs-sync | ")]
+    assert len(sync_rows) == 4 and all("not measured" in r for r in sync_rows
+                                       if "| pinned |" in r), sync_rows
+    assert not any("not measured" in r for r in sync_rows if "| unpinned |" in r), sync_rows
 
 
 def test_no_client_waits_unanswered_through_a_run(smoke: tuple[bench.Results, Path]) -> None:
@@ -103,3 +114,65 @@ def test_a_stopped_server_leaves_no_process_behind() -> None:
         assert len(members) == 3  # the master and its two workers
     assert procstat.group_members(server.pid) == []
     assert server.proc.returncode == 0
+
+
+def _summary(figures: dict[tuple[str, str, bool], tuple[float, float]],
+             ) -> dict[report.GROUP, dict[str, float]]:
+    return {key: {"cpu_us": cpu, "rps": rps} for key, (cpu, rps) in figures.items()}
+
+
+def test_targets_divide_by_each_baseline_and_say_what_was_not_measured() -> None:
+    summary = _summary({
+        ("fs-sync", "close", True): (130.0, 5000.0),
+        ("shared-blocking", "close", True): (50.0, 10000.0),
+        ("shared-blocking-hello", "close", True): (100.0, 5000.0),
+        ("fs-asyncio-protocol", "keepalive", False): (20.0, 19000.0),
+        ("shared-epoll", "keepalive", False): (12.0, 20000.0),
+    })
+    lines = report.target_lines(summary, {"fairness": [
+        {"server": "fs-sync", "max_deviation": 0.2}, {"server": "nginx", "max_deviation": 0.5}]})
+    rows = {tuple(c.strip() for c in line.strip("|").split("|")[:4]): line for line in lines[2:]}
+    assert len(rows) == len(lines) - 2 == len(report.targets()) + 1  # + fs-sync's fairness
+
+    def cells(*key: str) -> list[str]:
+        return [c.strip() for c in rows[key].strip("|").split("|")[4:]]
+
+    cpu = "CPU per new connection"
+    assert cells(cpu, "fs-sync", "shared-blocking (inline responder)", "pinned") == [
+        "2.60", "≤ 1.3", "NOT met"]
+    assert cells(cpu, "fs-sync", "shared-blocking-hello (same handler)", "pinned") == [
+        "1.30", "≤ 1.3", "met"]
+    assert cells("new connection req/s", "fs-sync", "shared-blocking-hello (same handler)",
+                 "pinned") == ["1.00", "≥ 0.95", "met"]
+    assert cells(cpu, "fs-sync", "shared-blocking (inline responder)", "unpinned") == [
+        "-", "≤ 1.3", "not measured (no close unpinned run of fs-sync or shared-blocking)"]
+    assert cells("new connection req/s", "fs-sync-shared", "gunicorn-sync", "pinned") == [
+        "-", "≥ 3.5", "not measured (no close pinned run of fs-sync-shared or gunicorn-sync)"]
+    assert cells("keep-alive req/s", "fs-asyncio-protocol", "shared-epoll", "unpinned") == [
+        "0.95", "≥ 0.95", "met"]
+    assert cells("fairness: worst worker off the mean", "fs-sync", "(the mean)", "unpinned") == [
+        "0.20", "≤ 0.10", "NOT met"]
+
+
+@pytest.mark.parametrize(("spec", "complaint"), [
+    ("forkserver.examples.hello_http", "expected MODULE:FUNC"),
+    (":handle", "expected MODULE:FUNC"),
+    ("no_such_module_here:handle", "cannot import no_such_module_here"),
+    ("forkserver.examples.hello_http:nothing", "has no attribute 'nothing'"),
+    ("forkserver.examples.hello_http:BODY", "BODY is not callable"),
+])
+def test_a_bad_handler_is_refused_before_any_fork(
+    spec: str, complaint: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    # --fd 0 is never reached: the handler is checked first.
+    assert shared_accept.main(["--fd", "0", "--handler", spec]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"shared_accept: --handler {spec!r}: ") and complaint in err, err
+
+
+def test_a_handler_runs_only_in_blocking_mode(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        shared_accept.main(["--fd", "0", "--mode", "epoll", "--handler",
+                            launch.HELLO])
+    assert exit_info.value.code == 2
+    assert "--handler runs only in blocking mode, not --mode epoll" in capsys.readouterr().err
