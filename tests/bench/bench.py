@@ -214,7 +214,7 @@ def main_phase(res: Results, servers: list[str], args: argparse.Namespace) -> No
 
 def progress(s: Sample) -> None:
     pin = "pinned" if s.pinned else "shared"
-    print(f"  r{s.round} {s.server:16} {s.mode:9} {pin:6} c={s.connections:<5} "
+    print(f"  r{s.round} {s.server:21} {s.mode:9} {pin:6} c={s.connections:<5} "
           f"w={s.workers} {s.rps:9.0f} req/s  {s.cpu_us_per_request:6.1f} us/req  "
           f"p99 {s.p99_ms:6.2f} ms  err {s.errors} non2xx {s.non_2xx} "
           f"stalled {s.stalled_clients}", flush=True)
@@ -246,7 +246,7 @@ def fairness_phase(res: Results, servers: list[str], args: argparse.Namespace) -
         entry = {"server": name, "workers": args.workers, "counts": counts,
                  "max_deviation": spread, "errors": result.errors, "non_2xx": result.non_2xx}
         res.fairness.append(entry)
-        print(f"  fairness {name:16} {counts} max deviation {spread:.1%}", flush=True)
+        print(f"  fairness {name:21} {counts} max deviation {spread:.1%}", flush=True)
 
 
 def scaling_phase(res: Results, servers: list[str], args: argparse.Namespace) -> None:
