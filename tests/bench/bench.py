@@ -213,8 +213,8 @@ def main_phase(res: Results, servers: list[str], args: argparse.Namespace) -> No
 
 
 def progress(s: Sample) -> None:
-    pin = "pinned" if s.pinned else "shared"
-    print(f"  r{s.round} {s.server:21} {s.mode:9} {pin:6} c={s.connections:<5} "
+    pin = "pinned" if s.pinned else "unpinned"
+    print(f"  r{s.round} {s.server:21} {s.mode:9} {pin:8} c={s.connections:<5} "
           f"w={s.workers} {s.rps:9.0f} req/s  {s.cpu_us_per_request:6.1f} us/req  "
           f"p99 {s.p99_ms:6.2f} ms  err {s.errors} non2xx {s.non_2xx} "
           f"stalled {s.stalled_clients}", flush=True)
