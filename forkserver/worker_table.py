@@ -135,13 +135,19 @@ class WorkerTable:
         Least loaded means fewest connections held: a worker with free
         capacity always wins over one that could only prefetch.  Ties go
         to the lowest slot, so a lightly loaded service keeps its
-        connections on few workers' warm caches.
+        connections on few workers' warm caches.  A worker is never given
+        more than its ``request_limit`` allows: what it has served and
+        holds counts, so a prefetched connection cannot carry it past
+        ``max_requests``.
         """
         best: WorkerRecord | None = None
         best_key = (True, 0, 0)
         ready = WorkerState.READY
         for record in self._by_pid.values():
             held = record.in_flight
+            limit = record.request_limit
+            if limit is not None and record.served + held >= limit:
+                continue
             if record.state is ready and held < record.capacity + record.prefetch:
                 key = (held >= record.capacity, held, record.slot)
                 if best is None or key < best_key:

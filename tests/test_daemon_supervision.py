@@ -166,7 +166,7 @@ def run_handler(handler: str, *args: str) -> subprocess.CompletedProcess[str]:
         ("tests.handlers.broken_import:handle", "this module refuses to be imported"),
         ("tests.handlers.no_such_module:handle", "no module named 'tests.handlers.no_such_module'"),
         ("tests.handlers.basic:no_such_function", "has no 'no_such_function'"),
-        ("tests.handlers.basic:MessageType", "not a socketserver.BaseRequestHandler"),
+        ("tests.handlers.basic:MessageType", "neither a socketserver.BaseRequestHandler nor"),
     ],
 )
 def test_a_handler_that_cannot_be_loaded_stops_start_up_before_any_fork(

@@ -175,3 +175,20 @@ def test_assign_beyond_capacity_and_prefetch_is_refused() -> None:
         table.assign(record)
     table.complete(100, 1, now=1.0)
     assert table.pick() is record
+
+
+def test_a_worker_is_never_given_more_than_its_request_limit() -> None:
+    """Prefetch must not carry a worker past max_requests: served + held counts."""
+    table = prefetching_table(2)
+    limited, other = table.get(100), table.get(101)
+    assert limited is not None and other is not None
+    limited.request_limit = 3
+    limited.served = 2
+    table.assign(limited)  # its third and last connection
+    assert table.pick() is other  # idle, so first anyway
+    table.assign(other)
+    # Both busy: the prefetch would go to slot 0 on the tie, but it has no allowance left.
+    assert table.pick() is other
+    table.complete(100, 1, now=1.0)
+    assert limited.served == 3
+    assert table.pick() is other  # idle now, and still never picked again
