@@ -161,6 +161,10 @@ class Settings:
         optional=True,
         help="how a worker runs the handler "
              "(auto: asyncio for coroutine and protocol handlers, else sync)")
+    event_loop: Literal["asyncio", "uvloop"] = _s(
+        "asyncio", kind="choice", group="workers", choices=("asyncio", "uvloop"),
+        help="the event loop of asyncio workers; uvloop needs "
+             "pip install 'forkserver[uvloop]'")
     concurrency: int = _s(16, kind="int", group="workers", minimum=1, maximum=100_000,
                           help="connections one thread or asyncio worker serves at once "
                                "(sync workers always serve one)")

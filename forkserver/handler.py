@@ -35,7 +35,6 @@ The worker closes the connection after the handler returns or raises.
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import importlib
 import inspect
@@ -117,7 +116,9 @@ def classify(spec: str, target: object) -> HandlerKind:
     if inspect.isclass(target):
         if issubclass(target, socketserver.BaseRequestHandler):
             return HandlerKind.REQUEST_HANDLER
-        if issubclass(target, asyncio.BaseProtocol):
+        # A protocol's module imported asyncio; the master need not.
+        asyncio = sys.modules.get("asyncio")
+        if asyncio is not None and issubclass(target, asyncio.BaseProtocol):
             return HandlerKind.PROTOCOL
         raise HandlerLoadError(
             f"handler {spec!r} is a class but neither a socketserver.BaseRequestHandler "

@@ -115,6 +115,7 @@ def serve(
         return _cannot_start(notifier, exc, EXIT_UNAVAILABLE)
     try:
         handler, worker_class = startup.check_handler(settings)
+        startup.check_event_loop(settings, worker_class)
         resolve_credentials(settings.user, settings.group)
     except ForkserverError as exc:
         return _cannot_start(notifier, exc, EXIT_CONFIG)  # the old master sees end of file
@@ -359,6 +360,7 @@ class Master:
             name=self.settings.name, user=self.settings.user, group=self.settings.group,
             handler=self.handler, heartbeat_interval=self._heartbeat_interval,
             access_log=self.settings.access_log, shared_listeners=self._shared_fds(),
+            event_loop=self.settings.event_loop,
         )  # fmt: skip
         ctx.keep_fds.update(fd for _, fd in ctx.shared_listeners)
         try:

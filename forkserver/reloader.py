@@ -23,7 +23,7 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
-from forkserver import spawn
+from forkserver import spawn, startup
 from forkserver.config import Settings
 from forkserver.control import CommandError
 from forkserver.errors import ForkserverError
@@ -60,6 +60,7 @@ class Reloader:
             settings = m.reload_settings() if m.reload_settings else m.settings
             settings = self._reloadable(settings)
             worker_class = self._worker_class(settings)
+            startup.check_event_loop(settings, worker_class)
             resolve_credentials(settings.user, settings.group)
         except ForkserverError as exc:
             text = str(exc) or type(exc).__name__

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import importlib.util
 from typing import Final
 
 from forkserver import listeners, spawn
 from forkserver.config import Settings
+from forkserver.errors import ForkserverError
 from forkserver.eventloop import EventLoop
 from forkserver.handler import LoadedHandler, WorkerClass, load_handler
 from forkserver.handler import resolve_worker_class as _resolve_class
@@ -33,6 +35,16 @@ def check_handler(settings: Settings) -> tuple[LoadedHandler | None, WorkerClass
         handler = None
         kind = spawn.probe_handler(settings.handler)
     return handler, _resolve_class(settings.handler, kind, settings.worker_class)
+
+
+def check_event_loop(settings: Settings, worker_class: WorkerClass) -> None:
+    """Refuse ``event_loop = "uvloop"`` for asyncio workers that could not import it."""
+    wanted = settings.event_loop == "uvloop" and worker_class == "asyncio"
+    if wanted and importlib.util.find_spec("uvloop") is None:
+        raise ForkserverError(
+            "event_loop = \"uvloop\": the uvloop package is not installed "
+            "(pip install 'forkserver[uvloop]')"
+        )
 
 
 def open_configured(settings: Settings, loop: EventLoop, notifier: Notifier) -> list[Listener]:

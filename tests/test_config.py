@@ -27,6 +27,7 @@ SAMPLES: dict[str, tuple[tuple[str, str, str], tuple[object, object, object]]] =
     "handler": (('"a.b:c"', "d:e", "f.g:h.i"), ("a.b:c", "d:e", "f.g:h.i")),
     "workers": (("3", "5", "7"), (3, 5, 7)),
     "worker_class": (('"sync"', "thread", "asyncio"), ("sync", "thread", "asyncio")),
+    "event_loop": (('"uvloop"', "asyncio", "uvloop"), ("uvloop", "asyncio", "uvloop")),
     "concurrency": (("2", "3", "4"), (2, 3, 4)),
     "preload": (("true", "false", "true"), (True, False, True)),
     "name": (('"one"', "two", "three"), ("one", "two", "three")),

@@ -1,13 +1,23 @@
-"""``asyncio.Protocol`` handlers on asyncio workers, with real daemons and sockets."""
+"""``asyncio.Protocol`` handlers on asyncio workers, with real daemons and sockets.
+
+The main cases run on both event loops an asyncio worker offers:
+asyncio's own and uvloop (``--event-loop uvloop``).
+"""
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
+import subprocess
+import sys
 
 import pytest
 
-from tests.support import read_line, recv_all, start_daemon
+from tests.loadgen import run_load
+from tests.support import ROOT, read_line, recv_all, start_daemon
+
+LOOPS = pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
 
 HELLO = "forkserver.examples.hello_http:HelloProtocol"
 REQUEST = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n"
@@ -31,9 +41,13 @@ def _read_response(sock: socket.socket, buffer: bytearray) -> bytes:
     return response
 
 
+@LOOPS
 @pytest.mark.parametrize("dispatch", ["master", "shared"])
-def test_hello_protocol_keeps_the_connection_until_asked_to_close(dispatch: str) -> None:
-    with start_daemon(HELLO, "--dispatch", dispatch, workers=2) as daemon:
+def test_hello_protocol_keeps_the_connection_until_asked_to_close(
+    dispatch: str, event_loop: str
+) -> None:
+    args = ("--dispatch", dispatch, "--event-loop", event_loop)
+    with start_daemon(HELLO, *args, workers=2) as daemon:
         with daemon.connect() as sock:
             buffer = bytearray()
             for _ in range(3):
@@ -56,8 +70,10 @@ def test_a_malformed_request_gets_400_and_the_connection_closes() -> None:
         assert recv_all(sock).startswith(b"HTTP/1.1 400 Bad Request")
 
 
-def test_a_callback_exception_is_reported_and_the_worker_serves_on() -> None:
-    with start_daemon("tests.handlers.protocols:PidLines", workers=1) as daemon:
+@LOOPS
+def test_a_callback_exception_is_reported_and_the_worker_serves_on(event_loop: str) -> None:
+    args = ("--event-loop", event_loop)
+    with start_daemon("tests.handlers.protocols:PidLines", *args, workers=1) as daemon:
         worker = daemon.workers()[0].pid
         with daemon.connect() as sock:
             port = sock.getsockname()[1]
@@ -108,10 +124,11 @@ def test_slotted_and_buffered_protocols_run_unchanged(handler: str, reply: bytes
             assert read_line(sock) == reply
 
 
-def test_a_connection_counts_as_served_when_it_ends() -> None:
+@LOOPS
+def test_a_connection_counts_as_served_when_it_ends(event_loop: str) -> None:
     """max_requests 2: the worker is replaced after its second connection has closed."""
-    with start_daemon("tests.handlers.protocols:PidLines", "--max-requests", "2",
-                      workers=1) as daemon:  # fmt: skip
+    args = ("--max-requests", "2", "--event-loop", event_loop)
+    with start_daemon("tests.handlers.protocols:PidLines", *args, workers=1) as daemon:
         first = daemon.workers()[0].pid
         with daemon.connect() as one, daemon.connect() as two:
             for sock in (one, two):
@@ -145,3 +162,35 @@ def test_graceful_stop_waits_for_an_open_protocol_connection() -> None:
         assert daemon.proc.wait(timeout=20) == 0
         assert daemon.wait_log("worker_exited", pid=worker)["exit_code"] == 0
 
+
+
+@pytest.mark.parametrize(("event_loop", "module"), [("asyncio", b"asyncio"), ("uvloop", b"uvloop")])
+def test_the_worker_runs_the_event_loop_asked_for(event_loop: str, module: bytes) -> None:
+    args = ("--event-loop", event_loop)
+    with start_daemon("tests.handlers.protocols:LoopName", *args, workers=1) as daemon:
+        with daemon.connect() as sock:
+            assert recv_all(sock).strip().split(b".")[0] == module
+
+
+@pytest.mark.parametrize("dispatch", ["master", "shared"])
+def test_stream_handlers_run_on_uvloop_too(dispatch: str) -> None:
+    args = ("--event-loop", "uvloop", "--dispatch", dispatch)
+    with start_daemon("forkserver.examples.async_echo:handle", *args, workers=2) as daemon:
+        result = run_load(*daemon.address, total=400, concurrency=16, deadline=60)
+        assert result.failures == [], result.failure_summary()
+        assert result.answered == 400
+        assert daemon.stop() == 0
+
+
+def test_uvloop_asked_for_but_not_installed_stops_start_up_with_78() -> None:
+    # sys.modules[name] = None is how Python itself marks a module as unimportable.
+    code = ("import sys, runpy; sys.modules['uvloop'] = None; sys.argv[0] = 'forkserver'; "
+            "runpy.run_module('forkserver', run_name='__main__', alter_sys=True)")
+    argv = [sys.executable, "-c", code, "run", "--bind", "127.0.0.1:0", "--log-format", "json",
+            "--event-loop", "uvloop", HELLO]  # fmt: skip
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 78, done.stderr
+    failure = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")][-1]
+    assert failure["event"] == "master_failed"
+    assert "the uvloop package is not installed" in failure["message"]
+    assert "forkserver[uvloop]" in failure["message"]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from typing import cast
 
 BODY = b"Hello, world!\n"
 _HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n" % len(BODY)
@@ -135,8 +136,8 @@ class HelloProtocol(asyncio.Protocol):
         self.skip = 0  # body bytes of the request just answered, still to discard
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are Transports in all but name (not subclasses).
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         transport = self.transport

@@ -61,10 +61,17 @@ class AsyncioWorker:
         self._accepting = False
 
     def run(self) -> int:
-        selector = self.shared.selector()
-        with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(selector)) as runner:
+        with asyncio.Runner(loop_factory=self._new_loop) as runner:
             runner.run(self._main())
         return EXIT_OK
+
+    def _new_loop(self) -> asyncio.AbstractEventLoop:
+        if self.ctx.event_loop == "uvloop":
+            # libuv keeps its own epoll set: shared listeners wake every idle worker.
+            import uvloop  # noqa: PLC0415 (optional, and only this worker needs it)
+
+            return uvloop.new_event_loop()
+        return asyncio.SelectorEventLoop(self.shared.selector())
 
     async def _main(self) -> None:
         loop = asyncio.get_running_loop()

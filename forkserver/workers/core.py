@@ -51,6 +51,7 @@ class WorkerContext:
     in_flight: int = 0
     keep_fds: set[int] = field(default_factory=set)
     access_log: bool = False
+    event_loop: str = "asyncio"  # asyncio workers: "asyncio" or "uvloop"
     #: (listener index, descriptor) of each ``dispatch = "shared"`` listener:
     #: kept open across boot (see ``keep_fds``), accepted from by the worker.
     shared_listeners: tuple[tuple[int, int], ...] = ()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from typing import cast
 
 
 class PidLines(asyncio.Protocol):
@@ -14,8 +15,8 @@ class PidLines(asyncio.Protocol):
         self.buffer = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are Transports in all but name (not subclasses).
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         assert self.transport is not None
@@ -60,8 +61,8 @@ class BufferedEcho(asyncio.BufferedProtocol):
         self.memory = bytearray(4096)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are Transports in all but name (not subclasses).
+        self.transport = cast(asyncio.Transport, transport)
 
     def get_buffer(self, sizehint: int) -> bytearray:
         return self.memory
@@ -69,3 +70,13 @@ class BufferedEcho(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         assert self.transport is not None
         self.transport.write(b"buffered " + bytes(self.memory[:nbytes]))
+
+
+class LoopName(asyncio.Protocol):
+    """Reply with the module of the running event loop's class, then close."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        loop = asyncio.get_running_loop()
+        transport = cast(asyncio.Transport, transport)
+        transport.write(type(loop).__module__.encode() + b"\n")
+        transport.close()
