@@ -159,6 +159,12 @@ IMPORTS = {
                             "from forkserver.examples.hello_http import HelloProtocol",
                             "forkserver.examples.hello_http has no HelloProtocol (protocol "
                             "handlers are not in the forkserver measured)"),
+    "forkserver-uvloop": ("import forkserver.master, uvloop\n"
+                          "from forkserver.examples.hello_http import HelloProtocol\n"
+                          "from forkserver.config import Settings\n"
+                          "assert 'event_loop' in Settings.__dataclass_fields__",
+                          "uvloop is not installed in the project's interpreter (pip install "
+                          "-e '.[uvloop]'), or the forkserver measured has no event_loop"),
 }
 
 

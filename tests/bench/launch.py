@@ -116,6 +116,7 @@ ROOMY = ("--concurrency", "64")
 HELLO_ASYNC = "forkserver.examples.hello_http:async_handle"
 HELLO_PROTOCOL = "forkserver.examples.hello_http:HelloProtocol"
 SHARED = ("--dispatch", "shared")
+UVLOOP = ("--event-loop", "uvloop")
 FAIR = "tests.bench.handlers:handle"
 FAIR_ASYNC = "tests.bench.handlers:async_handle"
 FAIR_PROTOCOL = "tests.bench.handlers:WorkerProtocol"
@@ -134,6 +135,10 @@ SERVERS: dict[str, tuple[Builder, str]] = {
     "fs-asyncio": (forkserver("asyncio", HELLO_ASYNC, *ROOMY), "forkserver"),
     "fs-asyncio-protocol": (forkserver("asyncio", HELLO_PROTOCOL, *ROOMY),
                             "forkserver-protocol"),
+    # event_loop = "uvloop": the same handlers on uvloop.
+    "fs-asyncio-uvloop": (forkserver("asyncio", HELLO_ASYNC, *ROOMY, *UVLOOP), "forkserver-uvloop"),
+    "fs-asyncio-protocol-uvloop": (forkserver("asyncio", HELLO_PROTOCOL, *ROOMY, *UVLOOP),
+                                   "forkserver-uvloop"),
     # dispatch = "shared": the workers accept themselves, the master only supervises.
     "fs-sync-shared": (forkserver("sync", HELLO, *SHARED), "forkserver"),
     "fs-asyncio-shared": (forkserver("asyncio", HELLO_ASYNC, *ROOMY, *SHARED), "forkserver"),
@@ -150,6 +155,9 @@ FAIRNESS_SERVERS: dict[str, tuple[Builder, str]] = {
     "fs-thread": (forkserver("thread", FAIR, *ROOMY), "forkserver"),
     "fs-asyncio": (forkserver("asyncio", FAIR_ASYNC, *ROOMY), "forkserver"),
     "fs-asyncio-protocol": (forkserver("asyncio", FAIR_PROTOCOL, *ROOMY), "forkserver-protocol"),
+    "fs-asyncio-uvloop": (forkserver("asyncio", FAIR_ASYNC, *ROOMY, *UVLOOP), "forkserver-uvloop"),
+    "fs-asyncio-protocol-uvloop": (forkserver("asyncio", FAIR_PROTOCOL, *ROOMY, *UVLOOP),
+                                   "forkserver-uvloop"),
     "fs-sync-shared": (forkserver("sync", FAIR, *SHARED), "forkserver"),
     "fs-asyncio-shared": (forkserver("asyncio", FAIR_ASYNC, *ROOMY, *SHARED), "forkserver"),
 }

@@ -89,7 +89,8 @@ def main_table(summary: dict[GROUP, dict[str, Any]]) -> list[str]:
 
 SAME_HANDLER = "shared-blocking-hello"  # shared accept running forkserver's hello_http handle
 SYNC_TARGETS = ("fs-sync", "fs-sync-shared")
-KEEPALIVE_TARGETS = ("fs-asyncio", "fs-asyncio-shared", "fs-asyncio-protocol")
+KEEPALIVE_TARGETS = ("fs-asyncio", "fs-asyncio-shared", "fs-asyncio-protocol",
+                     "fs-asyncio-uvloop", "fs-asyncio-protocol-uvloop")
 BASELINE_NOTE = {
     SHARED["close"]: "shared-blocking (inline responder)",
     SAME_HANDLER: "shared-blocking-hello (same handler)",

@@ -18,7 +18,7 @@ from tests.bench.servers import shared_accept
 pytestmark = pytest.mark.bench
 
 SMOKE_SERVERS = ["shared-blocking", "shared-blocking-hello", "fs-sync", "fs-asyncio",
-                 "fs-asyncio-protocol"]
+                 "fs-asyncio-protocol", "fs-asyncio-protocol-uvloop"]
 FAIR_SERVERS = ["fs-sync", "fs-asyncio-protocol"]
 
 
