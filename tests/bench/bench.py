@@ -104,15 +104,22 @@ def measure(server: Server, *, mode: str, seconds: float, connections: int,
 
 
 def waiting_connections(port: int) -> dict[str, int]:
-    """Server-side connections holding unread request bytes: peer -> bytes received."""
-    out = subprocess.run(["ss", "-Htni", "state", "established", f"( sport = :{port} )"],
+    """Server-side connections holding unread request bytes: connection -> bytes received.
+
+    A connection is its peer address and its socket cookie (``sk:`` in
+    ``ss -e``): with a new connection per request a client's port comes
+    round again within seconds, and the same address with the same
+    request size would otherwise pass for one connection that waited.
+    """
+    out = subprocess.run(["ss", "-Htnie", "state", "established", f"( sport = :{port} )"],
                          capture_output=True, text=True, check=False, timeout=10).stdout
     waiting: dict[str, int] = {}
     peer = ""
     for line in out.splitlines():
         fields = line.split()
-        if not line[:1].isspace() and len(fields) >= 4:  # Recv-Q, Send-Q, local, peer
-            peer = fields[3] if fields[0] != "0" else ""
+        if not line[:1].isspace() and len(fields) >= 4:  # Recv-Q, Send-Q, local, peer, ...
+            cookie = next((f for f in fields[4:] if f.startswith("sk:")), "")
+            peer = f"{fields[3]} {cookie}" if fields[0] != "0" else ""
         elif peer:  # the info line of a socket with unread bytes
             match = re.search(r"bytes_received:(\d+)", line)
             waiting[peer] = int(match.group(1)) if match else 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -176,3 +177,35 @@ def test_a_handler_runs_only_in_blocking_mode(capsys: pytest.CaptureFixture[str]
                             launch.HELLO])
     assert exit_info.value.code == 2
     assert "--handler runs only in blocking mode, not --mode epoll" in capsys.readouterr().err
+
+
+def test_the_stall_check_tells_a_waiting_connection_from_a_new_one_on_its_port() -> None:
+    """A request left unread counts; a new connection from the same address does not."""
+    if shutil.which("ss") is None:
+        pytest.skip("ss is missing (.ci/run installs iproute2)")
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def client(local_port: int) -> socket.socket:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", local_port))
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            return sock
+
+        waiting = client(0)
+        address = waiting.getsockname()[1]
+        served = listener.accept()[0]  # accepted, and never read: it waits
+        # The server closes first, so the client's port is free again at once.
+        with waiting, served:
+            first = bench.waiting_connections(port)
+            assert bench.waiting_connections(port) == first  # still waiting: the same key
+            assert len(first) == 1
+        # The same client address again: a different connection, which must not match.
+        again = client(address)
+        with again, listener.accept()[0]:
+            second = bench.waiting_connections(port)
+        assert len(second) == 1
+        assert second.keys() != first.keys()
+        assert [key.split()[0] for key in second] == [key.split()[0] for key in first]
