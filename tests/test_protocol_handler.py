@@ -7,6 +7,7 @@ asyncio's own and uvloop (``--event-loop uvloop``).
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -194,3 +195,22 @@ def test_uvloop_asked_for_but_not_installed_stops_start_up_with_78() -> None:
     assert failure["event"] == "master_failed"
     assert "the uvloop package is not installed" in failure["message"]
     assert "forkserver[uvloop]" in failure["message"]
+
+
+@LOOPS
+def test_a_worker_keeps_no_descriptor_of_a_finished_connection(event_loop: str) -> None:
+    """Attaching a protocol hands the socket to the loop: nothing stays open after it."""
+    args = ("--event-loop", event_loop)
+    with start_daemon(HELLO, *args, workers=1) as daemon:
+        worker = daemon.workers()[0].pid
+
+        def serve(count: int) -> None:
+            for _ in range(count):
+                with daemon.connect() as sock:
+                    sock.sendall(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+                    assert recv_all(sock).startswith(b"HTTP/1.1 200 OK")
+
+        serve(20)  # the first connections open what the loop keeps for good
+        before = sorted(os.listdir(f"/proc/{worker}/fd"))
+        serve(200)
+        assert sorted(os.listdir(f"/proc/{worker}/fd")) == before
