@@ -13,7 +13,7 @@ import asyncio
 import gc
 import os
 import socket
-from typing import Any
+from typing import Any, cast
 
 # The request parser HelloProtocol uses, so its twin here decides the same way.
 from forkserver.examples.hello_http import BAD_REQUEST, MAX_HEAD, _wants_close
@@ -77,8 +77,8 @@ class WorkerProtocol(asyncio.Protocol):
         self.keep, self.close = _reply(keep_alive=True), _reply(keep_alive=False)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are Transports in all but name (not subclasses).
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         transport = self.transport

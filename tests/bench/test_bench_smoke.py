@@ -20,7 +20,7 @@ pytestmark = pytest.mark.bench
 
 SMOKE_SERVERS = ["shared-blocking", "shared-blocking-hello", "fs-sync", "fs-asyncio",
                  "fs-asyncio-protocol", "fs-asyncio-protocol-uvloop"]
-FAIR_SERVERS = ["fs-sync", "fs-asyncio-protocol"]
+FAIR_SERVERS = ["fs-sync", "fs-asyncio-protocol", "fs-asyncio-protocol-uvloop"]
 
 
 @pytest.fixture(scope="module")
