@@ -53,6 +53,7 @@ class WorkerRecord:
     request_limit: int | None = None  # max_requests (with its jitter) for this worker
     retired: bool = False  # asked to finish and exit; not replaced when it does
     prefetch: int = 0  # descriptors it may hold queued beyond its capacity
+    last_assigned: int = 0  # the table's count of assignments when it last got one
 
     def has_capacity(self) -> bool:
         return self.state is WorkerState.READY and self.in_flight < self.capacity + self.prefetch
@@ -79,6 +80,7 @@ class WorkerTable:
 
     def __init__(self) -> None:
         self._by_pid: dict[int, WorkerRecord] = {}
+        self._assignments = 0  # orders workers by when they last got a connection
 
     def __len__(self) -> int:
         return len(self._by_pid)
@@ -134,14 +136,17 @@ class WorkerTable:
 
         Least loaded means fewest connections held: a worker with free
         capacity always wins over one that could only prefetch.  Ties go
-        to the lowest slot, so a lightly loaded service keeps its
-        connections on few workers' warm caches.  A worker is never given
+        to the worker given a connection longest ago, as a queue of idle
+        workers blocked in ``accept()`` would have it: when the master
+        is the bottleneck, workers are often idle together, and always
+        breaking the tie one way would give one worker most of the
+        connections.  A worker is never given
         more than its ``request_limit`` allows: what it has served and
         holds counts, so a prefetched connection cannot carry it past
         ``max_requests``.
         """
         best: WorkerRecord | None = None
-        best_key = (True, 0, 0)
+        best_key = (True, 0, 0, 0)
         ready = WorkerState.READY
         for record in self._by_pid.values():
             held = record.in_flight
@@ -149,7 +154,7 @@ class WorkerTable:
             if limit is not None and record.served + held >= limit:
                 continue
             if record.state is ready and held < record.capacity + record.prefetch:
-                key = (held >= record.capacity, held, record.slot)
+                key = (held >= record.capacity, held, record.last_assigned, record.slot)
                 if best is None or key < best_key:
                     best, best_key = record, key
         return best
@@ -163,6 +168,8 @@ class WorkerTable:
                 f"{room}, cannot take {count}"
             )
         record.in_flight += count
+        self._assignments += 1
+        record.last_assigned = self._assignments
 
     def unassign(self, record: WorkerRecord, count: int) -> None:
         """Connections counted by ``assign`` that never reached the worker."""

@@ -39,6 +39,25 @@ def test_pick_prefers_the_least_loaded_then_the_lowest_slot() -> None:
     assert order == [0, 1, 2, 0, 1, 2]
 
 
+def test_idle_workers_take_turns() -> None:
+    """Equally loaded workers: the one given a connection longest ago goes first.
+
+    Each connection here is done before the next arrives, so every
+    worker is idle at each pick; ties broken by slot alone would give
+    slot 0 all of them.
+    """
+    table = ready_table(1, 1, 1)
+    order = []
+    for now in range(7):
+        record = table.pick()
+        assert record is not None
+        table.assign(record)
+        table.complete(record.pid, 1, now=float(now))
+        order.append(record.slot)
+    assert order == [0, 1, 2, 0, 1, 2, 0]
+    assert [record.served for record in table] == [3, 2, 2]
+
+
 def test_a_full_worker_is_never_picked_and_done_frees_it() -> None:
     table = ready_table(1, 2)
     for _ in range(3):
