@@ -157,7 +157,7 @@ class HelloProtocol(asyncio.Protocol):
                 close = True
                 transport.write(BAD_REQUEST)
             else:
-                transport.write(CLOSE if close else KEEP_ALIVE)
+                transport.write(self.reply(close))
             buffer = buffer[end + 4 :]
             if close:
                 transport.close()
@@ -166,6 +166,10 @@ class HelloProtocol(asyncio.Protocol):
             transport.write(BAD_REQUEST)
             transport.close()
         self.buffer = buffer
+
+    def reply(self, close: bool) -> bytes:
+        """The answer to one well-formed request; a subclass may say more."""
+        return CLOSE if close else KEEP_ALIVE
 
     def pause_writing(self) -> None:
         assert self.transport is not None

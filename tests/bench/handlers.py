@@ -13,10 +13,9 @@ import asyncio
 import gc
 import os
 import socket
-from typing import Any, cast
+from typing import Any
 
-# The request parser HelloProtocol uses, so its twin here decides the same way.
-from forkserver.examples.hello_http import BAD_REQUEST, MAX_HEAD, _wants_close
+from forkserver.examples.hello_http import HelloProtocol
 from tests.bench.state import State
 
 MAX_REQUEST = 8192
@@ -62,60 +61,20 @@ async def async_handle(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
         writer.close()
 
 
-class WorkerProtocol(asyncio.Protocol):
+class WorkerProtocol(HelloProtocol):
     """``hello_http.HelloProtocol``, answering with ``X-Worker: <pid>`` too.
 
-    Mirrors it step for step: requests are answered as they are parsed,
-    a body is skipped, a bad or oversized head gets 400 and a close, and
-    reading pauses while the client does not read its answers.
+    It parses exactly as HelloProtocol does (it is one); each answer
+    also reads the state, as ``handle`` does.
     """
 
     def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.buffer = b""
-        self.skip = 0  # body bytes of the request just answered, still to discard
-        self.keep, self.close = _reply(keep_alive=True), _reply(keep_alive=False)
+        super().__init__()
+        self.replies = (_reply(keep_alive=True), _reply(keep_alive=False))
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are Transports in all but name (not subclasses).
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        transport = self.transport
-        assert transport is not None
-        buffer = self.buffer + data if self.buffer else data
-        while True:
-            if self.skip:
-                taken = min(self.skip, len(buffer))
-                self.skip -= taken
-                buffer = buffer[taken:]
-            end = buffer.find(b"\r\n\r\n")
-            if end < 0:
-                break
-            try:
-                close, self.skip = _wants_close(buffer[:end])
-            except ValueError:
-                close = True
-                transport.write(BAD_REQUEST)
-            else:
-                touch_state()
-                transport.write(self.close if close else self.keep)
-            buffer = buffer[end + 4 :]
-            if close:
-                transport.close()
-                return
-        if len(buffer) > MAX_HEAD:
-            transport.write(BAD_REQUEST)
-            transport.close()
-        self.buffer = buffer
-
-    def pause_writing(self) -> None:
-        assert self.transport is not None
-        self.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        assert self.transport is not None
-        self.transport.resume_reading()
+    def reply(self, close: bool) -> bytes:
+        touch_state()
+        return self.replies[close]
 
 
 async def async_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
