@@ -47,10 +47,18 @@ def listener() -> Iterator[socket.socket]:
         yield sock
 
 
+#: x86-64 numbers of epoll_wait, epoll_pwait and epoll_pwait2.
+EPOLL_WAIT_SYSCALLS = frozenset({"232", "281", "441"})
+
+
 def _in_epoll_wait(pid: int) -> bool:
-    # The kernel function the process sleeps in: do_epoll_wait / ep_poll.
-    with contextlib.suppress(FileNotFoundError):
-        return "epoll" in Path(f"/proc/{pid}/wchan").read_text()
+    """Is *pid* asleep in epoll_wait?  The kernel says where it sleeps, or in which call."""
+    with contextlib.suppress(FileNotFoundError, PermissionError):
+        if "epoll" in Path(f"/proc/{pid}/wchan").read_text():  # do_epoll_wait / ep_poll
+            return True
+        # Kernels that hide wchan (it reads "0") still show the blocking call.
+        syscall = Path(f"/proc/{pid}/syscall").read_text().split()
+        return bool(syscall) and syscall[0] in EPOLL_WAIT_SYSCALLS
     return False
 
 
