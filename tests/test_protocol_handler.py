@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -149,8 +150,10 @@ def test_a_connection_counts_as_served_when_it_ends(event_loop: str) -> None:
             assert int(read_line(sock).split()[0]) != first
 
 
-def test_graceful_stop_waits_for_an_open_protocol_connection() -> None:
-    with start_daemon("tests.handlers.protocols:PidLines", workers=1) as daemon:
+@LOOPS
+def test_graceful_stop_waits_for_an_open_protocol_connection(event_loop: str) -> None:
+    args = ("--event-loop", event_loop)
+    with start_daemon("tests.handlers.protocols:PidLines", *args, workers=1) as daemon:
         with daemon.connect() as sock:
             sock.sendall(b"before\n")
             worker = int(read_line(sock).split()[0])
@@ -214,3 +217,18 @@ def test_a_worker_keeps_no_descriptor_of_a_finished_connection(event_loop: str) 
         before = sorted(os.listdir(f"/proc/{worker}/fd"))
         serve(200)
         assert sorted(os.listdir(f"/proc/{worker}/fd")) == before
+
+
+def test_a_reload_moves_the_workers_to_the_event_loop_in_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "forkserver.toml"
+    config.write_text('event_loop = "asyncio"\n')
+    handler = "tests.handlers.protocols:LoopName"
+    with start_daemon(handler, "-c", str(config), workers=1) as daemon:
+        with daemon.connect() as sock:
+            assert recv_all(sock).strip().split(b".")[0] == b"asyncio"
+        config.write_text('event_loop = "uvloop"\n')
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_log("reload_completed")
+        with daemon.connect() as sock:
+            assert recv_all(sock).strip() == b"uvloop"
+        assert daemon.stop() == 0
