@@ -3,8 +3,10 @@
 Each received descriptor becomes ``asyncio.open_connection(sock=...)``
 and a task running ``await handle(reader, writer)``, or, for an
 ``asyncio.Protocol`` handler, a new protocol attached to it and a task
-that waits until its connection is over (``workers.protocols``).  Finished tasks
-are counted and one DONE per loop pass reports them (batched).
+that waits until its connection is over (``workers.protocols``).
+Finished tasks are counted and one DONE per loop pass reports them
+(batched).  The loop is asyncio's own, on an ``ExclusiveSelector``, or
+uvloop's (``event_loop = "uvloop"``).
 Connections it accepts itself from a shared listener (watched only
 while fewer than ``concurrency`` tasks run) are reported with SERVED,
 with the heartbeat, never with DONE.  SIGTERM or STOP: stop accepting,
