@@ -22,8 +22,9 @@ REPO=$(cd "$(dirname "$0")/../.." && pwd)
 HIER="/sys/fs/cgroup/systemd /sys/fs/cgroup/unified"
 cmd=${1:-}
 W=${2:?usage: $0 start|exec|stop STATE_DIR ...}
-# Also the machine name, which allows only letters, digits and "-".
-CG=forkserver-e2e-$(basename "$W" | tr -c "a-zA-Z0-9\n" "-")
+# Also the machine name, which allows only letters, digits and "-", and
+# must not end in "-" (mkdtemp's suffix may end in "_").
+CG=forkserver-e2e-$(basename "$W" | tr -c "a-zA-Z0-9\n" "-" | tr -s "-" | sed 's/-*$//')
 leader() { cat "$W/leader"; }
 
 case "$cmd" in
