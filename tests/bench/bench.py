@@ -191,7 +191,7 @@ def available(names: list[str]) -> tuple[list[str], dict[str, str]]:
         if needs in IMPORTS and needs not in imports:
             imports[needs] = importable(IMPORTS[needs][0])
         if needs == "gunicorn" and not (launch.BENCH_VENV / "bin" / "gunicorn").exists():
-            skipped[name] = "gunicorn is not in tests/bench/.work/venv (run installs it)"
+            skipped[name] = f"gunicorn is not in {launch.BENCH_VENV} (run installs it)"
         elif needs == "nginx" and shutil.which("nginx") is None:
             skipped[name] = "nginx is not installed"
         elif needs in IMPORTS and not imports[needs]:

@@ -26,7 +26,9 @@ from tests.bench import procstat
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 WORK = HERE / ".work"
-BENCH_VENV = WORK / "venv"
+#: gunicorn, matplotlib and py-spy: third-party code kept out of the source
+#: tree (a cache, like the container root of the systemd tests).
+BENCH_VENV = Path(os.environ.get("FORKSERVER_BENCH_VENV", "/var/tmp/forkserver-bench/venv"))
 BACKLOG = 2048
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
