@@ -119,6 +119,7 @@ def classify(spec: str, target: object) -> HandlerKind:
         # A protocol's module imported asyncio; the master need not.
         asyncio = sys.modules.get("asyncio")
         if asyncio is not None and issubclass(target, asyncio.BaseProtocol):
+            _check_no_arguments(spec, target)
             return HandlerKind.PROTOCOL
         raise HandlerLoadError(
             f"handler {spec!r} is a class but neither a socketserver.BaseRequestHandler "
@@ -131,6 +132,26 @@ def classify(spec: str, target: object) -> HandlerKind:
     if callable(target):
         return HandlerKind.FUNCTION
     raise HandlerLoadError(f"handler {spec!r} is a {type(target).__name__}, not callable")
+
+
+def _check_no_arguments(spec: str, cls: type) -> None:
+    """A protocol is created with no arguments: say so at start, not per connection."""
+    try:
+        signature = inspect.signature(cls)
+    except (TypeError, ValueError):  # no signature to read (a class written in C)
+        return
+    try:
+        signature.bind()
+    except TypeError:
+        needed = ", ".join(
+            name for name, parameter in signature.parameters.items()
+            if parameter.default is parameter.empty
+            and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+        )  # fmt: skip
+        raise HandlerLoadError(
+            f"handler {spec!r}: an asyncio protocol handler is created with no arguments, "
+            f"but {cls.__name__}() needs {needed}"
+        ) from None
 
 
 def resolve_worker_class(

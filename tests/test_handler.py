@@ -48,6 +48,8 @@ def test_each_handler_form_is_recognised(spec: str, kind: HandlerKind) -> None:
         ("tests.handlers.basic:socket.nope", "has no 'socket.nope'"),
         ("tests.handlers.basic:__doc__", "is a str, not callable"),
         ("tests.handlers.basic:MessageType", "neither a socketserver.BaseRequestHandler nor"),
+        ("tests.handlers.protocols:NeedsArguments",
+         r"created with no arguments, but NeedsArguments\(\) needs greeting"),
     ],
 )
 def test_unusable_handlers_are_refused_naming_the_spec(spec: str, message: str) -> None:

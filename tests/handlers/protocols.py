@@ -80,3 +80,8 @@ class LoopName(asyncio.Protocol):
         transport = cast(asyncio.Transport, transport)
         transport.write(type(loop).__module__.encode() + b"\n")
         transport.close()
+
+
+class NeedsArguments(asyncio.Protocol):
+    def __init__(self, greeting: bytes) -> None:
+        self.greeting = greeting
