@@ -398,6 +398,13 @@ def recv_all(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
+def exchange(sock: socket.socket, payload: bytes) -> bytes:
+    """Send *payload*, end the sending side, and return everything the peer answers."""
+    sock.sendall(payload)
+    sock.shutdown(socket.SHUT_WR)
+    return recv_all(sock)
+
+
 def read_line(sock: socket.socket) -> bytes:
     """One line, newline included (less at end of file)."""
     data = b""

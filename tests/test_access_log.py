@@ -3,17 +3,10 @@
 from __future__ import annotations
 
 import signal
-import socket
 
 import pytest
 
-from tests.support import start_daemon
-
-
-def _echo_once(sock: socket.socket, payload: bytes) -> bytes:
-    sock.sendall(payload)
-    sock.shutdown(socket.SHUT_WR)
-    return b"".join(iter(lambda: sock.recv(65536), b""))
+from tests.support import exchange, start_daemon
 
 
 @pytest.mark.parametrize("dispatch", ["master", "shared"])
@@ -36,7 +29,7 @@ def test_each_connection_gets_one_access_line(
             with daemon.connect() as sock:
                 host, port = sock.getsockname()[:2]
                 peers.append(f"{host}:{port}")
-                assert _echo_once(sock, b"hello %d" % index) == b"hello %d" % index
+                assert exchange(sock, b"hello %d" % index) == b"hello %d" % index
         for peer in peers:
             line = daemon.wait_log("connection_served", peer=peer)
             assert line["slot"] == 0
@@ -52,7 +45,7 @@ def test_a_handler_error_is_marked_in_the_access_line() -> None:
         with daemon.connect() as sock:
             host, port = sock.getsockname()[:2]
             peer = f"{host}:{port}"
-            _echo_once(sock, b"boom")
+            exchange(sock, b"boom")
         line = daemon.wait_log("connection_served", peer=peer)
         assert line["ok"] is False
 
@@ -61,7 +54,7 @@ def test_no_access_lines_unless_asked() -> None:
     with start_daemon("forkserver.examples.echo:handle", workers=1) as daemon:
         for _ in range(3):
             with daemon.connect() as sock:
-                assert _echo_once(sock, b"quiet") == b"quiet"
+                assert exchange(sock, b"quiet") == b"quiet"
         # the stop waits for the worker to exit, so every line it wrote is in
         assert daemon.stop(signal.SIGTERM) == 0
         assert daemon.records("worker_exited"), "the logs were read to the end"

@@ -4,7 +4,6 @@ the reload function handed to the master, and `run -c FILE` alone."""
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import signal
 import socket
@@ -24,16 +23,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
-def restore_logging_and_cwd() -> Iterator[None]:
+def restore_logging_and_cwd(restore_root_logger: None) -> Iterator[None]:
     """`run` configures the root logger and may chdir: undo both."""
-    root = logging.getLogger()
-    handlers, level, cwd = list(root.handlers), root.level, os.getcwd()
+    cwd = os.getcwd()
     yield
-    for handler in root.handlers:
-        if handler not in handlers:
-            root.removeHandler(handler)
-            handler.close()
-    root.setLevel(level)
     os.chdir(cwd)
 
 

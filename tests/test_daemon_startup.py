@@ -11,7 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.support import ROOT, TIMEOUT, recv_all, start_daemon
+from tests.support import ROOT, TIMEOUT, exchange, recv_all, start_daemon
 
 
 def test_without_preload_each_worker_imports_the_handler() -> None:
@@ -49,13 +49,9 @@ def _serve_over_unix(path: str, env: dict[str, str] | None = None) -> None:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
             client.settimeout(5)
             client.connect(path)
-            client.sendall(b"over unix")
-            client.shutdown(socket.SHUT_WR)
-            assert recv_all(client) == b"over unix"
+            assert exchange(client, b"over unix") == b"over unix"
         with daemon.connect() as sock:  # the TCP listener still works beside it
-            sock.sendall(b"over tcp")
-            sock.shutdown(socket.SHUT_WR)
-            assert recv_all(sock) == b"over tcp"
+            assert exchange(sock, b"over tcp") == b"over tcp"
         assert daemon.stop(signal.SIGTERM) == 0
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -12,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import read_line, recv_all, reload_under_load, start_daemon, wait_gone
+from tests.support import (
+    exchange,
+    read_line,
+    recv_all,
+    reload_under_load,
+    start_daemon,
+    wait_gone,
+)
 
 ECHO = "forkserver.examples.echo:handle"
 
@@ -105,9 +111,7 @@ def test_an_invalid_config_file_keeps_the_running_settings_and_workers(tmp_path:
         assert "max_requests" in failed["message"]
         assert sorted(p.pid for p in daemon.workers()) == before
         with daemon.connect() as sock:
-            sock.sendall(b"still here")
-            sock.shutdown(socket.SHUT_WR)
-            assert recv_all(sock) == b"still here"
+            assert exchange(sock, b"still here") == b"still here"
         # The next good reload works.
         config.write_text("max_requests = 0\n")
         daemon.proc.send_signal(signal.SIGHUP)

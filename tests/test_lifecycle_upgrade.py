@@ -10,19 +10,14 @@ from pathlib import Path
 import psutil
 
 from tests.loadgen import BackgroundLoad
-from tests.support import start_daemon, wait_gone, wait_pid
+from tests.support import exchange, start_daemon, wait_gone, wait_pid
 
 ECHO = "forkserver.examples.echo:handle"
 
 
 def echo(address: tuple[str, int], payload: bytes) -> bytes:
     with socket.create_connection(address, timeout=5) as sock:
-        sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks)
+        return exchange(sock, payload)
 
 
 def listening_inodes(pid: int) -> set[int]:

@@ -29,7 +29,7 @@ import psutil
 import pytest
 
 from forkserver.master import EXIT_UNAVAILABLE
-from tests.support import LogReader, poll_until, wait_gone
+from tests.support import LogReader, exchange, poll_until, recv_all, wait_gone
 from tests.systemd_e2e.notify_receiver import Notification, NotifyReceiver
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -139,16 +139,7 @@ def echo(address: str | tuple[str, int], payload: bytes) -> bytes:
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.settimeout(TIMEOUT)
         sock.connect(address)
-        sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
-        return _read_all(sock)
-
-
-def _read_all(sock: socket.socket) -> bytes:
-    chunks = []
-    while chunk := sock.recv(65536):
-        chunks.append(chunk)
-    return b"".join(chunks)
+        return exchange(sock, payload)
 
 
 @pytest.fixture
@@ -197,7 +188,7 @@ def test_tcp_first_connection_activates_and_the_socket_outlives_the_daemon(
         waiting.shutdown(socket.SHUT_WR)
         # ... and the next start serves it.
         with started(command, pass_fds=(fd,)) as again:
-            assert _read_all(waiting) == b"queued while stopped"
+            assert recv_all(waiting) == b"queued while stopped"
             again.until("READY")
             assert again.stop() == 0
 
@@ -403,7 +394,7 @@ def test_sockets_the_master_bound_are_stored_and_adopted_by_name_after_restart(
             command = [sys.executable, str(SHIM), "--names", name, str(kept.fileno()), "--"]
             command += daemon_command("--bind", f"unix:{path}")
             with started(command, pass_fds=(kept.fileno(),)) as second:
-                assert _read_all(waiting) == b"across the restart"
+                assert recv_all(waiting) == b"across the restart"
                 second.until("READY")
                 assert os.stat(path).st_ino == inode, "the socket was bound again"
                 assert second.stop() == 0

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.loadgen import BackgroundLoad
-from tests.support import poll_until
+from tests.support import exchange, poll_until
 
 E2E = Path(__file__).resolve().parent / "systemd_e2e"
 BOOT = E2E / "nspawn_boot.sh"
@@ -123,12 +123,7 @@ class Container:
 
     def ask(self, payload: bytes = b"ping\n") -> bytes:
         with socket.create_connection(("127.0.0.1", self.port), timeout=TIMEOUT) as sock:
-            sock.sendall(payload)
-            sock.shutdown(socket.SHUT_WR)
-            chunks = []
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
-            return b"".join(chunks)
+            return exchange(sock, payload)
 
 
 SERVICE_DROP_IN = f"""[Service]

@@ -6,15 +6,7 @@ import os
 import socket
 import threading
 
-
-def read_line(conn: socket.socket) -> bytes:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = conn.recv(1)
-        if not chunk:
-            break
-        data += chunk
-    return data
+from tests.support import read_line
 
 
 def block_forever_in_the_handler(conn: socket.socket, peer: object) -> None:
