@@ -1,4 +1,11 @@
-"""Forking: the handler probe and the worker fork.  The master's only ``fork()`` calls.
+"""Forking: the handler probe and the worker fork.
+
+``fork_child`` is how the master forks anything: the signals a process
+group or ``pkill`` may send (the master's HUP, TERM, USR1, ...) are
+blocked across the fork, so a child never runs the master's handlers nor
+dies of the default action before it has set its own dispositions; the
+child calls ``unblock_signals`` once it has.  (A blocked mask survives
+``execve``: a re-executed master unblocks once its loop handles them.)
 
 ``probe_handler`` imports the handler in a short-lived child so that a
 handler that cannot be imported stops start-up before any worker is
@@ -11,11 +18,12 @@ start-up.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import traceback
 from collections.abc import Callable, Iterable
-from typing import NoReturn
+from typing import Final, NoReturn
 
 from forkserver.eventloop import EventLoop
 from forkserver.handler import HandlerKind, HandlerLoadError, load_handler
@@ -23,6 +31,36 @@ from forkserver.workers.boot import worker_main
 from forkserver.workers.core import EXIT_BOOT_ERROR, WorkerContext
 
 _MAX_PROBE_REPORT = 1 << 20
+#: What a group-directed signal (``kill -HUP -- -PGID``, a terminal, ``pkill``)
+#: may deliver to a child that has not set its own dispositions yet.
+FORK_BLOCKED: Final = frozenset({
+    signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1,
+    signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH, signal.SIGCHLD,
+})  # fmt: skip
+
+
+def fork_child() -> int:
+    """``os.fork()`` with ``FORK_BLOCKED`` blocked in the child; 0 in the child.
+
+    The parent's mask is restored at once; the child must call
+    ``unblock_signals()`` once its dispositions are set (signals that
+    arrived meanwhile are delivered then, to the child's own handlers).
+    """
+    _flush_stdio()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, FORK_BLOCKED)
+    try:
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        raise
+    if pid != 0:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    return pid
+
+
+def unblock_signals() -> None:
+    """In a child of ``fork_child``: take the signals it blocked."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORK_BLOCKED)
 
 
 def fork_worker(
