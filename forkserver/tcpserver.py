@@ -343,7 +343,8 @@ class TcpServer:
         """Block up to *msec* ms (negative: forever, 0: poll) for a connection.
 
         ``(True, False)`` once one is available; ``(False, True)`` on
-        timeout; ``(False, False)`` when not listening, or when accept
+        timeout, with ``server_error()`` set to ``SocketTimeoutError`` as
+        in Qt; ``(False, False)`` when not listening, or when accept
         failed (see ``server_error()``).
         """
         if self._pending:
@@ -365,6 +366,10 @@ class TcpServer:
                 if self._accept_errors != errors_before:
                     return WaitResult(False, False)
             if deadline is not None and _now() >= deadline:
+                self._fail(
+                    SocketError.SocketTimeoutError,
+                    f"no connection arrived on {self.describe()} within {msec} ms",
+                )
                 return WaitResult(False, True)
 
     def _wait_readable(self, poller: select.poll, deadline: float | None) -> bool:
