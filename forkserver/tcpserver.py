@@ -109,7 +109,8 @@ class TcpServer:
     """
 
     def __init__(self, parent: object | None = None, *, loop: EventLoop | None = None) -> None:
-        self.new_connection = Signal()
+        self.new_connection = Signal()  # after each accepted connection, whoever took it
+        self.pending_connection_available = Signal()  # after each add_pending_connection()
         self.accept_error = Signal()  # emitted with a SocketError
         self._parent = parent
         self._loop = loop
@@ -323,13 +324,15 @@ class TcpServer:
             )
         self._pending.append(sock)
         self._update_watch()
+        self.pending_connection_available.emit()
 
     def incoming_connection(self, socket_descriptor: int) -> None:
         """Called with each accepted descriptor, which the callee now owns.
 
         Raw, connected, blocking and close-on-exec.  The base
-        implementation wraps it in a ``socket.socket``, queues it and
-        emits ``new_connection``.  Override to hand it elsewhere.
+        implementation wraps it in a ``socket.socket`` and queues it with
+        ``add_pending_connection()``.  Override to hand it elsewhere;
+        ``new_connection`` is emitted when this returns, either way.
         """
         try:
             sock = socket.socket(fileno=socket_descriptor)
@@ -337,7 +340,6 @@ class TcpServer:
             os.close(socket_descriptor)
             raise
         self.add_pending_connection(sock)
-        self.new_connection.emit()
 
     def wait_for_new_connection(self, msec: int = 0) -> WaitResult:
         """Block up to *msec* ms (negative: forever, 0: poll) for a connection.
@@ -417,10 +419,11 @@ class TcpServer:
             return 0
         accept: Callable[[], tuple[int, object]] = sock._accept  # type: ignore[attr-defined]
         pending = self._pending
+        emit_new_connection = self.new_connection.emit
         accepted = 0
         for _ in range(self._batch):
-            # incoming_connection() may fill the queue, pause accepting (a
-            # dispatcher whose own queue is full) or close the server.
+            # incoming_connection() or a slot may fill the queue, pause
+            # accepting (a dispatcher whose own queue is full) or close the server.
             if self._sock is not sock or self._paused or len(pending) >= self._max_pending:
                 break
             try:
@@ -435,6 +438,7 @@ class TcpServer:
             self._backoff_delay = BACKOFF_FIRST
             accepted += 1
             self.incoming_connection(fd)
+            emit_new_connection()  # as Qt: also when an override took the descriptor
         return accepted
 
     def _on_accept_failure(self, exc: OSError) -> None:
