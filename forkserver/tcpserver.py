@@ -270,7 +270,7 @@ class TcpServer:
         return True
 
     def close(self) -> None:
-        """Stop listening; connections already pending stay takeable."""
+        """Stop listening and close every connection still pending, as Qt does."""
         self._stop_watching()
         if self._backoff_timer is not None:
             self._backoff_timer.cancel()
@@ -281,6 +281,8 @@ class TcpServer:
         self._backoff_until, self._backoff_delay = 0.0, BACKOFF_FIRST
         if sock is not None:
             sock.close()
+        while self._pending:
+            self._pending.popleft().close()
 
     def _can_start(self, doing: str) -> bool:
         if self._sock is not None:
@@ -477,8 +479,6 @@ class TcpServer:
     ) -> None:
         """Close the server and every connection still pending."""
         self.close()
-        while self._pending:
-            self._pending.popleft().close()
 
     def __repr__(self) -> str:
         return f"<TcpServer {self.describe()}>"

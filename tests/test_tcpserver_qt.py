@@ -183,3 +183,13 @@ def test_each_connection_after_eagain_is_accepted(server: TcpServer, loop: Event
             with server.next_pending_connection() as conn:  # type: ignore[union-attr]
                 echo_once(conn, client)
         assert server.is_accepting()
+
+
+# -- close (qDeleteAll(pendingConnections)) and crashTests ---------------------
+
+
+def test_close_on_a_fresh_server_then_listen() -> None:
+    # crashTests
+    with TcpServer() as server:
+        server.close()
+        assert server.listen(HostAddress.LocalHost, 0)
