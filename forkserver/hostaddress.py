@@ -5,6 +5,11 @@ dual-stack ``Any`` (one IPv6 socket with ``IPV6_V6ONLY`` off, so IPv4
 clients connect too).  Like Qt, it never resolves host names:
 ``HostAddress("localhost")`` is null, and so is any text that is not a
 numeric address.  Instances are immutable and hashable.
+
+An IPv6 zone (``fe80::1%lo``) is kept as written, but compares by the
+interface it names: ``fe80::1%lo`` equals ``fe80::1%1`` when ``lo`` is
+interface 1.  The name is looked up once, when the address is made; a
+name no interface has compares as text.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ class NetworkLayerProtocol(enum.IntEnum):
 class HostAddress:
     """An IPv4 or IPv6 address, the dual-stack ``Any``, or null."""
 
-    __slots__ = ("_any", "_ip")
+    __slots__ = ("_any", "_ip", "_zone")
 
     Null: ClassVar[HostAddress]
     Any: ClassVar[HostAddress]
@@ -43,26 +48,25 @@ class HostAddress:
 
     _ip: _IP | None
     _any: bool
+    _zone: int | str | None  # the zone's interface index; its text if no interface has it
 
     def __init__(
         self,
         address: str | HostAddress | ipaddress.IPv4Address | ipaddress.IPv6Address | None = None,
     ) -> None:
-        ip: _IP | None = None
-        dual = False
         if isinstance(address, HostAddress):
-            ip, dual = address._ip, address._any
-        elif isinstance(address, ipaddress.IPv4Address | ipaddress.IPv6Address):
-            ip = address
-        elif isinstance(address, str):
-            ip = _parse(address)
-        elif address is not None:
+            ip, dual, zone = address._ip, address._any, address._zone
+        elif isinstance(address, ipaddress.IPv4Address | ipaddress.IPv6Address | str | None):
+            ip = _parse(address) if isinstance(address, str) else address
+            dual, zone = False, _zone_key(ip)
+        else:
             raise TypeError(
                 f"HostAddress() takes a str, an ipaddress address or a HostAddress, "
                 f"not {type(address).__name__}"
             )
         object.__setattr__(self, "_ip", ip)
         object.__setattr__(self, "_any", dual)
+        object.__setattr__(self, "_zone", zone)
 
     @classmethod
     def _dual_stack_any(cls) -> HostAddress:
@@ -72,13 +76,17 @@ class HostAddress:
 
     @classmethod
     def from_sockaddr(cls, family: int, sockaddr: object) -> HostAddress:
-        """The address part of a ``getsockname()``/``accept()`` result."""
+        """The address part of a ``getsockname()``/``accept()`` result.
+
+        A scope id is reported by interface name (``fe80::1%lo``), as Qt
+        does, or by number when no interface has that index.
+        """
         if family == socket.AF_INET and isinstance(sockaddr, tuple):
             return cls(str(sockaddr[0]))
         if family == socket.AF_INET6 and isinstance(sockaddr, tuple):
-            host, scope = str(sockaddr[0]), int(sockaddr[3])
-            if scope and "%" not in host:
-                host = f"{host}%{scope}"
+            host, scope = str(sockaddr[0]).partition("%")[0], int(sockaddr[3])
+            if scope:
+                host = f"{host}%{_interface_name(scope)}"
             return cls(host)
         return cls.Null
 
@@ -162,13 +170,19 @@ class HostAddress:
                 return f"HostAddress.{name}"
         return f"HostAddress({str(self)!r})"
 
+    def _key(self) -> tuple[bool, int, bytes, int | str | None]:
+        ip = self._ip
+        if ip is None:
+            return (self._any, 0, b"", None)
+        return (self._any, ip.version, ip.packed, self._zone)  # packed: without the zone
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, HostAddress):
             return NotImplemented
-        return self._any == other._any and self._ip == other._ip
+        return self._key() == other._key()
 
     def __hash__(self) -> int:
-        return hash((self._any, self._ip))
+        return hash(self._key())
 
     def __reduce__(self) -> tuple[object, tuple[str, bool]]:
         # __setattr__ refuses, so copy and pickle go through the constructor.
@@ -177,6 +191,26 @@ class HostAddress:
 
 def _restore(text: str, dual_stack: bool) -> HostAddress:
     return HostAddress.Any if dual_stack else HostAddress(text)
+
+
+def _zone_key(ip: _IP | None) -> int | str | None:
+    """What an IPv6 zone means: the interface index it names or is."""
+    zone = ip.scope_id if isinstance(ip, ipaddress.IPv6Address) else None
+    if not zone:
+        return None
+    if zone.isascii() and zone.isdigit():
+        return int(zone)
+    try:
+        return socket.if_nametoindex(zone)
+    except OSError:  # no such interface (here, now): only the same text is the same zone
+        return zone
+
+
+def _interface_name(index: int) -> str:
+    try:
+        return socket.if_indextoname(index)
+    except OSError:
+        return str(index)
 
 
 def _parse(text: str) -> _IP | None:

@@ -112,3 +112,39 @@ def test_from_sockaddr_reads_getsockname() -> None:
 def test_copies_and_pickles_by_value(address: HostAddress) -> None:
     assert copy.deepcopy(address) == address
     assert pickle.loads(pickle.dumps(address)) == address
+
+
+# -- IPv6 zones ----------------------------------------------------------------
+
+
+def test_a_zone_compares_by_the_interface_it_names() -> None:
+    lo = socket.if_nametoindex("lo")
+    by_name, by_index = HostAddress("fe80::1%lo"), HostAddress(f"fe80::1%{lo}")
+    assert by_name == by_index
+    assert hash(by_name) == hash(by_index)
+    assert len({by_name, by_index}) == 1
+    # Each keeps the text it was given, as QHostAddress::scopeId() does.
+    assert (str(by_name), by_name.scope_id()) == ("fe80::1%lo", "lo")
+    assert (str(by_index), by_index.scope_id()) == (f"fe80::1%{lo}", str(lo))
+
+
+def test_a_different_or_missing_zone_is_a_different_address() -> None:
+    scoped = HostAddress("fe80::1%lo")
+    assert scoped != HostAddress("fe80::1")
+    assert scoped != HostAddress("fe80::2%lo")
+    assert scoped != HostAddress("fe80::1%nosuchif0")
+    # A name no interface has is only equal to the same name.
+    assert HostAddress("fe80::1%nosuchif0") == HostAddress("fe80::1%nosuchif0")
+    assert HostAddress("fe80::1%nosuchif0") != HostAddress("fe80::1%nosuchif1")
+
+
+def test_from_sockaddr_names_the_scope_by_interface_as_qt_does() -> None:
+    lo = socket.if_nametoindex("lo")
+    address = HostAddress.from_sockaddr(socket.AF_INET6, ("fe80::1", 80, 0, lo))
+    assert str(address) == "fe80::1%lo"
+    assert address.scope_id() == "lo"
+    assert address == HostAddress("fe80::1%lo")
+    taken = {index for index, _ in socket.if_nameindex()}
+    unused = max(taken) + 1000
+    orphan = HostAddress.from_sockaddr(socket.AF_INET6, ("fe80::1", 80, 0, unused))
+    assert str(orphan) == f"fe80::1%{unused}"  # no interface has that index: the number

@@ -2,14 +2,22 @@
 
 Each test names the Qt test it follows.  Where we differ from Qt on
 purpose (docs/qtcpserver.md), the test pins down our behaviour and says
-what Qt does.  Real sockets on loopback.
+what Qt does.  Real sockets on loopback; the IPv6 link-local test runs
+in a network namespace of its own, where it can give ``lo`` the address
+``fe80::1``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import fcntl
 import os
 import socket
+import struct
 import threading
+import traceback
+from collections.abc import Callable
 
 import pytest
 
@@ -193,3 +201,159 @@ def test_close_on_a_fresh_server_then_listen() -> None:
     with TcpServer() as server:
         server.close()
         assert server.listen(HostAddress.LocalHost, 0)
+
+
+# -- serverAddress / linkLocal -----------------------------------------------------
+
+_CLONE_NEWNET = 0x40000000
+_CLONE_NEWUSER = 0x10000000
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+_SIOCSIFADDR = 0x8916
+_IFF_UP = 0x1
+_IFA_F_TENTATIVE = 0x40
+_IPV6_ADDR_LINKLOCAL = 0x20
+_SKIP = 3  # the child's exit code for "cannot set up here"
+
+
+def _unshare(flags: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(flags) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def _enter_private_network() -> None:
+    """Give this (forked, single-threaded) process a network namespace of its own."""
+    try:
+        _unshare(_CLONE_NEWNET)  # as root
+    except PermissionError:  # otherwise as root of a user namespace of our own
+        uid, gid = os.getuid(), os.getgid()
+        _unshare(_CLONE_NEWUSER | _CLONE_NEWNET)
+        for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"),
+                           ("gid_map", f"0 {gid} 1")):  # fmt: skip
+            with open(f"/proc/self/{name}", "w") as file:
+                file.write(text)
+
+
+def _add_to_loopback(ip: str, prefix: int) -> None:
+    """Bring ``lo`` up and give it *ip* (what ``ip addr add`` does, by ioctl)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        ifreq = struct.pack("16sH22x", b"lo", 0)
+        (flags,) = struct.unpack_from("H", fcntl.ioctl(sock, _SIOCGIFFLAGS, ifreq), 16)
+        fcntl.ioctl(sock, _SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | _IFF_UP))
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+        packed = socket.inet_pton(socket.AF_INET6, ip)
+        fcntl.ioctl(sock, _SIOCSIFADDR, struct.pack("16sIi", packed, prefix,
+                                                    socket.if_nametoindex("lo")))  # fmt: skip
+
+
+def _loopback_addresses() -> dict[str, tuple[int, int]]:
+    """``lo``'s IPv6 addresses here: ip -> (scope, flags), from /proc/net/if_inet6."""
+    found: dict[str, tuple[int, int]] = {}
+    with contextlib.suppress(OSError), open("/proc/net/if_inet6") as table:
+        for line in table:
+            hexaddr, _index, _prefix, scope, flags, name = line.split()
+            if name == "lo":
+                ip = socket.inet_ntop(socket.AF_INET6, bytes.fromhex(hexaddr))
+                found[ip] = (int(scope, 16), int(flags, 16))
+    return found
+
+
+def _loopback_link_local() -> str | None:
+    """A link-local address ``lo`` already has here, if any."""
+    for ip, (scope, _flags) in _loopback_addresses().items():
+        if scope == _IPV6_ADDR_LINKLOCAL:
+            return ip
+    return None
+
+
+def _usable(ip: str) -> bool:
+    """Added and no longer tentative: the kernel clears that flag asynchronously."""
+    entry = _loopback_addresses().get(ip)
+    return entry is not None and not entry[1] & _IFA_F_TENTATIVE
+
+
+def _with_link_local_on_loopback(body: Callable[[str], None]) -> None:
+    """Run body(ip) in a child where ``lo`` has the link-local *ip*."""
+    if not socket.has_ipv6:
+        pytest.skip("this Python has no IPv6 support")
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError as exc:
+        pytest.skip(f"IPv6 is not available here: {exc}")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        code = 1
+        try:
+            os.close(r)
+            try:
+                _enter_private_network()
+                _add_to_loopback("fe80::1", 64)
+                ip = "fe80::1"
+                poll_until(lambda: _usable(ip), "fe80::1 usable on lo")
+            except OSError as exc:
+                found = _loopback_link_local()
+                if found is None:
+                    os.write(w, f"no network namespace of our own ({exc}), "
+                                "and lo has no link-local address".encode())  # fmt: skip
+                    code = _SKIP
+                    return
+                ip = found
+            body(ip)
+            code = 0
+        except BaseException:
+            os.write(w, traceback.format_exc().encode())
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as pipe:
+        report = pipe.read().decode()
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code == _SKIP:
+        pytest.skip(report)
+    assert code == 0, report
+
+
+def _link_local_listener(ip: str) -> None:
+    lo = socket.if_nametoindex("lo")
+    given = HostAddress(f"{ip}%lo")
+    with TcpServer() as server, TcpServer() as by_index, TcpServer() as rival:
+        assert server.listen(given, 0), server.error_string()
+        port = server.server_port()
+        assert server.server_address() == given  # serverAddress
+        assert str(server.server_address()) == f"{ip}%lo"
+        assert server.server_address().scope_id() == "lo"
+        assert server.describe() == f"[{ip}%lo]:{port}"
+
+        # A zone given by number is the same interface, reported by name as Qt does.
+        assert by_index.listen(f"{ip}%{lo}", 0), by_index.error_string()
+        assert by_index.server_address() == given
+        assert str(by_index.server_address()) == f"{ip}%lo"
+
+        # qtbug6305 on a link-local address.
+        assert rival.listen(given, port) is False
+        assert rival.server_error() is SocketError.AddressInUseError
+
+        # linkLocal: an unbound and a bound client both reach it.
+        with contextlib.ExitStack() as stack:
+            unbound = stack.enter_context(socket.create_connection((f"{ip}%lo", port), timeout=5))
+            bound = stack.enter_context(socket.socket(socket.AF_INET6))
+            bound.settimeout(5)
+            bound.bind((ip, 0, 0, lo))
+            bound.connect((ip, port, 0, lo))
+            for client in (unbound, bound):
+                assert server.wait_for_new_connection(5000)
+                with server.next_pending_connection() as conn:  # type: ignore[union-attr]
+                    assert HostAddress.from_sockaddr(socket.AF_INET6, conn.getsockname()) == given
+                    peer = HostAddress.from_sockaddr(socket.AF_INET6, conn.getpeername())
+                    assert peer == given
+                    echo_once(conn, client)
+        assert not server.has_pending_connections()
+
+
+def test_a_link_local_listener_reports_the_address_it_was_given() -> None:
+    _with_link_local_on_loopback(_link_local_listener)
