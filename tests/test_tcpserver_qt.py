@@ -203,6 +203,119 @@ def test_close_on_a_fresh_server_then_listen() -> None:
         assert server.listen(HostAddress.LocalHost, 0)
 
 
+# -- getSetCheck and maxPendingConnections ---------------------------------------
+
+
+def test_max_pending_connections_get_set() -> None:
+    server = TcpServer()
+    server.set_max_pending_connections(2**31 - 1)
+    assert server.max_pending_connections() == 2**31 - 1
+    # Qt stores 0 and INT_MIN too, and then never accepts; we refuse them.
+    for bad in (0, -(2**31)):
+        with pytest.raises(ValueError, match="needs a number >= 1"):
+            server.set_max_pending_connections(bad)
+    assert server.max_pending_connections() == 2**31 - 1
+
+
+def test_max_pending_connections_limits_what_a_wait_accepts() -> None:
+    with TcpServer() as server, contextlib.ExitStack() as stack:
+        server.set_max_pending_connections(2)
+        assert server.listen(HostAddress.LocalHost, 0)
+        listener = server.listening_socket()
+        assert listener is not None
+        for _ in range(3):
+            stack.enter_context(connect(server))
+        poll_until(lambda: accept_queue(listener)[0] == 3, "three connections queued")
+
+        assert server.wait_for_new_connection(5000)
+        assert stack.enter_context(server.next_pending_connection())  # type: ignore[arg-type]
+        assert stack.enter_context(server.next_pending_connection())  # type: ignore[arg-type]
+        assert not server.has_pending_connections()
+        assert server.next_pending_connection() is None
+        assert accept_queue(listener)[0] == 1  # the third waited in the kernel
+
+        assert server.wait_for_new_connection(5000)
+        assert stack.enter_context(server.next_pending_connection())  # type: ignore[arg-type]
+
+
+def test_taking_a_pending_connection_does_not_undo_a_pause(
+    server: TcpServer, loop: EventLoop
+) -> None:
+    # Qt's nextPendingConnection() re-enables accepting even after
+    # pauseAccepting(); we keep a pause until resume_accepting().
+    assert server.listen(HostAddress.LocalHost, 0)
+    with connect(server):
+        run_until(loop, server.has_pending_connections)
+        server.pause_accepting()
+        with server.next_pending_connection():  # type: ignore[union-attr]
+            assert not server.is_accepting()
+        server.resume_accepting()
+        assert server.is_accepting()
+
+
+def test_a_pause_before_listen_holds_once_listening(loop: EventLoop) -> None:
+    # Qt's pauseAccepting() needs a listening server; ours records the pause.
+    with TcpServer(loop=loop) as server:
+        server.pause_accepting()
+        assert server.listen(HostAddress.LocalHost, 0)
+        assert not server.is_accepting()
+        server.resume_accepting()
+        assert server.is_accepting()
+
+
+# -- qtbug6305, addressReusable, ipv6ServerMapped --------------------------------
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        HostAddress.Any,
+        HostAddress.AnyIPv4,
+        HostAddress.AnyIPv6,
+        HostAddress.LocalHost,
+        HostAddress.LocalHostIPv6,
+    ],
+    ids=repr,
+)
+def test_a_second_listener_on_the_same_address_and_port_fails(address: HostAddress) -> None:
+    with TcpServer() as first, TcpServer() as second:
+        assert first.listen(address, 0), first.error_string()
+        assert second.listen(address, first.server_port()) is False
+        assert second.server_error() is SocketError.AddressInUseError
+        assert first.is_listening()
+
+
+def test_a_restarted_server_binds_while_its_old_connection_is_in_time_wait() -> None:
+    # addressReusable: SO_REUSEADDR, as Qt sets on Unix.
+    with TcpServer() as first:
+        assert first.listen(HostAddress.LocalHost, 0)
+        port = first.server_port()
+        with connect(first) as client:
+            assert first.wait_for_new_connection(5000)
+            conn = first.next_pending_connection()
+            assert conn is not None
+            conn.close()  # the server's end closes first: it is the one left in TIME_WAIT
+            assert client.recv(1) == b""
+    with TcpServer() as second:
+        assert second.listen(HostAddress.LocalHost, port), second.error_string()
+
+
+def test_an_ipv4_listener_accepts_v4_mapped_clients_and_not_ipv6() -> None:
+    # ipv6ServerMapped
+    with TcpServer() as server:
+        assert server.listen(HostAddress.LocalHost, 0)
+        port = server.server_port()
+        for mapped in ("::ffff:127.0.0.1", "::ffff:7f00:1"):
+            with socket.socket(socket.AF_INET6) as client:
+                client.settimeout(5)
+                client.connect((mapped, port))
+                assert server.wait_for_new_connection(5000)
+                with server.next_pending_connection() as conn:  # type: ignore[union-attr]
+                    echo_once(conn, client)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("::1", port), timeout=5)
+
+
 # -- serverAddress / linkLocal -----------------------------------------------------
 
 _CLONE_NEWNET = 0x40000000
