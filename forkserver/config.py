@@ -24,6 +24,7 @@ import difflib
 import math
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +55,13 @@ ENV_RESERVED_PREFIX: Final = "FORKSERVER__"
 MAX_FILE_BYTES: Final = 1 << 20       # a config file is small; refuse anything else
 MAX_TEXT: Final = 4096                # longest string value (paths are at most PATH_MAX)
 MAX_LISTENERS: Final = 256
+# Bounds on the shape of a TOML file, checked before tomllib parses it:
+# tomllib's time and memory grow with the square of a dotted key's length,
+# so a 30 KB file could stall the parser for seconds (see _check_shape).
+MAX_KEY_PARTS: Final = 32             # a.b.c = 1 has 3
+MAX_NESTING: Final = 32               # [ and { open at once
+MAX_KEY_LENGTH: Final = 256           # characters in one part of a key
+MAX_LINE_LENGTH: Final = 65536
 
 Kind = Literal["int", "float", "bool", "str", "choice", "mode", "bytes", "handler", "listeners"]
 
@@ -204,6 +212,11 @@ class Settings:
                            example='"/srv/app"',
                            help="change to this directory at start, before loading the handler "
                                 "(relative paths other than log_file are then taken from it)")
+    reload_timeout: float = _s(
+        30.0, kind="float", group="lifecycle", above=0, maximum=86400, metavar="SECONDS",
+        help="how long the handler check may take: the child that re-reads the "
+             "configuration and imports the handler as a worker would, at start and on "
+             "each reload (past it: exit 78 at start, reload_failed on a reload)")
     # -- control
     control_socket: str | None = _s(
         None, kind="str", group="control", optional=True, maximum=MAX_TEXT, metavar="PATH",
@@ -344,7 +357,7 @@ def parse_size(text: str) -> int:
 
 def parse_bind(text: str) -> str:
     """Check a bind spec with the listeners module; return it unchanged."""
-    if not isinstance(text, str) or not text or len(text) > MAX_TEXT:
+    if not isinstance(text, str) or not text:
         raise _Invalid("expected a bind spec such as 127.0.0.1:8000 or unix:/run/app.sock")
     try:
         listeners.parse_bind(text)
@@ -403,7 +416,7 @@ def parse_text(key: str, text: str) -> Any:
     expected.  (For ``listeners`` the text is one or more bind specs,
     separated by commas or whitespace.)"""
     if len(text) > MAX_TEXT * 4:
-        raise _Invalid(f"value too long ({len(text)} characters)")
+        raise _Invalid(f"value too long ({len(text)} characters; the limit is {MAX_TEXT * 4})")
     meta = SETTINGS[key]
     return _TEXT_PARSERS[meta.kind](meta, text)
 
@@ -455,6 +468,88 @@ def _suggest(key: str, known: Sequence[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+_TOML_TOKEN: Final = re.compile(
+    r'''
+      (?P<string>"""(?:[^"\\]|\\.|"{1,2}(?!"))*(?:"{3,5}|\Z)
+               |'{3}(?:[^']|'{1,2}(?!'))*(?:'{3,5}|\Z)
+               |"(?:[^"\\\n]|\\.)*"?
+               |'[^'\n]*'?)
+    | (?P<comment>\#[^\n]*)
+    | (?P<newline>\n)
+    | (?P<bare>[A-Za-z0-9_-]+)
+    | (?P<punct>[][{}=,.])
+    | (?P<other>[^][{}=,.\n"'\#A-Za-z0-9_-]+)
+    ''',
+    re.VERBOSE | re.DOTALL,
+)
+
+
+def _check_shape(text: str, path: str) -> None:
+    """Refuse a file beyond the shape limits, naming the limit and the line.
+
+    A lexical scan, outside strings and comments: the parts of each
+    dotted key (in ``key = value`` and in table headers), the depth of
+    ``[`` and ``{`` nesting, the length of each key part and of each
+    line.  It only counts: tomllib, which parses the file afterwards,
+    has the last word on the syntax.
+    """
+    scan = _ShapeScan()
+    try:
+        for match in _TOML_TOKEN.finditer(text):
+            scan.take(match)
+        scan.line_ends(len(text))
+    except _Invalid as exc:
+        raise ConfigError(f"{exc}; the file is refused before it is parsed",
+                          source=path, line=scan.line) from None  # fmt: skip
+
+
+class _ShapeScan:
+    """The state of ``_check_shape``: where we are, what is open, are we in a key."""
+
+    def __init__(self) -> None:
+        self.line, self.line_start = 1, 0
+        self.opened: list[str] = []  # "h" a table header, "[" an array, "{" an inline table
+        self.in_key, self.parts = True, 1
+
+    def line_ends(self, at: int) -> None:
+        if at - self.line_start > MAX_LINE_LENGTH:
+            raise _Invalid(f"a line longer than {MAX_LINE_LENGTH} characters (the limit)")
+
+    def take(self, match: re.Match[str]) -> None:
+        kind, lexeme = match.lastgroup, match.group()
+        if "\n" in lexeme:  # a newline, or a multi-line string
+            self.line_ends(match.start())
+            self.line += lexeme.count("\n")
+            self.line_start = match.start() + lexeme.rindex("\n") + 1
+            if kind == "newline" and not self.opened:
+                self.in_key, self.parts = True, 1
+        elif kind in ("bare", "string") and self.in_key and len(lexeme) > MAX_KEY_LENGTH:
+            raise _Invalid(f"a key of {len(lexeme)} characters, over the limit of "
+                           f"{MAX_KEY_LENGTH}")  # fmt: skip
+        elif kind == "punct":
+            self._punctuation(lexeme)
+
+    def _punctuation(self, mark: str) -> None:
+        opened = self.opened
+        if mark == ".":
+            self.parts += 1
+            if self.in_key and self.parts > MAX_KEY_PARTS:
+                raise _Invalid(f"a dotted key of more than {MAX_KEY_PARTS} parts (the limit)")
+        elif mark in "[{":
+            header = mark == "[" and self.in_key and all(kind == "h" for kind in opened)
+            opened.append("h" if header else mark)
+            if len(opened) > MAX_NESTING:
+                raise _Invalid(f"arrays and tables nested more than {MAX_NESTING} deep "
+                               "(the limit)")  # fmt: skip
+            self.in_key, self.parts = mark == "{" or header, 1
+        elif mark in "]}":
+            if opened:
+                opened.pop()
+            self.in_key = bool(opened) and opened[-1] == "h"
+        else:  # "=" ends a key, "," in an inline table starts one
+            self.in_key, self.parts = mark == "," and bool(opened) and opened[-1] == "{", 1
+
+
 class _TomlSource:
     """A parsed TOML file, with a best-effort key → line index (tomllib
     itself reports lines only for syntax errors)."""
@@ -462,15 +557,27 @@ class _TomlSource:
     def __init__(self, path: str) -> None:
         self.path = path
         text = _read_config(path)
+        self.lines = text.splitlines()
+        _check_shape(text, path)
         try:
             self.data: dict[str, Any] = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
-            line = re.search(r"line (\d+)", str(exc))
-            raise ConfigError(f"TOML syntax error: {exc}", source=path,
-                              line=int(line.group(1)) if line else None) from None
+            found = re.search(r"line (\d+)", str(exc))
+            line = int(found.group(1)) if found else None
+            raise ConfigError(f"TOML syntax error: {self._explain(str(exc), line)}",
+                              source=path, line=line) from None
         except RecursionError:          # tomllib recurses once per level of nesting
             raise ConfigError("arrays or tables nested too deeply", source=path) from None
-        self.lines = text.splitlines()
+
+    def _explain(self, message: str, line: int | None) -> str:
+        """tomllib's *message*, naming the key where tomllib does not."""
+        if not message.startswith("Cannot overwrite a value") or line is None:
+            return message
+        text = self.lines[line - 1] if 0 < line <= len(self.lines) else ""
+        key = text.split("=", 1)[0].strip()
+        if not key or len(key) > MAX_KEY_LENGTH:
+            return message
+        return f"key {key!r} is given a value twice (a TOML key can be set only once): {message}"
 
     def line_of(self, key: str, table_index: int | None = None) -> int | None:
         """Line of top-level *key* (or of a ``[key]`` table), or of *key*
@@ -505,6 +612,11 @@ class _TomlSource:
         """The settings this file gives, checked."""
         out: dict[str, Any] = {}
         for key, raw in self.data.items():
+            if key == "bind":
+                raise self.error(key, "unknown setting: in a file, each listener is a "
+                                      "[[listeners]] table with bind = \"...\" (put it at the "
+                                      "end of the file); --bind and FORKSERVER_BIND take bind "
+                                      "specs directly")  # fmt: skip
             if key not in SETTINGS:
                 raise self.error(key, "unknown setting" + _suggest(key, list(SETTINGS)))
             try:
@@ -549,15 +661,32 @@ class _TomlSource:
 
 
 def _read_config(path: str) -> str:
+    """The text of the config file: a regular file, opened without blocking.
+
+    A FIFO, a device or a socket at the path is refused before a single
+    byte is read: opening or reading one could block forever.
+    """
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_FILE_BYTES + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except FileNotFoundError:
         raise ConfigFileNotFound("config file not found", source=path) from None
-    except IsADirectoryError:
-        raise ConfigError("is a directory, expected a TOML file", source=path) from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file: {exc.strerror}", source=path) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ConfigError(f"is {_file_kind(mode)}, expected a regular TOML file",
+                              source=path)  # fmt: skip
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_FILE_BYTES and (chunk := os.read(fd, MAX_FILE_BYTES + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file: {exc.strerror}", source=path) from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
     if len(data) > MAX_FILE_BYTES:
         raise ConfigError(f"config file larger than {MAX_FILE_BYTES} bytes", source=path)
     try:
@@ -565,6 +694,13 @@ def _read_config(path: str) -> str:
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise ConfigError("not UTF-8 text", source=path, line=line) from None
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"))  # fmt: skip
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
 
 
 def _env_values(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:

@@ -46,6 +46,7 @@ BindKind = Literal["tcp", "unix", "fd", "systemd"]
 _PORT_RE: Final = re.compile(r"[0-9]{1,5}")
 _HOST_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,253}")
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9._:-]{1,255}")
+_NUMERIC_HOST_RE: Final = re.compile(r"[0-9.]+")
 
 
 class ListenerError(ForkserverError, ValueError):
@@ -70,7 +71,8 @@ def parse_bind(text: str) -> BindSpec:
     if not isinstance(text, str):
         raise ListenerError(f"bind spec must be a string, not {type(text).__name__}")
     if len(text) > MAX_SPEC_LENGTH:
-        raise ListenerError(f"bind spec is too long ({len(text)} > {MAX_SPEC_LENGTH} characters)")
+        raise ListenerError(f"bind spec {text[:40]!r}... is too long: {len(text)} characters, "
+                            f"the limit is {MAX_SPEC_LENGTH}")  # fmt: skip
     if text != text.strip() or not text:
         raise ListenerError(f"bind spec {text!r}: empty or surrounded by whitespace")
     if text.startswith("unix:"):
@@ -141,7 +143,30 @@ def _parse_tcp(text: str) -> BindSpec:
         )
     if host_part and not _HOST_RE.fullmatch(host_part):
         raise ListenerError(f"bind spec {text!r}: {host_part!r} is not a host name or address")
+    if _NUMERIC_HOST_RE.fullmatch(host_part):
+        _check_ipv4(text, host_part)
     return BindSpec(kind="tcp", host=host_part, port=port, text=text)
+
+
+def _check_ipv4(text: str, host: str) -> None:
+    """An all-numeric dotted host is an IPv4 address, never a name to resolve.
+
+    (The resolver would take ``999.1.1.1`` for a host name and fail at
+    run time, or read ``127.1`` the inet_aton way.)
+    """
+    octets = host.split(".")
+    if len(octets) != 4:
+        raise ListenerError(f"bind spec {text!r}: {host!r} has {len(octets)} parts; "
+                            "an IPv4 address has 4, as in 127.0.0.1")  # fmt: skip
+    for octet in octets:
+        if not octet:
+            raise ListenerError(f"bind spec {text!r}: {host!r} has an empty octet")
+        if len(octet) > 1 and octet.startswith("0"):
+            raise ListenerError(f"bind spec {text!r}: octet {octet!r} of {host!r} has a "
+                                "leading zero (ambiguous: octal or decimal)")  # fmt: skip
+        if int(octet) > 255:
+            raise ListenerError(f"bind spec {text!r}: octet {octet} of {host!r} is over 255, "
+                                "so it is not an IPv4 address")  # fmt: skip
 
 
 def _parse_port(text: str, port_text: str) -> int:

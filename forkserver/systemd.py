@@ -201,14 +201,29 @@ def check_listening(inherited: InheritedSocket) -> None:
     try:
         mode = os.fstat(inherited.fd).st_mode
     except OSError as exc:
-        raise SystemdError(f"{where}: not open ({exc.strerror})") from None
+        raise SystemdError(f"{where} is not open ({exc.strerror}): nothing was passed "
+                           "there, or it was closed before forkserver started") from None
     if not stat.S_ISSOCK(mode):
-        raise SystemdError(f"{where} is not a socket (a ListenFIFO= or similar); use ListenStream=")
+        raise SystemdError(f"{where} is {describe_non_socket(inherited.fd, mode)}, not a "
+                           "socket; use ListenStream= in the .socket unit")  # fmt: skip
     sock = socket.socket(fileno=inherited.fd)
     try:
         _check_socket(sock, where)
     finally:
         sock.detach()
+
+
+def describe_non_socket(fd: int, mode: int) -> str:
+    """What descriptor *fd* (of file mode *mode*, not a socket) is, for a message."""
+    kinds = ((stat.S_ISFIFO, "a FIFO or pipe (a ListenFIFO= unit?)"),
+             (stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))  # fmt: skip
+    kind = next((name for test, name in kinds if test(mode)), "neither a file nor a socket")
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return kind
+    return f"{kind}: {target[:200]}"
 
 
 def _check_socket(sock: socket.socket, where: str) -> None:
@@ -225,10 +240,36 @@ def _check_socket(sock: socket.socket, where: str) -> None:
             "ListenSequentialPacket=)"
         )
     if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-        raise SystemdError(
-            f"{where} is a connected socket, not a listening one; set Accept=no "
-            "in the .socket unit (forkserver accepts connections itself)"
-        )
+        raise SystemdError(f"{where} is {_not_listening(sock)}, not a listening one")
+
+
+def _not_listening(sock: socket.socket) -> str:
+    """A stream socket that is not listening: connected, bound, or neither."""
+    try:
+        peer = sock.getpeername()
+    except OSError:  # ENOTCONN
+        pass
+    else:
+        to = f" (to {_address_text(peer)})" if peer else ""
+        return (f"a connected socket{to}; set Accept=no in the .socket unit (forkserver "
+                "accepts connections itself)")  # fmt: skip
+    try:
+        name = sock.getsockname()
+    except OSError:
+        name = None
+    unbound = not name or (isinstance(name, tuple) and name[1] == 0)
+    if unbound:
+        return "an unbound stream socket (never bound, never listening)"
+    return f"a stream socket bound to {_address_text(name)} that is not listening"
+
+
+def _address_text(address: object) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    if isinstance(address, bytes) and address[:1] == b"\0":  # an abstract Unix address
+        return "@" + address[1:].decode("utf-8", "replace")
+    return str(address)
 
 
 def _monotonic_usec() -> int:

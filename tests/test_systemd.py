@@ -230,7 +230,8 @@ def test_a_bound_but_not_listening_stream_socket_is_refused() -> None:
 def test_a_pipe_is_refused() -> None:
     read, write = os.pipe()
     try:
-        with pytest.raises(SystemdError, match=r"is not a socket"):
+        fifo = r"is a FIFO or pipe \(a ListenFIFO= unit\?\): pipe:\[\d+\], not a socket"
+        with pytest.raises(SystemdError, match=fifo):
             check_listening(InheritedSocket(read, "fifo"))
     finally:
         os.close(read)
