@@ -230,24 +230,31 @@ def _load(ns: argparse.Namespace) -> tuple[config.Loaded, Callable[[], Settings]
 
 def _cmd_run(ns: argparse.Namespace) -> int:
     loaded, reload_settings = _load(ns)
-    settings = loaded.settings
     # The master, and through it the worker machinery, is imported only to
-    # run: check-config and ctl must work even where it cannot be imported.
-    from forkserver import master  # noqa: PLC0415
+    # run and to check: ctl must work even where it cannot be imported.
+    from forkserver import master, probe  # noqa: PLC0415
 
-    os.umask(settings.umask)            # before any file or socket is created
-    log.configure(settings)
-    if settings.chdir:
-        try:
-            os.chdir(settings.chdir)
-        except OSError as exc:
-            raise ConfigError(f"cannot change to {settings.chdir}: {exc.strerror}",
-                              key="chdir") from None
-    return int(master.serve(settings, reload_settings=reload_settings))
+    probe.enter(loaded.settings)        # before any file or socket is created
+    log.configure(loaded.settings)
+    return int(master.serve(loaded.settings, reload_settings=reload_settings))
 
 
 def _cmd_check_config(ns: argparse.Namespace) -> int:
+    """Every check ``run`` makes before its first fork (``startup.preflight``:
+    the handler is imported in a child with the workers' privileges, umask
+    and directory), with the same message and exit code; only the
+    listeners are not opened (the running daemon may hold them)."""
     loaded, _ = _load(ns)
+    from forkserver import startup  # noqa: PLC0415
+    from forkserver.errors import ForkserverError  # noqa: PLC0415
+
+    try:
+        startup.preflight(loaded.settings, check_only=True)
+    except ConfigError:
+        raise
+    except ForkserverError as exc:
+        print(f"forkserver: cannot start: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG
     sys.stdout.write(format_effective(loaded))
     return ExitCode.OK
 

@@ -61,9 +61,8 @@ from forkserver.health import Health
 from forkserver.listeners import Listener
 from forkserver.log import reopen as reopen_logs
 from forkserver.privileges import PidFile
-from forkserver.privileges import resolve as resolve_credentials
 from forkserver.reloader import Reloader
-from forkserver.systemd import Notifier
+from forkserver.systemd import Notifier, listen_fds
 from forkserver.upgrade import Handover
 from forkserver.upgrader import Upgrader
 from forkserver.worker_table import (
@@ -113,10 +112,12 @@ def serve(
         handover = Handover.from_environ()
     except ForkserverError as exc:
         return _cannot_start(notifier, exc, EXIT_UNAVAILABLE)
+    try:  # before anything opens a descriptor that could take a closed one's number
+        claimed = listen_fds() if handover is None else []
+    except ForkserverError as exc:
+        return _cannot_start(notifier, exc, EXIT_UNAVAILABLE)
     try:
-        handler, worker_class = startup.check_handler(settings)
-        startup.check_event_loop(settings, worker_class)
-        resolve_credentials(settings.user, settings.group)
+        handler, worker_class = startup.preflight(settings)
     except ForkserverError as exc:
         return _cannot_start(notifier, exc, EXIT_CONFIG)  # the old master sees end of file
     loop = EventLoop()
@@ -125,7 +126,7 @@ def serve(
             if handover is not None:
                 opened = startup.adopt_handover(handover, settings, loop)
             else:
-                opened = startup.open_configured(settings, loop, notifier)
+                opened = startup.open_configured(settings, loop, notifier, claimed)
         except ForkserverError as exc:  # ListenerError, or malformed LISTEN_* variables
             return _cannot_start(notifier, exc, EXIT_UNAVAILABLE)
         master = Master(
@@ -320,6 +321,7 @@ class Master:
         if self.handover is not None:
             self.handover.close()
         self.upgrader.close()
+        self.reloader.close()
         for listener in self.listeners:
             listener.close()
         for timer in self._respawns.values():
@@ -439,6 +441,8 @@ class Master:
                 self._worker_exited(link, os.waitstatus_to_exitcode(status))
             elif self.upgrader.is_new_master(pid):
                 self.upgrader.new_master_exited(describe_exit(os.waitstatus_to_exitcode(status)))
+            elif self.reloader.owns_child(pid):
+                self.reloader.check_exited(os.waitstatus_to_exitcode(status))
             # anything else is not ours to mourn
 
     def _worker_exited(self, link: WorkerLink, code: int) -> None:

@@ -31,10 +31,12 @@ from typing import Final
 
 from forkserver.errors import ForkserverError
 
-__all__ = ["Credentials", "PidFile", "PidFileError", "PrivilegeError", "drop_privileges",
-           "resolve"]
+__all__ = ["Credentials", "PidFile", "PidFileError", "PrivilegeError", "check_can_switch",
+           "drop_privileges", "resolve"]
 
 MAX_PID_FILE: Final = 64       # "4194304\n" is 8 bytes; anything long is not ours
+_CAP_SETGID: Final = 6
+_CAP_SETUID: Final = 7
 
 
 class PrivilegeError(ForkserverError):
@@ -82,6 +84,49 @@ def resolve(user: str | None, group: str | None) -> Credentials | None:
         raise PrivilegeError(f"cannot list the groups of user {pw.pw_name!r}: "
                              f"{exc.strerror}") from None
     return Credentials(uid=pw.pw_uid, gid=gid, groups=groups, user=pw.pw_name)
+
+
+def check_can_switch(user: str | None, group: str | None) -> Credentials | None:
+    """The credentials of *user*/*group*, if this process can switch to them.
+
+    Raises :class:`PrivilegeError` naming the user or group otherwise, so
+    that a master started without root refuses to start (or to reload)
+    instead of forking workers that all fail in :func:`drop_privileges`.
+    Without ``CAP_SETUID`` only a uid the process already holds (real,
+    effective or saved) is reachable, likewise for the gid without
+    ``CAP_SETGID``: switching to one's own user is fine without root.
+    """
+    creds = resolve(user, group)
+    if creds is None:
+        return None
+    effective = _effective_capabilities()
+    uids, gids = os.getresuid(), os.getresgid()
+    if creds.uid is not None and creds.uid not in uids and not effective >> _CAP_SETUID & 1:
+        raise PrivilegeError(
+            f"cannot switch to user {creds.user!r} (uid {creds.uid}): this process runs as "
+            f"uid {os.geteuid()} without the right to change it (CAP_SETUID); start it as "
+            "root, or leave `user` unset to run the workers as this user"
+        )
+    if creds.gid not in gids and not effective >> _CAP_SETGID & 1:
+        what = f"group {group!r}" if group else f"the primary group of user {creds.user!r}"
+        raise PrivilegeError(
+            f"cannot switch to {what} (gid {creds.gid}): this process runs as gid "
+            f"{os.getegid()} without the right to change it (CAP_SETGID); start it as "
+            "root, or leave `group` unset"
+        )
+    return creds
+
+
+def _effective_capabilities() -> int:
+    """The ``CapEff`` mask of this process (0 if it cannot be read)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f.read(1 << 16).splitlines():
+                if line.startswith(b"CapEff:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0 if os.geteuid() != 0 else ~0
 
 
 def drop_privileges(user: str | None, group: str | None) -> None:

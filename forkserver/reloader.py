@@ -1,16 +1,29 @@
 """HUP and ``forkserver ctl reload``: the master's side of a reload.
 
-``Reloader(master).reload()`` re-reads the settings, checks that the
-handler still imports (in a short-lived child, as at start-up) and
-starts a whole new generation of workers with them; the bookkeeping of
-generations is ``forkserver.generations``.  The master calls back:
+``Reloader(master).reload()`` starts a reload in two steps:
 
-* ``commit_when_ready()`` each time a worker of the new generation is
-  ready: once all are, the new generation serves and every older worker
-  is retired (it finishes its connections, then exits);
-* ``abandon(reason)`` when a worker of the new generation dies before it
-  was ready: the settings go back to what they were, the new
-  generation is retired, the serving one never noticed.
+1. the check, off the loop: a child process (``probe.ReloadCheck``)
+   re-reads and validates the configuration, then drops privileges as a
+   worker would and imports the handler; the master's loop reads its
+   reports without blocking, under ``reload_timeout``, and keeps serving,
+   answering ``forkserver ctl`` and pinging the watchdog meanwhile;
+2. once the check passed, a whole new generation of workers starts with
+   the new settings; the bookkeeping of generations is
+   ``forkserver.generations``.  The master calls back:
+
+   * ``commit_when_ready()`` each time a worker of the new generation is
+     ready: once all are, the new generation serves and every older
+     worker is retired (it finishes its connections, then exits);
+   * ``abandon(reason)`` when a worker of the new generation dies before
+     it was ready: the settings go back to what they were, the new
+     generation is retired, the serving one never noticed.
+
+Any failure, of any cause (the check cannot be forked, the file is
+invalid, the handler does not import, the check dies, says something
+malformed or overruns its deadline), is ``reload_failed`` with the
+reason, and the running generation keeps serving.  Reloads asked for
+while a check runs or a generation starts merge into one more reload
+after it.
 
 What a reload cannot change is kept and logged: the listening sockets
 (a restart or USR2 changes them), ``preload``, and with ``preload`` the
@@ -23,14 +36,13 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
-from forkserver import spawn, startup
 from forkserver.config import Settings
 from forkserver.control import CommandError
 from forkserver.errors import ForkserverError
 from forkserver.generations import Generations
 from forkserver.handler import WorkerClass
 from forkserver.handler import resolve_worker_class as _resolve_class
-from forkserver.privileges import resolve as resolve_credentials
+from forkserver.probe import Checked, CheckFailed, ProbeError, ReloadCheck
 from forkserver.worker_table import WorkerState
 
 if TYPE_CHECKING:
@@ -45,26 +57,75 @@ class Reloader:
         self.generations = Generations()
         self.last_error: str | None = None
         self._before: tuple[Settings, WorkerClass, int] | None = None
+        self._check: ReloadCheck | None = None
+
+    @property
+    def checking(self) -> bool:
+        """A reload's check is running."""
+        return self._check is not None
 
     def reload(self) -> None:
-        """Start a new generation with the settings as they are now on disk."""
+        """Begin a reload with the settings as they are now on disk: start the check."""
         m = self.master
         if m.stopping or m.upgraded:
             log.warning("reload ignored: the master is stopping", extra={"event": "reload_ignored"})
+            return
+        if self._check is not None:
+            self.generations.again = True
+            log.info("reload queued: the check of the previous reload is still running",
+                     extra={"event": "reload_queued"})  # fmt: skip
             return
         if not self.generations.request():
             log.info("reload queued: generation %d is still starting", self.generations.starting,
                      extra={"event": "reload_queued"})  # fmt: skip
             return
+        current = m.settings
+        check = ReloadCheck(
+            m.loop, m.reload_settings or (lambda: current), preloaded=m.handler,
+            timeout=current.reload_timeout, done=self._checked,
+        )  # fmt: skip
         try:
-            settings = m.reload_settings() if m.reload_settings else m.settings
-            settings = self._reloadable(settings)
-            worker_class = self._worker_class(settings)
-            startup.check_event_loop(settings, worker_class)
-            resolve_credentials(settings.user, settings.group)
+            check.start()
+        except ProbeError as exc:
+            self._failed(str(exc))
+            self._again()
+            return
+        self._check = check
+        log.info("reload: checking the configuration and the handler in process %d", check.pid,
+                 extra={"event": "reload_checking", "pid": check.pid})  # fmt: skip
+
+    def owns_child(self, pid: int) -> bool:
+        """Is *pid* the reload check's process (for the master's reaping)?"""
+        return self._check is not None and self._check.owns(pid)
+
+    def check_exited(self, code: int) -> None:
+        """The master reaped the check's process."""
+        if self._check is not None:
+            self._check.child_exited(code)
+
+    def close(self) -> None:
+        """The master is going: a check still running is killed and reaped."""
+        check, self._check = self._check, None
+        if check is not None:
+            check.close()
+
+    def _checked(self, result: Checked | CheckFailed) -> None:
+        """The check is over: begin the new generation, or say why not."""
+        self._check = None
+        m = self.master
+        if m.stopping or m.upgraded:
+            return
+        if isinstance(result, CheckFailed):
+            self._failed(result.reason, detail=result.detail)
+            self._again()
+            return
+        try:
+            settings = self._reloadable(result.settings)
+            worker_class = _resolve_class(settings.handler, result.kind, settings.worker_class)
         except ForkserverError as exc:
             text = str(exc) or type(exc).__name__
             self._failed(text.splitlines()[0], detail=text)
+            self._again()
             return
         self._begin(settings, worker_class)
 
@@ -88,14 +149,6 @@ class Reloader:
                         extra={"event": "reload_handler_kept"})  # fmt: skip
         return dataclasses.replace(settings, **kept) if kept else settings
 
-    def _worker_class(self, settings: Settings) -> WorkerClass:
-        handler = self.master.handler
-        if handler is not None:  # preloaded: the code in the master is the code
-            kind = handler.kind
-        else:
-            kind = spawn.probe_handler(settings.handler)  # the code on disk now
-        return _resolve_class(settings.handler, kind, settings.worker_class)
-
     def _begin(self, settings: Settings, worker_class: WorkerClass) -> None:
         m = self.master
         self._before = (m.settings, m.worker_class, m.target)
@@ -107,8 +160,9 @@ class Reloader:
         m.backoff.reset()
         preload = m.handler is not None
         if preload:
-            what = ("with preload the handler code stays as loaded, so this reloads the "
-                    "configuration only (USR2 loads new code)")  # fmt: skip
+            what = ("with the configuration as it is now and the handler code as the master "
+                    "loaded it (preload): this reloads the configuration only; USR2 loads "
+                    "new code")  # fmt: skip
         else:
             what = "with the handler code as it is on disk"
         log.info("reloading: generation %d starts %s", generation, what,
@@ -163,19 +217,23 @@ class Reloader:
             raise CommandError("the master is stopping")
         before, self.last_error = self.last_error, None
         self.reload()
-        if self.last_error is not None:
+        if self.last_error is not None:  # the check could not even start
             raise CommandError(f"reload failed: {self.last_error}")
-        if not self.generations.reloading:  # nothing began: keep the previous error on show
+        gens = self.generations
+        if not (self.checking or gens.reloading):  # nothing began: keep the error on show
             self.last_error = before
-        starting = self.generations.starting
-        return {"generation": starting if starting is not None else self.generations.serving}
+        if gens.starting is not None:
+            return {"generation": gens.starting}
+        if self.checking:  # the number the new generation gets if the check passes
+            return {"generation": max(gens.serving, gens.completed) + 1, "checking": True}
+        return {"generation": gens.serving}
 
     def add_to_status(self, status: dict[str, Any]) -> None:
         """Fill in the generations of ``forkserver ctl status``."""
         m = self.master
         master = status["master"]
         master["generation"] = self.generations.serving
-        if self.generations.reloading and not m.stopping:
+        if (self.generations.reloading or self.checking) and not m.stopping:
             master["state"] = "reloading"
         master["last_reload_error"] = self.last_error
         generation = {record.pid: record.generation for record in m.table}

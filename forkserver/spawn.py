@@ -1,4 +1,4 @@
-"""Forking: the handler probe and the worker fork.
+"""Forking: the primitive every fork of the master goes through, and the worker fork.
 
 ``fork_child`` is how the master forks anything: the signals a process
 group or ``pkill`` may send (the master's HUP, TERM, USR1, ...) are
@@ -7,12 +7,7 @@ dies of the default action before it has set its own dispositions; the
 child calls ``unblock_signals`` once it has.  (A blocked mask survives
 ``execve``: a re-executed master unblocks once its loop handles them.)
 
-``probe_handler`` imports the handler in a short-lived child so that a
-handler that cannot be imported stops start-up before any worker is
-forked, while the master itself stays free of the handler's modules
-(without ``--preload`` each worker imports the handler fresh, so a
-later reload picks up new code).  The cost is one extra import at
-start-up.
+The handler check, the other child the master forks, is ``forkserver.probe``.
 """
 
 from __future__ import annotations
@@ -26,11 +21,9 @@ from collections.abc import Callable, Iterable
 from typing import Final, NoReturn
 
 from forkserver.eventloop import EventLoop
-from forkserver.handler import HandlerKind, HandlerLoadError, load_handler
 from forkserver.workers.boot import worker_main
 from forkserver.workers.core import EXIT_BOOT_ERROR, WorkerContext
 
-_MAX_PROBE_REPORT = 1 << 20
 #: What a group-directed signal (``kill -HUP -- -PGID``, a terminal, ``pkill``)
 #: may deliver to a child that has not set its own dispositions yet.
 FORK_BLOCKED: Final = frozenset({
@@ -101,55 +94,6 @@ def _worker_child(
         traceback.print_exc()
         os._exit(EXIT_BOOT_ERROR)
     worker_main(ctx)
-
-
-def probe_handler(spec: str) -> HandlerKind:
-    """Import *spec* in a child process; its kind, or ``HandlerLoadError``."""
-    _flush_stdio()
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_end)
-        _probe_child(spec, write_end)
-    os.close(write_end)
-    try:
-        report = _read_all(read_end)
-    finally:
-        os.close(read_end)
-        os.waitpid(pid, 0)
-    kind, _, detail = report.partition("\n")
-    try:
-        return HandlerKind(kind)
-    except ValueError:
-        raise HandlerLoadError(detail or f"handler {spec!r}: the import check died") from None
-
-
-def _probe_child(spec: str, write_end: int) -> NoReturn:
-    code = 1
-    try:
-        try:
-            report = load_handler(spec).kind.value + "\n"
-            code = 0
-        except HandlerLoadError as exc:
-            cause = exc.__cause__
-            detail = "".join(traceback.format_exception(cause)) if cause is not None else ""
-            report = f"error\n{exc}\n{detail}".rstrip("\n")
-        data = report.encode("utf-8", "backslashreplace")[:_MAX_PROBE_REPORT]
-        while data:
-            data = data[os.write(write_end, data) :]
-    finally:
-        _flush_stdio()
-        os._exit(code)
-
-
-def _read_all(fd: int) -> str:
-    chunks: list[bytes] = []
-    size = 0
-    while chunk := os.read(fd, 65536):
-        size += len(chunk)
-        if size <= _MAX_PROBE_REPORT:
-            chunks.append(chunk)
-    return b"".join(chunks).decode("utf-8", "replace")
 
 
 def _flush_stdio() -> None:

@@ -1,20 +1,20 @@
-"""Start-up: check the handler, and open or adopt the listening sockets.
+"""Start-up: check the settings and the handler, and open or adopt the listening sockets.
 
 Everything here runs in the master before any worker is forked, and
 fails with a ``ForkserverError`` that names what is wrong; ``serve()``
-turns that into an exit code.
+turns that into an exit code.  ``preflight`` is every check ``run``
+makes before it forks: ``forkserver check-config`` calls the same
+function, so the two cannot disagree.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
-import importlib.util
 from typing import Final
 
-from forkserver import listeners, spawn
+from forkserver import listeners, probe
 from forkserver.config import Settings
-from forkserver.errors import ForkserverError
 from forkserver.eventloop import EventLoop
 from forkserver.handler import LoadedHandler, WorkerClass, load_handler
 from forkserver.handler import resolve_worker_class as _resolve_class
@@ -25,37 +25,53 @@ from forkserver.upgrade import Handover
 DEFAULT_BIND: Final = "127.0.0.1:8000"
 
 
-def check_handler(settings: Settings) -> tuple[LoadedHandler | None, WorkerClass]:
-    """The preloaded handler (or None) and the worker class; before any worker fork."""
-    if settings.preload:
-        handler = load_handler(settings.handler)
+def preflight(
+    settings: Settings, *, check_only: bool = False
+) -> tuple[LoadedHandler | None, WorkerClass]:
+    """Every check before the first fork: the preloaded handler (or None) and the worker class.
+
+    In order: the user/group can be switched to (and ``preload`` is not
+    combined with a switch under root), the handler loads (in a child
+    that drops privileges first, as a worker does, within
+    ``reload_timeout``; with ``preload``, in this process), the worker
+    class suits it, and the event loop is installed.  Raises
+    ``ForkserverError``.  ``run`` has taken on the umask and directory
+    before (``probe.enter``); with *check_only* (``check-config``) this
+    process changes nothing: the check child takes them on, and imports
+    a preloaded handler too.
+    """
+    probe.check_credentials(settings, preload=settings.preload)
+    if settings.preload and not check_only:
+        handler: LoadedHandler | None = load_handler(settings.handler)
+        assert handler is not None
         kind = handler.kind
         gc.freeze()  # what the handler built stays shared copy-on-write with workers
     else:
         handler = None
-        kind = spawn.probe_handler(settings.handler)
-    return handler, _resolve_class(settings.handler, kind, settings.worker_class)
+        kind = probe.check_handler(settings, entering=check_only)
+    worker_class = _resolve_class(settings.handler, kind, settings.worker_class)
+    probe.check_event_loop(settings, worker_class)
+    return handler, worker_class
 
 
-def check_event_loop(settings: Settings, worker_class: WorkerClass) -> None:
-    """Refuse ``event_loop = "uvloop"`` for asyncio workers that could not import it."""
-    wanted = settings.event_loop == "uvloop" and worker_class == "asyncio"
-    if wanted and importlib.util.find_spec("uvloop") is None:
-        raise ForkserverError(
-            "event_loop = \"uvloop\": the uvloop package is not installed "
-            "(pip install 'forkserver[uvloop]')"
-        )
-
-
-def open_configured(settings: Settings, loop: EventLoop, notifier: Notifier) -> list[Listener]:
+def open_configured(
+    settings: Settings,
+    loop: EventLoop,
+    notifier: Notifier,
+    claimed: list[InheritedSocket] | None = None,
+) -> list[Listener]:
     """Open the configured listeners (``DEFAULT_BIND``, or systemd's, if none).
+
+    *claimed* are the systemd sockets, if ``listen_fds()`` was called
+    already (``serve()`` claims them first thing, so that no descriptor
+    it opens can take the number of one that was passed closed).
 
     A socket this master binds itself is given to systemd to keep
     (FDSTORE=1, named by ``store_name(bind)``), so that after a restart
     it comes back in LISTEN_FDS and is adopted instead of bound again:
     connections that wait in its backlog meanwhile are not refused.
     """
-    claimed = listen_fds()
+    claimed = listen_fds() if claimed is None else claimed
     if settings.listeners:
         binds = [(item.bind, item.name, item.backlog, item.dispatch or settings.dispatch)
                  for item in settings.listeners]  # fmt: skip

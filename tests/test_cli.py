@@ -82,7 +82,8 @@ def test_file_without_handler_exits_78(tmp_path: Path) -> None:
         result = forkserver(command, "-c", str(conf))
         assert result.returncode == 78
         assert "key 'handler': no handler" in result.stderr
-    assert forkserver("check-config", "-c", str(conf), "a:b").returncode == 0
+    echo = "forkserver.examples.echo:handle"
+    assert forkserver("check-config", "-c", str(conf), echo).returncode == 0
 
 
 def test_check_config_prints_every_setting_and_its_origin(tmp_path: Path) -> None:
