@@ -491,7 +491,7 @@ class ReloadCheck:
                 self._close_pipe(pipe)
             if pipe.overflowed:
                 self._abort(f"the reload check sent more than {pipe.limit} bytes")
-            elif pipe is self._pipes[0] and pipe.done:
+            elif pipe is self._pipes[0] and pipe.done and pipe.data():
                 try:
                     _settings_of(pipe.data())
                 except ProbeError as exc:  # refused: no need to wait for the import
@@ -532,12 +532,17 @@ class ReloadCheck:
         if self._failure is not None:
             self._finish(CheckFailed(self._failure.splitlines()[0], self._failure))
             return
-        settings_pipe, kind_pipe = self._pipes
+        settings_data, kind_data = (pipe.data() for pipe in self._pipes)
+        how = _describe_exit(self._exit or 0) if self._exit else ""
         try:
-            settings = _settings_of(settings_pipe.data())
-            kind = _kind_of(kind_pipe.data())
-            if self._exit != 0:
-                raise ProbeError(f"the reload check {_describe_exit(self._exit or 0)}")
+            if how and not settings_data:
+                raise ProbeError(f"the reload check {how} before it sent the settings")
+            settings = _settings_of(settings_data)
+            if how and not kind_data:
+                raise ProbeError(f"the reload check {how} while it checked the handler")
+            kind = _kind_of(kind_data)
+            if how:
+                raise ProbeError(f"the reload check {how}")
         except ProbeError as exc:
             detail = str(exc)
             self._finish(CheckFailed(detail.splitlines()[0], detail))
