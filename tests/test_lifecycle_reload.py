@@ -148,7 +148,11 @@ def test_with_preload_a_reload_changes_the_configuration_only(tmp_path: Path) ->
         daemon.proc.send_signal(signal.SIGHUP)
         started = daemon.wait_log("reload_started")
         assert started["preload"] is True
-        assert "configuration only" in started["message"]
+        assert started["message"] == (
+            "reloading: generation 1 starts with the configuration as it is now and the "
+            "handler code as the master loaded it (preload): this reloads the configuration "
+            "only; USR2 loads new code"
+        )
         daemon.wait_log("reload_completed")
         daemon.wait_log("worker_exited", pid=before[0])  # reaped: no zombie left to list
         titles = [" ".join(p.cmdline()) for p in daemon.workers()]

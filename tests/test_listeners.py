@@ -70,7 +70,10 @@ def test_parse_bind_accepts_every_documented_form(text: str, expected: BindSpec)
         ("fd://1", "standard stream"),
         ("systemd:", "systemd socket name"),
         ("systemd:a b", "systemd socket name"),
-        ("x" * 5000, "too long"),
+        ("x" * 5000, "is too long: 5000 characters, the limit is 4096"),
+        ("999.1.1.1:80", "octet 999 of '999.1.1.1' is over 255"),
+        ("1.2.3:80", "'1.2.3' has 3 parts; an IPv4 address has 4"),
+        ("10.0.0.010:80", "octet '010' of '10.0.0.010' has a leading zero"),
     ],
 )
 def test_parse_bind_rejects_bad_specs_naming_them(text: str, message: str) -> None:
