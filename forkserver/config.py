@@ -177,7 +177,9 @@ class Settings:
                           help="connections one thread or asyncio worker serves at once "
                                "(sync workers always serve one)")
     preload: bool = _s(False, kind="bool", group="workers",
-                       help="import the handler in the master before forking workers")
+                       help="import the handler in the master before forking workers "
+                            "(refused with user/group under a root master: the handler "
+                            "would run as root)")
     name: str = _s("", kind="str", group="workers", maximum=64,
                    help="instance name shown in process titles and logs")
     # -- limits
@@ -910,14 +912,24 @@ def render_markdown() -> str:
         "3. the environment variable `FORKSERVER_<KEY>` (the key in upper case);",
         "4. the command-line option of `forkserver run`.",
         "",
-        "`forkserver check-config -c FILE [options]` validates exactly as `run`",
-        "would and prints each effective value with where it came from.",
+        "`forkserver check-config -c FILE [options]` makes every check `run`",
+        "makes before its first fork (the handler is imported in a child, as",
+        "the workers' user, within `reload_timeout`; only the listeners are",
+        "not opened), refuses what `run` refuses with the same message and",
+        "exit code, and prints each effective value with where it came from.",
         "Errors name the file, the key (and line) and what was expected, and",
         "exit with 78 (invalid configuration), 66 (config file missing) or",
         "64 (bad command line).  A reload (HUP or `forkserver ctl reload`)",
-        "re-reads the same file and environment with the same command line;",
-        "if that fails, the daemon keeps its running settings and workers and",
-        "logs why (event `reload_failed`).",
+        "re-reads the same file and environment with the same command line,",
+        "in a child process off the master's loop; if that fails, the daemon",
+        "keeps its running settings and workers and logs why (event",
+        "`reload_failed`).",
+        "",
+        "The file must be a regular file of at most 1 MiB (a FIFO or a device",
+        "is refused without reading it), and is refused before it is parsed if",
+        f"a dotted key has more than {MAX_KEY_PARTS} parts, arrays and tables nest more",
+        f"than {MAX_NESTING} deep, a key is longer than {MAX_KEY_LENGTH} characters or a line",
+        f"longer than {MAX_LINE_LENGTH}; the error names the limit and the line.",
         "",
         "Booleans in the environment accept 1/0, true/false, yes/no, on/off.",
         "An empty environment value turns an optional setting off.",
@@ -971,8 +983,16 @@ def render_markdown() -> str:
                 "is imported, and set their parent-death signal after the drop.  The",
                 "master keeps the uid it was started with: it may need root to bind",
                 "a privileged port again or to re-execute itself on USR2, and it never",
-                "runs handler code.  Under systemd, prefer `User=`/`DynamicUser=` and",
-                "socket activation, so that no process of the service is root.",
+                "runs handler code.  The handler check at start and on each reload",
+                "drops privileges the same way, with every descriptor of the master",
+                "closed, before it imports the handler.  `preload` together with",
+                "`user`/`group` under a root master is refused (exit 78): the master",
+                "would import the handler as root; turn preload off, or run the",
+                "master as the user.  A master that cannot switch to `user`/`group`",
+                "(not root, no CAP_SETUID/CAP_SETGID, and not already that user) is",
+                "refused at start, on reload and by `check-config`.  Under systemd,",
+                "prefer `User=`/`DynamicUser=` and socket activation, so that no",
+                "process of the service is root.",
                 "",
             ]
     out += ["## systemd", "", *_SYSTEMD_NOTE.splitlines(), "", *_CTL_NOTE.splitlines(), ""]
