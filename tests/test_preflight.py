@@ -13,6 +13,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT
+from tests.support import ROOT, TIMEOUT, LogReader, exchange
 
 ECHO = "forkserver.examples.echo:handle"
 
@@ -156,3 +157,42 @@ def test_a_user_a_non_root_master_cannot_switch_to_is_refused_before_any_fork(
     own = forkserver("check-config", "--user", "nobody", "--group", "nogroup", ECHO,
                      cwd=readable_dir, prefix=AS_NOBODY)  # fmt: skip
     assert own.returncode == 0, own.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="running the daemon as another user needs root")
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) is missing")
+def test_a_reload_to_a_user_a_non_root_master_cannot_switch_to_fails(readable_dir: Path) -> None:
+    config = readable_dir / "f.toml"
+    config.write_text(f'handler = "{ECHO}"\n')
+    config.chmod(0o644)
+    listener = socket.create_server(("127.0.0.1", 0))
+    fd = listener.fileno()
+    proc = subprocess.Popen(
+        [*AS_NOBODY, sys.executable, "-m", "forkserver", "run", "--bind", f"fd://{fd}",
+         "--workers", "1", "--log-format", "json", "-c", str(config)],
+        pass_fds=[fd], cwd=readable_dir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        start_new_session=True,
+    )  # fmt: skip
+    logs = LogReader(proc.stderr)
+    logs.start()
+    try:
+        logs.wait_for(lambda r: r.get("event") == "master_ready", TIMEOUT, "master_ready")
+        config.write_text(f'handler = "{ECHO}"\nuser = "daemon"\n')
+        proc.send_signal(signal.SIGHUP)
+        failed = logs.wait_for(lambda r: r.get("event") == "reload_failed", TIMEOUT,
+                               "reload_failed")  # fmt: skip
+        assert failed["reason"].startswith("cannot switch to user 'daemon' (uid 1): this "
+                                           "process runs as uid 65534 without")  # fmt: skip
+        with socket.create_connection(listener.getsockname(), timeout=5) as client:
+            assert exchange(client, b"still") == b"still"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=TIMEOUT) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=TIMEOUT)
+        logs.join(timeout=TIMEOUT)
+        assert proc.stderr is not None
+        proc.stderr.close()
+        listener.close()
