@@ -250,8 +250,6 @@ def _cmd_check_config(ns: argparse.Namespace) -> int:
 
     try:
         startup.preflight(loaded.settings, check_only=True)
-    except ConfigError:
-        raise
     except ForkserverError as exc:
         print(f"forkserver: cannot start: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
