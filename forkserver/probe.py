@@ -190,7 +190,8 @@ def _send_settings(reload_settings: Callable[[], Settings], pipe_a: int) -> Sett
 
 def _check_as_worker(settings: Settings, preloaded: LoadedHandler | None) -> bytes:
     """Become what a worker becomes, then load the handler: the report for pipe B."""
-    check_credentials(settings, preload=preloaded is not None or settings.preload)
+    # The preload in effect: a reload keeps the master's (start-up checked it already).
+    check_credentials(settings, preload=preloaded is not None)
     drop_privileges(settings.user, settings.group)
     _die_with_parent()
     if preloaded is not None:  # the code in the master is the code
