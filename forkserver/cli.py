@@ -5,8 +5,9 @@
     (``forkserver.config.Settings``), so ``run --help`` lists them all.
 ``forkserver check-config [-c FILE] [options] [HANDLER]``
     validate, then print the effective settings and where each came from.
-``forkserver ctl [--socket PATH] COMMAND``
-    talk to a running master over its control socket.
+``forkserver ctl [--socket PATH | -c FILE | --name NAME] COMMAND``
+    talk to a running master over its control socket (found by the rule
+    of ``forkserver.control.socket_path``, as ``run`` places it).
 
 This is the one module that turns errors into exit codes (sysexits.h):
 64 bad command line, 66 missing config file, 78 invalid configuration;
@@ -21,7 +22,8 @@ import difflib
 import enum
 import os
 import sys
-from collections.abc import Callable, Sequence
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, NoReturn
 
 from forkserver import config, control, log
@@ -50,6 +52,12 @@ _CTL_EXIT_CODES: Final[dict[type[control.ControlError], ExitCode]] = {
     control.CommandFailed: ExitCode.FAILURE,
     control.BadReply: ExitCode.SOFTWARE,
 }
+
+
+#: ``forkserver ctl --timeout`` defaults: a reply is immediate, except a
+#: reload's, which waits for the whole new generation to be ready.
+CTL_TIMEOUT: Final = 10.0
+RELOAD_TIMEOUT: Final = 60.0
 
 
 class UsageError(Exception):
@@ -178,15 +186,23 @@ def _add_ctl_parser(sub: Any) -> None:
                                      "rejected the command, 69 no daemon there, "
                                      "75 no reply in time, 77 refused.")
     ctl.add_argument("--socket", "-s", metavar="PATH",
-                     help="control socket (default: from -c FILE, or the environment)")
+                     help="control socket (default: the daemon's control_socket from -c FILE "
+                          "or FORKSERVER_CONTROL_SOCKET; else $RUNTIME_DIRECTORY/control.sock; "
+                          "else /run/forkserver[-NAME]/control.sock for root, "
+                          "$XDG_RUNTIME_DIR/forkserver[-NAME]/control.sock for others)")
     ctl.add_argument("-c", "--config", metavar="FILE",
                      help="find the control socket from this config file")
-    ctl.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
-                     help="how long to wait for the reply (default: 10)")
+    ctl.add_argument("--name", metavar="NAME", default=None,
+                     help="the daemon's name setting, which names its socket's directory")
+    ctl.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                     help=f"how long to wait for the reply (default: {CTL_TIMEOUT:g}; for "
+                          f"reload, which answers once the new generation serves or the "
+                          f"reload failed, {RELOAD_TIMEOUT:g})")
     cmds = ctl.add_subparsers(dest="ctl_command", metavar="COMMAND", required=True)
     status = cmds.add_parser("status", help="the master and a table of workers")
     status.add_argument("--json", action="store_true", help="stable JSON for monitoring")
-    cmds.add_parser("reload", help="reload the configuration and replace the workers")
+    cmds.add_parser("reload", help="reload the configuration and replace the workers; "
+                                   "waits for the outcome (exit 1 and why, if it failed)")
     scale = cmds.add_parser("scale", help="set the number of workers")
     scale.add_argument("workers", type=_text_type("workers"), metavar="N")
     stop = cmds.add_parser("stop", help="stop the daemon (graceful by default)")
@@ -257,43 +273,105 @@ def _cmd_check_config(ns: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def format_effective(loaded: config.Loaded) -> str:
+def format_effective(loaded: config.Loaded, environ: Mapping[str, str] = os.environ) -> str:
     """``key = value  # origin``, one line per setting, grouped; valid TOML
-    apart from the listeners, which are shown as an inline array."""
+    apart from the listeners, which are shown as an inline array.  An unset
+    ``control_socket`` shows the path the daemon would use here."""
     lines: list[str] = []
     for group in config.GROUPS:
         lines.append(f"# -- {group}")
         for key, meta in config.setting_fields():
             if meta.group == group:
                 value = config.toml_value(key, getattr(loaded.settings, key))
-                lines.append(f"{key} = {value}  # {loaded.origins[key]}")
+                origin = loaded.origins[key]
+                if key == "control_socket" and not loaded.settings.control_socket:
+                    where = control.socket_path(None, loaded.settings.name, environ)
+                    value = config.toml_value(key, where.path)
+                    origin = f"{origin}: {where.origin}"
+                lines.append(f"{key} = {value}  # {origin}")
     return "\n".join(lines) + "\n"
 
 
+def _ctl_socket(ns: argparse.Namespace) -> control.SocketPath:
+    """Where ``ctl`` finds the daemon: --socket, else the rule ``run``
+    follows, fed with what -c FILE, the environment and --name say."""
+    if ns.socket:
+        return control.SocketPath(ns.socket, "--socket", configured=True)
+    control_socket, name = _socket_settings(ns.config, os.environ)
+    if ns.name is not None:
+        name = ns.name
+    return control.socket_path(control_socket, name, os.environ)
+
+
+def _socket_settings(path: str | None, environ: Mapping[str, str]) -> tuple[str | None, str]:
+    """``control_socket`` and ``name`` from *path* and the environment.
+
+    A file that is invalid elsewhere still tells where the socket is (so
+    ``ctl -c FILE reload`` reaches the daemon and reports what the daemon
+    thinks of the file); only when these two keys cannot be read is it an
+    error, saying why."""
+    try:
+        settings = config.load_settings(path, environ)
+        return settings.control_socket, settings.name
+    except ConfigFileNotFound:
+        raise
+    except ConfigError as exc:
+        problem = exc
+    values: dict[str, Any] = {}
+    try:
+        if path is not None:
+            with open(path, "rb") as f:
+                data = tomllib.loads(f.read(config.MAX_FILE_BYTES).decode("utf-8"))
+            for key in ("control_socket", "name"):
+                if key in data:
+                    if not isinstance(data[key], str):
+                        raise ValueError(f"{key}: expected a string")
+                    values[key] = config.parse_text(key, data[key])
+        for key in ("control_socket", "name"):
+            if config.env_name(key) in environ:
+                values[key] = config.parse_text(key, environ[config.env_name(key)])
+    except (OSError, ValueError, RecursionError) as exc:     # TOMLDecodeError is a ValueError
+        raise ConfigError(f"cannot tell where the control socket is ({exc}); give "
+                          "--socket PATH", source=path or "environment") from None
+    print(f"forkserver ctl: warning: {problem}; the control socket is taken from "
+          "control_socket and name alone", file=sys.stderr)
+    return values.get("control_socket"), values.get("name") or ""
+
+
 def _cmd_ctl(ns: argparse.Namespace) -> int:
-    path = ns.socket
-    if not path:
-        settings = config.load_settings(ns.config, os.environ) if ns.config else None
-        path = control.default_socket_path(settings, os.environ)
-    if not path:
-        raise UsageError("forkserver ctl: error: no control socket: give --socket PATH, "
-                         "or -c FILE whose settings name one")
+    where = _ctl_socket(ns)
     args: dict[str, object] = {}
     if ns.ctl_command == "scale":
         args["workers"] = ns.workers
     elif ns.ctl_command == "stop":
         args["mode"] = ns.mode
+    timeout = ns.timeout if ns.timeout is not None else (
+        RELOAD_TIMEOUT if ns.ctl_command == "reload" else CTL_TIMEOUT)
     try:
-        result = control.request(path, ns.ctl_command, args, timeout=ns.timeout)
+        if where.private_parent:      # in /tmp: make sure nobody else planted it
+            control.check_private_dir(os.path.dirname(where.path))
+        result = control.request(where.path, ns.ctl_command, args, timeout=timeout)
     except tuple(_CTL_EXIT_CODES) as exc:
         what = f"{ns.ctl_command}: " if isinstance(exc, control.CommandFailed) else ""
-        print(f"forkserver ctl: {what}{exc}", file=sys.stderr)
+        print(f"forkserver ctl: {what}{exc}{_ctl_hint(exc, where, ns)}", file=sys.stderr)
         return _CTL_EXIT_CODES[type(exc)]
     if ns.ctl_command == "status":
         sys.stdout.write(control.format_status(result, as_json=ns.json))
     elif result:
         sys.stdout.write(control.format_result(result))
     return ExitCode.OK
+
+
+def _ctl_hint(exc: control.ControlError, where: control.SocketPath,
+              ns: argparse.Namespace) -> str:
+    """What to try next, when the daemon was not where the rule looked."""
+    if isinstance(exc, control.ControlTimeout) and ns.ctl_command == "reload":
+        return ("\n(the reload may still complete: `forkserver ctl status` shows the "
+                "generation serving and the last reload error)")
+    if not isinstance(exc, control.ControlUnavailable) or where.configured:
+        return ""
+    return (f"\n(that is {where.origin}; a daemon with a control_socket or a name of its "
+            "own is reached with --socket PATH, -c FILE or --name NAME)")
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

@@ -2,8 +2,9 @@
 
 ``ControlCommands(master).table()`` is the mapping ``control.open_control``
 takes.  Every command returns at once (``stop`` and ``scale`` start their
-work in the loop); ``status`` is a snapshot in the shape documented in
-``forkserver.control``.
+work in the loop; ``reload`` returns a ``control.Deferred`` that the
+reload's outcome settles); ``status`` is a snapshot in the shape
+documented in ``forkserver.control``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from forkserver.control import CommandError
+from forkserver.control import CommandError, Deferred
 from forkserver.log import reopen as reopen_logs
 from forkserver.worker_table import SlotHistory
 
@@ -34,7 +35,7 @@ class ControlCommands:
             "reopen-logs": reopen_logs,
         }
 
-    def reload(self) -> dict[str, Any]:
+    def reload(self) -> Deferred:
         return self.master.reloader.control_reload()
 
     def scale(self, workers: int) -> dict[str, int]:

@@ -110,6 +110,7 @@ from forkserver.errors import ForkserverError
 from forkserver.eventloop import EventLoop, TimerHandle
 
 __all__ = [
+    "AttemptReplies",
     "BadReply",
     "CommandError",
     "CommandFailed",
@@ -118,11 +119,15 @@ __all__ = [
     "ControlServer",
     "ControlTimeout",
     "ControlUnavailable",
+    "Deferred",
+    "SocketPath",
+    "check_private_dir",
     "default_socket_path",
     "format_result",
     "format_status",
     "open_control",
     "request",
+    "socket_path",
 ]
 
 log = logging.getLogger(__name__)
@@ -130,6 +135,7 @@ log = logging.getLogger(__name__)
 MAX_REQUEST: Final = 64 * 1024
 MAX_REPLY: Final = 16 * 1024 * 1024
 MAX_CLIENTS: Final = 32
+MAX_WAIT: Final = 600.0           # seconds a deferred reply may take
 MAX_WORKERS: Final = 4096         # the bound of the ``workers`` setting
 STATUS_SCHEMA: Final = 1
 _UCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -163,32 +169,190 @@ class BadReply(ControlError):
     """The reply was not what the protocol promises."""
 
 
-def default_socket_path(settings: Settings | None,
-                        environ: Mapping[str, str] = os.environ) -> str | None:
-    """The configured ``control_socket``; else ``control.sock`` in systemd's
-    ``$RUNTIME_DIRECTORY``; else beside the pid file (``app.pid`` →
-    ``app.ctl``); else None (no control socket)."""
-    if settings is not None and settings.control_socket:
-        return settings.control_socket
+class Deferred:
+    """The answer to a control command that is known only later.
+
+    A command returns one instead of its result; whoever learns the
+    outcome calls :meth:`resolve` or :meth:`fail` (the first call counts,
+    later ones are ignored).  The server keeps the client connected until
+    then, without blocking the loop; the client's own timeout bounds its
+    wait, and the server answers with an error after ``MAX_WAIT`` seconds
+    or when it closes."""
+
+    def __init__(self) -> None:
+        self.reply: dict[str, Any] | None = None
+        self._callbacks: list[Callable[[], None]] = []
+
+    @property
+    def done(self) -> bool:
+        return self.reply is not None
+
+    def resolve(self, result: Any = None) -> None:
+        self._settle({"ok": True, "result": result})
+
+    def fail(self, message: str) -> None:
+        self._settle({"ok": False, "error": message})
+
+    def when_done(self, callback: Callable[[], None]) -> None:
+        """Call *callback* once settled (at once if it is already)."""
+        if self.reply is not None:
+            callback()
+        else:
+            self._callbacks.append(callback)
+
+    def _settle(self, reply: dict[str, Any]) -> None:
+        if self.reply is not None:
+            return
+        self.reply = reply
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+
+class AttemptReplies:
+    """Deferred replies for an operation that runs one attempt at a time,
+    each attempt ending in exactly one outcome (``succeeded`` or
+    ``failed``), as reloads do.
+
+    A request made while no attempt is under way is answered by the
+    attempt it starts; one made during an attempt is answered by the next
+    one (requests made meanwhile merge into it), since only that one sees
+    what the requester changed."""
+
+    def __init__(self) -> None:
+        self._this: list[Deferred] = []
+        self._next: list[Deferred] = []
+
+    def expect(self, *, during_attempt: bool) -> Deferred:
+        reply = Deferred()
+        (self._next if during_attempt else self._this).append(reply)
+        return reply
+
+    def succeeded(self, result: Any = None) -> None:
+        for reply in self._advance():
+            reply.resolve(result)
+
+    def failed(self, message: str) -> None:
+        for reply in self._advance():
+            reply.fail(message)
+
+    def _advance(self) -> list[Deferred]:
+        settled, self._this, self._next = self._this, self._next, []
+        return settled
+
+
+#: Where the control socket lives when ``control_socket`` is not set: the
+#: first that applies of systemd's ``$RUNTIME_DIRECTORY``, ``/run`` for root,
+#: ``$XDG_RUNTIME_DIR`` for other users, and a private directory in /tmp.
+ROOT_RUNTIME_DIR: Final = "/run"
+SOCKET_NAME: Final = "control.sock"
+
+
+@dataclass(frozen=True, slots=True)
+class SocketPath:
+    """Where the control socket is, and which rule put it there.
+
+    ``configured``: the ``control_socket`` setting named it (a taken or
+    unusable path is then an error, not a warning).  ``private_parent``:
+    its directory sits in a world-writable one, so it must be ours and
+    closed to others before the socket in it is trusted."""
+
+    path: str
+    origin: str
+    configured: bool = False
+    private_parent: bool = False
+
+
+def socket_path(control_socket: str | None, name: str = "",
+                environ: Mapping[str, str] = os.environ,
+                uid: int | None = None) -> SocketPath:
+    """The one rule that places the control socket, for ``run``, ``ctl`` and
+    ``check-config`` alike:
+
+    1. the ``control_socket`` setting;
+    2. ``$RUNTIME_DIRECTORY/control.sock`` (under systemd: the unit's
+       ``RuntimeDirectory=``; the first one if it lists several);
+    3. for root, ``/run/forkserver/control.sock`` (where the shipped unit's
+       ``RuntimeDirectory=forkserver`` puts it, so a root shell finds it);
+    4. for other users, ``$XDG_RUNTIME_DIR/forkserver/control.sock``;
+    5. else ``/tmp/forkserver-UID/control.sock``.
+
+    With ``name`` set, the directory is ``forkserver-NAME`` (as the
+    template unit's ``RuntimeDirectory=forkserver-%i``), so daemons with
+    different names never share a socket."""
+    if control_socket:
+        return SocketPath(control_socket, "the control_socket setting", configured=True)
     runtime = environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
     if runtime:
-        return os.path.join(runtime, "control.sock")
-    if settings is not None and settings.pid_file:
-        return os.path.splitext(settings.pid_file)[0] + ".ctl"
-    return None
+        return SocketPath(os.path.join(runtime, SOCKET_NAME), "$RUNTIME_DIRECTORY (systemd)")
+    uid = os.geteuid() if uid is None else uid
+    directory = "forkserver-" + name.replace("/", "_") if name else "forkserver"
+    if uid == 0:
+        return SocketPath(os.path.join(ROOT_RUNTIME_DIR, directory, SOCKET_NAME),
+                          "the default for root")
+    xdg = environ.get("XDG_RUNTIME_DIR", "")
+    if os.path.isabs(xdg):
+        return SocketPath(os.path.join(xdg, directory, SOCKET_NAME), "$XDG_RUNTIME_DIR")
+    return SocketPath(os.path.join("/tmp", f"{directory}-{uid}", SOCKET_NAME),  # noqa: S108
+                      "the default without $XDG_RUNTIME_DIR", private_parent=True)
+
+
+def default_socket_path(settings: Settings | None,
+                        environ: Mapping[str, str] = os.environ) -> str:
+    """:func:`socket_path` for *settings* (None: the defaults)."""
+    settings = settings if settings is not None else Settings()
+    return socket_path(settings.control_socket, settings.name, environ).path
+
+
+def check_private_dir(directory: str) -> None:
+    """Refuse a directory another user could have planted: it must be a
+    real directory (not a link), ours, and closed to group and others."""
+    try:
+        st = os.lstat(directory)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        raise ControlError(f"{directory}: exists and is not a directory")
+    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise ControlError(f"{directory}: not a private directory of uid {os.geteuid()} "
+                           f"(owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})")
+
+
+def _make_parent(where: SocketPath) -> None:
+    """Create the socket's directory, mode 0700, if it is missing."""
+    directory = os.path.dirname(where.path) or "."
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ControlError(f"control socket {where.path}: cannot create {directory}: "
+                           f"{exc.strerror}") from None
+    if where.private_parent:
+        check_private_dir(directory)
 
 
 def open_control(loop: EventLoop, settings: Settings,
                  commands: Mapping[str, Callable[..., object]],
                  environ: Mapping[str, str] = os.environ) -> ControlServer | None:
-    """Start the control server where :func:`default_socket_path` says, or
-    return None if the settings give it nowhere to live.  Raises
-    :class:`ControlError` if the socket cannot be created."""
-    path = default_socket_path(settings, environ)
-    if path is None:
+    """Start the control server where :func:`socket_path` says.
+
+    A ``control_socket`` that is taken or unusable raises
+    :class:`ControlError`.  A default path that is (another daemon with no
+    configuration of its own, say) is logged as a warning, and the master
+    runs without a control socket: None."""
+    where = socket_path(settings.control_socket, settings.name, environ)
+    server = ControlServer(loop, where.path, commands)
+    try:
+        _make_parent(where)
+        server.start()
+    except ControlError as exc:
+        if where.configured:
+            raise
+        log.warning("%s; running without a control socket (set control_socket, or give "
+                    "this daemon a name, for a socket of its own)", exc,
+                    extra={"event": "control_unavailable", "path": where.path})  # fmt: skip
         return None
-    server = ControlServer(loop, path, commands)
-    server.start()
     return server
 
 
@@ -249,6 +413,7 @@ class _Client:
     inbuf: bytearray = field(default_factory=bytearray)
     outbuf: bytes = b""
     timer: TimerHandle | None = None
+    waiting: Deferred | None = None   # a command's reply still to come
 
 
 class ControlServer:
@@ -300,6 +465,11 @@ class ControlServer:
 
     def close(self) -> None:
         for client in list(self._clients):
+            if client.waiting is not None and not client.outbuf:
+                with contextlib.suppress(OSError):     # best effort: we are going away
+                    client.sock.send(json.dumps({
+                        "ok": False, "error": "the master stopped before the outcome was "
+                                              "known"}).encode() + b"\n")
             self._drop(client)
         if self._sock is None:
             return
@@ -404,11 +574,15 @@ class ControlServer:
                                                          f"{MAX_REQUEST} bytes"})
         elif newline >= 0 or (not data and client.inbuf):
             end = newline if newline >= 0 else len(client.inbuf)
-            self._respond(client, self._execute(client, bytes(client.inbuf[:end])))
+            answer = self._execute(client, bytes(client.inbuf[:end]))
+            if isinstance(answer, Deferred):
+                self._await(client, answer)
+            else:
+                self._respond(client, answer)
         elif not data:
             self._drop(client)         # closed without asking anything
 
-    def _execute(self, client: _Client, line: bytes) -> dict[str, Any]:
+    def _execute(self, client: _Client, line: bytes) -> dict[str, Any] | Deferred:
         try:
             command, raw_args = _decode_request(line)
             if command not in self._commands:
@@ -420,6 +594,8 @@ class ControlServer:
                      extra={"event": "control_request", "command": command,
                             "uid": client.uid, "peer_pid": client.pid})
             result = self._commands[command](**kwargs)
+            if isinstance(result, Deferred):
+                return result
             if command == "status" and isinstance(result, Mapping):
                 result = self._enrich(result)
             return {"ok": True, "result": result}
@@ -429,8 +605,32 @@ class ControlServer:
             log.exception("control: command failed")
             return {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
 
+    def _await(self, client: _Client, reply: Deferred) -> None:
+        """The command answers later: hold the client (reading nothing more
+        from it) until *reply* is settled, or for ``MAX_WAIT`` at most."""
+        self._loop.remove_reader(client.sock)
+        if client.timer is not None:
+            client.timer.cancel()
+        client.waiting = reply
+        client.timer = self._loop.call_later(MAX_WAIT, lambda: self._guard(
+            client, lambda c: self._respond(c, {"ok": False, "error": f"no outcome within "
+                                                                      f"{MAX_WAIT:g}s"})))
+        def settled() -> None:  # inside whatever learnt the outcome: answer from the loop
+            self._loop.call_soon(lambda: self._guard(client, self._deliver))
+
+        reply.when_done(settled)
+
+    def _deliver(self, client: _Client) -> None:
+        if client in self._clients and client.waiting is not None and client.waiting.reply:
+            self._respond(client, client.waiting.reply)
+
     def _respond(self, client: _Client, reply: Mapping[str, Any]) -> None:
         self._loop.remove_reader(client.sock)
+        if client.waiting is not None:
+            client.waiting = None
+            if client.timer is not None:
+                client.timer.cancel()
+                client.timer = None
         try:
             client.outbuf = json.dumps(reply, default=str).encode() + b"\n"
         except (TypeError, ValueError) as exc:
@@ -537,8 +737,11 @@ def _clear_stale(path: str) -> None:
 def request(path: str, command: str, args: Mapping[str, Any] | None = None, *,
             timeout: float = 10.0) -> Any:
     """Send one command; return its result or raise a :class:`ControlError`
-    subclass saying what went wrong."""
+    subclass saying what went wrong.  *timeout* bounds the whole exchange,
+    including a reply the daemon gives only once the command's outcome is
+    known (``reload``)."""
     body = json.dumps({"command": command, "args": dict(args or {})}).encode() + b"\n"
+    deadline = time.monotonic() + timeout
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
@@ -549,19 +752,29 @@ def request(path: str, command: str, args: Mapping[str, Any] | None = None, *,
         except PermissionError:
             raise ControlRefused(f"permission denied on control socket {path} "
                                  "(it is served only to root and the daemon's user)") from None
-        data = _exchange(sock, body, path)
+        except TimeoutError:
+            raise ControlTimeout(f"{path}: no connection in {timeout:g}s") from None
+        except OSError as exc:     # not a socket, a path too long, ...
+            raise ControlUnavailable(f"control socket {path}: "
+                                     f"{exc.strerror or exc}") from None
+        data = _exchange(sock, body, path, deadline, timeout)
     finally:
         sock.close()
     return _decode_reply(data, path)
 
 
-def _exchange(sock: socket.socket, body: bytes, path: str) -> bytes:
+def _exchange(sock: socket.socket, body: bytes, path: str, deadline: float,
+              timeout: float) -> bytes:
     chunks: list[bytes] = []
     size = 0
     try:
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             sock.sendall(body)     # a refused client is answered before it sends
         while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            sock.settimeout(remaining)
             chunk = sock.recv(65536)
             if not chunk:
                 break
@@ -572,7 +785,7 @@ def _exchange(sock: socket.socket, body: bytes, path: str) -> bytes:
             if chunk.endswith(b"\n"):
                 break
     except TimeoutError:
-        raise ControlTimeout(f"no reply from {path} in {sock.gettimeout():g}s") from None
+        raise ControlTimeout(f"no reply from {path} in {timeout:g}s") from None
     except OSError as exc:
         if exc.errno in (errno.ECONNRESET, errno.EPIPE) and not chunks:
             raise ControlUnavailable(f"{path}: the daemon closed the connection") from None

@@ -37,7 +37,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from forkserver.config import Settings
-from forkserver.control import CommandError
+from forkserver.control import AttemptReplies, CommandError, Deferred
 from forkserver.errors import ForkserverError
 from forkserver.generations import Generations
 from forkserver.handler import WorkerClass
@@ -58,6 +58,7 @@ class Reloader:
         self.last_error: str | None = None
         self._before: tuple[Settings, WorkerClass, int] | None = None
         self._check: ReloadCheck | None = None
+        self.replies = AttemptReplies()  # `ctl reload` answers: one outcome settles them
 
     @property
     def checking(self) -> bool:
@@ -185,6 +186,7 @@ class Reloader:
         m.retire_all(lambda record_generation: record_generation != generation)
         log.info("reload complete: generation %d serves", generation,
                  extra={"event": "reload_completed", "generation": generation})  # fmt: skip
+        self.replies.succeeded({"generation": generation})
         m.announce(ready, f"generation {generation}; ")
         self._again()
 
@@ -210,23 +212,16 @@ class Reloader:
         log.error("reload failed, the running workers keep serving: %s", detail or reason,
                   extra={"event": "reload_failed", "reason": reason})  # fmt: skip
         self.master.notifier.status(f"reload failed: {reason}", force=True)
+        self.replies.failed(f"reload failed: {reason}")
 
-    def control_reload(self) -> dict[str, Any]:
-        """``forkserver ctl reload``: begin, and say which generation is starting."""
+    def control_reload(self) -> Deferred:
+        """``forkserver ctl reload``: the reply comes once the reload it asked
+        for has completed (the new generation serves) or failed (why)."""
         if self.master.stopping:
             raise CommandError("the master is stopping")
-        before, self.last_error = self.last_error, None
+        reply = self.replies.expect(during_attempt=self.checking or self.generations.reloading)
         self.reload()
-        if self.last_error is not None:  # the check could not even start
-            raise CommandError(f"reload failed: {self.last_error}")
-        gens = self.generations
-        if not (self.checking or gens.reloading):  # nothing began: keep the error on show
-            self.last_error = before
-        if gens.starting is not None:
-            return {"generation": gens.starting}
-        if self.checking:  # the number the new generation gets if the check passes
-            return {"generation": max(gens.serving, gens.completed) + 1, "checking": True}
-        return {"generation": gens.serving}
+        return reply
 
     def add_to_status(self, status: dict[str, Any]) -> None:
         """Fill in the generations of ``forkserver ctl status``."""

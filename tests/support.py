@@ -297,6 +297,7 @@ def start_daemon(
         full_env = {
             **os.environ,
             "NOTIFY_SOCKET": notify_path,
+            "RUNTIME_DIRECTORY": scratch,  # its default control socket: its own
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
             **(env or {}),
         }

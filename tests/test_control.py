@@ -274,20 +274,51 @@ def test_socket_path_from_config(daemon: Daemon, tmp_path: Path,
     conf = tmp_path / "f.toml"
     conf.write_text(f'control_socket = "{daemon.path}"\n')
     assert ctl(capsys, "-c", str(conf), "status", "--json")[0] == 0
+    # Without it, the default path (here the test session's $RUNTIME_DIRECTORY):
     code, _, err = ctl(capsys, "status")
-    assert code == cli.ExitCode.USAGE
-    assert "no control socket" in err
+    assert code == cli.ExitCode.UNAVAILABLE
+    assert f"no daemon at control socket {os.environ['RUNTIME_DIRECTORY']}/control.sock" in err
+    assert "that is $RUNTIME_DIRECTORY (systemd)" in err
+    assert "--socket PATH, -c FILE or --name NAME" in err
+
+
+def test_a_broken_config_file_still_tells_where_the_socket_is(
+        daemon: Daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    conf = tmp_path / "f.toml"
+    conf.write_text(f'control_socket = "{daemon.path}"\nworkers = "many"\n')
+    code, out, err = ctl(capsys, "-c", str(conf), "status", "--json")
+    assert code == 0, err
+    assert json.loads(out)["master"]["pid"] == daemon.pid
+    assert f"warning: {conf}:2, key 'workers'" in err          # what is wrong, still said
+    conf.write_text(f'control_socket = "{daemon.path}"\nworkers = [\n')
+    code, _, err = ctl(capsys, "-c", str(conf), "status")
+    assert code == cli.ExitCode.CONFIG
+    assert "cannot tell where the control socket is" in err
+    assert "give --socket PATH" in err
+    conf.write_text("control_socket = 5\n")
+    code, _, err = ctl(capsys, "-c", str(conf), "status")
+    assert code == cli.ExitCode.CONFIG
+    assert "control_socket: expected a string" in err
 
 
 def test_default_socket_path() -> None:
     s = Settings(pid_file="/run/app.pid")
-    assert control.default_socket_path(s, {}) == "/run/app.ctl"
-    assert control.default_socket_path(s, {"RUNTIME_DIRECTORY": "/run/x:/run/y"}) == \
-        "/run/x/control.sock"
-    assert control.default_socket_path(Settings(control_socket="/a.sock"),
-                                       {"RUNTIME_DIRECTORY": "/run/x"}) == "/a.sock"
-    assert control.default_socket_path(Settings(), {}) is None
-    assert control.default_socket_path(None, {}) is None
+    run = {"RUNTIME_DIRECTORY": "/run/x:/run/y"}
+    assert control.default_socket_path(s, run) == "/run/x/control.sock"
+    assert control.default_socket_path(Settings(control_socket="/a.sock"), run) == "/a.sock"
+    where = control.socket_path(None, "", {}, uid=0)
+    assert (where.path, where.configured) == ("/run/forkserver/control.sock", False)
+    assert control.socket_path(None, "api", {"XDG_RUNTIME_DIR": "/run/user/0"},
+                               uid=0).path == "/run/forkserver-api/control.sock"
+    assert control.socket_path(None, "", {"XDG_RUNTIME_DIR": "/run/user/1000"},
+                               uid=1000).path == "/run/user/1000/forkserver/control.sock"
+    assert control.socket_path(None, "a/b", {"XDG_RUNTIME_DIR": "/x"},
+                               uid=1000).path == "/x/forkserver-a_b/control.sock"
+    for environ in ({}, {"XDG_RUNTIME_DIR": "relative"}):
+        fallback = control.socket_path(None, "", environ, uid=1000)
+        assert fallback.path == "/tmp/forkserver-1000/control.sock"
+        assert fallback.private_parent
+    assert control.socket_path("/a.sock", "api", run, uid=0).configured
 
 
 # ------------------------------------------------------------------ bad clients
@@ -389,7 +420,6 @@ def test_nobody_is_refused_by_peer_credentials(daemon: Daemon) -> None:
 def test_open_control_uses_the_default_path(tmp_path: Path) -> None:
     loop = EventLoop()
     try:
-        assert control.open_control(loop, Settings(), {}, environ={}) is None
         server = control.open_control(loop, Settings(), {"status": dict},
                                       environ={"RUNTIME_DIRECTORY": str(tmp_path)})
         assert server is not None
@@ -399,6 +429,62 @@ def test_open_control_uses_the_default_path(tmp_path: Path) -> None:
         assert not os.path.exists(server.path)
     finally:
         loop.close()
+
+
+def test_a_taken_default_path_is_a_warning_a_configured_one_an_error(
+        daemon: Daemon, restore_root_logger: None, tmp_path: Path) -> None:
+    """Two daemons with no configuration: the second runs without a socket."""
+    log_file = tmp_path / "log.json"
+    log.configure(Settings(log_format="json", log_file=str(log_file)))
+    loop = EventLoop()
+    try:
+        taken = {"RUNTIME_DIRECTORY": os.path.dirname(daemon.path)}
+        assert control.open_control(loop, Settings(), {}, environ=taken) is None
+        (warning,) = [json.loads(line) for line in log_file.read_text().splitlines()]
+        assert warning["event"] == "control_unavailable"
+        assert warning["level"] == "warning"
+        assert f"control socket {daemon.path}: another daemon is serving it" in \
+            warning["message"]
+        assert "set control_socket, or give this daemon a name" in warning["message"]
+        with pytest.raises(control.ControlError, match="another daemon is serving it"):
+            control.open_control(loop, Settings(control_socket=daemon.path), {}, environ={})
+    finally:
+        loop.close()
+    assert control.request(daemon.path, "status")["master"]["pid"] == daemon.pid
+
+
+def test_the_socket_directory_is_created_0700(tmp_path: Path) -> None:
+    path = tmp_path / "new" / "c.sock"
+    loop = EventLoop()
+    try:
+        server = control.open_control(loop, Settings(control_socket=str(path)),
+                                      {"status": dict}, environ={})
+        assert server is not None
+        assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+        server.close()
+        with pytest.raises(control.ControlError, match=r"cannot create .*No such file"):
+            control.open_control(loop, Settings(control_socket=str(tmp_path / "a" / "b" / "c")),
+                                 {}, environ={})
+    finally:
+        loop.close()
+
+
+def test_a_socket_directory_in_tmp_must_be_private(tmp_path: Path) -> None:
+    """The fallback /tmp/forkserver-UID: another user could have made it first."""
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    planted.chmod(0o777)
+    with pytest.raises(control.ControlError, match="not a private directory"):
+        control.check_private_dir(str(planted))
+    planted.chmod(0o700)
+    control.check_private_dir(str(planted))
+    os.chown(planted, NOBODY, -1)
+    with pytest.raises(control.ControlError, match=rf"owner uid {NOBODY}"):
+        control.check_private_dir(str(planted))
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path)
+    with pytest.raises(control.ControlError, match="not a directory"):
+        control.check_private_dir(str(link))
 
 
 def _socket_inodes() -> set[str]:
@@ -443,3 +529,139 @@ def test_a_forked_child_lets_go_of_the_control_sockets(socket_dir: Path) -> None
     finally:
         server.close()
         loop.close()
+
+
+# ------------------------------------------------------------------ deferred replies
+
+def _serve_deferred(path: str, log_path: Path, ready_w: int) -> None:
+    """The child: ``reload`` answers later; ``scale 1`` settles the waiting
+    reloads with success, ``scale 2`` with a failure (as a reload's outcome
+    would), ``stop`` closes the server with reloads still waiting."""
+    loop = EventLoop()
+    log.configure(Settings(log_format="json", log_file=str(log_path), log_level="debug"))
+    replies = control.AttemptReplies()
+
+    def scale(workers: int) -> dict[str, int]:
+        if workers == 1:
+            replies.succeeded({"generation": 7})
+        else:
+            replies.failed("reload failed: workers: expected an integer")
+        return {"workers": workers}
+
+    server = ControlServer(loop, path, {
+        "reload": lambda: replies.expect(during_attempt=False),
+        "scale": scale,
+        "status": lambda: {"master": {"pid": os.getpid()}, "workers": []},
+        "stop": lambda graceful: loop.call_soon(loop.stop),
+    })
+    server.start()
+    os.write(ready_w, b"r")
+    os.close(ready_w)
+    loop.run()
+    server.close()
+    loop.close()
+
+
+@pytest.fixture
+def deferring(socket_dir: Path) -> Iterator[Daemon]:
+    path = str(socket_dir / "control.sock")
+    log_path = socket_dir / "log.json"
+    ready_r, ready_w = os.pipe()
+    pid = _fork(lambda: _serve_deferred(path, log_path, ready_w))
+    os.close(ready_w)
+    d = Daemon(pid, path, log_path)
+    try:
+        with os.fdopen(ready_r, "rb") as ready:
+            assert ready.read(1) == b"r", "the control server did not start"
+        yield d
+    finally:
+        if d.exit_code is None:
+            os.kill(pid, signal.SIGKILL)
+            d.wait()
+
+
+def _waiting(path: str) -> socket.socket:
+    """A client whose reload request has been read and is now waiting."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(path)
+    sock.sendall(b'{"command": "reload"}\n')
+    return sock
+
+
+def _reply(sock: socket.socket) -> dict[str, Any]:
+    reply: dict[str, Any] = json.loads(sock.makefile("rb").readline())
+    return reply
+
+
+def _wait_for_request(daemon: Daemon, count: int) -> None:
+    deadline = time.monotonic() + 10
+    while sum(e["event"] == "control_request" and e["command"] == "reload"
+              for e in daemon.events()) < count:
+        assert time.monotonic() < deadline, "the reload requests were not read"
+        control.request(daemon.path, "status", timeout=5)   # a round trip, not a sleep
+
+
+def test_a_deferred_reply_waits_for_the_outcome_without_blocking_others(
+        deferring: Daemon) -> None:
+    with _waiting(deferring.path) as first, _waiting(deferring.path) as second:
+        _wait_for_request(deferring, 2)
+        # Both wait; the loop serves everyone else meanwhile.
+        assert control.request(deferring.path, "status", timeout=5)["master"]["pid"] == \
+            deferring.pid
+        first.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            first.recv(1)                      # no answer before the outcome
+        first.setblocking(True)
+        control.request(deferring.path, "scale", {"workers": 1})      # the outcome: success
+        assert _reply(first) == {"ok": True, "result": {"generation": 7}}
+        assert _reply(second) == {"ok": True, "result": {"generation": 7}}
+
+
+def test_a_failed_outcome_makes_ctl_exit_1_with_the_reason(
+        deferring: Daemon, capsys: pytest.CaptureFixture[str]) -> None:
+    def settle_with_failure() -> None:
+        _wait_for_request(deferring, 1)
+        control.request(deferring.path, "scale", {"workers": 2})
+        os._exit(0)
+
+    helper = _fork(settle_with_failure)
+    try:
+        code, _, err = ctl(capsys, "--socket", deferring.path, "--timeout", "20", "reload")
+    finally:
+        assert wait_pid(helper, timeout=20) == 0
+    assert code == cli.ExitCode.FAILURE
+    assert "reload: reload failed: workers: expected an integer" in err
+
+
+def test_a_client_that_gives_up_leaves_the_server_serving(
+        deferring: Daemon, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = ctl(capsys, "--socket", deferring.path, "--timeout", "0.5", "reload")
+    assert code == cli.ExitCode.TEMPFAIL
+    assert "no reply" in err and "the reload may still complete" in err
+    control.request(deferring.path, "scale", {"workers": 1})   # settles a gone client
+    assert control.request(deferring.path, "status")["master"]["pid"] == deferring.pid
+
+
+def test_closing_answers_the_clients_still_waiting(deferring: Daemon) -> None:
+    with _waiting(deferring.path) as waiting:
+        _wait_for_request(deferring, 1)
+        control.request(deferring.path, "stop")
+        assert _reply(waiting) == {"ok": False,
+                                   "error": "the master stopped before the outcome was known"}
+    assert deferring.wait() == 0
+
+
+def test_attempt_replies_go_to_the_attempt_that_saw_the_request() -> None:
+    replies = control.AttemptReplies()
+    first = replies.expect(during_attempt=False)       # starts attempt 1
+    during = replies.expect(during_attempt=True)       # asked while 1 runs: merged into 2
+    also = replies.expect(during_attempt=True)
+    replies.failed("reload failed: 1")
+    assert first.reply == {"ok": False, "error": "reload failed: 1"}
+    assert not during.done and not also.done
+    replies.succeeded({"generation": 2})
+    assert during.reply == also.reply == {"ok": True, "result": {"generation": 2}}
+    during.fail("too late")                            # the first outcome stands
+    assert during.reply == {"ok": True, "result": {"generation": 2}}
+    replies.succeeded(None)                            # nobody waits: nothing happens
