@@ -370,8 +370,8 @@ def _ctl_hint(exc: control.ControlError, where: control.SocketPath,
                 "generation serving and the last reload error)")
     if not isinstance(exc, control.ControlUnavailable) or where.configured:
         return ""
-    return (f"\n(that is {where.origin}; a daemon with a control_socket or a name of its "
-            "own is reached with --socket PATH, -c FILE or --name NAME)")
+    return (f"\n(default path: {where.origin}; a daemon with its own control_socket or "
+            "name is reached with --socket PATH, -c FILE or --name NAME)")
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

@@ -245,6 +245,7 @@ class AttemptReplies:
 #: first that applies of systemd's ``$RUNTIME_DIRECTORY``, ``/run`` for root,
 #: ``$XDG_RUNTIME_DIR`` for other users, and a private directory in /tmp.
 ROOT_RUNTIME_DIR: Final = "/run"
+FALLBACK_DIR: Final = "/tmp"  # noqa: S108 - checked by check_private_dir before use
 SOCKET_NAME: Final = "control.sock"
 
 
@@ -289,12 +290,13 @@ def socket_path(control_socket: str | None, name: str = "",
     directory = "forkserver-" + name.replace("/", "_") if name else "forkserver"
     if uid == 0:
         return SocketPath(os.path.join(ROOT_RUNTIME_DIR, directory, SOCKET_NAME),
-                          "the default for root")
+                          "/run, for root")
     xdg = environ.get("XDG_RUNTIME_DIR", "")
     if os.path.isabs(xdg):
         return SocketPath(os.path.join(xdg, directory, SOCKET_NAME), "$XDG_RUNTIME_DIR")
-    return SocketPath(os.path.join("/tmp", f"{directory}-{uid}", SOCKET_NAME),  # noqa: S108
-                      "the default without $XDG_RUNTIME_DIR", private_parent=True)
+    return SocketPath(os.path.join(FALLBACK_DIR, f"{directory}-{uid}", SOCKET_NAME),
+                      "a private directory in /tmp, without $XDG_RUNTIME_DIR",
+                      private_parent=True)
 
 
 def default_socket_path(settings: Settings | None,

@@ -278,8 +278,9 @@ def test_socket_path_from_config(daemon: Daemon, tmp_path: Path,
     code, _, err = ctl(capsys, "status")
     assert code == cli.ExitCode.UNAVAILABLE
     assert f"no daemon at control socket {os.environ['RUNTIME_DIRECTORY']}/control.sock" in err
-    assert "that is $RUNTIME_DIRECTORY (systemd)" in err
-    assert "--socket PATH, -c FILE or --name NAME" in err
+    assert "(default path: $RUNTIME_DIRECTORY (systemd);" in err
+    assert ("its own control_socket or name is reached with --socket PATH, -c FILE or "
+            "--name NAME") in err
 
 
 def test_a_broken_config_file_still_tells_where_the_socket_is(
