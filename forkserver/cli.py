@@ -8,6 +8,8 @@
 ``forkserver ctl [--socket PATH | -c FILE | --name NAME] COMMAND``
     talk to a running master over its control socket (found by the rule
     of ``forkserver.control.socket_path``, as ``run`` places it).
+``forkserver --version``
+    the installed version.
 
 This is the one module that turns errors into exit codes (sysexits.h):
 64 bad command line, 66 missing config file, 78 invalid configuration;
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import enum
+import importlib.metadata
 import os
 import sys
 import tomllib
@@ -161,10 +164,23 @@ def add_settings_options(parser: argparse.ArgumentParser) -> None:
                                default=argparse.SUPPRESS, metavar=metavar, help=help_text)
 
 
+def version() -> str:
+    """The installed distribution's version (the package's own when it runs
+    from a source tree that was never installed)."""
+    try:
+        return importlib.metadata.version("forkserver")
+    except importlib.metadata.PackageNotFoundError:
+        from forkserver import __version__  # noqa: PLC0415
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="forkserver",
                      description="A prefork TCP daemon: one master accepts, "
                                  "pre-forked workers run your handler.")
+    parser.add_argument("--version", "-V", action="version",
+                        version=f"forkserver {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     run = sub.add_parser("run", help="run the daemon",
                          description="Run the daemon. Settings come from defaults < "

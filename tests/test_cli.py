@@ -106,6 +106,15 @@ def test_check_config_prints_every_setting_and_its_origin(tmp_path: Path) -> Non
     assert sorted(keys) == sorted(config.SETTINGS)
 
 
+def test_version_prints_the_installed_version() -> None:
+    import importlib.metadata  # noqa: PLC0415
+
+    expected = f"forkserver {importlib.metadata.version('forkserver')}\n"
+    for flag in ("--version", "-V"):
+        result = forkserver(flag)
+        assert (result.returncode, result.stdout, result.stderr) == (0, expected, ""), flag
+
+
 def test_check_config_prints_the_control_socket_the_daemon_would_use(tmp_path: Path) -> None:
     result = forkserver("check-config", "a:b", "--name", "api",
                         env={"RUNTIME_DIRECTORY": str(tmp_path)})
