@@ -224,7 +224,9 @@ class Settings:
         None, kind="str", group="control", optional=True, maximum=MAX_TEXT, metavar="PATH",
         example='"/run/forkserver/control.sock"',
         help="the control socket for `forkserver ctl` (none: $RUNTIME_DIRECTORY/control.sock "
-             "under systemd, else beside the pid file, else no control socket)")
+             "under systemd, else /run/forkserver/control.sock for root, else "
+             "$XDG_RUNTIME_DIR/forkserver/control.sock; with `name` set the directory is "
+             "forkserver-NAME)")
     # -- logging
     log_level: Literal["debug", "info", "warning", "error", "critical"] = _s(
         "info", kind="choice", group="logging",
@@ -787,17 +789,25 @@ control socket in $RUNTIME_DIRECTORY."""
 _CTL_NOTE: Final = """\
 ## `forkserver ctl`
 
-`forkserver ctl [--socket PATH | -c FILE] COMMAND` talks to the master
-over the control socket (`control_socket`, else
-`$RUNTIME_DIRECTORY/control.sock`, else beside the pid file).  The
-socket is mode 0600 and the master checks the peer's credentials: only
-root and the daemon's own user are served; anyone else is refused and
-logged (event `control_denied`).
+`forkserver ctl [--socket PATH | -c FILE | --name NAME] COMMAND` talks
+to the master over the control socket.  `run`, `ctl` and `check-config`
+place it by one rule: `control_socket`; else
+`$RUNTIME_DIRECTORY/control.sock` (under systemd); else
+`/run/forkserver/control.sock` for root (where the shipped unit's
+`RuntimeDirectory=` puts it); else `$XDG_RUNTIME_DIR/forkserver/control.sock`,
+or `/tmp/forkserver-UID/control.sock` without `XDG_RUNTIME_DIR`.  With
+`name` set the directory is `forkserver-NAME`.  A missing directory is
+created mode 0700.  When the default path is taken (a second daemon with
+no configuration) the daemon logs `control_unavailable` and runs without
+a control socket; a `control_socket` that is taken stops the start.
+The socket is mode 0600 and the master checks the peer's credentials:
+only root and the daemon's own user are served; anyone else is refused
+and logged (event `control_denied`).
 
 | Command | Does |
 |---|---|
 | `status [--json]` | the master and a table of workers; `--json`: stable JSON |
-| `reload` | re-read the configuration and replace the workers (as HUP) |
+| `reload` | as HUP; answers once the new generation serves, or exits 1 and says why |
 | `scale N` | run N workers |
 | `stop [--graceful\\|--fast]` | stop; graceful (the default) lets workers finish |
 | `reopen-logs` | reopen `log_file` after rotation (as USR1) |

@@ -13,6 +13,16 @@ and the server answers with one JSON object and a newline, then closes::
     {"ok": true, "result": ...}
     {"ok": false, "error": "why", "denied": false}
 
+The answer may come later than the request: a command whose outcome is
+known only later (``reload``) returns a :class:`Deferred`, and the
+client stays connected until it is settled (or its own timeout ends the
+wait).
+
+Where the socket is: :func:`socket_path`, the one rule ``run``, ``ctl``
+and ``check-config`` share (``control_socket``; else
+``$RUNTIME_DIRECTORY``; else ``/run/forkserver[-NAME]`` for root,
+``$XDG_RUNTIME_DIR/forkserver[-NAME]`` for others).
+
 Security: the socket is created mode 0600 (under umask 0177, so it is
 never more open, not even for an instant).  ``SO_PEERCRED`` is checked on
 every connection: only root and the daemon's own uid are served, anyone
@@ -26,7 +36,7 @@ Wiring (in the master, once its loop exists)::
     server = control.open_control(loop, settings, {
         "status": master.status, "reload": master.request_reload,
         "scale": master.scale, "stop": master.request_stop,
-        "reopen-logs": master.reopen_logs})      # None: no socket configured
+        "reopen-logs": master.reopen_logs})      # None: the default path was taken
     ...
     if server is not None:
         server.close()                           # on the way out; removes the file
@@ -38,7 +48,8 @@ Commands the master supplies
 :class:`ControlServer` takes a mapping of command name to callable, so it
 knows nothing of the master's internals.  Arguments are validated here;
 the callables get clean keyword arguments and must not block (``stop``
-and ``reload`` begin their work and return).  To fail cleanly, raise
+begins its work and returns; ``reload`` begins and returns a
+:class:`Deferred` that the reload's outcome settles).  To fail cleanly, raise
 :class:`CommandError` (or any ``ForkserverError``) with a message for
 the operator; any other exception is logged and answered with an error,
 never raised out of the loop.
@@ -47,7 +58,7 @@ never raised out of the loop.
 command            called as                    returns (JSON-serialisable)
 =================  ===========================  ==========================
 ``status``         ``status()``                 the mapping below
-``reload``         ``reload()``                 mapping or None
+``reload``         ``reload()``                 a Deferred (or a mapping)
 ``scale``          ``scale(workers=N)``         mapping or None
 ``stop``           ``stop(graceful=True|False)``  None
 ``reopen-logs``    ``reopen_logs()``            None
