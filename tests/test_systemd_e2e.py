@@ -3,8 +3,14 @@
 This machine's PID 1 is not systemd, so ``systemd-nspawn --boot`` runs a
 real one in a Debian root built once by ``systemd_e2e/build_rootfs.sh``
 (cached under /var/tmp).  The container shares the host's network, so
-the test connects from the host to the port systemd binds inside; the
-repository is bound read-only inside, so forkserver runs from source.
+the test connects from the host to the port systemd binds inside.
+
+forkserver is installed inside by running systemd/README.md's own install
+commands: a virtualenv in /opt/forkserver made from a copy of this source
+tree in /usr/local/src/forkserver (its pip fetches the dependencies from
+PyPI), then the shipped units as written.  The test adds only drop-ins:
+the port, and a shorter watchdog.  Commands inside run as from a root
+shell there (``SHELL_ENV``): none of the test session's variables.
 
 The cgroup rule: the service manager runs only inside its container, and
 the host's ``/proc/1/cgroup`` must be the same after the test as before.
@@ -12,8 +18,10 @@ the host's ``/proc/1/cgroup`` must be the same after the test as before.
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -21,6 +29,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,15 +37,25 @@ from tests.loadgen import BackgroundLoad
 from tests.support import exchange, poll_until
 
 E2E = Path(__file__).resolve().parent / "systemd_e2e"
+UNITS_README = E2E.parent.parent / "systemd" / "README.md"
 BOOT = E2E / "nspawn_boot.sh"
 ROOTFS = Path(os.environ.get("FORKSERVER_E2E_ROOTFS", "/var/tmp/forkserver-e2e/rootfs"))
 TIMEOUT = 60.0
 WATCHDOG_SEC = 2
 
-# The first run on a machine builds the container root (about 70 s, more
-# from a slow mirror) inside the first test's set-up; every command after
-# that has its own timeout.
+# The first run on a machine builds the container root (about two minutes,
+# more from a slow mirror) inside the first test's set-up; every command
+# after that has its own timeout.
 pytestmark = [pytest.mark.systemd, pytest.mark.slow, pytest.mark.timeout(900)]
+
+#: A root shell inside the container: none of the test session's variables
+#: (its RUNTIME_DIRECTORY above all), and the XDG_RUNTIME_DIR a root login has.
+SHELL_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "/root",
+    "LANG": "C.UTF-8",
+    "XDG_RUNTIME_DIR": "/run/user/0",
+}
 
 
 def nspawn_unavailable() -> str | None:
@@ -77,14 +96,14 @@ class Container:
     state: Path
     port: int
 
-    def run(self, *command: str, check: bool = True) -> str:
-        result = subprocess.run(
+    def execute(self, *command: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
             [str(BOOT), "exec", str(self.state), *command],
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-            check=False,
-        )
+            capture_output=True, text=True, timeout=timeout, check=False, env=SHELL_ENV,
+        )  # fmt: skip
+
+    def run(self, *command: str, check: bool = True, timeout: float = TIMEOUT) -> str:
+        result = self.execute(*command, timeout=timeout)
         if check and result.returncode != 0:
             raise AssertionError(
                 f"{' '.join(command)} exited {result.returncode}: {result.stderr.strip()}\n"
@@ -103,13 +122,20 @@ class Container:
         out = self.run("ps", "-o", "pid=", "--ppid", str(pid), check=False)
         return {int(line) for line in out.split()}
 
-    def journal(self) -> str:
-        out = subprocess.run(
-            [str(BOOT), "exec", str(self.state), "journalctl", "--no-pager", "-n", "60",
-             "-u", "forkserver.service", "-u", "forkserver.socket"],
-            capture_output=True, text=True, timeout=TIMEOUT, check=False,
-        )  # fmt: skip
+    def journal(self, *units: str) -> str:
+        names = units or ("forkserver.service", "forkserver.socket")
+        options = [option for unit in names for option in ("-u", unit)]
+        out = self.execute("journalctl", "--no-pager", "-n", "80", *options)
         return "--- journal ---\n" + out.stdout
+
+    def ctl_status(self, *flags: str) -> dict[str, Any]:
+        """``forkserver ctl status --json`` from a root shell: no socket named."""
+        result: dict[str, Any] = json.loads(self.run("forkserver", "ctl", *flags, "status",
+                                                     "--json"))  # fmt: skip
+        return result
+
+    def write_config(self, text: str) -> None:
+        self.run("bash", "-c", f"cat > /etc/forkserver/forkserver.toml <<'END'\n{text}END")
 
     def wait_active(self, *, not_pid: int = 0) -> int:
         """Wait for the service to be active with a main pid other than *not_pid*."""
@@ -127,30 +153,40 @@ class Container:
 
 
 SERVICE_DROP_IN = f"""[Service]
-Environment=PYTHONPATH=/opt/forkserver
 WatchdogSec={WATCHDOG_SEC}
 """
 CONFIG = 'handler = "forkserver.examples.echo:handle"\nworkers = 2\ngraceful_timeout = 10.0\n'
+#: What a clone would not bring: files that builds and test runs leave.
+NOT_SOURCE = ("./.venv", "./.git", "*.egg-info", "__pycache__", "./build", ".mypy_cache",
+              ".ruff_cache", ".pytest_cache", ".hypothesis", "./tests/bench/results",
+              "./tests/bench/.work")  # fmt: skip
 
 
-def install_units(box: Container) -> None:
-    """Our unit files, as shipped, plus drop-ins for the port and the source tree."""
+def readme_install_blocks() -> list[str]:
+    """The shell blocks of systemd/README.md's Install section, in order:
+    the plain pair, then an instance of the template pair."""
+    section = UNITS_README.read_text().split("\n## Install\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```sh\n(.+?)\n```", section, re.DOTALL)
+    assert len(blocks) == 2, "systemd/README.md's install steps changed: update this test"
+    return blocks
+
+
+def install_as_the_readme_says(box: Container) -> None:
+    """The source in /usr/local/src/forkserver and the test's drop-ins (written
+    first: the README's steps enable the socket, which must not take port
+    8000 of the host's network), then the README's own commands."""
     etc = "/etc/systemd/system"
-    script = f"""set -e
-cp /opt/forkserver/systemd/forkserver.socket /opt/forkserver/systemd/forkserver.service {etc}/
-mkdir -p {etc}/forkserver.socket.d {etc}/forkserver.service.d /etc/forkserver
-cat > {etc}/forkserver.socket.d/e2e.conf <<'EOF'
-[Socket]
-ListenStream=
-ListenStream=127.0.0.1:{box.port}
-EOF
-cat > {etc}/forkserver.service.d/e2e.conf <<'EOF'
-{SERVICE_DROP_IN}EOF
-cat > /etc/forkserver/forkserver.toml <<'EOF'
-{CONFIG}EOF
-systemctl daemon-reload
+    excludes = " ".join(f"--exclude='{pattern}'" for pattern in NOT_SOURCE)
+    prepare = f"""set -e
+mkdir -p /usr/local/src/forkserver {etc}/forkserver.socket.d {etc}/forkserver.service.d
+tar -C /media/forkserver-source {excludes} -cf - . | tar -C /usr/local/src/forkserver -xf -
+printf '[Socket]\\nListenStream=\\nListenStream=127.0.0.1:{box.port}\\n' \\
+    > {etc}/forkserver.socket.d/e2e.conf
+printf '{SERVICE_DROP_IN.replace(chr(10), chr(92) + "n")}' > {etc}/forkserver.service.d/e2e.conf
 """
-    box.run("bash", "-c", script)
+    box.run("bash", "-c", prepare)
+    box.run("bash", "-euxc", readme_install_blocks()[0], timeout=600)  # pip reaches PyPI
+    box.write_config(CONFIG)
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +208,7 @@ def box() -> Iterator[Container]:
             capture_output=True, text=True, timeout=120, check=False,
         )  # fmt: skip
         assert start.returncode == 0, f"the container did not boot:\n{start.stdout}{start.stderr}"
-        install_units(container)
+        install_as_the_readme_says(container)
         yield container
     finally:
         stop = subprocess.run(
@@ -199,6 +235,19 @@ def ensure_running(box: Container) -> int:
     return box.wait_active()
 
 
+def test_the_readme_install_runs_the_shipped_units_from_the_venv(box: Container) -> None:
+    assert box.run("/opt/forkserver/bin/forkserver", "--version").startswith("forkserver ")
+    for unit in ("forkserver.service", "forkserver.socket"):
+        shipped = (UNITS_README.parent / unit).read_text()
+        assert box.run("cat", f"/etc/systemd/system/{unit}") == shipped.strip()
+    assert box.prop("UnitFileState", "forkserver.socket") == "enabled"
+    assert box.prop("ExecStart").count("path=/opt/forkserver/bin/forkserver ") == 1
+    # Nothing of forkserver outside the virtualenv and the source copy.
+    found = box.run("python3", "-c", "import importlib.util as u; "
+                    "print(u.find_spec('forkserver'))")  # fmt: skip
+    assert found == "None", found
+
+
 def test_first_connection_activates_and_ready_makes_it_active(box: Container) -> None:
     fresh_socket(box)
     assert box.prop("ActiveState", "forkserver.socket") == "active"
@@ -216,27 +265,117 @@ def test_first_connection_activates_and_ready_makes_it_active(box: Container) ->
     assert box.prop("MainPID") == str(pid)
 
 
-def test_reload_fails_no_request_and_replaces_the_workers(box: Container) -> None:
+def test_ctl_status_from_a_root_shell_needs_no_flags(box: Container) -> None:
     pid = ensure_running(box)
-    old_workers = box.workers()
-    with BackgroundLoad("127.0.0.1", box.port, total=1500, concurrency=8, deadline=60) as load:
-        load.wait_answered(50)
-        box.run("systemctl", "reload", "forkserver.service")
-        # systemd 252 returns once ExecReload (kill -HUP) exits: wait for
-        # the new generation, whose workers are not the old ones.
+    status = box.ctl_status()
+    assert status["master"]["pid"] == pid
+    assert {w["pid"] for w in status["workers"]} == box.workers()
+    table = box.run("forkserver", "ctl", "status")
+    assert f"master pid {pid} " in table, table
+    # The socket is the one the unit's RuntimeDirectory= holds.
+    assert box.run("stat", "-c", "%F", "/run/forkserver/control.sock") == "socket"
+
+
+#: An application installed into the virtualenv, as the README advises: the
+#: echo handler, whose workers (not the master's import check) wait at import
+#: while the gate's listener is there, so the test decides when a reload's
+#: new generation can be ready.  Closing the listener opens the gate.
+GATED_APP = """
+import os
+import socket
+
+import setproctitle
+
+from forkserver.examples.echo import handle
+
+GATE = "/run/e2e-gate/gate.sock"
+if setproctitle.getproctitle().startswith("forkserver: worker") and os.path.exists(GATE):
+    with socket.socket(socket.AF_UNIX) as waiting:
+        waiting.settimeout(60)
         try:
-            poll_until(
-                lambda: bool(box.workers()) and not (box.workers() & old_workers),
-                "a new generation of workers after systemctl reload",
-                timeout=20,
-            )
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{box.journal()}") from None
-        assert load.running(), "the load ended before the reload did: it proves nothing"
-        result = load.join()
+            waiting.connect(GATE)
+            waiting.recv(1)
+        except OSError:
+            pass
+"""
+GATE_LISTENER = (
+    "import os, socket, time; s = socket.socket(socket.AF_UNIX); "
+    "s.bind('/run/e2e-gate/gate.sock'); os.chmod('/run/e2e-gate/gate.sock', 0o777); "
+    "s.listen(16); time.sleep(300)"
+)
+
+
+def test_reload_waits_for_the_new_generation_and_loses_no_request(box: Container) -> None:
+    pid = ensure_running(box)
+    before = box.ctl_status()["master"]["generation"]
+    old_workers = box.workers()
+    site = box.run("/opt/forkserver/bin/python", "-c", "import sysconfig; "
+                   "print(sysconfig.get_path('purelib'))")  # fmt: skip
+    box.run("bash", "-c", f"cat > {site}/e2e_gated.py <<'END'\n{GATED_APP}END")
+    box.write_config(CONFIG.replace("forkserver.examples.echo:handle", "e2e_gated:handle"))
+    box.run("systemd-run", "--unit=e2e-gate", "--property=RuntimeDirectory=e2e-gate",
+            "python3", "-c", GATE_LISTENER)  # fmt: skip
+    try:
+        poll_until(lambda: box.execute("test", "-S", "/run/e2e-gate/gate.sock").returncode == 0,
+                   "the gate listening")  # fmt: skip
+        reload = subprocess.Popen(
+            [str(BOOT), "exec", str(box.state), "systemctl", "reload", "forkserver.service"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=SHELL_ENV,
+        )  # fmt: skip
+        try:
+            poll_until(lambda: len(box.workers() - old_workers) == 2,
+                       "the new generation's workers, held at import")  # fmt: skip
+            # They cannot be ready: systemctl reload must still be waiting.
+            assert reload.poll() is None, "systemctl reload returned before the new " \
+                                          "generation was ready"
+            assert box.ctl_status()["master"]["generation"] == before
+            with BackgroundLoad("127.0.0.1", box.port, total=3000, concurrency=8,
+                                deadline=90) as load:  # fmt: skip
+                load.wait_answered(50)
+                box.run("systemctl", "stop", "e2e-gate")             # open the gate
+                _, err = reload.communicate(timeout=TIMEOUT)
+                assert reload.returncode == 0, err + box.journal()
+                # systemctl returned: the new generation serves, with no waiting here.
+                status = box.ctl_status()
+                assert load.running(), "the load ended before the reload did: it proves nothing"
+                result = load.join()
+        finally:
+            if reload.poll() is None:
+                reload.kill()
+                reload.communicate(timeout=TIMEOUT)
+        assert status["master"]["generation"] == before + 1, box.journal()
+        serving = {w["pid"] for w in status["workers"]
+                   if w["generation"] == before + 1 and w["state"] == "ready"}  # fmt: skip
+        assert len(serving) == 2 and not serving & old_workers, status
+    finally:
+        box.run("systemctl", "stop", "e2e-gate", check=False)
+        box.write_config(CONFIG)
     assert result.failures == [], result.failure_summary()
     assert box.main_pid() == pid, "a reload keeps the master"
     assert box.prop("ActiveState") == "active"
+
+
+def test_reload_of_a_broken_config_fails_and_the_service_keeps_serving(box: Container) -> None:
+    pid = ensure_running(box)
+    workers = box.workers()
+    generation = box.ctl_status()["master"]["generation"]
+    box.write_config('handler = "forkserver.examples.echo:handle"\nworkers = "many"\n')
+    try:
+        result = box.execute("systemctl", "reload", "forkserver.service")
+        assert result.returncode != 0, "systemctl reload said it reloaded a broken config"
+        assert box.prop("ActiveState") == "active"
+        assert box.main_pid() == pid
+        assert box.workers() == workers
+        assert box.ask(b"still here") == b"still here"
+        assert box.ctl_status()["master"]["generation"] == generation
+        journal = box.journal()
+        assert "Reload failed for forkserver.service" in journal, journal
+        assert ("reload failed: /etc/forkserver/forkserver.toml:2, key 'workers'"
+                in journal), journal  # fmt: skip
+    finally:
+        box.write_config(CONFIG)
+    box.run("systemctl", "reload", "forkserver.service")      # fixed: it reloads again
+    assert box.ctl_status()["master"]["generation"] == generation + 1
 
 
 def test_restart_loses_no_connection(box: Container) -> None:
@@ -292,38 +431,30 @@ with socket.socket(socket.AF_UNIX) as sock:
 
 
 def test_a_template_instance_reads_its_own_config(box: Container) -> None:
-    etc = "/etc/systemd/system"
-    script = f"""set -e
-cp /opt/forkserver/systemd/forkserver@.socket /opt/forkserver/systemd/forkserver@.service {etc}/
-mkdir -p {etc}/forkserver@.service.d
-printf '[Service]\\nEnvironment=PYTHONPATH=/opt/forkserver\\n' \\
-    > {etc}/forkserver@.service.d/e2e.conf
-printf 'handler = "forkserver.examples.echo:handle"\\nworkers = 1\\n' > /etc/forkserver/api.toml
-systemctl daemon-reload
-systemctl start forkserver@api.socket
-"""
-    box.run("bash", "-c", script)
+    box.run("bash", "-euxc", readme_install_blocks()[1])      # as the README says
+    unit = "forkserver@api.service"
     try:
-        assert box.prop("ActiveState", "forkserver@api.service") == "inactive"
+        assert box.prop("ActiveState", unit) == "inactive"
         reply = box.run("python3", "-c", INSTANCE_CLIENT, "/run/forkserver-api.sock")
         assert reply == "to the api instance"
-        assert box.prop("ActiveState", "forkserver@api.service") == "active"
-        pid = box.prop("MainPID", "forkserver@api.service")
-        title = box.run("ps", "-o", "args=", "-p", pid)
+        assert box.prop("ActiveState", unit) == "active"
+        pid = int(box.prop("MainPID", unit))
+        title = box.run("ps", "-o", "args=", "-p", str(pid))
         assert title.startswith("forkserver: master [api]"), title
+        # Its control socket: `ctl --name api` from a root shell, and its reload.
+        status = box.ctl_status("--name", "api")
+        assert (status["master"]["pid"], status["master"]["name"]) == (pid, "api")
+        box.run("systemctl", "reload", unit)
+        assert box.ctl_status("--name", "api")["master"]["generation"] == 1
     finally:
-        box.run("systemctl", "stop", "forkserver@api.socket", "forkserver@api.service")
+        box.run("systemctl", "stop", "forkserver@api.socket", unit)
 
 
 def test_a_configuration_error_is_reported_and_not_restarted(box: Container) -> None:
     fresh_socket(box)
-    bad = 'handler = "no.such.module:handle"\nworkers = 2\n'
-    box.run("bash", "-c", f"cat > /etc/forkserver/forkserver.toml <<'EOF'\n{bad}EOF")
+    box.write_config('handler = "no.such.module:handle"\nworkers = 2\n')
     try:
-        result = subprocess.run(
-            [str(BOOT), "exec", str(box.state), "systemctl", "start", "forkserver.service"],
-            capture_output=True, text=True, timeout=TIMEOUT, check=False,
-        )  # fmt: skip
+        result = box.execute("systemctl", "start", "forkserver.service")
         assert result.returncode != 0, "a service that cannot load its handler started"
         assert box.prop("ExecMainStatus") == "78", box.journal()
         assert box.prop("ActiveState") == "failed"
@@ -332,5 +463,5 @@ def test_a_configuration_error_is_reported_and_not_restarted(box: Container) -> 
         assert box.prop("StatusErrno") != "0"
         assert "no.such.module" in box.prop("StatusText")
     finally:
-        box.run("bash", "-c", f"cat > /etc/forkserver/forkserver.toml <<'EOF'\n{CONFIG}EOF")
+        box.write_config(CONFIG)
         box.run("systemctl", "reset-failed", "forkserver.service", check=False)

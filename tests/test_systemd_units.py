@@ -18,7 +18,11 @@ import pytest
 
 from forkserver.config import Settings
 
-UNITS = Path(__file__).resolve().parent.parent / "systemd"
+ROOT = Path(__file__).resolve().parent.parent
+UNITS = ROOT / "systemd"
+#: Where systemd/README.md installs forkserver and its source.
+VENV = "/opt/forkserver"
+SOURCE = "/usr/local/src/forkserver"
 SERVICES = ["forkserver.service", "forkserver@.service"]
 SOCKETS = ["forkserver.socket", "forkserver@.socket"]
 MAX_EXPOSURE = 2.0
@@ -60,15 +64,34 @@ def strict_verify(*paths: Path) -> str:
     return (result.stdout + result.stderr).strip() + ("" if result.returncode == 0 else " (rc)")
 
 
+def installed_copy(names: list[str], where: Path) -> list[Path]:
+    """The units as they would be verified after the README's install.
+
+    verify checks that each command is executable, and the virtualenv the
+    units run from (VENV) is not installed here: the copies name an
+    executable file at the same path under *where* instead.  Nothing else
+    in them changes."""
+    venv = where / VENV.lstrip("/")
+    (venv / "bin").mkdir(parents=True, exist_ok=True)
+    program = venv / "bin" / "forkserver"
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    copies = []
+    for name in names:
+        copy = where / name
+        copy.write_text((UNITS / name).read_text().replace(VENV + "/", str(venv) + "/"))
+        copies.append(copy)
+    return copies
+
+
 @pytest.mark.parametrize("pair", [SOCKETS[:1] + SERVICES[:1], SOCKETS[1:] + SERVICES[1:]])
-def test_units_verify_without_a_single_warning(pair: list[str]) -> None:
-    assert strict_verify(*(UNITS / name for name in pair)) == ""
+def test_units_verify_without_a_single_warning(pair: list[str], tmp_path: Path) -> None:
+    assert strict_verify(*installed_copy(pair, tmp_path)) == ""
 
 
 def test_the_strict_check_catches_an_unknown_key(tmp_path: Path) -> None:
     """Plain verify would pass this file; ours must not."""
-    for name in ("forkserver.socket", "forkserver.service"):
-        shutil.copy(UNITS / name, tmp_path / name)
+    installed_copy(["forkserver.socket", "forkserver.service"], tmp_path)
     broken = tmp_path / "forkserver.socket"
     broken.write_text(broken.read_text().replace("Accept=no", "Accept=no\nNonBlocking=yes"))
     assert "Unknown key 'NonBlocking' in section [Socket]" in strict_verify(
@@ -95,7 +118,13 @@ def test_service_keeps_the_protocol_promises(service: str) -> None:
     assert value(service, "Type") == "notify"
     assert value(service, "NotifyAccess") == "main"
     assert value(service, "KillMode") == "mixed"
-    assert value(service, "ExecReload") == "/bin/kill -HUP $MAINPID"
+    # ctl reload waits for the outcome, so `systemctl reload` fails when it did.
+    assert value(service, "ExecReload") == f"{VENV}/bin/forkserver ctl --timeout 60 reload"
+    assert value(service, "ExecStart").startswith(f"{VENV}/bin/forkserver run ")
+    # The control socket is $RUNTIME_DIRECTORY/control.sock; a root shell's
+    # `forkserver ctl` looks in /run/forkserver[-NAME] (control.socket_path).
+    runtime = value(service, "RuntimeDirectory")
+    assert runtime == ("forkserver-%i" if "@" in service else "forkserver")
     assert value(service, "Restart") == "on-failure"
     assert value(service, "RestartPreventExitStatus") == "78"
     assert int(value(service, "WatchdogSec")) > 0
@@ -147,8 +176,20 @@ def test_template_differs_from_the_plain_service_only_by_instance() -> None:
         ),
         (("RuntimeDirectory", "forkserver"), ("RuntimeDirectory", "forkserver-%i")),
     ]
+    assert value("forkserver.service", "ExecReload") == value("forkserver@.service", "ExecReload")
     assert "--config /etc/forkserver/%i.toml" in value("forkserver@.service", "ExecStart")
     assert value("forkserver@.service", "Requires") == "forkserver@%i.socket"
+
+
+@pytest.mark.parametrize("unit", SERVICES + SOCKETS)
+def test_documentation_points_at_the_projects_docs(unit: str) -> None:
+    """Documentation= names files of the source tree the README installs."""
+    links = value(unit, "Documentation").split()
+    files = [link.removeprefix("file:") for link in links if link.startswith("file:")]
+    assert files, links
+    for path in files:
+        assert path.startswith(SOURCE + "/"), path
+        assert (ROOT / path.removeprefix(SOURCE + "/")).is_file(), path
 
 
 def test_readme_names_every_unit_and_the_operations() -> None:
@@ -160,5 +201,23 @@ def test_readme_names_every_unit_and_the_operations() -> None:
         "systemctl reload",
         "systemctl status",
         "journalctl -u forkserver",
+        "forkserver ctl status",
+        "forkserver ctl --name api status",
+        f"python3 -m venv {VENV}",
+        f"{VENV}/bin/pip install {SOURCE}",
+        "Type=notify-reload",
     ):
         assert command in text
+
+
+def test_readme_install_copies_only_files_the_project_ships() -> None:
+    """Every `install`/`cp` source in the README's steps is a file of this tree."""
+    text = (UNITS / "README.md").read_text()
+    install = text.split("\n## Install\n", 1)[1].split("\n## ", 1)[0]
+    sources = []
+    for line in re.findall(r"^(?:install -m \d+|cp) (.+) \S+$", install, re.MULTILINE):
+        sources += line.split()
+    assert sources, "no copy step found"
+    for source in sources:
+        assert (ROOT / source).is_file(), source
+    assert "/home" not in install.replace("`/home`", "") and "/root/" not in install

@@ -7,15 +7,17 @@
 #
 # The directory is the cache; a tarball beside it (ROOTFS.tar) lets CI
 # restore it without the network.  A stamp file records the package list,
-# so changing PACKAGES below rebuilds.  Building takes about 70 s and
-# 300 MB; restoring the tarball a few seconds.  Needs root, debootstrap
-# and a Debian mirror (read from the host's apt sources).
+# so changing PACKAGES below rebuilds.  Building takes one to two minutes
+# (most of it downloading from the mirror) and about 200 MB, plus as much
+# again for the tarball; restoring the tarball takes a few seconds.  Needs
+# root, debootstrap and a Debian mirror (read from the host's apt sources).
 set -euo pipefail
 
 ROOTFS=${1:-${FORKSERVER_E2E_ROOTFS:-/var/tmp/forkserver-e2e/rootfs}}
-# procps: /bin/kill for ExecReload=; python3-psutil and python3-setproctitle:
-# forkserver's own dependencies, so it runs from the source tree inside.
-PACKAGES=systemd,systemd-sysv,dbus,procps,python3,python3-psutil,python3-setproctitle
+# procps: ps, pgrep and kill for the test; python3-venv: the install route
+# of systemd/README.md (a virtualenv in /opt, whose pip brings forkserver's
+# own dependencies from PyPI).
+PACKAGES=systemd,systemd-sysv,dbus,procps,python3,python3-venv
 SUITE=bookworm
 STAMP="$SUITE $PACKAGES"
 TARBALL="$ROOTFS.tar"

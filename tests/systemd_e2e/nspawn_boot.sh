@@ -7,7 +7,8 @@
 #
 # The container shares the host's network namespace, so the host reaches
 # the ports systemd binds inside on 127.0.0.1.  The repository is bound
-# read-only at /opt/forkserver, so forkserver runs from this source tree.
+# read-only at /media/forkserver-source; the test installs from a copy of
+# it, as systemd/README.md says.
 # --volatile=overlay: every change inside lands on a tmpfs and is gone
 # at power-off; the cached root stays pristine.
 #
@@ -27,6 +28,12 @@ W=${2:?usage: $0 start|exec|stop STATE_DIR ...}
 CG=forkserver-e2e-$(basename "$W" | tr -c "a-zA-Z0-9\n" "-" | tr -s "-" | sed 's/-*$//')
 leader() { cat "$W/leader"; }
 
+# The host's CA bundle: pip inside reaches PyPI through whatever the host
+# trusts (a TLS-inspecting proxy, say); Debian's pip reads this file.
+BUNDLE=/etc/ssl/certs/ca-certificates.crt
+TRUST=""
+[ -f "$BUNDLE" ] && TRUST="--bind-ro=$BUNDLE"
+
 case "$cmd" in
 start)
   mkdir -p "$W"
@@ -40,7 +47,7 @@ start)
       mkdir -p /run/systemd && mount -t tmpfs -o mode=755 fse2e /run/systemd &&
       exec systemd-nspawn --quiet --register=no --keep-unit --boot --console=pipe \
         --directory='"$ROOTFS"' --volatile=overlay --machine='"$CG"' \
-        --bind-ro='"$REPO"':/opt/forkserver"
+        --bind-ro='"$REPO"':/media/forkserver-source '"$TRUST"'"
   ' > "$W/nspawn.log" 2>&1 < /dev/null &
   echo $! > "$W/nspawn.pid"
   for _ in $(seq 600); do
