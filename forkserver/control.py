@@ -727,6 +727,8 @@ def _clear_stale(path: str) -> None:
         st = os.lstat(path)
     except FileNotFoundError:
         return
+    except OSError as exc:             # a directory we may not search, say
+        raise ControlError(f"control socket {path}: {exc.strerror}") from None
     if not stat.S_ISSOCK(st.st_mode):
         raise ControlError(f"control socket {path}: exists and is not a socket; "
                            "refusing to replace it")
@@ -735,8 +737,13 @@ def _clear_stale(path: str) -> None:
     try:
         probe.connect(path)
     except (ConnectionRefusedError, FileNotFoundError):
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.unlink(path)                 # left behind by a master that died
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise ControlError(f"control socket {path}: cannot remove the stale socket: "
+                               f"{exc.strerror}") from None
         return
     except OSError as exc:
         raise ControlError(f"control socket {path}: cannot check it: {exc.strerror}") from None

@@ -470,6 +470,37 @@ def test_the_socket_directory_is_created_0700(tmp_path: Path) -> None:
         loop.close()
 
 
+def test_a_default_path_the_daemon_may_not_reach_is_a_warning(socket_dir: Path) -> None:
+    """A master that is not root, given a runtime directory only root may
+    search: it runs without a control socket instead of failing."""
+    closed = socket_dir / "root-only"
+    closed.mkdir(mode=0o700)
+
+    def child() -> int:
+        loop = EventLoop()
+        try:
+            server = control.open_control(loop, Settings(), {},
+                                          environ={"RUNTIME_DIRECTORY": str(closed)})
+        except control.ControlError:
+            return 2
+        return 0 if server is None else 1
+
+    try:
+        assert _as_nobody(child) == 0
+        assert _as_nobody(lambda: _configured_in(closed)) == 0    # configured: an error
+    finally:
+        closed.rmdir()
+
+
+def _configured_in(directory: Path) -> int:
+    try:
+        control.open_control(EventLoop(), Settings(control_socket=str(directory / "c.sock")),
+                             {}, environ={})
+    except control.ControlError as exc:
+        return 0 if "Permission denied" in str(exc) else 1
+    return 2
+
+
 def test_a_socket_directory_in_tmp_must_be_private(tmp_path: Path) -> None:
     """The fallback /tmp/forkserver-UID: another user could have made it first."""
     planted = tmp_path / "planted"
