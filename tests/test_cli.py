@@ -116,19 +116,20 @@ def test_version_prints_the_installed_version() -> None:
 
 
 def test_check_config_prints_the_control_socket_the_daemon_would_use(tmp_path: Path) -> None:
-    result = forkserver("check-config", "a:b", "--name", "api",
+    handler = "forkserver.examples.echo:handle"
+    result = forkserver("check-config", handler, "--name", "api",
                         env={"RUNTIME_DIRECTORY": str(tmp_path)})
     assert result.returncode == 0, result.stderr
     assert (f'control_socket = "{tmp_path}/control.sock"  '
             "# default: $RUNTIME_DIRECTORY (systemd)") in result.stdout.splitlines()
     environ = {k: v for k, v in os.environ.items() if k != "RUNTIME_DIRECTORY"}
-    done = subprocess.run([sys.executable, "-m", "forkserver", "check-config", "a:b",
+    done = subprocess.run([sys.executable, "-m", "forkserver", "check-config", handler,
                            "--name", "api"], env=environ, cwd=ROOT, capture_output=True,
                           text=True, timeout=60, check=False)  # fmt: skip
     expected = ('control_socket = "/run/forkserver-api/control.sock"  '
                 "# default: /run, for root") if os.geteuid() == 0 else "control_socket = "
     assert any(line.startswith(expected) for line in done.stdout.splitlines()), done.stdout
-    result = forkserver("check-config", "a:b", "--control-socket", "/x.sock")
+    result = forkserver("check-config", handler, "--control-socket", "/x.sock")
     assert 'control_socket = "/x.sock"  # command line --control-socket' in result.stdout
 
 

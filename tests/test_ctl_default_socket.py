@@ -168,7 +168,8 @@ def test_a_configured_control_socket_that_is_taken_stops_the_start(tmp_path: Pat
 @pytest.mark.skipif(ROOT_RULE, reason="the non-root fallback: run as another user")
 def test_without_xdg_runtime_dir_a_private_directory_in_tmp() -> None:
     environ = clean_environ()
-    shown = subprocess.run([sys.executable, "-m", "forkserver", "check-config", "a:b"],
+    shown = subprocess.run([sys.executable, "-m", "forkserver", "check-config",
+                            "forkserver.examples.echo:handle"],
                            env=environ, cwd=ROOT, capture_output=True, text=True,
                            timeout=TIMEOUT, check=False)  # fmt: skip
     assert f'control_socket = "/tmp/forkserver-{os.geteuid()}/control.sock"' in shown.stdout
