@@ -40,10 +40,15 @@ Decisions where the spec leaves room, each on the strict side:
   ``PROXY``, the two TCP families and UNIX stream give addresses, UNSPEC
   gives none (use the socket's), and the DGRAM ones are refused: this is
   a stream server, and a UDP header on a TCP connection is a
-  misconfiguration, not something to fall back from.  With ``LOCAL``
-  (health checks) the family is ignored and its address block, if
-  present, skipped.
-* v2 TLVs are all parsed, and any that overruns its container (the
+  misconfiguration, not something to fall back from.
+* v2 ``LOCAL`` (the proxy's own connection, a health check): the spec
+  says to "use the real connection endpoints and discard the protocol
+  block including the family which is ignored".  So the 16 + length
+  bytes are skipped unread, addresses and TLVs alike: nothing in them is
+  used, so nothing in them needs checking (and no guess is made about
+  where TLVs would start after the addresses of an ignored family).
+  Only the fixed part is checked and the size bounded.
+* v2 ``PROXY`` TLVs are all parsed, and any that overruns its container (the
   header, or the SSL TLV for its sub-TLVs) is an error, as is a known
   TLV given twice.  Text TLVs are decoded strictly (US-ASCII or UTF-8 as
   the spec says) and may not hold control characters.  A CRC32C TLV is
@@ -188,7 +193,11 @@ class SslInfo:
 
 @dataclass(frozen=True, slots=True)
 class Tlvs:
-    """The v2 TLVs; fields are ``None`` when the header has no such TLV."""
+    """The v2 TLVs; fields are ``None`` when the header has no such TLV.
+
+    A v1 header has none, nor does a v2 ``LOCAL`` header (its block is
+    discarded unread).
+    """
 
     alpn: bytes | None = None
     authority: str | None = None  # the host name the client asked for (SNI)
@@ -473,16 +482,16 @@ def _parse_v2(data: bytes | bytearray | memoryview, max_size: int) -> ProxyHeade
     if total > max_size:
         raise _v2_error("too_large", f"16 + {payload} bytes exceed the limit of {max_size}")
     address_length = family.address_length
-    if payload < address_length:
-        if command == Command.PROXY or payload > 0:
-            raise _v2_error("truncated", f"{payload} of {address_length} address bytes "
-                                         f"for {family.name}")  # fmt: skip
-        address_length = 0  # a LOCAL header may name a family and give no addresses
+    if command == Command.PROXY and payload < address_length:
+        raise _v2_error("truncated", f"{payload} of {address_length} address bytes "
+                                     f"for {family.name}")  # fmt: skip
     if len(data) < total:
         return NeedMore(total - len(data))
+    if command == Command.LOCAL:
+        return ProxyHeader(2, command, None, None, None, total)  # the block is discarded
     header = bytes(data[:total])
     tlvs = _parse_tlvs(header, 16 + address_length)
-    if command == Command.LOCAL or family.family is None:
+    if family.family is None:
         return ProxyHeader(2, command, None, None, None, total, tlvs)
     src, dst = _v2_addresses(family.family, header[16 : 16 + address_length])
     return ProxyHeader(2, command, family.family, src, dst, total, tlvs)
