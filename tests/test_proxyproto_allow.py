@@ -106,7 +106,7 @@ hosts = st.one_of(st.integers(0, 2**32 - 1).map(ipaddress.IPv4Address),
                   st.integers(0, 2**128 - 1).map(ipaddress.IPv6Address))  # fmt: skip
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.lists(networks, min_size=1, max_size=8), st.lists(hosts, max_size=8), st.data())
 def test_membership_agrees_with_ipaddress(
         nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network],

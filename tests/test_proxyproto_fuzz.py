@@ -37,7 +37,7 @@ from forkserver.proxyproto import (
 )
 from tests import proxyproto_build as b
 
-FUZZ = settings(max_examples=300, deadline=None)
+FUZZ = settings(max_examples=200, deadline=None)
 
 
 def outcome(data: bytes, version: int, max_size: int = DEFAULT_MAX_SIZE,
@@ -393,7 +393,7 @@ def unix_path(raw: bytes) -> str | bytes:
 
 @FUZZ
 @given(st.sampled_from([b"PROXY UNKNOWN ", b"PROXY TCP4 1", b"PROXY TCP6 ::", b"PROXY "]),
-       st.binary(min_size=V1_MAX_LENGTH, max_size=400).map(lambda t: t.replace(b"\r", b"_")))
+       st.binary(min_size=V1_MAX_LENGTH, max_size=200).map(lambda t: t.replace(b"\r", b"_")))
 def test_v1_over_long_line_is_refused_by_byte_107(prefix: bytes, filler: bytes) -> None:
     data = prefix + filler
     result = outcome(data, 1)
