@@ -250,6 +250,7 @@ class EventLoop:
         if signum not in self._signal_callbacks:
             self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
         self._signal_callbacks[signum] = callback
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})  # blocked across an upgrade's exec
 
     def remove_signal_handler(self, signum: int) -> bool:
         if signum not in self._signal_callbacks:

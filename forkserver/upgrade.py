@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any, Final, NoReturn
 
 from forkserver.errors import ForkserverError
+from forkserver.forking import fork_child
 from forkserver.systemd import SD_LISTEN_FDS_START, InheritedSocket, listen_fds, valid_fd_name
 
 ENV: Final = "FORKSERVER__UPGRADE"  # the reserved prefix: no setting may take it
@@ -87,7 +88,9 @@ def start_new_master(
     """Fork and exec *argv* with *listeners* handed over; raises OSError."""
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
     try:
-        pid = os.fork()
+        # The group's signals stay blocked across the exec, until the new
+        # master's loop handles them: the default action would kill it.
+        pid = fork_child()
     except OSError:
         os.close(ready_r)
         os.close(ready_w)

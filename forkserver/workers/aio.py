@@ -78,6 +78,8 @@ class AsyncioWorker:
     async def _main(self) -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._stop)
+        if self.ctx.term_received:  # a TERM taken while the worker booted
+            self._stop()
         loop.set_exception_handler(protocols.record_callback_error)
         self.chan.send(channel.Ready(pid=os.getpid()))
         loop.add_reader(self.chan.fileno(), self._on_channel)

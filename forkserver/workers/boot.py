@@ -4,9 +4,13 @@ In order:
 
 1. Signals: HUP, USR1, USR2, TTIN, TTOU and INT are ignored (the master
    drives workers over the channel, and ``pkill -HUP`` or a terminal's
-   Ctrl-C must not take them down); TERM is "finish and exit", set up
-   by the worker loop; QUIT exits at once; ABRT dumps every thread's
-   stack to stderr, then the worker dies of it.
+   Ctrl-C must not take them down); TERM is "finish and exit" (recorded
+   in ``ctx.term_received`` until the worker loop takes it over); QUIT
+   exits at once; ABRT dumps every thread's stack to stderr, then the
+   worker dies of it.  The master forked with these signals blocked
+   (``forking.fork_child``); they are unblocked only now, so one sent to
+   the whole process group meanwhile is taken by these dispositions,
+   never by the master's handlers or the default action.
 2. Descriptors: everything but the standard streams, the channel and
    the log file is closed.  The master's Python objects that owned the
    closed descriptors were detached before (see ``spawn.fork_worker``)
@@ -35,6 +39,7 @@ from typing import Final, NoReturn, Protocol
 
 import setproctitle
 
+from forkserver.forking import unblock_signals
 from forkserver.handler import HandlerLoadError, load_handler
 from forkserver.privileges import drop_privileges
 from forkserver.workers.core import EXIT_BOOT_ERROR, WorkerContext
@@ -71,9 +76,11 @@ def _boot_and_run(ctx: WorkerContext) -> int:
         signal.signal(signum, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGQUIT, lambda *_: os._exit(0))  # at once, dropping what it holds
+    signal.signal(signal.SIGTERM, lambda *_: setattr(ctx, "term_received", True))
     # ABRT (sent by the master to a silent worker before SIGKILL), and a crash in C:
     # every thread's stack goes to stderr from C, even while Python code is stuck.
     faulthandler.enable(all_threads=True)
+    unblock_signals()  # blocked across the fork: what arrived meanwhile comes now
     close_inherited_fds({0, 1, 2, ctx.channel.fileno(), *_log_fds(), *ctx.keep_fds})
     drop_privileges(ctx.user, ctx.group)
     _die_with_master(ctx.master_pid)

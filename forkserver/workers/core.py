@@ -57,6 +57,8 @@ class WorkerContext:
     shared_listeners: tuple[tuple[int, int], ...] = ()
     #: (family, type, proto) of each listener's connections, learnt from the first.
     socket_kinds: dict[int, tuple[int, int, int]] = field(default_factory=dict)
+    #: SIGTERM arrived before the worker loop set its own handler (see ``boot``).
+    term_received: bool = False
 
     def listener_name(self, index: int) -> str:
         if 0 <= index < len(self.listener_names):

@@ -43,6 +43,8 @@ class SelectorWorker:
         # The flag, not just the wake-up pipe: a sync worker under steady
         # load may serve connection after connection without selecting.
         signal.signal(signal.SIGTERM, self._on_sigterm)
+        if ctx.term_received:  # a TERM taken while the worker booted
+            self.stopping = True
         self.next_beat = 0.0
         self.watch(self.chan.fileno(), self._on_channel)
         self.watch(self._wake_r, self._on_signal)
