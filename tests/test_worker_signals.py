@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from tests.loadgen import BackgroundLoad
 from tests.support import Daemon, exchange, poll_until, start_daemon, wait_pid
@@ -118,3 +119,17 @@ def test_a_group_signal_storm_during_an_upgrade_kills_neither_the_new_master_nor
             assert exchange(sock, b"the new one") == b"the new one"
         os.kill(new_pid, signal.SIGTERM)
         assert wait_pid(new_pid, timeout=30) == 0
+
+
+def test_a_term_that_reaches_a_booting_worker_is_honoured_once_it_serves(tmp_path: Path) -> None:
+    """TERM during the handler's import: the worker comes up, then finishes and exits 0."""
+    env = {"SLOW_BOOT_DIR": str(tmp_path)}
+    with start_daemon("tests.handlers.slow_boot:handle", workers=1, env=env,
+                      wait_ready=False) as daemon:  # fmt: skip
+        poll_until(lambda: any(tmp_path.glob("*.importing")), "a worker imports the handler")
+        booting = int(next(tmp_path.glob("*.importing")).name.split(".")[0])
+        os.kill(booting, signal.SIGTERM)
+        (tmp_path / "go").touch()
+        exited = daemon.wait_log("worker_exited", pid=booting)
+        assert exited["exit_code"] == 0
+        daemon.wait_log("worker_ready", pid=booting)  # it booted before it left
