@@ -2,16 +2,35 @@
 
 The master keeps the uid it was started with.  It needs root (when it
 has it) to bind privileged ports again on reload and to re-exec on
-upgrade, and it never runs handler code.  Each worker calls
+upgrade, and it never runs handler code.  Every process that runs
+handler code (each worker, and the handler probe) calls
 :func:`drop_privileges` right after fork, before it imports or runs the
 handler; ``PR_SET_PDEATHSIG`` must be set *after* it, because any change
 of credentials clears the parent-death signal.
 
-Order matters: supplementary groups first (``initgroups`` needs root),
-then the gid, then the uid, each with the ``setres*`` call so the real,
-effective and saved ids all change and none can be taken back.
+:func:`drop_privileges` is the whole lock-down, in this order:
+
+1. When the process leaves root for another user, every capability is
+   dropped from its bounding set (``PR_CAPBSET_DROP`` for each one up to
+   ``/proc/sys/kernel/cap_last_cap``): nothing it executes later, a
+   setuid-root program or one with file capabilities included, can gain
+   a capability back.  This needs ``CAP_SETPCAP``, which the uid switch
+   takes away, so it comes first.  A process that stays root (no
+   ``user``, or ``user = "root"``) keeps its bounding set and its
+   capabilities: it runs as root because the configuration says so, and
+   root without capabilities still owns every root-owned file, so
+   stripping them would only break the handler, not confine it.
+2. Supplementary groups (``initgroups`` needs root), then the gid, then
+   the uid, each with the ``setres*`` call so the real, effective and
+   saved ids all change and none can be taken back.
+3. ``PR_SET_NO_NEW_PRIVS``, always: from then on ``execve`` never grants
+   privileges (setuid and setgid bits and file capabilities are
+   ignored), for this process and everything it starts.  It is harmless
+   for a process that needs none, and it cannot be undone.
+
 :func:`resolve` checks the names without changing anything, so the master
-can refuse an unknown user before it forks a single worker.
+can refuse an unknown user before it forks a single worker
+(:func:`check_can_switch` also refuses one this process cannot become).
 
 :class:`PidFile` is the master's pid file: created atomically (a
 complete file appears under its name, or none does), refused while
@@ -22,6 +41,8 @@ removed on exit only if it still names us.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import grp
 import os
 import pwd
@@ -37,6 +58,9 @@ __all__ = ["Credentials", "PidFile", "PidFileError", "PrivilegeError", "check_ca
 MAX_PID_FILE: Final = 64       # "4194304\n" is 8 bytes; anything long is not ours
 _CAP_SETGID: Final = 6
 _CAP_SETUID: Final = 7
+_PR_CAPBSET_READ: Final = 23   # <linux/prctl.h>
+_PR_CAPBSET_DROP: Final = 24
+_PR_SET_NO_NEW_PRIVS: Final = 38
 
 
 class PrivilegeError(ForkserverError):
@@ -130,12 +154,50 @@ def _effective_capabilities() -> int:
 
 
 def drop_privileges(user: str | None, group: str | None) -> None:
-    """Become *user* (with its supplementary groups) and *group*; nothing
-    if both are None.  Raises :class:`PrivilegeError` naming what failed."""
+    """Lock this process down before it runs handler code (see the module
+    docstring): become *user* (with its supplementary groups) and *group*,
+    dropping the capability bounding set when that leaves root, then set
+    ``PR_SET_NO_NEW_PRIVS`` (with both None that is all it does).  Raises
+    :class:`PrivilegeError` naming what failed."""
     creds = resolve(user, group)
-    if creds is None:
-        return
-    wanted = f"user {user!r}" if user else f"group {group!r}"
+    if creds is not None:
+        if creds.uid not in (None, 0) and os.geteuid() == 0:
+            _drop_bounding_set()
+        _switch(creds, f"user {user!r}" if user else f"group {group!r}")
+    _prctl(_PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")
+
+
+def _drop_bounding_set() -> None:
+    """Remove every capability from the bounding set (needs CAP_SETPCAP)."""
+    try:
+        with open("/proc/sys/kernel/cap_last_cap", "rb") as f:
+            last = int(f.read(16))
+    except (OSError, ValueError) as exc:
+        raise PrivilegeError(f"cannot read /proc/sys/kernel/cap_last_cap: {exc}") from None
+    for cap in range(last + 1):
+        # Only those still in the set: with none left, CAP_SETPCAP is not needed.
+        if _prctl(_PR_CAPBSET_READ, cap, f"PR_CAPBSET_READ of capability {cap}"):
+            _prctl(_PR_CAPBSET_DROP, cap, f"PR_CAPBSET_DROP of capability {cap}")
+
+
+def _prctl(option: int, arg: int, what: str) -> int:
+    """``prctl(option, arg, 0, 0, 0)``; its result, or PrivilegeError naming *what*."""
+    result: int = _libc().prctl(option, ctypes.c_ulong(arg), ctypes.c_ulong(0),
+                                ctypes.c_ulong(0), ctypes.c_ulong(0))  # fmt: skip
+    if result < 0:
+        err = ctypes.get_errno()
+        raise PrivilegeError(f"prctl({what}) failed: {os.strerror(err)} "
+                             f"(running as uid {os.geteuid()})")  # fmt: skip
+    return result
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _switch(creds: Credentials, wanted: str) -> None:
+    """Supplementary groups, gid, uid: all three of each id, for good."""
     try:
         if os.geteuid() == 0:
             os.setgroups(list(creds.groups))

@@ -3,24 +3,29 @@
 from __future__ import annotations
 
 import grp
+import json
 import os
 import pwd
+import shutil
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
 from forkserver.privileges import PidFile, PidFileError, PrivilegeError, drop_privileges, resolve
-from tests.support import wait_pid
+from tests.support import Daemon, exchange, start_daemon, wait_pid
 from tests.test_cli import running_daemon
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop privileges")
+CREDENTIALS = "tests.handlers.credentials:handle"
 
 
 @contextmanager
@@ -58,12 +63,19 @@ def forked(action: Callable[[], None]) -> Iterator[tuple[int, bytes]]:
 
 
 def proc_status(pid: int) -> dict[str, list[int]]:
-    out: dict[str, list[int]] = {}
     with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            name, _, rest = line.partition(":")
-            if name in ("Uid", "Gid", "Groups"):
-                out[name] = [int(x) for x in rest.split()]
+        return parse_status(f.read())
+
+
+def parse_status(text: str) -> dict[str, list[int]]:
+    """Ids, groups, NoNewPrivs and the capability sets (as ints) of a /proc status."""
+    out: dict[str, list[int]] = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition(":")
+        if name in ("Uid", "Gid", "Groups", "NoNewPrivs"):
+            out[name] = [int(x) for x in rest.split()]
+        elif name in ("CapPrm", "CapEff", "CapBnd", "CapAmb"):
+            out[name] = [int(rest, 16)]
     return out
 
 
@@ -113,11 +125,27 @@ def test_a_dropped_process_cannot_switch_back() -> None:
 
 
 @needs_root
-def test_nothing_to_do() -> None:
+def test_staying_root_keeps_the_capabilities_and_only_sets_no_new_privs() -> None:
     assert resolve(None, None) is None
+    before = proc_status(os.getpid())
     with forked(lambda: drop_privileges(None, None)) as (pid, report):
         assert report == b"ok"
-        assert proc_status(pid)["Uid"] == [0] * 4
+        status = proc_status(pid)
+    assert status["Uid"] == [0] * 4
+    assert status["NoNewPrivs"] == [1]
+    for caps in ("CapBnd", "CapEff", "CapPrm"):
+        assert status[caps] == before[caps]
+
+
+@needs_root
+def test_leaving_root_empties_every_capability_set_and_sets_no_new_privs() -> None:
+    assert proc_status(os.getpid())["CapBnd"] != [0]
+    with forked(lambda: drop_privileges("nobody", None)) as (pid, report):
+        assert report == b"ok"
+        status = proc_status(pid)
+    assert status["NoNewPrivs"] == [1]
+    for caps in ("CapBnd", "CapEff", "CapPrm", "CapAmb"):
+        assert status[caps] == [0], caps
 
 
 @needs_root
@@ -159,6 +187,58 @@ def test_daemon_workers_run_as_the_configured_user(tmp_path: Path) -> None:
             assert status["Gid"] == [nobody.pw_gid] * 4
             assert sorted(status["Groups"]) == sorted(set(os.getgrouplist("nobody",
                                                                           nobody.pw_gid)))
+
+
+@contextmanager
+def setuid_root_cat() -> Iterator[str]:
+    """A setuid-root copy of ``cat`` that any user may run."""
+    directory = tempfile.mkdtemp(prefix="fs-suid-")
+    try:
+        os.chmod(directory, 0o755)
+        path = os.path.join(directory, "cat")
+        shutil.copy(shutil.which("cat") or "/bin/cat", path)
+        os.chmod(path, 0o4755)
+        yield path
+    finally:
+        shutil.rmtree(directory)
+
+
+def ask_credentials(daemon: Daemon, *programs: str) -> tuple[int, dict[str, Any]]:
+    """(the worker's pid, its reply): /proc/self/status of it and of each program."""
+    with daemon.connect(timeout=20) as sock:
+        reply = json.loads(exchange(sock, "\n".join(programs).encode()))
+    worker = parse_status(reply["worker"])
+    pid = next(int(line.split()[1]) for line in reply["worker"].splitlines()
+               if line.startswith("Pid:"))  # fmt: skip
+    return pid, {"worker": worker, "programs": [parse_status(p) for p in reply["programs"]]}
+
+
+@needs_root
+def test_a_worker_run_as_nobody_and_what_it_executes_cannot_regain_privileges() -> None:
+    """No capability anywhere, NoNewPrivs set, and a setuid-root program runs as nobody."""
+    nobody = pwd.getpwnam("nobody").pw_uid
+    with setuid_root_cat() as suid_cat, \
+            start_daemon(CREDENTIALS, "--user", "nobody", workers=1) as daemon:
+        pid, seen = ask_credentials(daemon, shutil.which("cat") or "/bin/cat", suid_cat)
+        assert seen["worker"] == {**proc_status(pid), **seen["worker"]}  # the live worker
+        for status in (seen["worker"], *seen["programs"]):
+            assert status["Uid"] == [nobody] * 4  # the setuid bit took nothing
+            assert status["NoNewPrivs"] == [1]
+            for caps in ("CapBnd", "CapEff", "CapPrm", "CapAmb"):
+                assert status[caps] == [0], caps
+
+
+@needs_root
+def test_a_worker_that_stays_root_keeps_its_capabilities_with_no_new_privs() -> None:
+    master = proc_status(os.getpid())  # the daemon's master has what this process has
+    with start_daemon(CREDENTIALS, workers=1) as daemon:
+        _, seen = ask_credentials(daemon, shutil.which("cat") or "/bin/cat")
+        assert proc_status(daemon.pid)["NoNewPrivs"] == [0]  # the master itself is untouched
+        for status in (seen["worker"], *seen["programs"]):
+            assert status["Uid"] == [0] * 4
+            assert status["NoNewPrivs"] == [1]
+            for caps in ("CapBnd", "CapEff", "CapPrm"):
+                assert status[caps] == master[caps], caps
 
 
 # ------------------------------------------------------------------ pid file
