@@ -44,6 +44,21 @@ from forkserver.workers.shared import SharedListeners
 AsyncHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, object]]
 
 
+def _cancelled(exc: BaseException) -> bool:
+    """Is *exc* the cancellation of the running task, the one error a handler passes on?
+
+    The worker cancels a connection's task only when it must go at once
+    (the master is gone): that ``CancelledError`` is honoured.  One the
+    handler raises, or gets from a future someone else cancelled, is its
+    error like any other, as is everything else it raises
+    (``KeyboardInterrupt``, ``SystemExit``, ``GeneratorExit``, ...).
+    """
+    if not isinstance(exc, asyncio.CancelledError):
+        return False
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 class AsyncioWorker:
     def __init__(self, ctx: WorkerContext) -> None:
         assert ctx.handler is not None
@@ -182,7 +197,9 @@ class AsyncioWorker:
             return exc
         try:
             await self.handle(reader, writer)
-        except (Exception, SystemExit) as exc:  # a handler's sys.exit() must not end the worker
+        except BaseException as exc:  # anything but our own cancellation
+            if _cancelled(exc):
+                raise
             return exc
         finally:
             writer.close()
@@ -197,7 +214,9 @@ class AsyncioWorker:
     ) -> BaseException | None:
         try:
             return await protocols.serve(protocol, sock)
-        except (Exception, SystemExit) as exc:  # its __init__, or attaching the socket
+        except BaseException as exc:  # its __init__, or attaching the socket
+            if _cancelled(exc):
+                raise
             return exc
 
     def _report(self, error: channel.HandlerError) -> None:

@@ -211,7 +211,10 @@ def serve_blocking(
             call(conn, peer, info)
         else:
             call(conn, peer)
-    except (Exception, SystemExit) as exc:  # a handler's sys.exit() must not end the worker
+    except BaseException as exc:
+        # Whatever the handler raises is its error, never the worker's end:
+        # sys.exit(), KeyboardInterrupt (workers ignore SIGINT, so only the
+        # handler can raise one), GeneratorExit, a BaseException of its own.
         error = error_report(exc, listener, peer)
     finally:
         conn.close()

@@ -8,15 +8,38 @@ once per worker: the subclass marks the connection over when
 ``connection_lost`` has run, and the worker's exception handler records
 on the protocol any exception asyncio caught from its callbacks.  The
 subclass is a real subclass, so ``isinstance`` checks (asyncio's own
-``BufferedProtocol`` test among them) see the user's class, and
-``data_received`` is called with nothing in between.
+``BufferedProtocol`` test among them) see the user's class.
+
+asyncio (and uvloop) catch what a protocol callback raises, except
+``SystemExit`` and ``KeyboardInterrupt``, which they let end the event
+loop, and with it the worker.  So each data-path callback the user's
+class defines (``data_received``, ``eof_received``, ``get_buffer``,
+``buffer_updated``, ``pause_writing``, ``resume_writing``) is wrapped:
+those two come out as ``HandlerEscape``, an ``Exception`` that asyncio
+handles like any other (it closes the transport and hands it to the
+worker's exception handler), and the original is what gets reported.
+The wrapper is one more Python call per callback, nothing else.
+``connection_made`` and ``connection_lost`` record anything they raise.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Final
+
+#: Callbacks asyncio calls with one argument, and with none.
+_ONE_ARGUMENT: Final = ("data_received", "get_buffer", "buffer_updated")
+_NO_ARGUMENT: Final = ("eof_received", "pause_writing", "resume_writing")
+
+
+class HandlerEscape(Exception):
+    """Carries a protocol's ``SystemExit`` or ``KeyboardInterrupt`` past asyncio."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(f"{type(original).__name__}: {original}")
+        self.original = original
 
 
 class TrackedProtocol(asyncio.BaseProtocol):
@@ -28,14 +51,14 @@ class TrackedProtocol(asyncio.BaseProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         try:
             super().connection_made(transport)
-        except Exception as exc:  # asyncio would only log it and keep the connection
+        except BaseException as exc:  # asyncio would log it, or end its loop
             self.forkserver_error = exc
             transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         try:
             super().connection_lost(exc)
-        except Exception as error:
+        except BaseException as error:  # as in connection_made
             self.forkserver_error = self.forkserver_error or error
         finally:
             if not self.forkserver_over.done():
@@ -44,7 +67,43 @@ class TrackedProtocol(asyncio.BaseProtocol):
 
 def tracked(cls: type[asyncio.BaseProtocol]) -> type[TrackedProtocol]:
     """The user's protocol class with the worker's tracking mixed in."""
-    return type(cls.__name__, (TrackedProtocol, cls), {"__module__": cls.__module__})
+    namespace: dict[str, object] = {"__module__": cls.__module__}
+    for name in (*_ONE_ARGUMENT, *_NO_ARGUMENT):
+        method = _user_method(cls, name)
+        if method is not None:
+            namespace[name] = (_guard_one if name in _ONE_ARGUMENT else _guard_none)(method)
+    return type(cls.__name__, (TrackedProtocol, cls), namespace)
+
+
+def _user_method(cls: type, name: str) -> Callable[..., Any] | None:
+    """*cls*'s own *name* (from it or a base of its own), not asyncio's no-op."""
+    for klass in cls.__mro__:
+        if name in vars(klass):
+            method: Callable[..., Any] = vars(klass)[name]
+            return None if klass.__module__.startswith("asyncio") else method
+    return None
+
+
+def _guard_one(method: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    def guarded(self: Any, arg: Any) -> Any:
+        try:
+            return method(self, arg)
+        except (SystemExit, KeyboardInterrupt) as exc:
+            raise HandlerEscape(exc) from None
+
+    guarded.__name__ = guarded.__qualname__ = method.__name__
+    return guarded
+
+
+def _guard_none(method: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def guarded(self: Any) -> Any:
+        try:
+            return method(self)
+        except (SystemExit, KeyboardInterrupt) as exc:
+            raise HandlerEscape(exc) from None
+
+    guarded.__name__ = guarded.__qualname__ = method.__name__
+    return guarded
 
 
 def record_callback_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -57,6 +116,8 @@ def record_callback_error(loop: asyncio.AbstractEventLoop, context: dict[str, An
     """
     protocol = context.get("protocol")
     exc = context.get("exception")
+    if isinstance(exc, HandlerEscape):
+        exc = exc.original
     if isinstance(protocol, TrackedProtocol) and isinstance(exc, BaseException):
         protocol.forkserver_error = protocol.forkserver_error or exc
     else:
