@@ -7,6 +7,13 @@ SCM_RIGHTS).  Here every receive uses ``MSG_CMSG_CLOEXEC``, and a
 truncated message is an error after closing whatever did arrive, so
 nothing leaks and nothing is silently lost.
 
+A receiver that has reached its ``RLIMIT_NOFILE`` cannot take the
+descriptors of a message: the kernel installs those it can, sets
+``MSG_CTRUNC`` and closes the rest, which are then lost for good.  That
+raises ``DescriptorsLost``, which says so, rather than blaming the
+sender; a worker keeps descriptor numbers in reserve so that it never
+gets there (``workers.reserve``).
+
 Sending never blocks: a full channel (``EAGAIN``) returns False and the
 caller keeps the descriptors to retry when the channel is writable.
 Too many descriptors in flight (``ETOOMANYREFS``, when the sender's
@@ -37,6 +44,18 @@ _TRUNC: Final = int(socket.MSG_TRUNC)
 
 class FdPassError(Exception):
     """A message arrived truncated, or carried descriptors it should not."""
+
+
+class DescriptorsLost(FdPassError):
+    """The receiver is out of descriptors: the kernel closed what it could not install.
+
+    ``data`` is the message itself (it did arrive), so the receiver can
+    tell what was lost.
+    """
+
+    def __init__(self, message: str, data: bytes) -> None:
+        super().__init__(message)
+        self.data = data
 
 
 def send(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> bool:
@@ -75,6 +94,8 @@ def recv(
     problem = _check(data, fds, msg_flags, max_size, max_fds)
     if problem:
         close_all(fds)
+        if msg_flags & _CTRUNC and len(fds) < max_fds:
+            raise DescriptorsLost(problem, data)
         raise FdPassError(problem)
     return data, fds
 
@@ -90,6 +111,9 @@ def _collect_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
 
 def _check(data: bytes, fds: list[int], msg_flags: int, max_size: int, max_fds: int) -> str:
     if msg_flags & _CTRUNC:
+        if len(fds) < max_fds:  # there was room for more: the receiver could not take them
+            return (f"out of descriptors: only {len(fds)} of the message's descriptors could "
+                    "be received (RLIMIT_NOFILE reached), the kernel closed the others")
         return f"descriptors were truncated (more than {max_fds} sent with one message)"
     if msg_flags & _TRUNC or len(data) > max_size:
         return f"message longer than {max_size} bytes"

@@ -62,6 +62,7 @@ from forkserver.listeners import Listener
 from forkserver.log import reopen as reopen_logs
 from forkserver.privileges import PidFile
 from forkserver.reloader import Reloader
+from forkserver.stackdump import StackDumps
 from forkserver.systemd import Notifier, listen_fds
 from forkserver.upgrade import Handover
 from forkserver.upgrader import Upgrader
@@ -74,7 +75,7 @@ from forkserver.worker_table import (
     WorkerState,
     WorkerTable,
 )
-from forkserver.workers.core import HEARTBEAT_INTERVAL, WorkerContext
+from forkserver.workers.core import EXIT_MEANINGS, HEARTBEAT_INTERVAL, WorkerContext
 
 log = logging.getLogger("forkserver.master")
 
@@ -198,6 +199,7 @@ class Master:
         self._respawns: dict[tuple[int, int], TimerHandle] = {}
         self._status_timer: TimerHandle | None = None
         self.health = Health(self)
+        self.stack_dumps = StackDumps()  # read when a worker is reaped
         self._deadline = 0.0  # monotonic: when a graceful stop turns into killing
         # Several heartbeats per timeout, so one late beat is not a death sentence.
         self._heartbeat_interval = min(HEARTBEAT_INTERVAL, settings.timeout / 4)
@@ -322,6 +324,7 @@ class Master:
             self.handover.close()
         self.upgrader.close()
         self.reloader.close()
+        self.stack_dumps.close()
         for listener in self.listeners:
             listener.close()
         for timer in self._respawns.values():
@@ -367,7 +370,8 @@ class Master:
         ctx.keep_fds.update(fd for _, fd in ctx.shared_listeners)
         try:
             after_fork = [self.control.discard_after_fork] if self.control else []
-            pid = spawn.fork_worker(ctx, self.loop, self._owned_sockets(master_end), after_fork)
+            pid = spawn.fork_worker(ctx, self.loop, self._owned_sockets(master_end), after_fork,
+                                    self.stack_dumps)  # fmt: skip
         except OSError as exc:
             master_end.close()
             worker_end.close()
@@ -450,11 +454,14 @@ class Master:
         if not link.killed:
             self._on_readable(link, _READ_BATCH)  # its last words: an error report, say
         self.loop.remove_reader(link.sock)
+        self.stack_dumps.collect(record.slot, record.pid)
         reclaimed = self.dispatcher.remove_link(record.pid)
         self._requeue(reclaimed)
         self.table.remove(record.pid)
         lifetime = self.loop.time() - record.started_at
         how = describe_exit(code)
+        if code in EXIT_MEANINGS:  # a worker's own failure, boot or runtime
+            how += f" ({EXIT_MEANINGS[code]})"
         level = logging.INFO if self.stopping and code == 0 else logging.WARNING
         log.log(level, "worker %d (pid %d) exited: %s", record.slot, record.pid, how,
                 extra={"event": "worker_exited", "slot": record.slot, "pid": record.pid,

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import os
 import socket
-import traceback
 from collections.abc import Callable, Iterable
 from typing import NoReturn
 
 from forkserver.eventloop import EventLoop
 from forkserver.forking import FORK_BLOCKED, fork_child, unblock_signals
-from forkserver.workers.boot import worker_main
+from forkserver.stackdump import StackDumps
+from forkserver.workers.boot import report_failure, worker_main
 from forkserver.workers.core import EXIT_BOOT_ERROR, WorkerContext
 
 __all__ = ["FORK_BLOCKED", "fork_child", "fork_worker", "unblock_signals"]
@@ -33,8 +33,9 @@ def fork_worker(
     loop: EventLoop,
     detach: Iterable[socket.socket],
     after_fork: Iterable[Callable[[], None]] = (),
+    stack_dumps: StackDumps | None = None,
 ) -> int:
-    """Fork a worker running *ctx*; the child's pid.
+    """Fork a worker running *ctx*; the child's pid.  Raises OSError.
 
     In the child, the master's loop is discarded (never unregistered:
     the epoll set is shared with the master), each *after_fork* callback
@@ -42,11 +43,27 @@ def fork_worker(
     *detach* are detached from their Python objects, so their finalizers
     can never close a descriptor number the worker reuses.  The signals
     a process group may send stay blocked in the child until the worker
-    has set its own dispositions (``workers.boot``).
+    has set its own dispositions (``workers.boot``).  With
+    *stack_dumps*, the worker writes its stack dumps to a pipe of its
+    own, which *stack_dumps* reads once the worker is reaped.
     """
-    pid = fork_child()
+    read_end = write_end = -1
+    if stack_dumps is not None:
+        read_end, write_end = stack_dumps.open()
+        ctx.stack_dump_fd = write_end
+        ctx.keep_fds.add(write_end)
+    try:
+        pid = fork_child()
+    except BaseException:
+        if stack_dumps is not None:
+            os.close(read_end)
+            os.close(write_end)
+        raise
     if pid == 0:
         _worker_child(ctx, loop, detach, after_fork)
+    if stack_dumps is not None:
+        os.close(write_end)
+        stack_dumps.started(pid, read_end)
     return pid
 
 
@@ -63,7 +80,7 @@ def _worker_child(
         for sock in detach:
             if sock is not ctx.channel:
                 sock.detach()
-    except BaseException:
-        traceback.print_exc()
+    except BaseException as exc:
+        report_failure(ctx, exc)
         os._exit(EXIT_BOOT_ERROR)
     worker_main(ctx)

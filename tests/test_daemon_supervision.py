@@ -265,7 +265,7 @@ def test_a_worker_silent_for_longer_than_the_timeout_is_killed_and_replaced() ->
             assert "silent for" in timeout["reason"]
             exited = daemon.wait_log("worker_exited", pid=stuck)
             assert exited["exit_code"] in (-signal.SIGABRT, -signal.SIGKILL)
-            dump = daemon.logs.text()  # the stacks it dumped on ABRT
+            dump = daemon.wait_log("worker_stack_dump", pid=stuck)["stack"]  # on ABRT
             assert "most recent call first" in dump
             assert 'tests/handlers/basic.py", line' in dump
             assert " in hold" in dump

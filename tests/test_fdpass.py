@@ -1,6 +1,7 @@
 """Descriptor passing over real SEQPACKET socketpairs, across a real fork."""
 
 import os
+import resource
 import socket
 from collections.abc import Iterator
 
@@ -65,6 +66,44 @@ def test_truncated_descriptors_are_an_error_and_none_leak(
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_a_receiver_out_of_descriptors_is_told_so_not_blamed_on_the_sender(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """At RLIMIT_NOFILE the kernel installs what it can and closes the rest."""
+    a, b = pair
+    r, w = os.pipe()
+    assert fdpass.send(a, b"three", [r, r, r])
+    report_r, report_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: fill the table but one number, then receive
+        code = 1
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(open_fds()) + 16, 4096))
+            filler = []
+            while True:
+                try:
+                    filler.append(os.open("/dev/null", os.O_RDONLY))
+                except OSError:
+                    break
+            os.close(filler.pop())  # room for one
+            try:
+                fdpass.recv(b, 100, fdpass.SCM_MAX_FD)
+            except fdpass.DescriptorsLost as exc:
+                os.write(report_w, f"{exc.data!r} {exc}".encode())
+                code = 0
+        finally:
+            os._exit(code)
+    os.close(report_w)
+    try:
+        with os.fdopen(report_r, "rb") as report:
+            text = report.read().decode()
+        assert wait_pid(pid) == 0
+    finally:
+        os.close(r)
+        os.close(w)
+    assert text.startswith("b'three' out of descriptors: only 1 of the message's descriptors")
 
 
 def test_an_oversized_message_is_an_error(pair: tuple[socket.socket, socket.socket]) -> None:

@@ -71,11 +71,14 @@ def test_the_master_going_away_is_channel_closed(
 
 
 @pytest.mark.parametrize(
-    ("peer", "text"),
-    [(("127.0.0.1", 80), "127.0.0.1:80"), (("::1", 80, 0, 0), "[::1]:80"), ("", "unix")],
-)
-def test_peers_are_formatted_for_logs(peer: object, text: str) -> None:
-    assert format_peer(peer) == text
+    ("peer", "family", "text"),
+    [(("127.0.0.1", 80), socket.AF_INET, "127.0.0.1:80"),
+     (("::1", 80, 0, 0), socket.AF_INET6, "[::1]:80"),
+     ("", socket.AF_UNIX, "unix"), ("/run/client.sock", socket.AF_UNIX, "/run/client.sock"),
+     ("", socket.AF_INET, "unknown"), ("", socket.AF_INET6, "unknown"), ("", None, "unknown")],
+)  # fmt: skip
+def test_peers_are_formatted_for_logs(peer: object, family: int | None, text: str) -> None:
+    assert format_peer(peer, family) == text
 
 
 def test_an_error_report_names_the_exception_and_keeps_the_traceback() -> None:

@@ -31,6 +31,7 @@ from forkserver.handler import HandlerKind
 from forkserver.workers import protocols
 from forkserver.workers.core import (
     EXIT_OK,
+    EXIT_RUNTIME_ERROR,
     ChannelClosed,
     WorkerChannel,
     WorkerContext,
@@ -68,7 +69,7 @@ class AsyncioWorker:
         self.protocol: type[protocols.TrackedProtocol] | None = None
         if ctx.handler.kind is HandlerKind.PROTOCOL:
             self.protocol = protocols.tracked(ctx.handler.target)  # type: ignore[arg-type]
-        self.chan = WorkerChannel(ctx.channel)
+        self.chan = WorkerChannel(ctx.channel, ctx.reserve, ctx.slot)
         self.tasks: set[asyncio.Task[None]] = set()
         self.done_count = 0
         self.stopped = asyncio.Event()
@@ -80,7 +81,7 @@ class AsyncioWorker:
     def run(self) -> int:
         with asyncio.Runner(loop_factory=self._new_loop) as runner:
             runner.run(self._main())
-        return EXIT_OK
+        return EXIT_RUNTIME_ERROR if self.chan.exhausted else EXIT_OK
 
     def _new_loop(self) -> asyncio.AbstractEventLoop:
         if self.ctx.event_loop == "uvloop":
@@ -97,6 +98,7 @@ class AsyncioWorker:
             self._stop()
         loop.set_exception_handler(protocols.record_callback_error)
         self.chan.send(channel.Ready(pid=os.getpid()))
+        self.ctx.serving = True
         loop.add_reader(self.chan.fileno(), self._on_channel)
         beat = asyncio.create_task(self._heartbeat())
         self._update_accepting()
@@ -163,6 +165,9 @@ class AsyncioWorker:
                     self._start(fd, listener)
             else:
                 self._stop()
+        if self.chan.exhausted:  # out of descriptors: what is queued is not ours
+            asyncio.get_running_loop().remove_reader(self.chan.fileno())
+            self._stop()
         self._update_accepting()
 
     def _start(self, fd: int, listener: int, peer: object = None, *, own: bool = False) -> None:
@@ -176,7 +181,7 @@ class AsyncioWorker:
         try:
             sock = adopt(self.ctx, fd, listener, blocking=None)  # asyncio makes it non-blocking
         except OSError as exc:
-            self._report(error_report(exc, listener, ""))
+            self._report(error_report(exc, listener, "", self.ctx.listener_family(listener)))
             return
         if peer is None:
             peer = peer_of(sock)
@@ -185,7 +190,7 @@ class AsyncioWorker:
         else:
             error = await self._run_streams(sock)
         if error is not None:
-            self._report(error_report(error, listener, peer))
+            self._report(error_report(error, listener, peer, self.ctx.listener_family(listener)))
         if self.ctx.access_log:
             log_access(self.ctx, listener, peer, started, failed=error is not None)
 

@@ -6,23 +6,36 @@ In order:
    drives workers over the channel, and ``pkill -HUP`` or a terminal's
    Ctrl-C must not take them down); TERM is "finish and exit" (recorded
    in ``ctx.term_received`` until the worker loop takes it over); QUIT
-   exits at once; ABRT dumps every thread's stack to stderr, then the
-   worker dies of it.  The master forked with these signals blocked
+   exits at once; ABRT dumps every thread's stack, then the worker dies
+   of it.  The master forked with these signals blocked
    (``forking.fork_child``); they are unblocked only now, so one sent to
    the whole process group meanwhile is taken by these dispositions,
    never by the master's handlers or the default action.
-2. Descriptors: everything but the standard streams, the channel and
-   the log file is closed.  The master's Python objects that owned the
-   closed descriptors were detached before (see ``spawn.fork_worker``)
-   or stay referenced from frames this process never returns to, so no
-   finalizer can later close a reused number.
-3. Privileges are dropped, then ``PR_SET_PDEATHSIG(SIGKILL)`` is set
-   (a credential change clears it), then ``getppid()`` is checked in
-   case the master died before that.
-4. The process title, then the handler (unless preloaded), then READY.
+2. Descriptors: everything but the standard streams, the channel, the
+   stack-dump pipe and the log file is closed.  The master's Python
+   objects that owned the closed descriptors were detached before (see
+   ``spawn.fork_worker``) or stay referenced from frames this process
+   never returns to, so no finalizer can later close a reused number.
+3. Privileges are dropped (``privileges.drop_privileges``: the whole
+   lock-down), then ``PR_SET_PDEATHSIG(SIGKILL)`` is set (a credential
+   change clears it), then ``getppid()`` is checked in case the master
+   died before that.
+4. The descriptor reserve (``workers.reserve``), the process title,
+   then the handler (unless preloaded), then READY.
+
+Stacks (ABRT, or a crash in C) are written by ``faulthandler`` from C,
+which works even while Python code is stuck holding the GIL, to the
+stack-dump pipe whose other end the master reads once this process is
+gone (``stackdump``).  Everything else a worker has to say goes through
+``logging`` with its slot and pid, so a JSON log stays JSON: a boot
+failure (``worker_boot_error``), a failure after READY
+(``worker_runtime_error``), an exception a handler's thread did not
+catch (``worker_thread_error``), an unraisable one
+(``worker_unraisable``), and warnings.
 
 The worker never returns into the master's code: ``worker_main`` ends
-with ``os._exit``.
+with ``os._exit``: ``EXIT_OK``, ``EXIT_BOOT_ERROR`` when it failed
+before READY, ``EXIT_RUNTIME_ERROR`` after.
 """
 
 from __future__ import annotations
@@ -34,15 +47,23 @@ import logging
 import os
 import signal
 import sys
-import traceback
+import threading
 from typing import Final, NoReturn, Protocol
 
 import setproctitle
 
-from forkserver.forking import unblock_signals
+from forkserver.fdpass import SCM_MAX_FD
+from forkserver.forking import flush_stdio, unblock_signals
 from forkserver.handler import HandlerLoadError, load_handler
 from forkserver.privileges import drop_privileges
-from forkserver.workers.core import EXIT_BOOT_ERROR, WorkerContext
+from forkserver.workers.core import (
+    EXIT_BOOT_ERROR,
+    EXIT_RUNTIME_ERROR,
+    WorkerContext,
+)
+from forkserver.workers.reserve import DescriptorReserve
+
+log = logging.getLogger("forkserver.worker")
 
 _IGNORED: Final = (
     signal.SIGHUP,
@@ -60,15 +81,33 @@ def worker_main(ctx: WorkerContext) -> NoReturn:
     code = EXIT_BOOT_ERROR
     try:
         code = _boot_and_run(ctx)
-    except BaseException:  # nothing may unwind into the master's frames
-        traceback.print_exc()
+    except BaseException as exc:  # nothing may unwind into the master's frames
+        code = EXIT_RUNTIME_ERROR if ctx.serving else EXIT_BOOT_ERROR
+        report_failure(ctx, exc)
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                code = code or EXIT_BOOT_ERROR
-        os._exit(code)
+        try:
+            flush_stdio()  # a log handler flushes every record it writes
+        finally:
+            os._exit(code)
+
+
+def report_failure(ctx: WorkerContext, exc: BaseException, what: str = "") -> None:
+    """Log why this worker cannot go on, with the traceback, as one event.
+
+    Before READY it is a boot failure (``worker_boot_error``), after it
+    a runtime one (``worker_runtime_error``).  *what* says what failed
+    (default: the exception's type).  Never raises: it is the last word.
+    """
+    stage = "runtime" if ctx.serving else "boot"
+    detail = what or f"{type(exc).__name__}: {exc}"
+    with contextlib.suppress(BaseException):  # a broken log: the exit code still says it
+        log.critical(
+            "worker %d (pid %d) %s: %s", ctx.slot, os.getpid(),
+            "failed" if ctx.serving else "could not start", detail,
+            exc_info=exc,
+            extra={"event": f"worker_{stage}_error", "slot": ctx.slot, "pid": os.getpid(),
+                   "error": detail},
+        )  # fmt: skip
 
 
 def _boot_and_run(ctx: WorkerContext) -> int:
@@ -78,22 +117,51 @@ def _boot_and_run(ctx: WorkerContext) -> int:
     signal.signal(signal.SIGQUIT, lambda *_: os._exit(0))  # at once, dropping what it holds
     signal.signal(signal.SIGTERM, lambda *_: setattr(ctx, "term_received", True))
     # ABRT (sent by the master to a silent worker before SIGKILL), and a crash in C:
-    # every thread's stack goes to stderr from C, even while Python code is stuck.
-    faulthandler.enable(all_threads=True)
+    # every thread's stack is written from C, even while Python code is stuck.
+    dump_to = ctx.stack_dump_fd if ctx.stack_dump_fd >= 0 else sys.stderr
+    faulthandler.enable(file=dump_to, all_threads=True)
     unblock_signals()  # blocked across the fork: what arrived meanwhile comes now
+    _log_what_would_print(ctx)
     close_inherited_fds({0, 1, 2, ctx.channel.fileno(), *_log_fds(), *ctx.keep_fds})
     drop_privileges(ctx.user, ctx.group)
     _die_with_master(ctx.master_pid)
+    # Every descriptor one message can carry here (a worker has at most
+    # ``concurrency`` connections in flight, and a REOPEN carries one).
+    ctx.reserve = DescriptorReserve(min(ctx.concurrency, SCM_MAX_FD))
     setproctitle.setproctitle(worker_title(ctx))
     if ctx.handler is None:
         try:
             ctx.handler = load_handler(ctx.handler_spec)
         except HandlerLoadError as exc:
-            print(f"forkserver worker {ctx.slot}: {exc}", file=sys.stderr)
-            if exc.__cause__ is not None:
-                traceback.print_exception(exc.__cause__)
+            cause = exc.__cause__
+            report_failure(ctx, cause if cause is not None else exc, str(exc))
             return EXIT_BOOT_ERROR
     return _worker_class(ctx).run()
+
+
+def _log_what_would_print(ctx: WorkerContext) -> None:
+    """Send what Python would print raw on stderr through ``logging`` instead."""
+
+    def thread_error(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is SystemExit:
+            return  # as the default hook: a thread's sys.exit() ends that thread quietly
+        name = args.thread.name if args.thread is not None else "?"
+        log.error("worker %d (pid %d): thread %s raised %s: %s", ctx.slot, os.getpid(), name,
+                  args.exc_type.__name__, args.exc_value,
+                  exc_info=(args.exc_type, args.exc_value, args.exc_traceback),  # type: ignore[arg-type]
+                  extra={"event": "worker_thread_error", "slot": ctx.slot, "pid": os.getpid(),
+                         "thread": name})  # fmt: skip
+
+    def unraisable(args: sys.UnraisableHookArgs) -> None:
+        what = args.err_msg or "Exception ignored in"
+        log.warning("worker %d (pid %d): %s: %r", ctx.slot, os.getpid(), what, args.object,
+                    exc_info=(args.exc_type, args.exc_value, args.exc_traceback),  # type: ignore[arg-type]
+                    extra={"event": "worker_unraisable", "slot": ctx.slot,
+                           "pid": os.getpid()})  # fmt: skip
+
+    threading.excepthook = thread_error
+    sys.unraisablehook = unraisable
+    logging.captureWarnings(True)
 
 
 def _worker_class(ctx: WorkerContext) -> _Runnable:

@@ -3,31 +3,48 @@
 A worker's channel socket stays blocking: sends are small and the
 master reads them promptly; receives wait in a selector first and then
 use ``MSG_DONTWAIT``, so a worker never blocks inside ``recvmsg``.
+
+Each receive has the worker's descriptor reserve (``workers.reserve``)
+to itself.  A worker whose reserve was needed is out of descriptors:
+its channel stops receiving (``WorkerChannel.exhausted``), and the
+worker finishes what it holds and exits with ``EXIT_RUNTIME_ERROR``, so
+the master gives what is still queued on the channel to another worker.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Final
 
 from forkserver import channel, fdpass
 from forkserver.channel import HandlerError, MasterMessage
 from forkserver.handler import HandlerKind, LoadedHandler, ServerInfo, WorkerClass
+from forkserver.workers.reserve import DescriptorReserve
 
 #: The most seconds between heartbeats (and stats) from a worker's loop;
 #: the master asks for more often when its ``timeout`` is short.
 HEARTBEAT_INTERVAL = 1.0
 
 access = logging.getLogger("forkserver.access")
+log = logging.getLogger("forkserver.worker")
 
 #: Worker exit codes the master understands.
 EXIT_OK = 0
-EXIT_BOOT_ERROR = 3  # setting up or loading the handler failed
+EXIT_BOOT_ERROR = 3  # setting up or loading the handler failed: it never served
+EXIT_RUNTIME_ERROR = 4  # it served, then could not go on (out of descriptors, a failure of its own)
+#: What the master adds to such an exit in its log.
+EXIT_MEANINGS: Final = {
+    EXIT_BOOT_ERROR: "boot failure: it could not start, see its log",
+    EXIT_RUNTIME_ERROR: "runtime failure: it could not go on serving, see its log",
+}
+_PEEK_FLAGS: Final = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 
 
 @dataclass(slots=True)
@@ -59,11 +76,22 @@ class WorkerContext:
     socket_kinds: dict[int, tuple[int, int, int]] = field(default_factory=dict)
     #: SIGTERM arrived before the worker loop set its own handler (see ``boot``).
     term_received: bool = False
+    #: Descriptor numbers kept for the channel's receives (set at boot).
+    reserve: DescriptorReserve | None = None
+    #: READY was sent: from then on a failure is a runtime one, not a boot one.
+    serving: bool = False
+    #: Write end of the stack-dump pipe (``faulthandler`` writes there); -1: stderr.
+    stack_dump_fd: int = -1
 
     def listener_name(self, index: int) -> str:
         if 0 <= index < len(self.listener_names):
             return self.listener_names[index]
         return f"listener {index}"
+
+    def listener_family(self, index: int) -> int | None:
+        """The address family of *index*'s connections, once one was seen."""
+        kind = self.socket_kinds.get(index)
+        return kind[0] if kind is not None else None
 
 
 class ChannelClosed(Exception):
@@ -73,8 +101,14 @@ class ChannelClosed(Exception):
 class WorkerChannel:
     """The worker's side of the supervisor channel."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(
+        self, sock: socket.socket, reserve: DescriptorReserve | None = None, slot: int = 0
+    ) -> None:
         self.sock = sock
+        self.slot = slot  # for the log
+        self.reserve = reserve if reserve is not None else DescriptorReserve(0)
+        #: The worker ran out of descriptors: nothing more is received.
+        self.exhausted = False
         self._send_lock = threading.Lock()
 
     def fileno(self) -> int:
@@ -99,6 +133,7 @@ class WorkerChannel:
 
         Raises ``ChannelClosed`` at end of file.  A malformed message from
         the master raises ``ProtocolError`` after closing its descriptors.
+        Once ``exhausted``, nothing more is received.
         """
         received: list[tuple[MasterMessage, list[int]]] = []
         while (message := self.receive_one()) is not None:
@@ -110,17 +145,61 @@ class WorkerChannel:
 
         What is left queued stays the master's to take back if this
         worker dies, so a worker that serves one message at a time can
-        lose only the connections it is serving.
+        lose only the connections it is serving.  The message that
+        leaves the worker out of descriptors is returned, with
+        ``exhausted`` set; after it, None, whatever is queued.
         """
+        if self.exhausted:
+            return None
+        reserve = self.reserve
+        if reserve.size:
+            # Only a message is worth opening the reserve for (an empty
+            # channel is the common answer); a peek installs no descriptor.
+            try:
+                if not self.sock.recv(1, _PEEK_FLAGS):
+                    raise ChannelClosed
+            except BlockingIOError:
+                return None
+            reserve.open()
         try:
             data, fds = fdpass.recv(
                 self.sock, channel.MAX_MESSAGE_SIZE, fdpass.SCM_MAX_FD, nonblocking=True
             )
         except BlockingIOError:
             return None
+        except fdpass.DescriptorsLost as exc:
+            self._lost(exc)
+            return None
+        finally:
+            reserve.close()
         if not data and not fds:
             raise ChannelClosed
+        if reserve.exhausted_by(fds):
+            self.exhausted = True
+            log.error(
+                "worker %d (pid %d) is out of descriptors (RLIMIT_NOFILE %d, all %d below "
+                "its reserve taken): it takes no more connections, finishes those it holds "
+                "and exits", self.slot, os.getpid(), reserve.limit, reserve.floor,
+                extra={"event": "worker_out_of_descriptors", "slot": self.slot,
+                       "pid": os.getpid(), "limit": reserve.limit, "lost": 0},
+            )  # fmt: skip
         return _decode(data, fds), fds
+
+    def _lost(self, exc: fdpass.DescriptorsLost) -> None:
+        """A message whose descriptors the kernel could not install: they are gone."""
+        self.exhausted = True
+        try:
+            message = channel.decode_master_message(exc.data)
+        except channel.ProtocolError:
+            message = None
+        lost = len(message.listeners) if isinstance(message, channel.Connections) else 0
+        log.error(
+            "worker %d (pid %d) is %s; %d connections of that message are lost; it takes "
+            "no more connections, finishes those it holds and exits",
+            self.slot, os.getpid(), exc, lost,
+            extra={"event": "worker_out_of_descriptors", "slot": self.slot,
+                   "pid": os.getpid(), "limit": self.reserve.limit, "lost": lost},
+        )  # fmt: skip
 
 
 def _decode(data: bytes, fds: list[int]) -> MasterMessage:
@@ -137,20 +216,30 @@ def _decode(data: bytes, fds: list[int]) -> MasterMessage:
     return message
 
 
-def format_peer(peer: object) -> str:
+def format_peer(peer: object, family: int | None = None) -> str:
+    """The peer for a log line; *family* is its listener's, when known.
+
+    An address nobody could learn (``getpeername`` fails on a connection
+    the peer has already reset) is "unix" only on a Unix socket, where
+    an unnamed peer is the rule; elsewhere it is "unknown".
+    """
     if isinstance(peer, tuple) and len(peer) >= 2:
         host, port = peer[0], peer[1]
         return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(peer) if peer else "unix"
+    if peer:
+        return str(peer)
+    return "unix" if family == socket.AF_UNIX else "unknown"
 
 
-def error_report(exc: BaseException, listener: int, peer: object) -> HandlerError:
+def error_report(
+    exc: BaseException, listener: int, peer: object, family: int | None = None
+) -> HandlerError:
     return HandlerError(
         listener=listener,
         exc_type=f"{type(exc).__module__}.{type(exc).__qualname__}".removeprefix("builtins."),
         message=str(exc),
         traceback="".join(traceback.format_exception(exc)),
-        peer=format_peer(peer),
+        peer=format_peer(peer, family),
     )
 
 
@@ -200,7 +289,7 @@ def serve_blocking(
     try:
         conn = adopt(ctx, fd, listener, blocking=True)
     except OSError as exc:
-        return error_report(exc, listener, "")
+        return error_report(exc, listener, "", ctx.listener_family(listener))
     if peer is None:
         peer = peer_of(conn)
     call: Callable[..., object] = ctx.handler.target  # type: ignore[assignment]
@@ -215,7 +304,7 @@ def serve_blocking(
         # Whatever the handler raises is its error, never the worker's end:
         # sys.exit(), KeyboardInterrupt (workers ignore SIGINT, so only the
         # handler can raise one), GeneratorExit, a BaseException of its own.
-        error = error_report(exc, listener, peer)
+        error = error_report(exc, listener, peer, ctx.listener_family(listener))
     finally:
         conn.close()
         if ctx.access_log:
@@ -231,7 +320,7 @@ def log_access(ctx: WorkerContext, listener: int, peer: object, started: float, 
     business: the worker never reads client bytes itself.
     """
     elapsed_ms = (time.monotonic() - started) * 1e3
-    name, who = ctx.listener_name(listener), format_peer(peer)
+    name, who = ctx.listener_name(listener), format_peer(peer, ctx.listener_family(listener))
     access.info(
         "%s %s worker %d %.1f ms%s", name, who, ctx.slot, elapsed_ms,
         " (handler error)" if failed else "",

@@ -21,6 +21,7 @@ from functools import partial
 from forkserver import channel
 from forkserver.workers.core import (
     EXIT_OK,
+    EXIT_RUNTIME_ERROR,
     ChannelClosed,
     WorkerChannel,
     WorkerContext,
@@ -33,7 +34,7 @@ class SelectorWorker:
 
     def __init__(self, ctx: WorkerContext) -> None:
         self.ctx = ctx
-        self.chan = WorkerChannel(ctx.channel)
+        self.chan = WorkerChannel(ctx.channel, ctx.reserve, ctx.slot)
         self.stopping = False
         self.master_gone = False
         self.shared = SharedListeners(ctx)
@@ -96,6 +97,7 @@ class SelectorWorker:
 
     def run(self) -> int:
         self.chan.send(channel.Ready(pid=os.getpid()))
+        self.ctx.serving = True
         self.next_beat = time.monotonic() + self.ctx.heartbeat_interval
         try:
             while not self.stopping:
@@ -104,6 +106,8 @@ class SelectorWorker:
                     wake_at = min(wake_at, self.shared.resume_at)
                 for key, _ in self.selector.select(max(0.0, wake_at - time.monotonic())):
                     key.data()
+                if self.chan.exhausted:
+                    self.stopping = True  # out of descriptors: what is queued is not ours
                 self.update_accepting()  # a back-off may have ended
                 self.beat_if_due()
             self.stop_accepting()
@@ -114,7 +118,7 @@ class SelectorWorker:
                 self.report_served()
         except ChannelClosed:
             pass
-        return EXIT_OK
+        return EXIT_RUNTIME_ERROR if self.chan.exhausted else EXIT_OK
 
     def drain(self) -> None:
         """On the way out: serve what is queued on the channel."""
