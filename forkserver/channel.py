@@ -18,6 +18,10 @@ type  name         body
                    ``n`` descriptors (1 ≤ n ≤ ``MAX_FDS_PER_MESSAGE``)
                    ride along with SCM_RIGHTS, in the same order
 0x02  STOP         empty: finish what you hold, then exit
+0x03  REOPEN       empty; exactly one descriptor rides along: the log file
+                   as the master has just reopened it (USR1, ``ctl
+                   reopen-logs``), to log to from now on instead of the
+                   old one; a worker may no longer be allowed to open it
 ====  ===========  ========================================================
 
 Worker to master:
@@ -69,6 +73,7 @@ MAX_LISTENER_INDEX: Final = 0xFFFF
 class MessageType(enum.IntEnum):
     CONNECTIONS = 0x01
     STOP = 0x02
+    REOPEN = 0x03
     READY = 0x10
     DONE = 0x11
     ERROR = 0x12
@@ -91,6 +96,11 @@ class Connections:
 @dataclass(frozen=True, slots=True)
 class Stop:
     """Finish the connections you hold, then exit."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reopen:
+    """Log to the file whose descriptor comes with this message."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +141,7 @@ class Stats:
     errors: int
 
 
-MasterMessage = Connections | Stop
+MasterMessage = Connections | Stop | Reopen
 WorkerMessage = Ready | Done | Served | HandlerError | Heartbeat | Stats
 
 _HEADER: Final = struct.Struct("<BB")
@@ -143,6 +153,7 @@ _U64_MAX: Final = 0xFFFFFFFFFFFFFFFF
 
 _TYPES: Final = {int(kind): kind for kind in MessageType}  # cheaper than MessageType(n)
 _STOP_BYTES: Final = _HEADER.pack(VERSION, MessageType.STOP)
+_REOPEN_BYTES: Final = _HEADER.pack(VERSION, MessageType.REOPEN)
 _HEARTBEAT_BYTES: Final = _HEADER.pack(VERSION, MessageType.HEARTBEAT)
 _CONNECTIONS_PREFIX: Final = _HEADER.pack(VERSION, MessageType.CONNECTIONS)
 
@@ -169,6 +180,8 @@ def encode(message: MasterMessage | WorkerMessage) -> bytes:  # noqa: PLR0911 (o
             return encode_connections(listeners)
         case Stop():
             return _STOP_BYTES
+        case Reopen():
+            return _REOPEN_BYTES
         case Heartbeat():
             return _HEARTBEAT_BYTES
         case Ready(pid=pid):
@@ -247,6 +260,9 @@ def decode_master_message(data: bytes) -> MasterMessage:
     if kind == MessageType.STOP:
         _expect_empty(kind, body)
         return Stop()
+    if kind == MessageType.REOPEN:
+        _expect_empty(kind, body)
+        return Reopen()
     raise ProtocolError(f"message type {kind.name} is not sent by the master")
 
 
@@ -280,6 +296,13 @@ def decode_worker_message(data: bytes) -> WorkerMessage:  # noqa: PLR0911 (one p
         case MessageType.ERROR:
             return _decode_error(body)
     raise ProtocolError(f"message type {kind.name} is not sent by a worker")
+
+
+def descriptors_expected(message: MasterMessage) -> int:
+    """How many descriptors must come with *message*."""
+    if isinstance(message, Connections):
+        return len(message.listeners)
+    return 1 if isinstance(message, Reopen) else 0
 
 
 def _split(data: bytes) -> tuple[MessageType, bytes]:

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from forkserver.control import CommandError, Deferred
-from forkserver.log import reopen as reopen_logs
 from forkserver.worker_table import SlotHistory
 
 if TYPE_CHECKING:
@@ -32,7 +31,7 @@ class ControlCommands:
             "reload": self.reload,
             "scale": self.scale,
             "stop": self.stop,
-            "reopen-logs": reopen_logs,
+            "reopen-logs": self.master.reopen_logs,
         }
 
     def reload(self) -> Deferred:

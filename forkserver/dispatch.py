@@ -54,6 +54,7 @@ log = logging.getLogger("forkserver.master")
 #: Seconds before retrying a send that failed for lack of kernel resources.
 RESOURCE_RETRY: Final = 0.05
 _STOP: Final = channel.encode(channel.Stop())
+_REOPEN: Final = channel.encode(channel.Reopen())
 #: Seconds a worker stays free before prefetched descriptors move to it.
 STEAL_AFTER: Final = 0.05
 #: At most one ``accept_paused`` warning per this many seconds.
@@ -71,6 +72,7 @@ class WorkerLink:
     out_fds: list[int] = field(default_factory=list)
     out_listeners: list[int] = field(default_factory=list)
     stop_queued: bool = False
+    reopen_fd: int = -1  # a log file to send with REOPEN (ours to close), or -1
     writer_armed: bool = False
     retry_armed: bool = False
     killed: bool = False  # sent SIGKILL for breaking the protocol
@@ -177,6 +179,9 @@ class Dispatcher:
         if data == _STOP and not fds:
             self.queue_stop(link)
             return []
+        if data == _REOPEN and len(fds) == 1:
+            self.queue_reopen(link, fds[0])  # behind what is queued now, as good
+            return []
         items = _undelivered(data, fds)
         if items:
             self.table.unassign(link.record, len(items))
@@ -211,6 +216,11 @@ class Dispatcher:
             del link.out_fds[:count]
             del link.out_listeners[:count]
             fdpass.close_all(fds)
+        if link.reopen_fd >= 0:
+            if not self._send(link, _REOPEN, (link.reopen_fd,)):
+                return
+            fdpass.close_all((link.reopen_fd,))
+            link.reopen_fd = -1
         if link.stop_queued:
             if not self._send(link, channel.encode(channel.Stop()), ()):
                 return
@@ -245,6 +255,16 @@ class Dispatcher:
         link.stop_queued = True
         self._flush_link(link)
 
+    def queue_reopen(self, link: WorkerLink, log_fd: int) -> None:
+        """Send REOPEN with *log_fd* (now ours) after the worker's outbox, before a STOP.
+
+        A REOPEN not sent yet is replaced: only the newest file counts.
+        """
+        if link.reopen_fd >= 0:
+            fdpass.close_all((link.reopen_fd,))
+        link.reopen_fd = log_fd
+        self._flush_link(link)
+
     # --- workers coming and going --------------------------------------
 
     def add_link(self, link: WorkerLink) -> None:
@@ -262,6 +282,9 @@ class Dispatcher:
         reclaimed.extend(zip(link.out_fds, link.out_listeners, strict=True))
         link.out_fds.clear()
         link.out_listeners.clear()
+        if link.reopen_fd >= 0:
+            fdpass.close_all((link.reopen_fd,))
+            link.reopen_fd = -1
         link.sock.close()
         link.peer.close()
         return reclaimed

@@ -13,6 +13,12 @@
 one it installed before, so a reload can call it again); handler code
 that logs goes to the same place.  With ``log_file`` the handler appends
 to that file, and :func:`reopen` (USR1, after log rotation) reopens it.
+
+Workers inherit the handler across fork, and with it the old file.  They
+may not be allowed to open the log file (they may run as another user),
+so they do not reopen it themselves: the master hands each one its new
+file (:func:`log_file_copy`, sent with REOPEN on the worker's channel)
+and the worker switches to it (:func:`use_log_file`).
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ from typing import IO, Any, Final
 
 from forkserver.config import ConfigError, Settings
 
-__all__ = ["JournalFormatter", "JsonFormatter", "configure", "reopen", "under_journal"]
+__all__ = ["JournalFormatter", "JsonFormatter", "configure", "log_file_copy", "reopen",
+           "under_journal", "use_log_file"]
 
 # syslog(3) priorities, which journald reads from a "<N>" line prefix.
 _PRIORITY: Final = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4,
@@ -96,10 +103,14 @@ class _ReopenableFileHandler(logging.FileHandler):
     path now (the old file was renamed by logrotate)."""
 
     def reopen(self) -> None:
+        self.replace(self._open())
+
+    def replace(self, stream: IO[str]) -> None:
+        """Write to *stream* from now on; the old one is closed."""
         self.acquire()
         try:
             old = self.stream
-            self.stream = self._open()
+            self.stream = stream  # type: ignore[assignment]
             if old is not None:
                 old.close()
         finally:
@@ -154,3 +165,23 @@ def reopen() -> None:
             except OSError as exc:
                 raise ConfigError(f"cannot reopen {handler.baseFilename}: {exc.strerror}",
                                   key="log_file") from None
+
+
+def log_file_copy() -> int | None:
+    """A new descriptor of the log file being written now (the caller owns
+    it), or None when logging goes to no file.  Raises ``OSError``."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, _ReopenableFileHandler) and handler.stream is not None:
+            return os.dup(handler.stream.fileno())
+    return None
+
+
+def use_log_file(fd: int) -> bool:
+    """Log to the open file *fd* (which this takes) instead of the file
+    opened before; False (and *fd* closed) when logging goes to no file."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, _ReopenableFileHandler):
+            handler.replace(open(fd, "a", encoding="utf-8"))  # noqa: SIM115 (the handler owns it)
+            return True
+    os.close(fd)
+    return False

@@ -59,6 +59,7 @@ from forkserver.generations import Generations
 from forkserver.handler import LoadedHandler, WorkerClass
 from forkserver.health import Health
 from forkserver.listeners import Listener
+from forkserver.log import log_file_copy
 from forkserver.log import reopen as reopen_logs
 from forkserver.privileges import PidFile
 from forkserver.reloader import Reloader
@@ -267,7 +268,7 @@ class Master:
             signal.SIGHUP: self.reloader.reload,
             signal.SIGTTIN: lambda: self.scale_to(self.target + 1),
             signal.SIGTTOU: lambda: self.scale_to(self.target - 1),
-            signal.SIGUSR1: self._reopen_logs,
+            signal.SIGUSR1: self._on_usr1,
             signal.SIGUSR2: self.upgrader.start,
         }
         for signum, callback in signals.items():
@@ -693,9 +694,25 @@ class Master:
         if successor:
             self.spawn(record.slot, record.generation)
 
-    def _reopen_logs(self) -> None:
+    def reopen_logs(self) -> None:
+        """USR1 and ``ctl reopen-logs``: reopen the log file, here and in every worker.
+
+        Raises ``ConfigError`` when the new file cannot be opened (nothing changes then).
+        """
+        reopen_logs()
         try:
-            reopen_logs()
+            for link in tuple(self.dispatcher.links.values()):
+                fd = log_file_copy()
+                if fd is None:
+                    return  # no log file: nothing to hand over
+                self.dispatcher.queue_reopen(link, fd)
+        except OSError as exc:  # out of descriptors: the rest keep the old file for now
+            log.error("cannot hand the reopened log file to every worker: %s", exc,
+                      extra={"event": "reopen_failed"})  # fmt: skip
+
+    def _on_usr1(self) -> None:
+        try:
+            self.reopen_logs()
         except ForkserverError as exc:
             log.error("%s", exc, extra={"event": "reopen_failed"})
 

@@ -17,6 +17,7 @@ from forkserver.channel import (
     MessageType,
     ProtocolError,
     Ready,
+    Reopen,
     Served,
     Stats,
     Stop,
@@ -41,7 +42,8 @@ WORKER_MESSAGES = [
         peer="127.0.0.1:4242",
     ),
 ]
-MASTER_MESSAGES = [Connections(listeners=(0,)), Connections(listeners=(1, 0, 7) * 84), Stop()]
+MASTER_MESSAGES = [Connections(listeners=(0,)), Connections(listeners=(1, 0, 7) * 84), Stop(),
+                   Reopen()]
 
 
 @pytest.mark.parametrize("message", WORKER_MESSAGES, ids=repr)
@@ -141,6 +143,7 @@ def test_worker_message_decoder_names_what_is_wrong(data: bytes, error: str) -> 
         (_header(MessageType.CONNECTIONS) + struct.pack("<H", 300), "count 300 is outside"),
         (_header(MessageType.CONNECTIONS) + struct.pack("<HH", 2, 0), "expected 6 for 2"),
         (_header(MessageType.STOP) + b"\x00", "STOP has a 1-byte body"),
+        (_header(MessageType.REOPEN) + b"\x00\x00", "REOPEN has a 2-byte body"),
     ],
 )
 def test_master_message_decoder_names_what_is_wrong(data: bytes, error: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import socket
 from collections.abc import Iterator
 
@@ -10,6 +11,8 @@ import pytest
 
 from forkserver import channel, fdpass
 from forkserver.workers.core import ChannelClosed, WorkerChannel, error_report, format_peer
+from forkserver.workers.reserve import DescriptorReserve
+from tests.support import wait_pid
 
 
 @pytest.fixture
@@ -94,3 +97,54 @@ def test_an_error_report_names_the_exception_and_keeps_the_traceback() -> None:
     assert "in fail" in report.traceback
     assert report.peer == "10.0.0.1:5"
     assert channel.decode_worker_message(channel.encode(report)) == report
+
+
+def test_reopen_must_bring_exactly_one_descriptor(
+    pair: tuple[socket.socket, WorkerChannel],
+) -> None:
+    master, chan = pair
+    assert fdpass.send(master, channel.encode(channel.Reopen()), [])
+    with pytest.raises(channel.ProtocolError, match="Reopen came with 0 descriptors, expected 1"):
+        chan.receive()
+
+
+def test_a_worker_at_its_limit_still_receives_a_whole_message_then_stops_receiving() -> None:
+    """The reserve takes a full message when nothing else is left; the next stays queued."""
+    master, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pipes = [os.pipe() for _ in range(3)]
+    report_r, report_w = os.pipe()
+    assert fdpass.send(master, channel.encode_connections([0, 0, 0]), [r for r, _ in pipes])
+    assert fdpass.send(master, channel.encode_connections([1]), [pipes[0][1]])
+    pid = os.fork()
+    if pid == 0:  # the worker: fill every number below the reserve, then receive
+        code = 1
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(map(int, open_fds())) + 8, 4096))
+            chan = WorkerChannel(worker, DescriptorReserve(3))
+            while True:
+                try:
+                    os.open("/dev/null", os.O_RDONLY)
+                except OSError:
+                    break
+            first = chan.receive()
+            report = [len(first), len(first[0][1]) if first else 0, chan.exhausted,
+                      chan.receive_one() is None]  # fmt: skip
+            os.write(report_w, repr(report).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(report_w)
+    try:
+        with os.fdopen(report_r, "rb") as report:
+            assert report.read() == b"[1, 3, True, True]"
+        assert wait_pid(pid) == 0
+        # What the worker left queued is still there for the master to take back.
+        data, fds = fdpass.recv(worker, channel.MAX_MESSAGE_SIZE, 1, nonblocking=True)
+        assert channel.decode_master_message(data) == channel.Connections(listeners=(1,))
+        fdpass.close_all(fds)
+    finally:
+        master.close()
+        worker.close()
+        for r, w in pipes:
+            os.close(r)
+            os.close(w)

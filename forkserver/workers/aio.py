@@ -39,6 +39,7 @@ from forkserver.workers.core import (
     error_report,
     log_access,
     peer_of,
+    reopen_log,
 )
 from forkserver.workers.shared import SharedListeners
 
@@ -163,6 +164,8 @@ class AsyncioWorker:
             if isinstance(message, channel.Connections):
                 for fd, listener in zip(fds, message.listeners, strict=True):
                     self._start(fd, listener)
+            elif isinstance(message, channel.Reopen):
+                reopen_log(self.ctx, fds)
             else:
                 self._stop()
         if self.chan.exhausted:  # out of descriptors: what is queued is not ours

@@ -26,6 +26,7 @@ from typing import Final
 from forkserver import channel, fdpass
 from forkserver.channel import HandlerError, MasterMessage
 from forkserver.handler import HandlerKind, LoadedHandler, ServerInfo, WorkerClass
+from forkserver.log import use_log_file
 from forkserver.workers.reserve import DescriptorReserve
 
 #: The most seconds between heartbeats (and stats) from a worker's loop;
@@ -205,7 +206,7 @@ class WorkerChannel:
 def _decode(data: bytes, fds: list[int]) -> MasterMessage:
     try:
         message = channel.decode_master_message(data)
-        expected = len(message.listeners) if isinstance(message, channel.Connections) else 0
+        expected = channel.descriptors_expected(message)
         if len(fds) != expected:
             raise channel.ProtocolError(
                 f"{type(message).__name__} came with {len(fds)} descriptors, expected {expected}"
@@ -214,6 +215,14 @@ def _decode(data: bytes, fds: list[int]) -> MasterMessage:
         fdpass.close_all(fds)
         raise
     return message
+
+
+def reopen_log(ctx: WorkerContext, fds: list[int]) -> None:
+    """REOPEN: log to the file that came with it (the connections held are untouched)."""
+    if use_log_file(fds[0]):
+        log.info("worker %d (pid %d) logs to the reopened log file", ctx.slot, os.getpid(),
+                 extra={"event": "worker_log_reopened", "slot": ctx.slot,
+                        "pid": os.getpid()})  # fmt: skip
 
 
 def format_peer(peer: object, family: int | None = None) -> str:

@@ -25,6 +25,7 @@ from forkserver.workers.core import (
     ChannelClosed,
     WorkerChannel,
     WorkerContext,
+    reopen_log,
 )
 from forkserver.workers.shared import SharedListeners
 
@@ -152,6 +153,8 @@ class SelectorWorker:
         for message, fds in messages:
             if isinstance(message, channel.Connections):
                 self.take(fds, message.listeners)
+            elif isinstance(message, channel.Reopen):
+                reopen_log(self.ctx, fds)
             else:
                 self.stopping = True
 

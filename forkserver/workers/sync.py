@@ -13,7 +13,7 @@ it before it looks again.
 from __future__ import annotations
 
 from forkserver import channel
-from forkserver.workers.core import ChannelClosed, serve_blocking
+from forkserver.workers.core import ChannelClosed, reopen_log, serve_blocking
 from forkserver.workers.loop import SelectorWorker
 
 
@@ -53,6 +53,8 @@ class SyncWorker(SelectorWorker):
             if isinstance(message, channel.Connections):
                 self.take(fds, message.listeners)
                 self.beat_if_due()
+            elif isinstance(message, channel.Reopen):
+                reopen_log(self.ctx, fds)
             else:
                 self.stopping = True
 
@@ -68,5 +70,7 @@ class SyncWorker(SelectorWorker):
             if isinstance(message, channel.Connections):
                 self.serve(fds, message.listeners)
                 served += len(fds)
+            elif isinstance(message, channel.Reopen):
+                reopen_log(self.ctx, fds)
         if served:
             self.chan.send_done(served)
