@@ -45,7 +45,6 @@ EXIT_MEANINGS: Final = {
     EXIT_BOOT_ERROR: "boot failure: it could not start, see its log",
     EXIT_RUNTIME_ERROR: "runtime failure: it could not go on serving, see its log",
 }
-_PEEK_FLAGS: Final = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 
 
 @dataclass(slots=True)
@@ -153,15 +152,7 @@ class WorkerChannel:
         if self.exhausted:
             return None
         reserve = self.reserve
-        if reserve.size:
-            # Only a message is worth opening the reserve for (an empty
-            # channel is the common answer); a peek installs no descriptor.
-            try:
-                if not self.sock.recv(1, _PEEK_FLAGS):
-                    raise ChannelClosed
-            except BlockingIOError:
-                return None
-            reserve.open()
+        reserve.open()
         try:
             data, fds = fdpass.recv(
                 self.sock, channel.MAX_MESSAGE_SIZE, fdpass.SCM_MAX_FD, nonblocking=True
