@@ -39,6 +39,10 @@ type  name       body
                  a ``dispatch = "shared"`` listener finished; counted as
                  served, never as capacity freed (the master did not
                  hand them out)
+0x16  LEAVING    string ``reason``: the worker reads its channel no more
+                 (it is out of descriptors, say); it finishes what it
+                 holds, then exits.  What is queued for it is the
+                 master's to take back and give to another worker
 ====  =========  ==========================================================
 
 A worker never sends descriptors.  The decoder is strict: a short or
@@ -67,6 +71,7 @@ MAX_EXC_TYPE: Final = 256
 MAX_ERROR_MESSAGE: Final = 4096
 MAX_TRACEBACK: Final = 32768
 MAX_PEER: Final = 256
+MAX_REASON: Final = 1024
 MAX_LISTENER_INDEX: Final = 0xFFFF
 
 
@@ -80,6 +85,7 @@ class MessageType(enum.IntEnum):
     HEARTBEAT = 0x13
     STATS = 0x14
     SERVED = 0x15
+    LEAVING = 0x16
 
 
 class ProtocolError(Exception):
@@ -121,6 +127,13 @@ class Served:
 
 
 @dataclass(frozen=True, slots=True)
+class Leaving:
+    """The worker receives nothing more; it exits once its connections are done."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class HandlerError:
     listener: int
     exc_type: str
@@ -142,7 +155,7 @@ class Stats:
 
 
 MasterMessage = Connections | Stop | Reopen
-WorkerMessage = Ready | Done | Served | HandlerError | Heartbeat | Stats
+WorkerMessage = Ready | Done | Served | HandlerError | Heartbeat | Stats | Leaving
 
 _HEADER: Final = struct.Struct("<BB")
 _U16: Final = struct.Struct("<H")
@@ -198,6 +211,9 @@ def encode(message: MasterMessage | WorkerMessage) -> bytes:  # noqa: PLR0911 (o
             return _header(MessageType.SERVED) + _U32.pack(_bounded(count, _U32_MAX, "count"))
         case HandlerError():
             return _encode_error(message)
+        case Leaving(reason=reason):
+            return _header(MessageType.LEAVING) + _encode_string(reason, MAX_REASON,
+                                                                 keep_end=False)  # fmt: skip
     raise TypeError(f"not a channel message: {message!r}")
 
 
@@ -295,6 +311,11 @@ def decode_worker_message(data: bytes) -> WorkerMessage:  # noqa: PLR0911 (one p
             return Stats(served=served, in_flight=in_flight, errors=errors)
         case MessageType.ERROR:
             return _decode_error(body)
+        case MessageType.LEAVING:
+            reason, end = _decode_string(body, 0, "reason", MAX_REASON, "LEAVING")
+            if end != len(body):
+                raise ProtocolError(f"LEAVING has {len(body) - end} bytes after its reason")
+            return Leaving(reason=reason)
     raise ProtocolError(f"message type {kind.name} is not sent by a worker")
 
 
@@ -367,19 +388,21 @@ def _decode_error(body: bytes) -> HandlerError:
     )
 
 
-def _decode_string(body: bytes, offset: int, name: str, limit: int) -> tuple[str, int]:
+def _decode_string(
+    body: bytes, offset: int, name: str, limit: int, kind: str = "ERROR"
+) -> tuple[str, int]:
     if offset + _U32.size > len(body):
-        raise ProtocolError(f"ERROR ends before the length of {name}")
+        raise ProtocolError(f"{kind} ends before the length of {name}")
     (size,) = _U32.unpack_from(body, offset)
     offset += _U32.size
     if size > limit:
-        raise ProtocolError(f"ERROR field {name} is {size} bytes, more than {limit}")
+        raise ProtocolError(f"{kind} field {name} is {size} bytes, more than {limit}")
     if offset + size > len(body):
-        raise ProtocolError(f"ERROR field {name} runs past the end of the message")
+        raise ProtocolError(f"{kind} field {name} runs past the end of the message")
     try:
         text = body[offset : offset + size].decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ProtocolError(f"ERROR field {name} is not UTF-8: {exc.reason}") from None
+        raise ProtocolError(f"{kind} field {name} is not UTF-8: {exc.reason}") from None
     return text, offset + size
 
 

@@ -187,6 +187,25 @@ class Dispatcher:
             self.table.unassign(link.record, len(items))
         return items
 
+    def take_back_queued(self, link: WorkerLink) -> list[tuple[int, int]]:
+        """Every descriptor a live worker that reads its channel no more was sent.
+
+        For a worker that said LEAVING: it never receives again, so
+        what is queued on its channel, and what is still in its outbox,
+        is taken back now (its credit with it) instead of when it is
+        reaped, which may be long after: it finishes its connections
+        first.
+        """
+        taken: list[tuple[int, int]] = []
+        for data, fds in fdpass.drain(link.peer, channel.MAX_MESSAGE_SIZE, fdpass.SCM_MAX_FD):
+            taken.extend(_undelivered(data, fds))
+        taken.extend(zip(link.out_fds, link.out_listeners, strict=True))
+        link.out_fds.clear()
+        link.out_listeners.clear()
+        if taken:
+            self.table.unassign(link.record, len(taken))
+        return taken
+
     def requeue(self, items: Sequence[tuple[int, int]]) -> None:
         """Descriptors taken back from a worker go first in line."""
         self.pending.extendleft(reversed(items))

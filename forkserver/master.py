@@ -557,6 +557,10 @@ class Master:
                 self._worker_ready(link)
             case channel.HandlerError():
                 self._handler_error(link, message)
+            case channel.Leaving(reason=reason):  # it reads its channel no more
+                self._requeue(self.dispatcher.take_back_queued(link))
+                self.recycle(link, reason, limit="leaving")
+                self.dispatcher.drain_pending()
             case channel.Heartbeat() | channel.Stats():
                 self.table.seen(record.pid, now)
 

@@ -14,6 +14,7 @@ from forkserver.channel import (
     Done,
     HandlerError,
     Heartbeat,
+    Leaving,
     MessageType,
     ProtocolError,
     Ready,
@@ -34,6 +35,7 @@ WORKER_MESSAGES = [
     Served(count=0xFFFFFFFF),
     Heartbeat(),
     Stats(served=10**12, in_flight=3, errors=7),
+    Leaving(reason="is out of descriptors (RLIMIT_NOFILE 1024)"),
     HandlerError(
         listener=2,
         exc_type="ValueError",
@@ -127,6 +129,8 @@ def _header(kind: int, version: int = channel.VERSION) -> bytes:
             "exc_type is not UTF-8",
         ),
         (encode(WORKER_MESSAGES[-1]) + b"!", "1 bytes after its last field"),
+        (encode(Leaving(reason="x")) + b"!", "LEAVING has 1 bytes after its reason"),
+        (_header(MessageType.LEAVING) + struct.pack("<I", 5000), "reason is 5000 bytes"),
     ],
 )
 def test_worker_message_decoder_names_what_is_wrong(data: bytes, error: str) -> None:

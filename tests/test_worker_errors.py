@@ -90,29 +90,36 @@ def test_a_worker_out_of_descriptors_hands_its_queue_back_and_every_client_is_an
 ) -> None:
     """A leak takes every descriptor: the worker serves what it received, then leaves.
 
-    It names the cause, exits with the runtime-failure code, and the
-    connections still queued for it go to its successor: none is lost.
+    It names the cause and says LEAVING, so the master takes back what is
+    queued for it at once and starts its successor, which serves the
+    rest while the leaky worker still holds a connection (the coroutine
+    form); it exits with the runtime-failure code once that is over.
     """
     spec = f"tests.handlers.descriptors:{handler}"
     args = ("--worker-class", worker_class, "--concurrency", "4")
     with start_daemon(spec, *args, workers=1) as daemon:
         (leaky,) = [p.pid for p in daemon.workers()]
-        with daemon.connect(timeout=20) as hog:
+        hog = daemon.connect(timeout=20)
+        try:
             hog.sendall(b"hog\n")
             assert read_line(hog).startswith(b"%d leaked " % leaky)
-        clients = [daemon.connect(timeout=20) for _ in range(12)]
-        try:
-            for sock in clients:
-                sock.sendall(b"pid\n")
-            answers = [int(exchange(sock, b"")) for sock in clients]
+            clients = [daemon.connect(timeout=20) for _ in range(12)]
+            try:
+                for sock in clients:
+                    sock.sendall(b"pid\n")
+                answers = [int(exchange(sock, b"")) for sock in clients]
+            finally:
+                for sock in clients:
+                    sock.close()
+            assert leaky in answers  # it served what reached it before it saw its limit
+            assert len(set(answers)) == 2  # and its successor served the rest
+            cause = daemon.wait_log("worker_out_of_descriptors", pid=leaky)
+            assert "out of descriptors" in cause["message"]
+            assert cause["lost"] == 0
+            recycled = daemon.wait_log("worker_recycled", pid=leaky)
+            assert "is out of descriptors (RLIMIT_NOFILE" in recycled["reason"]
         finally:
-            for sock in clients:
-                sock.close()
-        assert leaky in answers  # it served what reached it before it saw its limit
-        assert len(set(answers)) >= 2  # and its successor served the rest
-        cause = daemon.wait_log("worker_out_of_descriptors", pid=leaky)
-        assert "out of descriptors" in cause["message"]
-        assert cause["lost"] == 0
+            hog.close()
         exited = daemon.wait_log("worker_exited", pid=leaky)
         assert exited["exit_code"] == EXIT_RUNTIME_ERROR
         assert "runtime failure" in exited["message"]

@@ -6,9 +6,10 @@ use ``MSG_DONTWAIT``, so a worker never blocks inside ``recvmsg``.
 
 Each receive has the worker's descriptor reserve (``workers.reserve``)
 to itself.  A worker whose reserve was needed is out of descriptors:
-its channel stops receiving (``WorkerChannel.exhausted``), and the
-worker finishes what it holds and exits with ``EXIT_RUNTIME_ERROR``, so
-the master gives what is still queued on the channel to another worker.
+its channel stops receiving (``WorkerChannel.exhausted``) and says
+LEAVING, so the master takes back at once what is queued on it and
+starts a successor; the worker finishes what it holds and exits with
+``EXIT_RUNTIME_ERROR``.
 """
 
 from __future__ import annotations
@@ -175,7 +176,15 @@ class WorkerChannel:
                 extra={"event": "worker_out_of_descriptors", "slot": self.slot,
                        "pid": os.getpid(), "limit": reserve.limit, "lost": 0},
             )  # fmt: skip
+            self._leave(f"is out of descriptors (RLIMIT_NOFILE {reserve.limit})")
         return _decode(data, fds), fds
+
+    def _leave(self, reason: str) -> None:
+        """LEAVING: the master takes back what is queued here, and replaces this worker.
+
+        Raises ``ChannelClosed`` if the master is gone (the worker goes at once then).
+        """
+        self.send(channel.Leaving(reason=reason))
 
     def _lost(self, exc: fdpass.DescriptorsLost) -> None:
         """A message whose descriptors the kernel could not install: they are gone."""
@@ -192,6 +201,8 @@ class WorkerChannel:
             extra={"event": "worker_out_of_descriptors", "slot": self.slot,
                    "pid": os.getpid(), "limit": self.reserve.limit, "lost": lost},
         )  # fmt: skip
+        self._leave(f"is out of descriptors (RLIMIT_NOFILE {self.reserve.limit}): "
+                    f"{lost} connections lost")  # fmt: skip
 
 
 def _decode(data: bytes, fds: list[int]) -> MasterMessage:

@@ -13,9 +13,9 @@ fits.
 Nothing but a receive may take a number at or above ``floor``.  When a
 received descriptor lands there, the numbers below are all taken:
 the process is at its limit, and the next message might not fit, so
-the worker must not read it (``exhausted_by``).  It finishes what it
-holds and exits; the master takes back what is still queued on its
-channel and gives it to another worker.
+the worker must not read it (``exhausted_by``).  It says LEAVING (the
+master takes back what is queued on its channel and gives it to another
+worker), finishes what it holds and exits.
 
 The cost is two ``setrlimit`` calls per receive.  Handler code sees a
 soft limit ``size`` lower than the worker was given (so do the

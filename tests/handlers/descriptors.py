@@ -1,9 +1,11 @@
 """A handler that leaks descriptors until the worker has none left, when asked to.
 
-"hog" leaks the connection (the client reads one line, never an end of
-file) and opens /dev/null until EMFILE; the sync form closes the
-connection's own number first, so that not even the one the worker
-frees after the handler returns is left.  Anything else: the pid.
+"hog" opens /dev/null until EMFILE, so that no number is left, then
+answers one line.  The function form leaks the connection and closes its
+own number first (not even the one the worker frees after the handler
+returns is left; the client never sees an end of file); the coroutine
+holds its connection until the client closes it.  Anything else: the
+pid.
 """
 
 from __future__ import annotations
@@ -41,10 +43,11 @@ def handle(conn: socket.socket, peer: object) -> None:
 async def async_handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     if (await reader.readline()).strip() != b"hog":
         writer.write(b"%d\n" % os.getpid())
-    else:
-        _LEAKED.append(os.dup(writer.get_extra_info("socket").fileno()))
-        writer.write(_fill())
+        await writer.drain()
+        return
+    writer.write(_fill())
     await writer.drain()
+    await reader.read()  # held, its number with it, until the client closes
 
 
 def break_the_loop(conn: socket.socket, peer: object) -> None:
