@@ -339,3 +339,60 @@ def test_taking_back_from_a_stopping_worker_that_has_only_stop_left_sends_stop_a
     assert [channel.decode_master_message(data) for data, _ in left] == [channel.Stop()]
     for _, got in taken:
         fdpass.close_all(got)
+
+
+def test_reopen_goes_after_the_outbox_and_before_stop_with_its_file(rig: MakeRig) -> None:
+    r = rig(capacity=2)
+    r.ready()
+    conn_r, conn_w = os.pipe()
+    log_r, log_w = os.pipe()
+    r.dispatcher.dispatch(conn_r, 0)
+    r.dispatcher.queue_reopen(r.link, os.dup(log_w))  # the outbox is not flushed yet
+    r.dispatcher.queue_stop(r.link)
+    messages = fdpass.drain(r.worker_end, channel.MAX_MESSAGE_SIZE, 253)
+    decoded = [channel.decode_master_message(data) for data, _ in messages]
+    assert decoded == [channel.Connections(listeners=(0,)), channel.Reopen(), channel.Stop()]
+    (log_copy,) = messages[1][1]
+    os.write(log_copy, b"x")  # the same pipe
+    assert os.read(log_r, 1) == b"x"
+    fdpass.close_all([*messages[0][1], log_copy, conn_w, log_r, log_w])
+
+
+def test_a_reopen_met_while_taking_back_a_prefetched_descriptor_is_sent_again(
+    rig: MakeRig,
+) -> None:
+    r = prefetching(rig(capacity=1))
+    fds = pipe_ends(2)
+    r.dispatcher.dispatch(fds[0], 0)
+    r.loop.run_once(0)
+    serving = fdpass.recv(r.worker_end, channel.MAX_MESSAGE_SIZE, 253, nonblocking=True)
+    log_r, log_w = os.pipe()
+    r.dispatcher.queue_reopen(r.link, os.dup(log_w))  # REOPEN, then a prefetched one
+    r.dispatcher.dispatch(fds[1], 1)
+    r.loop.run_once(0)
+    before = open_count()
+    assert r.dispatcher.close_pending() == 0  # it met REOPEN first: nothing dropped yet
+    assert open_count() == before  # and the file went out again, not closed
+    messages = fdpass.drain(r.worker_end, channel.MAX_MESSAGE_SIZE, 253)
+    decoded = [channel.decode_master_message(data) for data, _ in messages]
+    assert decoded == [channel.Connections(listeners=(1,)), channel.Reopen()]
+    fdpass.close_all([*serving[1], *messages[0][1], *messages[1][1], log_r, log_w])
+    r.link.record.in_flight = 0
+
+
+def test_a_leaving_worker_gives_back_its_queue_and_its_outbox_with_their_credit(
+    rig: MakeRig,
+) -> None:
+    r = rig(capacity=4)
+    r.ready()
+    fds = pipe_ends(6)
+    for i, fd in enumerate(fds[:3]):
+        r.dispatcher.dispatch(fd, i)
+    r.loop.run_once(0)  # three on the channel
+    r.dispatcher.dispatch(fds[3], 3)  # one in the outbox
+    assert r.link.record.in_flight == 4
+    taken = r.dispatcher.take_back_queued(r.link)
+    assert [index for _, index in taken] == [0, 1, 2, 3]
+    assert r.link.record.in_flight == 0
+    assert r.receive_all() == []
+    fdpass.close_all([fd for fd, _ in taken] + fds[4:])
