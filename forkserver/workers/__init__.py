@@ -15,5 +15,7 @@ worker classes:
 
 Each reports over the supervisor channel (``forkserver.channel``):
 READY once loaded, DONE as connections finish, ERROR when the handler
-raises (the worker carries on), HEARTBEAT and STATS while its loop runs.
+raises (the worker carries on), HEARTBEAT and STATS while its loop runs,
+LEAVING when it can receive no more (out of descriptors).  From the
+master it takes CONNECTIONS, STOP and REOPEN (the log file, reopened).
 """
