@@ -12,8 +12,12 @@ Invariants:
   never dropped, even if the wakeup pipe overflows, because the set, not
   the pipe, is the record of what arrived.
 * Timers use the monotonic clock.
-* An exception raised by a callback propagates out of ``run()`` /
-  ``run_once()``; the loop stays usable.
+* An ``Exception`` raised by a callback goes to the exception handler
+  (``set_exception_handler``), with the callback, and the loop carries
+  on with the next one; without a handler it propagates out of
+  ``run()`` / ``run_once()``, and the loop stays usable.  Other
+  ``BaseException`` subclasses (``KeyboardInterrupt``, ``SystemExit``) always
+  propagate: they are requests to stop, not errors.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from typing import Protocol
 __all__ = ["EventLoop", "HasFileno", "Signal", "TimerHandle"]
 
 Callback = Callable[[], None]
+#: Called with the callback that raised and its exception; must not raise.
+ExceptionHandler = Callable[[Callable[..., object], Exception], None]
 _SignalHandler = Callable[[int, FrameType | None], object] | int | signal.Handlers | None
 
 
@@ -124,6 +130,7 @@ class EventLoop:
         self._wakeup_r = -1
         self._wakeup_w = -1
         self._previous_wakeup_fd = -1
+        self._exception_handler: ExceptionHandler | None = None
 
     # -- clock and state ------------------------------------------------
 
@@ -132,6 +139,18 @@ class EventLoop:
 
     def is_closed(self) -> bool:
         return self._selector is None
+
+    def set_exception_handler(self, handler: ExceptionHandler | None) -> None:
+        """Give each ``Exception`` a callback raises to *handler*; None: let it propagate.
+
+        The error boundary of a program that must not die of a bug in one
+        callback (asyncio's ``set_exception_handler``, unicorn's ``rescue``
+        in its main loop): *handler* reports it, and the loop goes on.
+        """
+        self._exception_handler = handler
+
+    def get_exception_handler(self) -> ExceptionHandler | None:
+        return self._exception_handler
 
     def _sel(self) -> selectors.BaseSelector:
         if self._selector is None:
@@ -232,11 +251,21 @@ class EventLoop:
             handle.cancelled = True  # a handle fires once
             try:
                 handle.callback()
-            except BaseException:
-                for rest in due[index + 1 :]:  # keep the ones not yet run
-                    self._timer_seq += 1
-                    heapq.heappush(self._timers, (rest.when, self._timer_seq, rest))
+            except Exception as exc:
+                if self._exception_handler is not None:
+                    self._exception_handler(handle.callback, exc)
+                    continue
+                self._keep_timers(due[index + 1 :])
                 raise
+            except BaseException:
+                self._keep_timers(due[index + 1 :])
+                raise
+
+    def _keep_timers(self, handles: list[TimerHandle]) -> None:
+        """Put back timers that were due but not run (a callback raised)."""
+        for handle in handles:
+            self._timer_seq += 1
+            heapq.heappush(self._timers, (handle.when, self._timer_seq, handle))
 
     # -- signals --------------------------------------------------------
 
@@ -290,8 +319,14 @@ class EventLoop:
         ordered += sorted(arrived.difference(ordered))
         for signum in ordered:
             callback = self._signal_callbacks.get(signum)
-            if callback is not None:
+            if callback is None:
+                continue
+            try:
                 callback()
+            except Exception as exc:
+                if self._exception_handler is None:
+                    raise
+                self._exception_handler(callback, exc)
 
     def _drain_wakeup_pipe(self) -> list[int]:
         data = bytearray()
@@ -325,10 +360,21 @@ class EventLoop:
             raise RuntimeError("run_once() would block forever: nothing is registered")
         for key, events in sel.select(wait):
             handlers: _Handlers = key.data
-            if events & selectors.EVENT_READ and handlers.reader is not None:
-                handlers.reader()
-            if events & selectors.EVENT_WRITE and handlers.writer is not None:
-                handlers.writer()
+            # A handler removed by an earlier callback of this pass is None by now.
+            if events & selectors.EVENT_READ and (reader := handlers.reader) is not None:
+                try:
+                    reader()
+                except Exception as exc:
+                    if self._exception_handler is None:
+                        raise
+                    self._exception_handler(reader, exc)
+            if events & selectors.EVENT_WRITE and (writer := handlers.writer) is not None:
+                try:
+                    writer()
+                except Exception as exc:
+                    if self._exception_handler is None:
+                        raise
+                    self._exception_handler(writer, exc)
         if self._tripped and self._wakeup_r >= 0:
             self._on_wakeup()
         self._run_due_timers()

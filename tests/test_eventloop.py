@@ -243,6 +243,66 @@ def test_exception_in_callback_propagates_and_loop_stays_usable(loop: EventLoop)
     assert ran == ["after"]  # the timer behind the failing one still runs
 
 
+def test_the_exception_handler_gets_every_failing_callback_and_the_loop_goes_on(
+    loop: EventLoop,
+) -> None:
+    caught: list[tuple[object, str]] = []
+    ran: list[str] = []
+    loop.set_exception_handler(lambda callback, exc: caught.append((callback, str(exc))))
+    assert loop.get_exception_handler() is not None
+
+    def timer_boom() -> None:
+        raise KeyError("timer")
+
+    def signal_boom() -> None:
+        raise ValueError("signal")
+
+    a, b = socket.socketpair()
+    with a, b:
+
+        def reader_boom() -> None:
+            a.recv(1)
+            raise RuntimeError("reader")
+
+        def writer_boom() -> None:
+            loop.remove_writer(a)
+            raise OSError("writer")
+
+        loop.add_reader(a, reader_boom)
+        loop.add_writer(a, writer_boom)
+        loop.add_signal_handler(signal.SIGUSR2, signal_boom)
+        when = loop.time()
+        loop.call_at(when, timer_boom)
+        loop.call_at(when, lambda: ran.append("after"))  # behind the failing one, same pass
+        b.send(b"x")
+        os.kill(os.getpid(), signal.SIGUSR2)
+        run_until(loop, lambda: len(caught) == 4 and ran)
+        loop.remove_reader(a)
+        loop.remove_signal_handler(signal.SIGUSR2)
+    assert sorted(text for _, text in caught) == ["'timer'", "reader", "signal", "writer"]
+    assert {callback for callback, _ in caught} == {timer_boom, reader_boom, writer_boom,
+                                                    signal_boom}  # fmt: skip
+    assert ran == ["after"]
+
+
+def test_keyboard_interrupt_and_system_exit_pass_the_exception_handler(loop: EventLoop) -> None:
+    caught: list[BaseException] = []
+    loop.set_exception_handler(lambda callback, exc: caught.append(exc))
+    for exc_type in (KeyboardInterrupt, SystemExit):
+
+        def stop(exc_type: type[BaseException] = exc_type) -> None:
+            raise exc_type()
+
+        loop.call_soon(stop)
+        with pytest.raises(exc_type):
+            loop.run()
+    assert caught == []
+    loop.set_exception_handler(None)
+    loop.call_soon(lambda: {}.pop("missing"))
+    with pytest.raises(KeyError):  # no handler: it propagates, as before
+        loop.run()
+
+
 def test_stop_before_run_makes_run_return(loop: EventLoop) -> None:
     loop.stop()
     loop.run()  # returns at once instead of raising "block forever"
