@@ -54,15 +54,25 @@ begins its work and returns; ``reload`` begins and returns a
 the operator; any other exception is logged and answered with an error,
 never raised out of the loop.
 
-=================  ===========================  ==========================
-command            called as                    returns (JSON-serialisable)
-=================  ===========================  ==========================
-``status``         ``status()``                 the mapping below
-``reload``         ``reload()``                 a Deferred (or a mapping)
-``scale``          ``scale(workers=N)``         mapping or None
-``stop``           ``stop(graceful=True|False)``  None
-``reopen-logs``    ``reopen_logs()``            None
-=================  ===========================  ==========================
+===============  ======================================  ===============
+command          called as                               returns
+===============  ======================================  ===============
+``status``       ``status()``                            the mapping below
+``reload``       ``reload()``                            a Deferred (or a mapping)
+``scale``        ``scale(workers=N)`` or ``scale(by=D)``  mapping or None
+``kill``         ``kill(worker=W)`` or                   mapping or None
+                 ``kill(worker=W, signal_name=NAME)``
+``stop``         ``stop(graceful=True|False)``           None
+``reopen-logs``  ``reopen_logs()``                       None
+===============  ======================================  ===============
+
+The requests behind them: ``{"workers": N}`` (1 ≤ N ≤ ``MAX_WORKERS``)
+or ``{"by": D}`` for ``scale``: a relative change the master resolves
+against its current target, never below 1 nor above ``MAX_WORKERS``
+(``forkserver ctl scale +1``); ``{"worker": W}`` for ``kill``, W a
+worker's pid or else a slot: the worker is retired (it finishes its
+connections, a successor starts at once), or with ``{"signal": NAME}``
+(one of ``KILL_SIGNALS``) sent that signal instead.
 
 ``status()`` returns::
 
@@ -71,21 +81,35 @@ command            called as                    returns (JSON-serialisable)
         "pid": int, "name": str,
         "started": float,            # time.time() when the master started
         "generation": int,           # bumped by each completed reload
-        "state": str,                # "starting" | "running" | "reloading" | "stopping"
+        "state": str,                # "starting" | "running" | "degraded" | "reloading"
+                                     # | "stopping"; degraded: some slot's workers keep
+                                     # dying before they are ready (see "failing")
         "workers_target": int,       # how many workers it wants
         "pending": int,              # accepted connections queued in the master
         "accepting": bool,           # False while accept is paused
         "listeners": [{"name": str, "address": str,   # TcpServer.describe()
                        "fd": int, "inode": int}],     # os.fstat(fd).st_ino
         "totals": {"served": int, "in_flight": int, "spawned": int,
-                   "restarts": int, "errors": int},
+                   "deaths": int,          # workers that died without being asked to
+                   "restarts": int,        # the same as deaths (the older name)
+                   "replaced": int,        # workers retired on purpose for a successor:
+                                           # reload, max_requests, max_memory, ctl kill
+                   "handler_errors": int,  # exceptions the handler raised
+                   "errors": int},         # the same as handler_errors (the older name)
+                                           # every total counts for the master's life:
+                                           # a reload or scale-down never lowers one
+        "failing": [{"slot": int,          # slots in crash back-off, with no ready worker
+                     "crashes": int,       # consecutive crashes
+                     "respawn_in": float | None}],  # seconds; None: its worker is starting
         "last_reload_error": str | None,
       },
       "workers": [{
         "slot": int, "pid": int, "generation": int,
         "state": str,                # the worker table's state name
         "started": float,            # time.time() at fork
-        "served": int, "in_flight": int, "restarts": int,
+        "served": int, "in_flight": int,
+        "deaths": int, "restarts": int,  # unplanned deaths in this slot (restarts: older name)
+        "replaced": int,             # its workers retired on purpose for a successor
         "last_exit": str | None,     # how the previous process in the slot ended
         "last_error": str | None,    # the last handler error it reported
       }, ...],
@@ -112,13 +136,15 @@ import struct
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeGuard
 
 import psutil
 
 from forkserver.config import Settings
 from forkserver.errors import ForkserverError
 from forkserver.eventloop import EventLoop, TimerHandle
+from forkserver.ratelimit import LogLimiter
+from forkserver.tcpserver import TcpServer
 
 __all__ = [
     "AttemptReplies",
@@ -149,6 +175,8 @@ MAX_CLIENTS: Final = 32
 MAX_WAIT: Final = 600.0           # seconds a deferred reply may take
 MAX_WORKERS: Final = 4096         # the bound of the ``workers`` setting
 STATUS_SCHEMA: Final = 1
+#: At most one "accept failed" warning per this many seconds.
+ACCEPT_FAILED_LOG_INTERVAL: Final = 10.0
 _UCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
@@ -377,13 +405,53 @@ def _no_args(args: Mapping[str, Any]) -> dict[str, Any]:
     return {}
 
 
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _scale_args(args: Mapping[str, Any]) -> dict[str, Any]:
+    if set(args) == {"by"}:       # relative: the master resolves it against its target
+        by = args["by"]
+        if not _is_int(by) or not -MAX_WORKERS <= by <= MAX_WORKERS:
+            raise CommandError(f'expected {{"by": N}} with N between -{MAX_WORKERS} and '
+                               f"{MAX_WORKERS}")
+        return {"by": by}
     n = args.get("workers")
-    if set(args) != {"workers"} or not isinstance(n, int) or isinstance(n, bool):
-        raise CommandError('expected {"workers": N}')
+    if set(args) != {"workers"} or not _is_int(n):
+        raise CommandError('expected {"workers": N} or {"by": N}')
     if not 1 <= n <= MAX_WORKERS:
         raise CommandError(f"workers must be between 1 and {MAX_WORKERS}, got {n}")
     return {"workers": n}
+
+
+#: The signals ``ctl kill --signal`` may send a worker: those SIGNALS.md gives a
+#: meaning there.
+KILL_SIGNALS: Final = ("TERM", "QUIT", "ABRT", "KILL")
+
+
+def parse_signal_name(text: str) -> str:
+    """``TERM``, ``sigterm``, ``SIGTERM`` → ``TERM``; raises ValueError naming the choices."""
+    name = text.upper().removeprefix("SIG")
+    if name not in KILL_SIGNALS:
+        raise ValueError(f"cannot send {text!r} to a worker: expected one of "
+                         f"{', '.join(KILL_SIGNALS)}")
+    return name
+
+
+def _kill_args(args: Mapping[str, Any]) -> dict[str, Any]:
+    worker, name = args.get("worker"), args.get("signal")
+    if "worker" not in args or set(args) - {"worker", "signal"} or not _is_int(worker):
+        raise CommandError('expected {"worker": SLOT_OR_PID} and optionally {"signal": NAME}')
+    if worker < 0:
+        raise CommandError(f"no worker has pid or slot {worker}")
+    if name is None:
+        return {"worker": worker}
+    if not isinstance(name, str):
+        raise CommandError(f"signal must be a name ({', '.join(KILL_SIGNALS)})")
+    try:
+        return {"worker": worker, "signal_name": parse_signal_name(name[:32])}
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
 
 
 def _stop_args(args: Mapping[str, Any]) -> dict[str, Any]:
@@ -397,6 +465,7 @@ _ARGS: Final[dict[str, Callable[[Mapping[str, Any]], dict[str, Any]]]] = {
     "status": _no_args,
     "reload": _no_args,
     "scale": _scale_args,
+    "kill": _kill_args,
     "stop": _stop_args,
     "reopen-logs": _no_args,
 }
@@ -429,6 +498,23 @@ class _Client:
     waiting: Deferred | None = None   # a command's reply still to come
 
 
+class _ControlListener(TcpServer):
+    """The control socket's listener: every accepted descriptor goes to *take*.
+
+    A ``TcpServer``, so that the control socket accepts as every other
+    listener in the master does: in bounded batches, and out of the loop
+    for a back-off when descriptors run out, never spinning on EMFILE.
+    """
+
+    def __init__(self, loop: EventLoop, take: Callable[[int], None]) -> None:
+        super().__init__(loop=loop)
+        self._take = take
+        self.set_accept_batch_size(MAX_CLIENTS)
+
+    def incoming_connection(self, socket_descriptor: int) -> None:
+        self._take(socket_descriptor)
+
+
 class ControlServer:
     """Serves the control socket at *path* from *loop*.
 
@@ -450,10 +536,11 @@ class ControlServer:
         self._allowed = allowed_uids if allowed_uids is not None else frozenset(
             {0, os.geteuid()})
         self._timeout = client_timeout
-        self._sock: socket.socket | None = None
+        self._listener: _ControlListener | None = None
         self._inode = -1
         self._clients: set[_Client] = set()
         self._procs: dict[int, psutil.Process] = {}
+        self._accept_log = LogLimiter(ACCEPT_FAILED_LOG_INTERVAL, loop.time)
 
     # -- socket life ----------------------------------------------------
 
@@ -469,12 +556,16 @@ class ControlServer:
             os.chmod(self.path, 0o600)
             self._inode = os.stat(self.path).st_ino
             sock.listen(MAX_CLIENTS)
-            sock.setblocking(False)
         except OSError as exc:
             sock.close()
             raise ControlError(f"control socket {self.path}: {exc.strerror}") from None
-        self._sock = sock
-        self._loop.add_reader(sock, self._on_accept)
+        listener = _ControlListener(self._loop, self._on_accepted)
+        if not listener.set_socket_descriptor(sock.fileno()):
+            sock.close()
+            raise ControlError(f"control socket {self.path}: {listener.error_string()}")
+        sock.detach()                         # the listener owns the descriptor now
+        listener.accept_error.connect(lambda error: self._accept_failed(listener))
+        self._listener = listener
 
     def close(self) -> None:
         for client in list(self._clients):
@@ -484,11 +575,10 @@ class ControlServer:
                         "ok": False, "error": "the master stopped before the outcome was "
                                               "known"}).encode() + b"\n")
             self._drop(client)
-        if self._sock is None:
+        if self._listener is None:
             return
-        self._loop.remove_reader(self._sock)
-        self._sock.close()
-        self._sock = None
+        self._listener.close()
+        self._listener = None
         with contextlib.suppress(OSError):      # only our own socket file
             if os.stat(self.path).st_ino == self._inode:
                 os.unlink(self.path)
@@ -501,31 +591,39 @@ class ControlServer:
         for client in self._clients:
             client.sock.close()
         self._clients.clear()
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        if self._listener is not None:
+            sock = self._listener.listening_socket()
+            if sock is not None:
+                sock.close()      # not listener.close(): that would unregister it
+            self._listener = None  # from the epoll set the master shares with us
 
     def fileno(self) -> int:
-        return self._sock.fileno() if self._sock is not None else -1
+        return self._listener.socket_descriptor() if self._listener is not None else -1
 
     # -- connections ----------------------------------------------------
 
-    def _on_accept(self) -> None:
-        for _ in range(MAX_CLIENTS):
-            if self._sock is None:
-                return
-            try:
-                conn, _addr = self._sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:        # EMFILE and friends: try on the next wake-up
-                log.warning("control socket: accept failed: %s", exc.strerror)
-                return
-            try:
-                self._admit(conn)
-            except Exception:
-                log.exception("control socket: dropping a new client after an internal error")
-                conn.close()
+    def _accept_failed(self, listener: TcpServer) -> None:
+        """Out of descriptors, say: the listener backs off; say so now and then."""
+        unlogged = self._accept_log.check()
+        if unlogged is None:
+            return
+        more = f" ({unlogged} more since the last report)" if unlogged else ""
+        log.warning("control socket: %s%s", listener.error_string(), more,
+                    extra={"event": "accept_failed", "listener": "control",
+                           "path": self.path, "unlogged": unlogged})
+
+    def _on_accepted(self, fd: int) -> None:
+        try:
+            conn = socket.socket(fileno=fd)
+        except OSError:
+            os.close(fd)
+            return
+        try:
+            self._admit(conn)
+        except Exception:
+            log.exception("control socket: dropping a new client after an internal error",
+                          extra={"event": "control_error"})
+            conn.close()
 
     def _admit(self, conn: socket.socket) -> None:
         conn.setblocking(False)
@@ -563,13 +661,15 @@ class ControlServer:
         try:
             step(client)
         except Exception:
-            log.exception("control socket: dropping a client after an internal error")
+            log.exception("control socket: dropping a client after an internal error",
+                          extra={"event": "control_error"})
             self._drop(client)
 
     def _on_timeout(self, client: _Client) -> None:
         if client in self._clients:
             log.info("control socket: pid %d sent no complete request in %gs; dropped",
-                     client.pid, self._timeout)
+                     client.pid, self._timeout,
+                     extra={"event": "control_timeout", "peer_pid": client.pid})
             self._drop(client)
 
     def _on_readable(self, client: _Client) -> None:
@@ -596,13 +696,15 @@ class ControlServer:
             self._drop(client)         # closed without asking anything
 
     def _execute(self, client: _Client, line: bytes) -> dict[str, Any] | Deferred:
+        command = "request"
         try:
             command, raw_args = _decode_request(line)
             if command not in self._commands:
                 known = ", ".join(sorted(self._commands))
                 raise CommandError(f"unknown command {command[:64]!r} (known: {known})")
             kwargs = _ARGS[command](raw_args)
-            log.info("control: %s %s from uid %d (pid %d)", command, kwargs or "",
+            args = "".join(f" {key}={value}" for key, value in kwargs.items())
+            log.info("control: %s%s from uid %d (pid %d)", command, args,
                      client.uid, client.pid,
                      extra={"event": "control_request", "command": command,
                             "uid": client.uid, "peer_pid": client.pid})
@@ -615,7 +717,8 @@ class ControlServer:
         except ForkserverError as exc:
             return {"ok": False, "error": str(exc)}
         except Exception as exc:
-            log.exception("control: command failed")
+            log.exception("control: %s failed", command,
+                          extra={"event": "control_error", "command": command})
             return {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
 
     def _await(self, client: _Client, reply: Deferred) -> None:
@@ -895,8 +998,17 @@ def format_status(status: Any, *, as_json: bool = False) -> str:
     ]
     if m.get("last_reload_error"):
         lines.append(f"  last reload failed: {m['last_reload_error']}")
+    for failing in m.get("failing") or []:
+        wait = failing.get("respawn_in")
+        then = f"next try in {wait:g}s" if isinstance(wait, int | float) else "starting again"
+        crashes = failing.get("crashes")
+        count = f" ({crashes} crashes in a row)" if isinstance(crashes, int) and crashes else ""
+        lines.append(f"  degraded: slot {_cell(failing.get('slot'))} has no ready worker"
+                     f"{count}, {then}")
     for lst in m.get("listeners") or []:
-        lines.append(f"  listener {lst.get('name') or '-'}: {_cell(lst.get('address'))} "
+        address, name = _cell(lst.get("address")), lst.get("name")
+        named = f"{name}: " if name and name != lst.get("address") else ""  # unnamed: once
+        lines.append(f"  listener {named}{address} "
                      f"(fd {_cell(lst.get('fd'))}, inode {_cell(lst.get('inode'))})")
     rows = [[h for h, _, _ in _COLUMNS]]
     for w in status.get("workers") or []:

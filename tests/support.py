@@ -114,9 +114,11 @@ class LogReader(threading.Thread):
         for raw in self.stream:
             line = raw.decode("utf-8", "replace").rstrip("\n")
             record = None
-            if line.startswith("{"):
+            # A worker's raw stderr (a boot traceback) may share the line a record ends.
+            start = 0 if line.startswith("{") else line.find('{"time": ')
+            if start >= 0:
                 with contextlib.suppress(ValueError):
-                    record = json.loads(line)
+                    record = json.loads(line[start:])
             with self.cond:
                 self.lines.append(line)
                 if isinstance(record, dict):
@@ -282,8 +284,12 @@ def start_daemon(
     cwd: Path | None = None,
     extra_fds: Sequence[int] = (),
     bind: bool = True,
+    module: str = "forkserver",
 ) -> Iterator[Daemon]:
-    """Run ``forkserver run --bind fd://N --workers W ARGS HANDLER``; see the module docstring."""
+    """Run ``forkserver run --bind fd://N --workers W ARGS HANDLER``; see the module docstring.
+
+    *module* is what ``python -m`` runs (a test's wrapper around ``forkserver.cli``).
+    """
     scratch = tempfile.mkdtemp(prefix="fs-")  # short: a Unix socket path holds 107 bytes
     notify_path = os.path.join(scratch, "notify")
     listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
@@ -304,7 +310,7 @@ def start_daemon(
         fd = listener.fileno()
         binds = ["--bind", f"fd://{fd}"] if bind else []  # else the test's config file says
         command = [
-            sys.executable, "-m", "forkserver", "run", *binds,
+            sys.executable, "-m", module, "run", *binds,
             "--workers", str(workers), "--log-format", "json", *args, handler,
         ]  # fmt: skip
         proc = subprocess.Popen(
