@@ -14,7 +14,10 @@
 This is the one module that turns errors into exit codes (sysexits.h):
 64 bad command line, 66 missing config file, 78 invalid configuration;
 ``ctl`` adds 1 (command failed), 69 (no daemon), 70 (malformed reply),
-75 (no reply in time) and 77 (refused).
+75 (no reply in time) and 77 (refused).  ``run`` passes on the master's
+own: 0 after a stop, 3 when no worker became ready within
+``startup_timeout``, 69 when a listener cannot be opened, 78 when the
+handler or the user/group is unusable.
 """
 
 from __future__ import annotations
@@ -108,6 +111,33 @@ def _text_type(key: str) -> Callable[[str], Any]:
             raise argparse.ArgumentTypeError(str(exc)) from None
     convert.__name__ = key
     return convert
+
+
+def _scale_type(text: str) -> dict[str, int]:
+    """``N`` → ``{"workers": N}``; ``+N``/``-N`` → ``{"by": ±N}`` (resolved by the master)."""
+    digits = text[1:] if text[:1] in "+-" else text
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > 6:
+        raise argparse.ArgumentTypeError(f"expected a worker count N, or +N / -N for more "
+                                         f"or fewer workers, not {text!r}")
+    if text[:1] in "+-":
+        return {"by": int(text)}
+    if not 1 <= int(digits) <= control.MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"workers must be between 1 and "
+                                         f"{control.MAX_WORKERS}, not {text}")
+    return {"workers": int(digits)}
+
+
+def _worker_type(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or len(text) > 10:
+        raise argparse.ArgumentTypeError(f"expected a worker's slot or pid, not {text!r}")
+    return int(text)
+
+
+def _signal_type(text: str) -> str:
+    try:
+        return control.parse_signal_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _bind_type(text: str) -> config.ListenerSettings:
@@ -219,8 +249,20 @@ def _add_ctl_parser(sub: Any) -> None:
     status.add_argument("--json", action="store_true", help="stable JSON for monitoring")
     cmds.add_parser("reload", help="reload the configuration and replace the workers; "
                                    "waits for the outcome (exit 1 and why, if it failed)")
-    scale = cmds.add_parser("scale", help="set the number of workers")
-    scale.add_argument("workers", type=_text_type("workers"), metavar="N")
+    scale = cmds.add_parser("scale", help="set the number of workers: N, or +N/-N more/fewer",
+                            description="Run N workers, or N more (+N) or fewer (-N) than "
+                                        "the master runs now (never fewer than 1).")
+    scale.add_argument("workers", type=_scale_type, metavar="N|+N|-N")
+    kill = cmds.add_parser("kill", help="retire one worker (a successor starts), or signal it",
+                           description="Retire one worker: it finishes its connections and "
+                                       "a successor starts at once.  WORKER is its pid, or "
+                                       "else its slot.  With --signal, send it that signal "
+                                       "instead (TERM: finish and exit; QUIT: exit now; "
+                                       "ABRT: dump its stacks and die; KILL).  Either way it "
+                                       "is replaced, and its exit is not a crash.")
+    kill.add_argument("worker", type=_worker_type, metavar="SLOT|PID")
+    kill.add_argument("--signal", dest="signal_name", type=_signal_type, metavar="NAME",
+                      help=f"send this signal instead ({', '.join(control.KILL_SIGNALS)})")
     stop = cmds.add_parser("stop", help="stop the daemon (graceful by default)")
     how = stop.add_mutually_exclusive_group()
     how.add_argument("--graceful", dest="mode", action="store_const", const="graceful",
@@ -358,7 +400,11 @@ def _cmd_ctl(ns: argparse.Namespace) -> int:
     where = _ctl_socket(ns)
     args: dict[str, object] = {}
     if ns.ctl_command == "scale":
-        args["workers"] = ns.workers
+        args.update(ns.workers)
+    elif ns.ctl_command == "kill":
+        args["worker"] = ns.worker
+        if ns.signal_name:
+            args["signal"] = ns.signal_name
     elif ns.ctl_command == "stop":
         args["mode"] = ns.mode
     timeout = ns.timeout if ns.timeout is not None else (

@@ -204,6 +204,12 @@ class Settings:
                                  maximum=86400, metavar="SECONDS",
                                  help="on a graceful stop or reload, how long workers may "
                                       "finish their connections before being killed")
+    startup_timeout: float = _s(60.0, kind="float", group="lifecycle", minimum=0,
+                                maximum=86400, metavar="SECONDS",
+                                help="exit with status 3 if no worker has become ready this "
+                                     "long after the start (a handler that imports in the "
+                                     "master's check but fails in every worker); 0: retry "
+                                     "for ever")
     pid_file: str | None = _s(None, kind="str", group="lifecycle", optional=True,
                               maximum=MAX_TEXT, metavar="PATH",
                               example='"/run/forkserver.pid"',

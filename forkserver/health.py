@@ -2,10 +2,12 @@
 
 * Heartbeats: a worker silent for longer than ``timeout`` is stuck.  It
   gets SIGABRT first (``faulthandler`` in the worker writes its stacks
-  to the log), then SIGKILL ``KILL_GRACE`` later, and is replaced when
-  reaped.  The check runs on the loop's monotonic clock; a check that
-  runs late means the master itself was stalled (suspended, swapped
-  out), and then every clock restarts instead of anyone being killed.
+  to the log; event ``worker_timeout``), then SIGKILL ``KILL_GRACE``
+  later if it is still there (event ``worker_killed``, stage ``timeout``),
+  and is replaced when reaped.  The check runs on the loop's monotonic
+  clock; a check that runs late means the master itself was stalled
+  (suspended, swapped out), and then every clock restarts instead of
+  anyone being killed.
 * Memory: every ``recycling.MEMORY_INTERVAL`` seconds each working
   worker's memory is sampled; one over ``max_memory`` is recycled (it
   finishes its connections, a successor starts at once).
@@ -75,12 +77,18 @@ class Health:
                   extra={"event": "worker_timeout", "slot": record.slot, "pid": record.pid,
                          "reason": reason})  # fmt: skip
         link.killed = True
+        record.exit_cause = "timeout"
         m.table.mark_stopping(record.pid)
         os.kill(record.pid, signal.SIGABRT)
 
         def kill() -> None:
-            if m.dispatcher.links.get(record.pid) is link:  # not reaped: still its pid
-                os.kill(record.pid, signal.SIGKILL)
+            if m.dispatcher.links.get(record.pid) is not link:  # reaped: the pid is not its own
+                return
+            log.error("worker %d (pid %d) still running %g s after its stack dump: killing it",
+                      record.slot, record.pid, KILL_GRACE,
+                      extra={"event": "worker_killed", "slot": record.slot, "pid": record.pid,
+                             "stage": "timeout", "cause": "timeout"})  # fmt: skip
+            os.kill(record.pid, signal.SIGKILL)
 
         m.loop.call_later(KILL_GRACE, kill)
 

@@ -23,11 +23,25 @@ CHLD      reap every exited child; unknown children are reaped quietly
 
 Workers report over their channel (see ``channel``): a malformed,
 oversized or out-of-place message gets that worker killed and replaced,
-never the master.  A worker that dies is logged with its exit code or
-signal and replaced, after a crash-loop back-off (``CrashBackoff``).
+never the master.  A worker that dies without being asked to is logged
+(WARNING) with its exit code or signal and replaced, after its slot's
+crash-loop back-off (``CrashBackoff``); while that keeps a slot without
+a ready worker the master is *degraded* (``ctl status``, STATUS=, the
+log).  If no worker at all has been ready ``startup_timeout`` seconds
+after the start, the master gives up and exits 3.
 A healthy worker over ``max_requests`` or ``max_memory`` is retired
 (it finishes what it holds) and replaced at once (``recycling``).
+Every retirement (reload, scale-down, recycling, ``ctl kill``) is
+planned: its exit is logged at INFO with its cause, never counts as a
+crash, and a retired worker still running ``graceful_timeout`` seconds
+after it was asked to stop is killed.
 READY=1 goes to systemd once every configured worker has reported ready.
+
+No exception raised in a callback of the loop ends the master: the
+loop's exception handler logs it (``master_error``, with the callback
+and the traceback) and the loop goes on.  Only ``SystemExit`` and
+``KeyboardInterrupt`` stop it, and nothing outside the master's own
+code can raise those in the loop (SIGINT is one of the loop's signals).
 
 A ``dispatch = "shared"`` listener is never accepted on here: every
 worker inherits it and accepts itself (``workers.shared``), and reports
@@ -43,6 +57,7 @@ import random
 import signal
 import socket
 import time
+import traceback
 from collections.abc import Callable
 from typing import Final
 
@@ -51,7 +66,7 @@ import setproctitle
 from forkserver import channel, fdpass, recycling, spawn, startup
 from forkserver.commands import ControlCommands
 from forkserver.config import Settings
-from forkserver.control import ControlServer, open_control
+from forkserver.control import MAX_WORKERS, ControlServer, open_control
 from forkserver.dispatch import Dispatcher, WorkerLink
 from forkserver.errors import ForkserverError
 from forkserver.eventloop import EventLoop, TimerHandle
@@ -62,13 +77,16 @@ from forkserver.listeners import Listener
 from forkserver.log import log_file_copy
 from forkserver.log import reopen as reopen_logs
 from forkserver.privileges import PidFile
+from forkserver.ratelimit import LogLimiter
 from forkserver.reloader import Reloader
 from forkserver.stackdump import StackDumps
 from forkserver.systemd import Notifier, listen_fds
 from forkserver.upgrade import Handover
 from forkserver.upgrader import Upgrader
 from forkserver.worker_table import (
+    ALONE_DELAY,
     HEALTHY_LIFETIME,
+    PLANNED_CAUSES,
     CrashBackoff,
     SlotHistory,
     TableError,
@@ -81,6 +99,7 @@ from forkserver.workers.core import EXIT_MEANINGS, HEARTBEAT_INTERVAL, WorkerCon
 log = logging.getLogger("forkserver.master")
 
 EXIT_OK: Final = 0
+EXIT_NO_WORKER: Final = 3  # no worker became ready within startup_timeout (as gunicorn's 3)
 EXIT_UNAVAILABLE: Final = 69  # EX_UNAVAILABLE: a listener could not be opened
 EXIT_CONFIG: Final = 78  # EX_CONFIG: the handler or the user/group is unusable
 #: Messages read from a dead worker's channel: its last words, bounded.
@@ -91,6 +110,9 @@ STATUS_TICK: Final = 2.0
 EXTEND_INTERVAL: Final = 5.0
 #: Beyond ``graceful_timeout``: time to kill the stragglers and exit.
 EXTEND_MARGIN: Final = 10.0
+#: At most one ``master_error`` line per callback, and one ``accept_failed``
+#: line per listener, per this many seconds (the rest are counted).
+ERROR_LOG_INTERVAL: Final = 10.0
 
 
 def serve(
@@ -104,7 +126,9 @@ def serve(
     0 after a requested stop, 78 when the handler or the user/group is
     unusable, 69 when a listener cannot be opened (or an older master's
     hand-over is unusable); these failures happen before any worker is
-    forked.  *reload_settings* re-reads the configuration on HUP.
+    forked.  3 when no worker became ready within ``startup_timeout``
+    (the handler imports in the master's check but not in the workers).
+    *reload_settings* re-reads the configuration on HUP.
     """
     try:
         notifier = notifier if notifier is not None else Notifier.from_environ()
@@ -189,6 +213,9 @@ class Master:
         self.stopping = False
         self.forced = False  # stop at once: no more respawns, pending connections dropped
         self.announced = False
+        self.ever_ready = False  # some worker has been ready (startup_timeout is over)
+        self.degraded = False  # some slot cannot keep a ready worker (CrashBackoff.failing)
+        self.exit_code = EXIT_OK
         # Listeners given to us (systemd, fd://): left open on stop for their owner.
         self.inherited = {i for i, item in enumerate(listeners)
                           if item.spec.kind in ("systemd", "fd")}  # fmt: skip
@@ -205,6 +232,8 @@ class Master:
         # Several heartbeats per timeout, so one late beat is not a death sentence.
         self._heartbeat_interval = min(HEARTBEAT_INTERVAL, settings.timeout / 4)
         self._listener_names = tuple(listener.name for listener in listeners)
+        self._error_log = LogLimiter(ERROR_LOG_INTERVAL, loop.time)
+        self._accept_log = LogLimiter(ERROR_LOG_INTERVAL, loop.time)
 
     @property
     def generations(self) -> Generations:
@@ -218,6 +247,7 @@ class Master:
     # --- the loop ----------------------------------------------------------
 
     def run(self) -> int:
+        self.loop.set_exception_handler(self._internal_error)
         for index, listener in enumerate(self.listeners):
             if index in self.shared:
                 listener.pause_accepting()  # for good: the workers accept on it
@@ -233,23 +263,54 @@ class Master:
                 return _cannot_start(self.notifier, exc, EXIT_UNAVAILABLE)
         self._install_signal_handlers()
         setproctitle.setproctitle(self._title())
-        for slot in range(self.target):
-            self.spawn(slot)
         log.info(
-            "listening on %s with %d %s worker%s",
-            self.where(), self.settings.workers, self.worker_class,
-            "" if self.settings.workers == 1 else "s",
+            "master started: listening on %s, starting %d %s worker%s",
+            self.where(), self.target, self.worker_class, "" if self.target == 1 else "s",
             extra={"event": "master_started", "pid": os.getpid()},
         )  # fmt: skip
+        for slot in range(self.target):
+            self.spawn(slot)
         self._watchdog()
         if self.notifier.enabled:
             self._status_tick()
         self.health.start()
+        if self.settings.startup_timeout > 0:
+            self.loop.call_later(self.settings.startup_timeout, self._startup_deadline)
         try:
             self.loop.run()
         finally:
             self._shutdown()
-        return EXIT_OK
+        return self.exit_code
+
+    def _internal_error(self, callback: Callable[..., object], exc: Exception) -> None:
+        """The error boundary: a bug in one callback is logged, and the master goes on."""
+        name = getattr(callback, "__qualname__", None) or repr(callback)
+        unlogged = self._error_log.check(name)
+        if unlogged is None:
+            return
+        text = "".join(traceback.format_exception(exc)).rstrip("\n")
+        more = f" ({unlogged} more since the last report)" if unlogged else ""
+        log.error("internal error in %s, the master carries on%s: %s: %s\n%s",
+                  name, more, type(exc).__name__, exc, text,
+                  extra={"event": "master_error", "callback": name,
+                         "exc_type": type(exc).__name__, "error": str(exc),
+                         "traceback": text, "unlogged": unlogged})  # fmt: skip
+
+    def _startup_deadline(self) -> None:
+        """No worker ready ``startup_timeout`` after the start: give up, exit 3."""
+        if self.ever_ready or self.stopping:
+            return
+        exits = sorted({h.last_exit for h in self.history.values() if h.last_exit})
+        how = f" (workers exited: {', '.join(exits)})" if exits else ""
+        timeout = self.settings.startup_timeout
+        reason = f"no worker became ready within startup_timeout ({timeout:g} s)"
+        log.error("%s%s: giving up, exit status %d", reason, how, EXIT_NO_WORKER,
+                  extra={"event": "master_failed", "reason": reason,
+                         "exit_code": EXIT_NO_WORKER})  # fmt: skip
+        self.exit_code = EXIT_NO_WORKER
+        if self.handover is None:
+            self.notifier.status(f"cannot start: {reason}", force=True)
+        self.stop_now()
 
     def claim_files(self) -> None:
         """The pid file and the control socket; raises ForkserverError."""
@@ -282,15 +343,15 @@ class Master:
                 self.notifier.watchdog()
             self.loop.call_later(interval, self._watchdog)
 
-    def _update_status(self) -> None:
-        """A STATUS= summary for systemd (rate-limited by the notifier).
+    def _update_status(self, *, force: bool = False) -> None:
+        """A STATUS= summary for systemd (rate-limited by the notifier, unless *force*).
 
         A master started by USR2 keeps quiet until the old one has gone:
         systemd takes notifications from the main pid only.
         """
         if self.handover is not None:
             return
-        self.notifier.status(self._summary())
+        self.notifier.status(self._summary(), force=force)
         deadline = self.notifier.status_deadline()
         if deadline is not None and self._status_timer is None:
             self._status_timer = self.loop.call_at(deadline, self._flush_status)
@@ -302,10 +363,15 @@ class Master:
         served = sum(record.served for record in self.table)
         served += sum(history.served for history in self.history.values())
         state = "stopping" if self.stopping else f"listening on {self.where()}"
-        return (
+        summary = (
             f"{state}; workers {busy} busy/{ready} ready/{self.target}; "
             f"{served} served; {len(self.dispatcher.pending)} queued"
         )
+        failing = self.backoff.failing()
+        if failing and not self.stopping:
+            slots = ", ".join(str(slot) for slot in failing)
+            summary += f"; degraded: slot{'s' if len(failing) > 1 else ''} {slots} failing"
+        return summary
 
     def _status_tick(self) -> None:
         """Keep STATUS= current under load, when nothing else changes it."""
@@ -398,8 +464,11 @@ class Master:
                         "request_limit": record.request_limit})  # fmt: skip
 
     def _spawn_failed(self, slot: int, exc: OSError, generation: int) -> None:
-        log.error("cannot start worker %d: %s", slot, exc, extra={"event": "worker_failed"})
-        self._schedule_respawn(slot, self.backoff.delay_after_exit(0.0), generation)
+        log.error("cannot start worker %d: %s", slot, exc,
+                  extra={"event": "worker_failed", "slot": slot})  # fmt: skip
+        delay = self.backoff.died(slot, 0.0, was_ready=False, alone=self._alone())
+        self._schedule_respawn(slot, delay, generation)
+        self._update_degraded()
 
     def _shared_fds(self) -> tuple[tuple[int, int], ...]:
         """(index, descriptor) of each shared listener still open, for a new worker."""
@@ -419,15 +488,52 @@ class Master:
 
     def _schedule_respawn(self, slot: int, delay: float, generation: int) -> None:
         if delay > 0:
+            crashes = self.backoff.crashes(slot)
             log.warning(
-                "worker %d keeps crashing: replacing it in %g s",
-                slot,
-                delay,
-                extra={"event": "worker_backoff", "slot": slot, "delay": delay},
-            )
+                "worker %d crashed (%d in a row): replacing it in %g s",
+                slot, crashes, delay,
+                extra={"event": "worker_backoff", "slot": slot, "delay": delay,
+                       "crashes": crashes},
+            )  # fmt: skip
         self._respawns[(generation, slot)] = self.loop.call_later(
             delay, lambda: self.spawn(slot, generation)
         )
+
+    def respawn_in(self, slot: int) -> float | None:
+        """Seconds until *slot* of the serving generation is forked again, if it waits."""
+        timer = self._respawns.get((self.generations.serving, slot))
+        return None if timer is None else round(max(0.0, timer.when - self.loop.time()), 3)
+
+    def _alone(self) -> bool:
+        """Is no worker ready to serve?"""
+        return self.table.count(WorkerState.READY) == 0
+
+    def _keep_service_up(self) -> None:
+        """While no worker is ready, no slot waits more than ``ALONE_DELAY`` for its successor."""
+        if not self._alone():
+            return
+        latest = self.loop.time() + ALONE_DELAY
+        for (generation, slot), timer in tuple(self._respawns.items()):
+            if timer.when > latest:
+                timer.cancel()
+                self._schedule_respawn(slot, ALONE_DELAY, generation)
+
+    def _update_degraded(self) -> None:
+        """Log (and tell systemd) when a slot starts or stops failing to keep a worker."""
+        failing = self.backoff.failing()
+        degraded = bool(failing) and not self.stopping
+        if degraded == self.degraded:
+            return
+        self.degraded = degraded
+        if degraded:
+            slots = ", ".join(str(slot) for slot in failing)
+            log.warning("degraded: the worker of slot%s %s keeps failing; retrying with back-off",
+                        "s" if len(failing) > 1 else "", slots,
+                        extra={"event": "master_degraded", "slots": list(failing)})  # fmt: skip
+        else:
+            log.info("recovered: every slot has a ready worker again",
+                     extra={"event": "master_recovered"})  # fmt: skip
+        self._update_status(force=True)
 
     def _cancel_respawns(self, keep: Callable[[int, int], bool] = lambda gen, slot: False) -> None:
         for key in [key for key in self._respawns if not keep(*key)]:
@@ -463,19 +569,31 @@ class Master:
         how = describe_exit(code)
         if code in EXIT_MEANINGS:  # a worker's own failure, boot or runtime
             how += f" ({EXIT_MEANINGS[code]})"
-        level = logging.INFO if self.stopping and code == 0 else logging.WARNING
-        log.log(level, "worker %d (pid %d) exited: %s", record.slot, record.pid, how,
+        cause = record.exit_cause or "died"
+        planned = cause in PLANNED_CAUSES
+        # Planned exits are routine; a death nobody asked for is worth a look.
+        level = logging.INFO if planned else logging.WARNING
+        log.log(level, "worker %d (pid %d) exited: %s%s", record.slot, record.pid, how,
+                "" if cause == "died" else f" ({cause})",
                 extra={"event": "worker_exited", "slot": record.slot, "pid": record.pid,
-                       "exit_code": code, "lifetime": round(lifetime, 3),
-                       "served": record.served, "reclaimed": len(reclaimed)})  # fmt: skip
+                       "exit_code": code, "cause": cause, "planned": planned,
+                       "lifetime": round(lifetime, 3), "served": record.served,
+                       "reclaimed": len(reclaimed)})  # fmt: skip
         history = self.history.setdefault(record.slot, SlotHistory())
-        history.exited(how, record.served)
-        delay = self.backoff.delay_after_exit(lifetime)
+        history.exited(how, record.served, cause)
+        if planned and record.was_ready:
+            self.backoff.healthy(record.slot)  # it served until it was retired
         if record.generation == self.generations.starting and record.state is WorkerState.STARTING:
             self.reloader.abandon(f"worker {record.slot} of the new generation {how} "
                                  "before it was ready")  # fmt: skip
         elif self._replaceable(record):
+            delay = 0.0
+            if not planned:
+                delay = self.backoff.died(record.slot, lifetime, was_ready=record.was_ready,
+                                          alone=self._alone())  # fmt: skip
             self._schedule_respawn(record.slot, delay, record.generation)
+        self._keep_service_up()
+        self._update_degraded()
         self.dispatcher.drain_pending()
         self._stop_workers_when_drained()
         self._update_status()
@@ -489,19 +607,39 @@ class Master:
         needed = not self.stopping or (self.dispatcher.pending and not self.forced)
         return bool(needed) and record.slot < self.target
 
-    def _retire(self, link: WorkerLink) -> None:
-        """Ask a worker to finish what it holds and exit, without a successor."""
+    def _retire(self, link: WorkerLink, cause: str) -> None:
+        """Ask a worker to finish what it holds and exit, without a successor.
+
+        *cause* (one of ``PLANNED_CAUSES``) is logged when it exits.  One
+        still running ``graceful_timeout`` seconds later is killed.
+        """
         record = link.record
         record.retired = True
+        if record.exit_cause is None:
+            record.exit_cause = cause
         if record.state is not WorkerState.STOPPING and not link.killed:
             self.table.mark_stopping(record.pid)
             self.dispatcher.queue_stop(link)
+            timeout = self.settings.graceful_timeout
+            self.loop.call_later(timeout, lambda: self._retirement_overdue(link, timeout))
 
-    def retire_all(self, generations: Callable[[int], bool]) -> None:
+    def _retirement_overdue(self, link: WorkerLink, timeout: float) -> None:
+        record = link.record
+        if self.dispatcher.links.get(record.pid) is not link or link.killed:
+            return  # gone already (reaped: the pid may be someone else's now), or being killed
+        log.warning("worker %d (pid %d) still running %g s after it was retired (%s): "
+                    "killing it", record.slot, record.pid, timeout, record.exit_cause,
+                    extra={"event": "worker_killed", "slot": record.slot, "pid": record.pid,
+                           "stage": "graceful_timeout", "cause": record.exit_cause,
+                           "in_flight": record.in_flight})  # fmt: skip
+        link.killed = True
+        os.kill(record.pid, signal.SIGKILL)
+
+    def retire_all(self, generations: Callable[[int], bool], cause: str = "reload") -> None:
         """Retire every worker of the generations chosen, and forget their re-forks."""
         for link in tuple(self.dispatcher.links.values()):
             if generations(link.record.generation):
-                self._retire(link)  # it finishes its connections, then exits
+                self._retire(link, cause)  # it finishes its connections, then exits
         self._cancel_respawns(keep=lambda gen, slot: not generations(gen))
 
     def apply_settings(self, settings: Settings, worker_class: WorkerClass) -> None:
@@ -576,18 +714,25 @@ class Master:
         if record.state is WorkerState.STOPPING:
             return
         self.table.mark_ready(record.pid, self.loop.time())
+        self.ever_ready = True
         log.info("worker %d (pid %d) ready", record.slot, record.pid,
                  extra={"event": "worker_ready", "slot": record.slot, "pid": record.pid,
                         "generation": record.generation})  # fmt: skip
         pid = record.pid
         self.loop.call_later(HEALTHY_LIFETIME, lambda: self._healthy(pid))
         ready = self.table.count(WorkerState.READY)
+        if record.generation == self.generations.serving:
+            self.backoff.ready(record.slot)
         if record.generation == self.generations.starting:
             self.reloader.commit_when_ready()
+            if record.generation == self.generations.serving:  # committed: all slots are ready
+                for slot in range(self.target):
+                    self.backoff.ready(slot)
         elif not self.announced and ready >= self.target:
             self.announce(ready)
         elif self.announced:
             self._update_status()
+        self._update_degraded()
         self.dispatcher.drain_pending()
 
     def announce(self, ready: int, detail: str = "") -> None:
@@ -601,7 +746,8 @@ class Master:
             self.notifier.ready(status)
             return
         self.announced = True
-        log.info("%s", status, extra={"event": "master_ready", "workers": ready})
+        log.info("%s%d of %d workers ready: serving", detail, ready, self.target,
+                 extra={"event": "master_ready", "workers": ready})  # fmt: skip
         if self.handover is None:
             self.notifier.ready(status)
         else:
@@ -613,15 +759,16 @@ class Master:
         return f"listening on {self.where()}; {detail}{ready} of {self.target} workers ready"
 
     def _healthy(self, pid: int) -> None:
-        if self.table.get(pid) is not None:
-            self.backoff.reset()
+        record = self.table.get(pid)
+        if record is not None:
+            self.backoff.healthy(record.slot)
 
     def _handler_error(self, link: WorkerLink, error: channel.HandlerError) -> None:
         record = link.record
         record.errors += 1
-        self.history.setdefault(
-            record.slot, SlotHistory()
-        ).last_error = f"{error.exc_type}: {error.message}"
+        history = self.history.setdefault(record.slot, SlotHistory())
+        history.handler_errors += 1
+        history.last_error = f"{error.exc_type}: {error.message}"
         names = self._listener_names
         listener = names[error.listener] if error.listener < len(names) else str(error.listener)
         log.error(
@@ -636,6 +783,7 @@ class Master:
     def _violation(self, link: WorkerLink, reason: str) -> None:
         """A worker broke the protocol: kill it (it is replaced when reaped)."""
         if not link.killed:
+            link.record.exit_cause = "protocol_error"
             self._kill(link, "protocol_error", f"broke the channel protocol: {reason}")
 
     def _kill(self, link: WorkerLink, event: str, reason: str) -> None:
@@ -654,8 +802,9 @@ class Master:
         """Keep *workers* workers: fork the missing slots, retire the highest ones."""
         if self.stopping:
             return
-        if workers < 1:
-            log.warning("not scaling to %d workers: at least 1 is needed", workers,
+        if not 1 <= workers <= MAX_WORKERS:
+            bound = "at least 1 is needed" if workers < 1 else f"at most {MAX_WORKERS} can run"
+            log.warning("not scaling to %d workers: %s", workers, bound,
                         extra={"event": "workers_scaled", "target": self.target,
                                "refused": True})  # fmt: skip
             return
@@ -675,28 +824,53 @@ class Master:
                 log.info("worker %d (pid %d) retired: it finishes what it holds, then exits",
                          record.slot, record.pid,
                          extra={"event": "worker_retired", "slot": record.slot,
-                                "pid": record.pid})  # fmt: skip
-                self._retire(link)
+                                "pid": record.pid, "cause": "scale-down"})  # fmt: skip
+                self._retire(link, "scale-down")
         self._cancel_respawns(keep=lambda gen, slot: slot < workers)
+        for slot in range(workers, old):
+            self.backoff.forget(slot)
+        self._update_degraded()
         if self.generations.reloading:
             self.reloader.commit_when_ready()  # fewer workers may be enough now
         self._update_status()
 
     # --- recycling -------------------------------------------------------------
 
-    def recycle(self, link: WorkerLink, reason: str, **extra: object) -> None:
-        """Retire a healthy worker over a limit, and start its successor at once."""
+    def recycle(self, link: WorkerLink, reason: str, *, limit: str, **extra: object) -> None:
+        """Retire a healthy worker over a limit, and start its successor at once.
+
+        *limit* is the cause of its exit: ``max_requests``, ``max_memory``
+        or ``ctl kill``.
+        """
         record = link.record
         if record.retired or link.killed:
             return
         log.info("worker %d (pid %d) %s: retiring it after its connections and replacing it",
                  record.slot, record.pid, reason,
                  extra={"event": "worker_recycled", "slot": record.slot, "pid": record.pid,
-                        "reason": reason, **extra})  # fmt: skip
+                        "reason": reason, "limit": limit, **extra})  # fmt: skip
         successor = self._replaceable(record)
-        self._retire(link)
+        self._retire(link, limit)
         if successor:
             self.spawn(record.slot, record.generation)
+
+    def kill_worker(self, link: WorkerLink, signum: signal.Signals | None) -> None:
+        """``ctl kill``: retire one worker (a successor starts now), or send it *signum*.
+
+        Either way its exit is planned (cause ``ctl kill``): it is replaced
+        at once and never counted as a crash.
+        """
+        record = link.record
+        if signum is None:
+            self.recycle(link, "asked to stop (ctl kill)", limit="ctl kill")
+            return
+        log.info("worker %d (pid %d): sending it %s (ctl kill)", record.slot, record.pid,
+                 signum.name, extra={"event": "worker_signalled", "slot": record.slot,
+                                     "pid": record.pid, "signal": signum.name})  # fmt: skip
+        if record.exit_cause is None:
+            record.exit_cause = "ctl kill"
+        if self.dispatcher.links.get(record.pid) is link:  # not reaped: still its pid
+            os.kill(record.pid, signum)
 
     def reopen_logs(self) -> None:
         """USR1 and ``ctl reopen-logs``: reopen the log file, here and in every worker.
@@ -769,6 +943,8 @@ class Master:
         self.forced = True
         self._cancel_respawns()
         for record in self.table:
+            if record.exit_cause is None:
+                record.exit_cause = "stop"
             os.kill(record.pid, signal.SIGKILL)
         self._finish_if_done()
 
@@ -785,18 +961,27 @@ class Master:
         if not self.stopping or self.dispatcher.pending:
             return
         for link in tuple(self.dispatcher.links.values()):
-            if link.record.state is not WorkerState.STOPPING:
-                self.table.mark_stopping(link.record.pid)
+            record = link.record
+            if record.exit_cause is None:
+                record.exit_cause = "stop"
+            if record.state is not WorkerState.STOPPING:
+                self.table.mark_stopping(record.pid)
                 self.dispatcher.queue_stop(link)
         self._finish_if_done()
 
     # --- helpers -----------------------------------------------------------
 
     def _accept_failed(self, listener: Listener) -> Callable[..., None]:
+        """The listener backs off by itself (``TcpServer``); the log says so now and then."""
+
         def report(error: object) -> None:
-            log.error("%s", listener.error_string(),
+            unlogged = self._accept_log.check(listener.index)
+            if unlogged is None:
+                return
+            more = f" ({unlogged} more since the last report)" if unlogged else ""
+            log.error("%s%s", listener.error_string(), more,
                       extra={"event": "accept_failed", "listener": listener.name,
-                             "error": str(error)})  # fmt: skip
+                             "error": str(error), "unlogged": unlogged})  # fmt: skip
 
         return report
 

@@ -52,6 +52,10 @@ class WorkerRecord:
     generation: int = 0
     request_limit: int | None = None  # max_requests (with its jitter) for this worker
     retired: bool = False  # asked to finish and exit; not replaced when it does
+    #: Why the master asked it to go, or killed it (``PLANNED_CAUSES`` and
+    #: ``UNPLANNED_CAUSES``); None while nobody has.
+    exit_cause: str | None = None
+    was_ready: bool = False  # it reported READY at some point
     prefetch: int = 0  # descriptors it may hold queued beyond its capacity
     last_assigned: int = 0  # the table's count of assignments when it last got one
 
@@ -59,18 +63,45 @@ class WorkerRecord:
         return self.state is WorkerState.READY and self.in_flight < self.capacity + self.prefetch
 
 
+#: Why the master retires a worker on purpose: its exit is planned, logged
+#: at INFO, and never counts as a crash.
+PLANNED_CAUSES: Final = frozenset(
+    {"reload", "scale-down", "max_requests", "max_memory", "stop", "ctl kill"}
+)
+#: Why the master kills a worker nobody asked to go: a stuck worker
+#: (``timeout``) or one that broke the channel protocol.  A worker that
+#: dies on its own has the cause ``died``.
+UNPLANNED_CAUSES: Final = frozenset({"timeout", "protocol_error", "died"})
+#: The planned causes that come with a successor (scale-down and stop have none).
+REPLACED_CAUSES: Final = frozenset({"reload", "max_requests", "max_memory", "ctl kill"})
+
+
 @dataclass(slots=True)
 class SlotHistory:
-    """What outlives the workers of one slot: for ``forkserver ctl status``."""
+    """What outlives the workers of one slot: for ``forkserver ctl status``.
+
+    Every count is monotonic for the master's life: a reload or a
+    scale-down never lowers one.
+    """
 
     started: float = 0.0  # time.time() of the latest fork
-    restarts: int = 0
+    deaths: int = 0  # workers that died without being asked to
+    replaced: int = 0  # workers retired on purpose for a successor (``REPLACED_CAUSES``)
     served: int = 0  # by the slot's earlier workers
+    handler_errors: int = 0  # handler exceptions reported by the slot's workers
     last_exit: str | None = None
     last_error: str | None = None
 
-    def exited(self, how: str, served: int) -> None:
-        self.restarts += 1
+    @property
+    def restarts(self) -> int:
+        """Kept for ``ctl status``: the unplanned deaths, each followed by a restart."""
+        return self.deaths
+
+    def exited(self, how: str, served: int, cause: str) -> None:
+        if cause in REPLACED_CAUSES:
+            self.replaced += 1
+        elif cause not in PLANNED_CAUSES:
+            self.deaths += 1
         self.served += served
         self.last_exit = how
 
@@ -123,6 +154,7 @@ class WorkerTable:
                 f"worker {record.slot} (pid {pid}) sent READY while {record.state.value}"
             )
         record.state = WorkerState.READY
+        record.was_ready = True
         record.last_seen = now
         return record
 
@@ -210,35 +242,94 @@ class WorkerTable:
         return record
 
 
-#: A worker that exits sooner than this after it started has crashed.
+#: A worker that dies sooner than this after it started has crashed
+#: (so has one that dies before it was ever ready).
 CRASH_WINDOW: Final = 1.0
-#: A worker that lived this long resets the crash count.
+#: A slot whose worker has lived this long since it was ready has no crashes.
 HEALTHY_LIFETIME: Final = 10.0
 FIRST_DELAY: Final = 0.1
 MAX_DELAY: Final = 30.0
+#: The longest wait while no other worker is ready: the service is never
+#: dark for ``MAX_DELAY``, and a broken handler still forks at most once a
+#: second per slot.
+ALONE_DELAY: Final = 1.0
+#: Doublings beyond this one are all ``MAX_DELAY``: the exponent stays small.
+_MAX_DOUBLINGS: Final = 16
+
+
+@dataclass(slots=True)
+class SlotCrashes:
+    crashes: int = 0  # consecutive crashes, cleared by a healthy worker
+    failing: bool = False  # the latest worker crashed and no successor was ready since
+
+
+def crash_delay(crashes: int) -> float:
+    """0 for no crash, then 0.1 s, 0.2 s, 0.4 s ... up to ``MAX_DELAY``."""
+    if crashes <= 0:
+        return 0.0
+    return min(FIRST_DELAY * 2.0 ** min(crashes - 1, _MAX_DOUBLINGS), MAX_DELAY)
 
 
 class CrashBackoff:
-    """How long to wait before replacing a worker that exited.
+    """How long to wait before replacing a worker that died, slot by slot.
 
-    A worker that dies within ``CRASH_WINDOW`` of starting is a crash.
-    Consecutive crashes wait 0.1 s, 0.2 s, 0.4 s ... up to 30 s, so a
-    broken handler cannot fork-bomb the machine.  A worker that lived
-    ``HEALTHY_LIFETIME`` resets the count; other exits leave it as is.
+    Only unplanned deaths are judged here: a worker the master retired
+    (reload, scale-down, recycling, stop, ``ctl kill``) is never a crash.
+    A worker that dies within ``CRASH_WINDOW`` of its start, or before it
+    was ever ready, crashed: the slot's consecutive crashes wait 0.1 s,
+    0.2 s, 0.4 s ... up to 30 s, so a broken handler cannot fork-bomb the
+    machine, but never more than ``ALONE_DELAY`` while no other worker
+    is ready, so the service is not dark for 30 s.  Each slot counts for
+    itself: one slot's crashes never delay another's.  A slot's count is
+    cleared once its worker has lived ``HEALTHY_LIFETIME`` after ready,
+    or was retired on purpose after it was ready.
+
+    A slot is *failing* from a crash until a successor is ready: the
+    master is degraded while any slot is.
     """
 
     def __init__(self) -> None:
-        self.crashes = 0
+        self._slots: dict[int, SlotCrashes] = {}
 
-    def delay_after_exit(self, lifetime: float) -> float:
-        if lifetime >= HEALTHY_LIFETIME:
-            self.crashes = 0
-        if lifetime >= CRASH_WINDOW:
+    def died(self, slot: int, lifetime: float, *, was_ready: bool, alone: bool) -> float:
+        """An unplanned death in *slot*, *lifetime* s after its fork: the delay
+        before its successor.  *alone*: no other worker is ready."""
+        state = self._slots.setdefault(slot, SlotCrashes())
+        if was_ready and lifetime >= CRASH_WINDOW:
+            if lifetime >= HEALTHY_LIFETIME:
+                state.crashes = 0
             return 0.0
-        self.crashes += 1
-        delay: float = FIRST_DELAY * 2.0 ** (self.crashes - 1)
-        return min(delay, MAX_DELAY)
+        state.crashes += 1
+        state.failing = True
+        delay = crash_delay(state.crashes)
+        return min(delay, ALONE_DELAY) if alone else delay
+
+    def ready(self, slot: int) -> None:
+        """A worker of *slot* is ready: the slot is no longer failing."""
+        state = self._slots.get(slot)
+        if state is not None:
+            state.failing = False
+
+    def healthy(self, slot: int) -> None:
+        """A worker of *slot* lived ``HEALTHY_LIFETIME``, or was retired after ready."""
+        state = self._slots.get(slot)
+        if state is not None:
+            state.crashes = 0
+
+    def forget(self, slot: int) -> None:
+        """*slot* is gone (scale-down): nothing to wait for there."""
+        self._slots.pop(slot, None)
 
     def reset(self) -> None:
-        """A worker has now lived ``HEALTHY_LIFETIME``: crashes are history."""
-        self.crashes = 0
+        """Crashes are history (a reload); slots still failing stay so until ready."""
+        for state in self._slots.values():
+            state.crashes = 0
+
+    def crashes(self, slot: int) -> int:
+        state = self._slots.get(slot)
+        return state.crashes if state is not None else 0
+
+    def failing(self) -> dict[int, int]:
+        """The failing slots, with their consecutive crashes, by slot."""
+        return {slot: state.crashes for slot, state in sorted(self._slots.items())
+                if state.failing}  # fmt: skip

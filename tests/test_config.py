@@ -37,6 +37,7 @@ SAMPLES: dict[str, tuple[tuple[str, str, str], tuple[object, object, object]]] =
     "memory_metric": (('"uss"', "rss", "uss"), ("uss", "rss", "uss")),
     "timeout": (("1.5", "2.5", "3.5"), (1.5, 2.5, 3.5)),
     "graceful_timeout": (("0", "1", "2.25"), (0.0, 1.0, 2.25)),
+    "startup_timeout": (("0", "60", "0.5"), (0.0, 60.0, 0.5)),
     "pid_file": (('"/run/a.pid"', "/run/b.pid", "/run/c.pid"),
                  ("/run/a.pid", "/run/b.pid", "/run/c.pid")),
     "chdir": (('"/srv/a"', "/srv/b", "/srv/c"), ("/srv/a", "/srv/b", "/srv/c")),

@@ -70,9 +70,9 @@ def _serve(path: str, log_path: Path, ready_w: int, client_timeout: float) -> No
                          "last_exit": None, "last_error": None}],
         }
 
-    def scale(workers: int) -> dict[str, int]:
-        state["workers"] = workers
-        return {"workers": workers}
+    def scale(workers: int | None = None, by: int = 0) -> dict[str, int]:
+        state["workers"] = workers if workers is not None else state["workers"] + by
+        return {"workers": state["workers"]}
 
     def reload() -> None:
         raise CommandError("the new configuration is invalid; keeping the running one")
@@ -234,10 +234,10 @@ def test_scale(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> None:
     assert (code, out) == (0, "workers: 5\n")
     status = control.request(daemon.path, "status")
     assert status["master"]["workers_target"] == 5
-    for bad in ("0", "-1", "x", "5000"):
+    for bad in ("0", "x", "5000", "+x", "1.5", "--1", "+", "٣"):
         code, _, err = ctl(capsys, "--socket", daemon.path, "scale", bad)
         assert code == cli.ExitCode.USAGE, bad
-        assert "argument N" in err
+        assert "N|+N|-N" in err
 
 
 def test_failing_commands_exit_1_and_the_loop_survives(

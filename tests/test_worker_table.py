@@ -3,6 +3,9 @@
 import pytest
 
 from forkserver.worker_table import (
+    ALONE_DELAY,
+    FIRST_DELAY,
+    MAX_DELAY,
     CrashBackoff,
     TableError,
     WorkerState,
@@ -141,16 +144,65 @@ def test_free_slot_reuses_the_lowest_gap() -> None:
 
 def test_crash_backoff_doubles_to_thirty_seconds_and_resets() -> None:
     backoff = CrashBackoff()
-    delays = [backoff.delay_after_exit(0.5) for _ in range(12)]
+    delays = [backoff.died(0, 0.5, was_ready=True, alone=False) for _ in range(12)]
     assert delays[:4] == pytest.approx([0.1, 0.2, 0.4, 0.8])
     assert delays[-1] == 30.0
     assert max(delays) == 30.0
-    assert backoff.delay_after_exit(5.0) == 0.0  # not a crash, but not healthy either
-    assert backoff.delay_after_exit(0.1) == 30.0
-    assert backoff.delay_after_exit(10.0) == 0.0
-    assert backoff.delay_after_exit(0.1) == pytest.approx(0.1)
+    # not a crash (it was ready and lived past the window), but not healthy either
+    assert backoff.died(0, 5.0, was_ready=True, alone=False) == 0.0
+    assert backoff.died(0, 0.1, was_ready=True, alone=False) == 30.0
+    assert backoff.died(0, 10.0, was_ready=True, alone=False) == 0.0
+    assert backoff.died(0, 0.1, was_ready=True, alone=False) == pytest.approx(0.1)
     backoff.reset()
-    assert backoff.crashes == 0
+    assert backoff.crashes(0) == 0
+
+
+def test_thousands_of_crashes_keep_the_delay_at_its_bound() -> None:
+    backoff = CrashBackoff()
+    delays = {backoff.died(0, 0.01, was_ready=False, alone=False) for _ in range(5000)}
+    assert max(delays) == MAX_DELAY
+    assert backoff.died(0, 0.01, was_ready=False, alone=False) == MAX_DELAY
+    assert backoff.crashes(0) == 5001
+
+
+def test_each_slot_counts_its_own_crashes() -> None:
+    backoff = CrashBackoff()
+    for _ in range(8):
+        backoff.died(0, 0.1, was_ready=True, alone=False)
+    assert backoff.died(1, 0.1, was_ready=True, alone=False) == pytest.approx(FIRST_DELAY)
+    assert backoff.crashes(0) == 8
+    backoff.healthy(0)
+    assert backoff.died(0, 0.1, was_ready=True, alone=False) == pytest.approx(FIRST_DELAY)
+
+
+def test_a_worker_that_never_became_ready_crashed_however_long_it_took() -> None:
+    backoff = CrashBackoff()
+    assert backoff.died(0, 5.0, was_ready=False, alone=False) == pytest.approx(0.1)
+    assert backoff.died(0, 50.0, was_ready=False, alone=False) == pytest.approx(0.2)
+
+
+def test_while_no_other_worker_is_ready_the_delay_is_capped() -> None:
+    backoff = CrashBackoff()
+    for _ in range(10):
+        backoff.died(0, 0.1, was_ready=True, alone=False)
+    assert backoff.died(0, 0.1, was_ready=True, alone=True) == ALONE_DELAY
+    assert backoff.died(0, 0.1, was_ready=True, alone=False) == MAX_DELAY
+
+
+def test_a_slot_fails_from_a_crash_until_a_successor_is_ready() -> None:
+    backoff = CrashBackoff()
+    backoff.died(0, 5.0, was_ready=True, alone=False)  # not a crash
+    assert backoff.failing() == {}
+    backoff.died(1, 0.2, was_ready=False, alone=False)
+    backoff.died(1, 0.2, was_ready=False, alone=False)
+    assert backoff.failing() == {1: 2}
+    backoff.reset()  # a reload forgets the count, not that the slot has no worker
+    assert backoff.failing() == {1: 0}
+    backoff.ready(1)
+    assert backoff.failing() == {}
+    backoff.died(2, 0.2, was_ready=False, alone=False)
+    backoff.forget(2)  # scaled down: nothing to wait for
+    assert backoff.failing() == {}
 
 
 def prefetching_table(count: int) -> WorkerTable:
