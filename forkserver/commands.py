@@ -46,7 +46,7 @@ class ControlCommands:
         if m.stopping:
             raise CommandError("the master is stopping")
         if workers is None:
-            workers = min(max(m.target + (by or 0), 1), MAX_WORKERS)
+            workers = scaled_target(m.target, by or 0)
         m.loop.call_soon(lambda: m.scale_to(workers))
         return {"workers": workers}
 
@@ -71,8 +71,7 @@ class ControlCommands:
             raise CommandError(f"worker {record.slot} (pid {record.pid}) is already stopping "
                                "(--signal KILL ends it at once)")
         m.kill_worker(link, signum)
-        return {"slot": record.slot, "pid": record.pid,
-                "signal": signum.name if signum else None}  # fmt: skip
+        return {"slot": record.slot, "pid": record.pid, "signal": signal_name}
 
     def stop(self, graceful: bool) -> None:
         # Deferred: the reply goes out before the loop can wind down.
@@ -133,6 +132,11 @@ class ControlCommands:
         }
 
 
+def scaled_target(current: int, by: int) -> int:
+    """*current* workers moved by *by*, never below 1 nor above ``MAX_WORKERS``."""
+    return min(max(current + by, 1), MAX_WORKERS)
+
+
 def _state(stopping: bool, announced: bool, degraded: bool) -> str:
     if stopping:
         return "stopping"
@@ -160,4 +164,4 @@ def _history(history: SlotHistory | None) -> dict[str, Any]:
     }
 
 
-__all__ = ["ControlCommands"]
+__all__ = ["ControlCommands", "scaled_target"]
