@@ -147,7 +147,13 @@ class Settings:
     max_pending_connections: int = _s(
         30, kind="int", group="listeners", minimum=1, maximum=1_000_000,
         help="accepted connections the master queues while no worker is free; "
-             "beyond that it stops accepting and the kernel backlog holds the rest")
+             "beyond that it stops accepting and the kernel backlog holds the rest, which "
+             "is ordinary operation under load (logged at INFO; a warning only when the "
+             "queue stops moving).  Small on purpose: the master's queue only bridges the "
+             "moment between a worker freeing up and the next accept, and a larger one just "
+             "moves waiting connections out of the backlog into the master, where each "
+             "costs a descriptor and a fast stop drops them (an inherited socket's backlog "
+             "survives a restart)")
     dispatch: Literal["master", "shared"] = _s(
         "master", kind="choice", group="listeners", choices=("master", "shared"),
         help="who accepts on each listener that does not set its own: master (the master "
@@ -202,8 +208,10 @@ class Settings:
                         help="kill a worker that sends no heartbeat for this long")
     graceful_timeout: float = _s(30.0, kind="float", group="lifecycle", minimum=0,
                                  maximum=86400, metavar="SECONDS",
-                                 help="on a graceful stop or reload, how long workers may "
-                                      "finish their connections before being killed")
+                                 help="how long a worker asked to stop (a graceful stop, "
+                                      "or a retirement: reload, scale-down, recycling, "
+                                      "ctl kill) may finish its connections before it is "
+                                      "killed")
     startup_timeout: float = _s(60.0, kind="float", group="lifecycle", minimum=0,
                                 maximum=86400, metavar="SECONDS",
                                 help="exit with status 3 if no worker has become ready this "
@@ -814,7 +822,9 @@ and logged (event `control_denied`).
 |---|---|
 | `status [--json]` | the master and a table of workers; `--json`: stable JSON |
 | `reload` | as HUP; answers once the new generation serves, or exits 1 and says why |
-| `scale N` | run N workers |
+| `scale N\\|+N\\|-N` | run N workers, or N more or fewer (never fewer than 1) |
+| `kill SLOT\\|PID` | retire that worker: it finishes, a successor starts now |
+| `kill SLOT\\|PID --signal NAME` | send it TERM, QUIT, ABRT or KILL instead |
 | `stop [--graceful\\|--fast]` | stop; graceful (the default) lets workers finish |
 | `reopen-logs` | reopen `log_file` after rotation (as USR1) |
 

@@ -20,8 +20,12 @@ hot, so it works on raw descriptors and does no logging:
   does) and gives it to the free worker.
 * No worker free: the descriptor waits in the pending queue.  At
   ``max_pending`` every listener pauses accepting (the kernel backlog
-  holds the rest) until the queue has drained.  Under steady overload
-  that happens many times a second, so the warning is rate-limited.
+  holds the rest) until the queue has drained.  Under a prefork master
+  that is ordinary operation whenever every worker is busy, so it is
+  logged at INFO, at most once per ``PAUSE_LOG_INTERVAL``.  What
+  deserves a warning is a queue that does not move: accepting paused
+  for ``STALL_AFTER`` seconds with no queued connection handed to a
+  worker meanwhile (``accept_stalled``).
 * A channel that cannot take more (``EAGAIN``) keeps its outbox and the
   flush resumes when it is writable; ``ETOOMANYREFS``/``ENOBUFS`` retry
   on a short timer, since writability does not signal their end.
@@ -57,8 +61,10 @@ _STOP: Final = channel.encode(channel.Stop())
 _REOPEN: Final = channel.encode(channel.Reopen())
 #: Seconds a worker stays free before prefetched descriptors move to it.
 STEAL_AFTER: Final = 0.05
-#: At most one ``accept_paused`` warning per this many seconds.
+#: At most one ``accept_paused`` line per this many seconds.
 PAUSE_LOG_INTERVAL: Final = 10.0
+#: Paused this long with no queued connection handed to a worker: a warning.
+STALL_AFTER: Final = 10.0
 _RESOURCE_ERRNOS: Final = frozenset({errno.ETOOMANYREFS, errno.ENOBUFS, errno.ENOMEM})
 
 
@@ -99,6 +105,8 @@ class Dispatcher:
         self._pause_logged_at: float | None = None
         self._pauses_unlogged = 0  # pauses since the last warning
         self._pause_logged = False  # so is its end, "accepting resumed"
+        self._stall_timer: TimerHandle | None = None
+        self._stall_mark = 0  # the table's assignments when the stall check was armed
 
     # --- the hot path ------------------------------------------------------
 
@@ -314,6 +322,9 @@ class Dispatcher:
         self.paused = True
         for listener in self.listeners:
             listener.pause_accepting()
+        if self._stall_timer is None:
+            self._stall_mark = self.table.assignments
+            self._stall_timer = self.loop.call_later(STALL_AFTER, self._check_stall)
         now = self.loop.time()
         last = self._pause_logged_at
         self._pause_logged = last is None or now - last >= PAUSE_LOG_INTERVAL
@@ -323,14 +334,32 @@ class Dispatcher:
         since = ""
         if last is not None:
             since = f" ({self._pauses_unlogged} more in the last {now - last:.0f} s)"
-        log.warning(
-            "%d connections wait for a free worker: accepting paused%s",
+        log.info(
+            "%d connections wait for a free worker: accepting paused, the kernel backlog "
+            "holds the rest%s",
             len(self.pending), since,
             extra={"event": "accept_paused", "pending": len(self.pending),
                    "unlogged": self._pauses_unlogged},
         )  # fmt: skip
         self._pause_logged_at = now
         self._pauses_unlogged = 0
+
+    def _check_stall(self) -> None:
+        """Still paused, and nothing queued went to a worker since the last check?"""
+        self._stall_timer = None
+        if not self.paused:
+            return
+        if self.table.assignments == self._stall_mark:
+            busy = sum(1 for record in self.table if record.in_flight)
+            log.warning(
+                "accepting paused for %g s and no queued connection reached a worker: "
+                "%d workers hold connections and none finished one; %d queued",
+                STALL_AFTER, busy, len(self.pending),
+                extra={"event": "accept_stalled", "pending": len(self.pending),
+                       "busy": busy, "seconds": STALL_AFTER},
+            )  # fmt: skip
+        self._stall_mark = self.table.assignments
+        self._stall_timer = self.loop.call_later(STALL_AFTER, self._check_stall)
 
     def _resume(self) -> None:
         self.paused = False

@@ -119,6 +119,11 @@ class WorkerTable:
     def __iter__(self) -> Iterator[WorkerRecord]:
         return iter(tuple(self._by_pid.values()))
 
+    @property
+    def assignments(self) -> int:
+        """Connections handed to workers so far (by ``assign``), for progress checks."""
+        return self._assignments
+
     def get(self, pid: int) -> WorkerRecord | None:
         return self._by_pid.get(pid)
 

@@ -396,3 +396,35 @@ def test_a_leaving_worker_gives_back_its_queue_and_its_outbox_with_their_credit(
     assert r.link.record.in_flight == 0
     assert r.receive_all() == []
     fdpass.close_all([fd for fd, _ in taken] + fds[4:])
+
+
+def test_a_pause_is_info_and_only_a_queue_that_does_not_move_is_a_warning(
+    rig: MakeRig, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    r = rig(capacity=1, max_pending=1)
+    now = [100.0]
+    monkeypatch.setattr(r.loop, "time", lambda: now[0])
+    r.ready()
+
+    def connection() -> None:
+        r.dispatcher.dispatch(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), 0)
+
+    with caplog.at_level("INFO", logger="forkserver.master"):
+        connection()  # the worker's
+        connection()  # queued: the queue is full, accepting pauses
+        assert r.dispatcher.paused
+        now[0] += dispatch.STALL_AFTER
+        r.loop.run_once(0)  # nothing reached a worker meanwhile
+        # The worker finishes one: the queued one reaches it, a new one queues.
+        r.table.complete(PID, 1, now=now[0])
+        r.dispatcher.drain_pending()
+        connection()
+        assert r.dispatcher.paused
+        now[0] += dispatch.STALL_AFTER
+        r.loop.run_once(0)  # it moved: no warning this time
+    for _, got in r.receive_all():
+        fdpass.close_all(got)
+    levels = [(rec.event, rec.levelname) for rec in caplog.records]  # type: ignore[attr-defined]
+    assert levels == [("accept_paused", "INFO"), ("accept_stalled", "WARNING"),
+                      ("accept_resumed", "INFO"), ("accept_paused", "INFO")]  # fmt: skip
+    assert "no queued connection reached a worker" in caplog.records[1].getMessage()
