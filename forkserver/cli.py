@@ -215,7 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the daemon",
                          description="Run the daemon. Settings come from defaults < "
                                      "the config file < FORKSERVER_* environment < "
-                                     "these options.")
+                                     "these options.  Exit status: 0 stopped as asked, "
+                                     "3 no worker became ready within startup_timeout, "
+                                     "69 a listener cannot be opened, 78 the configuration, "
+                                     "handler, user or group is unusable.")
     add_settings_options(run)
     check = sub.add_parser("check-config", help="validate and print the effective settings",
                            description="Validate the configuration exactly as `run` would, "
