@@ -5,17 +5,39 @@ hands each accepted descriptor to a pre-forked worker, which runs the
 user's handler.  The public API follows Qt's ``QTcpServer``.
 """
 
+import importlib
+from typing import TYPE_CHECKING
+
 from forkserver.errors import SocketError
 from forkserver.eventloop import EventLoop, Signal
 from forkserver.hostaddress import HostAddress
 from forkserver.tcpserver import NetworkProxy, TcpServer, WaitResult
 
+if TYPE_CHECKING:
+    from forkserver.sslserver import AlertLevel, AlertType, PeerVerifyError, SslError, SslServer
+
+# Imported on first use: they pull in the ssl module and asyncio, which
+# the master, the CLI and a plain-TCP worker never need.
+_LAZY = frozenset({"AlertLevel", "AlertType", "PeerVerifyError", "SslError", "SslServer"})
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        return getattr(importlib.import_module("forkserver.sslserver"), name)
+    raise AttributeError(f"module 'forkserver' has no attribute {name!r}")
+
+
 __all__ = [
+    "AlertLevel",
+    "AlertType",
     "EventLoop",
     "HostAddress",
     "NetworkProxy",
+    "PeerVerifyError",
     "Signal",
     "SocketError",
+    "SslError",
+    "SslServer",
     "TcpServer",
     "WaitResult",
 ]

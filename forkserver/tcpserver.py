@@ -319,6 +319,14 @@ class TcpServer:
         self._update_watch()
         return sock
 
+    def _total_pending_connections(self) -> int:
+        """What counts against ``max_pending_connections()`` (Qt's totalPendingConnections()).
+
+        A subclass adds the connections it is still setting up, as
+        ``SslServer`` does with those in their TLS handshake.
+        """
+        return len(self._pending)
+
     def add_pending_connection(self, sock: socket.socket) -> None:
         if not isinstance(sock, socket.socket):
             raise TypeError(
@@ -394,7 +402,7 @@ class TcpServer:
             and not self._paused
             and not self._broken
             and self._backoff_timer is None
-            and len(self._pending) < self._max_pending
+            and self._total_pending_connections() < self._max_pending
         )
 
     def _update_watch(self) -> None:
@@ -420,13 +428,13 @@ class TcpServer:
         if _now() < self._backoff_until:  # only a failure sets it, and that ends the batch
             return 0
         accept: Callable[[], tuple[int, object]] = sock._accept  # type: ignore[attr-defined]
-        pending = self._pending
+        total_pending = self._total_pending_connections
         emit_new_connection = self.new_connection.emit
         accepted = 0
         for _ in range(self._batch):
             # incoming_connection() or a slot may fill the queue, pause
             # accepting (a dispatcher whose own queue is full) or close the server.
-            if self._sock is not sock or self._paused or len(pending) >= self._max_pending:
+            if self._sock is not sock or self._paused or total_pending() >= self._max_pending:
                 break
             try:
                 fd, _peer = accept()  # no socket object per connection
