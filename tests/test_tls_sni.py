@@ -201,3 +201,21 @@ def test_the_server_name_reaches_an_asyncio_handler(certs: dict[str, Issued], pk
     info, cert = asyncio.run(asyncio.wait_for(main(), TIMEOUT))
     assert info.server_name == "shop.example.com"
     assert cert["subject"] == ((("commonName", "wild.example.com"),),)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_server_name_that_is_not_ascii_is_refused(certs: dict[str, Issued]) -> None:
+    """RFC 6066 host names are ASCII.  CPython cannot decode another one
+    for the callback: it reports that as unraisable (stderr) and fails the
+    handshake, which must end cleanly, as any other failure."""
+    ctx = build_context(sni_config(certs))
+    with serve_blocking(ctx) as server:
+        s_client(server.address, "-servername", "b\u00fccher.example")
+        refused = server.outcome()
+    assert isinstance(refused, HandshakeError)
+    assert refused.failure.detail == "CALLBACK_FAILED: callback failed"
+    # An A-label is the way to say it, and works.
+    with serve_blocking(ctx) as server:
+        s_client(server.address, "-servername", "xn--bcher-kva.example")
+        info = server.outcome()
+    assert isinstance(info, TlsInfo) and info.server_name == "xn--bcher-kva.example"
