@@ -167,11 +167,7 @@ class TlsConfig:
         _path(self.tls_keyfile, "tls_keyfile", optional=True)
         _path(self.tls_password_file, "tls_password_file", optional=True)
         _path(self.tls_cafile, "tls_cafile", optional=True)
-        if self.tls_client_auth not in _VERIFY_MODES:
-            raise TlsConfigError(
-                "tls_client_auth",
-                f"{self.tls_client_auth!r} is not one of none, optional, required",
-            )
+        _choice(self.tls_client_auth, _VERIFY_MODES, "tls_client_auth")
         if self.tls_client_auth != "none" and self.tls_cafile is None:
             raise TlsConfigError(
                 "tls_client_auth",
@@ -185,12 +181,8 @@ class TlsConfig:
                 "is set but tls_client_auth is 'none', so no client certificate would be "
                 "checked; set tls_client_auth to 'optional' or 'required'",
             )
-        if self.tls_min_version not in _MIN_VERSIONS:
-            raise TlsConfigError(
-                "tls_min_version",
-                f"{self.tls_min_version!r} is not one of TLSv1.2, TLSv1.3 "
-                "(TLS 1.0 and 1.1 are not offered)",
-            )
+        _choice(self.tls_min_version, _MIN_VERSIONS, "tls_min_version",
+                " (TLS 1.0 and 1.1 are not offered)")
         _check_ciphers(self.tls_ciphers)
         object.__setattr__(self, "tls_alpn", _alpn(self.tls_alpn))
         _check_timeout(self.tls_handshake_timeout)
@@ -226,6 +218,11 @@ def _no_unknown(data: Mapping[str, object], known: Iterable[str], where: str) ->
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise TlsConfigError(where, f"unknown setting {unknown[0]!r}")
+
+
+def _choice(value: object, choices: Mapping[str, object], key: str, note: str = "") -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise TlsConfigError(key, f"{value!r} is not one of {', '.join(choices)}{note}")
 
 
 def _path(value: object, key: str, *, optional: bool = False) -> None:

@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from forkserver.tls import (
     DEFAULT_HANDSHAKE_TIMEOUT,
@@ -92,6 +94,8 @@ def test_settings_are_frozen_and_comparable() -> None:
         ({"tls_certfile": 3}, "tls_certfile: must be a file path, not int"),
         ({"tls_keyfile": "a\0b"}, "tls_keyfile: must be a non-empty file path without NUL"),
         ({"tls_client_auth": "yes"}, "tls_client_auth: 'yes' is not one of none, optional"),
+        ({"tls_client_auth": ["required"]}, "tls_client_auth: ['required'] is not one of none"),
+        ({"tls_min_version": 1.2}, "tls_min_version: 1.2 is not one of TLSv1.2, TLSv1.3"),
         ({"tls_client_auth": "required"}, "tls_client_auth: 'required' needs tls_cafile"),
         ({"tls_cafile": "/ca.pem"}, "tls_cafile: is set but tls_client_auth is 'none'"),
         ({"tls_min_version": "TLSv1.1"}, "tls_min_version: 'TLSv1.1' is not one of TLSv1.2, "
@@ -518,3 +522,23 @@ def _handshake_as_client(address: tuple[str, int]) -> str:
             return "ok"
     except OSError as exc:
         return repr(exc)
+
+
+_ANY_VALUE = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                 max_size=3),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(
+    st.sampled_from([*TlsConfig.__dataclass_fields__, "tls_unknown"]), _ANY_VALUE, max_size=6
+))
+def test_any_table_gives_a_config_or_a_config_error(data: dict[str, object]) -> None:
+    """What a TOML file can hold never escapes as anything but TlsConfigError."""
+    try:
+        TlsConfig.from_mapping(data)
+    except TlsConfigError as exc:
+        assert exc.key.startswith("tls")
