@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -346,3 +348,16 @@ def test_wait_for_new_connection_while_paused_does_not_accept(
         assert server.wait_for_new_connection(int(TIMEOUT * 1000)) == WaitResult(True, False)
         server.next_pending_connection().close()  # type: ignore[union-attr]
         client.result()
+
+
+def test_importing_the_package_does_not_import_ssl() -> None:
+    """The master and the CLI import forkserver; only SslServer's users need ssl."""
+    probe = (
+        "import sys, forkserver\n"
+        "before = sorted(m for m in ('ssl', 'asyncio') if m in sys.modules)\n"
+        "forkserver.SslServer\n"
+        "print(before, 'ssl' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=TIMEOUT, check=True).stdout
+    assert out == "[] True\n"
