@@ -380,21 +380,30 @@ def _reap_orphans(sid: int) -> None:
                 wait_pid(child.pid, TIMEOUT)
 
 
-def reload_under_load(daemon: Daemon, total: int, max_hups: int = 250) -> tuple[LoadResult, int]:
-    """Send HUP every 0.2 s while *total* one-request connections run; (result, HUPs sent).
+def reload_under_load(daemon: Daemon, reloads: int) -> LoadResult:
+    """Reload *reloads* times, one after another, while one-request connections flow.
 
-    The first HUP waits until 50 connections were answered, so the load
-    is really flowing when the reloads begin.
+    The load runs until the last reload has completed, however fast or
+    slow the machine: each HUP waits until the load has answered 50 more
+    connections, then for its generation's ``reload_completed``; once the
+    last one has completed and the new generation has answered 50 more,
+    the load is stopped (what is in flight finishes) and its result
+    returned.  ``BackgroundLoad.stop`` fails the test if a cap ended the
+    load before that.
     """
-    hups = 0
-    with BackgroundLoad(*daemon.address, total=total, concurrency=16, deadline=60) as load:
-        load.wait_answered(50)
-        while load.running() and hups < max_hups:
+    with BackgroundLoad(*daemon.address, total=None, concurrency=16) as load:
+        for generation in range(1, reloads + 1):
+            load.wait_answered(load.answered + 50)  # flowing when the reload begins
             daemon.proc.send_signal(signal.SIGHUP)
-            hups += 1
-            time.sleep(0.2)  # sleep-ok: the cadence under test is one HUP every 0.2 s
-        result = load.join()
-    return result, hups
+            outcome = daemon.logs.wait_for(
+                lambda r, g=generation: (r.get("event") == "reload_completed"
+                                         and r.get("generation") == g)
+                or r.get("event") == "reload_failed",
+                TIMEOUT, f"reload_completed of generation {generation}",
+            )  # fmt: skip
+            assert outcome["event"] == "reload_completed", f"reload {generation}: {outcome}"
+        load.wait_answered(load.answered + 50)  # the last generation serves it too
+        return load.stop()
 
 
 def recv_all(sock: socket.socket) -> bytes:

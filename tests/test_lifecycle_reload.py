@@ -49,15 +49,14 @@ def write_module(directory: Path, version: str) -> None:
 
 
 def test_reload_under_load_answers_every_request() -> None:
-    total = 2000
+    reloads = 5
     with start_daemon(ECHO, workers=2) as daemon:
         before = {p.pid for p in daemon.workers()}
-        result, hups = reload_under_load(daemon, total)
+        result = reload_under_load(daemon, reloads)
         assert result.failures == [], result.failure_summary()
-        assert result.answered == total
-        assert hups >= 3, "the load ended before the reloads began: it proves nothing"
-        completed = daemon.records("reload_completed")
-        assert len(completed) >= 3, f"{hups} HUPs, {len(completed)} reloads completed"
+        assert result.answered == result.attempted
+        completed = [r["generation"] for r in daemon.records("reload_completed")]
+        assert completed == list(range(1, reloads + 1))
         assert daemon.records("reload_failed") == []
         after = {p.pid for p in daemon.workers()}
         assert not before & after, "the first generation was never retired"
