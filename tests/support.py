@@ -13,14 +13,15 @@ and the test fails if any process of the daemon's session is left.
 
 ``Daemon`` offers:
 
-* ``connect()``: a client socket to the daemon (5 s timeout).
+* ``connect()``: a client socket to the daemon (``TIMEOUT`` on each call).
 * ``wait_log(event, **fields)``: the first JSON log record with that
   ``event`` (and those field values), waiting for it if needed.
 * ``workers()``: the live worker processes (``psutil``).
 * ``wait_notify("STOPPING=1")``: the first notify datagram with a line
   containing that text (``since=N``: from the N-th on); a thread reads
   every datagram as it arrives, as systemd would.
-* ``stop(signal)``: signal the master and wait for its exit code.
+* ``stop(signal)``: signal the master and wait for its exit code and for
+  the end of its log (every record is in ``records()`` afterwards).
 
 ``extra_fds`` passes more of the test's descriptors; ``bind=False``
 leaves out ``--bind`` (the test's config file names the listeners).
@@ -145,6 +146,13 @@ class LogReader(threading.Thread):
                     raise AssertionError(f"no {what} in the log within {timeout} s:\n{tail}")
                 self.cond.wait(remaining)
 
+    def wait_eof(self, timeout: float) -> None:
+        """Wait until every writer has closed the stream: then every line is in."""
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.eof, timeout):
+                raise AssertionError(f"the log is still open after {timeout} s: "
+                                     "a process writing to it is left")  # fmt: skip
+
     def text(self) -> str:
         with self.cond:
             return "\n".join(self.lines)
@@ -227,7 +235,7 @@ class Daemon:
         """
         return self.notify_reader.wait_for(text, timeout, since)
 
-    def connect(self, timeout: float = 5.0) -> socket.socket:
+    def connect(self, timeout: float = TIMEOUT) -> socket.socket:
         return socket.create_connection(self.address, timeout=timeout)
 
     def wait_log(self, event: str, timeout: float = TIMEOUT, **fields: object) -> dict[str, Any]:
@@ -246,8 +254,16 @@ class Daemon:
         return psutil.Process(self.pid).children()
 
     def stop(self, signum: int = signal.SIGTERM, timeout: float = TIMEOUT) -> int:
+        """Signal the master; its exit code once it and every worker have closed the log.
+
+        The master's exit does not mean its last lines were read: the log
+        reader runs on its own thread.  After ``stop()``, ``records()``
+        holds every line the daemon wrote.
+        """
         self.proc.send_signal(signum)
-        return self.proc.wait(timeout=timeout)
+        code = self.proc.wait(timeout=timeout)
+        self.logs.wait_eof(timeout)
+        return code
 
 
 def _session_members(sid: int) -> list[int]:

@@ -31,6 +31,7 @@ def test_workers_are_forked_and_titled() -> None:
         master = " ".join(daemon.workers()[0].parent().cmdline())
         host, port = daemon.address
         assert master.startswith(f"forkserver: master [web] listening on {host}:{port}")
+        daemon.wait_log("master_ready")  # READY=1 may come before the log lines are read
         spawned = {r["pid"] for r in daemon.records("worker_spawned")}
         assert spawned == {w.pid for w in workers}
 

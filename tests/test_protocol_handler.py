@@ -107,12 +107,16 @@ def test_errors_in_connection_made_and_lost_are_reported(
     handler: str, send: bytes, exc_type: str, message: str
 ) -> None:
     with start_daemon(f"tests.handlers.protocols:{handler}", workers=1) as daemon:
+        worker = daemon.workers()[0].pid
         with daemon.connect() as sock:
             sock.sendall(send)
             assert recv_all(sock) == b""
         error = daemon.wait_log("handler_error")
         assert (error["exc_type"], error["error"]) == (exc_type, message)
-        assert not daemon.records("worker_exited")
+        # The stop reads the log to its end: a worker that died of the error would show.
+        assert daemon.stop() == 0
+        exits = [(r["pid"], r["exit_code"]) for r in daemon.records("worker_exited")]
+        assert exits == [(worker, 0)]
 
 
 @pytest.mark.parametrize(
