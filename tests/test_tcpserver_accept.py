@@ -210,8 +210,9 @@ EMFILE_SCRIPT = textwrap.dedent(
     loop = EventLoop()
     server = TcpServer(loop=loop)
     assert server.listen(HostAddress.LocalHost, 0)
-    errors, accepted = [], []
-    server.accept_error.connect(lambda e: errors.append(e.name))
+    errors, failed_at, accepted = [], [], []
+    server.accept_error.connect(lambda e: (errors.append(e.name),
+                                           failed_at.append(time.monotonic())))
     server.new_connection.connect(lambda: accepted.append(1))
     client = socket.create_connection(("127.0.0.1", server.server_port()), timeout=5)
 
@@ -226,16 +227,16 @@ EMFILE_SCRIPT = textwrap.dedent(
     first = [server.server_error().name, server.error_string(),
              server.is_listening(), server.is_accepting()]
 
-    # Stay out of descriptors for 0.35 s: a spinning accept loop would
-    # fail thousands of times and burn the CPU.
+    # Stay out of descriptors for two more attempts: a spinning accept
+    # loop would fail at once, again and again, and burn the CPU.
     cpu = sum(os.times()[:2])
-    until = loop.time() + 0.35
     wakeups = 0
-    while loop.time() < until:
-        loop.run_once(until - loop.time())
+    while len(errors) < 3 and time.monotonic() < deadline:
+        loop.run_once(0.5)
         wakeups += 1
     cpu = sum(os.times()[:2]) - cpu
     failures = len(errors)
+    gaps = [later - earlier for earlier, later in zip(failed_at, failed_at[1:])]
 
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     while not accepted and time.monotonic() < deadline:
@@ -245,7 +246,7 @@ EMFILE_SCRIPT = textwrap.dedent(
     conn.settimeout(5)
     echoed = conn.recv(4).decode()
     print(json.dumps({"first": first, "failures": failures, "wakeups": wakeups,
-                      "cpu": cpu, "accepted": len(accepted), "echoed": echoed,
+                      "gaps": gaps, "cpu": cpu, "accepted": len(accepted), "echoed": echoed,
                       "errors": sorted(set(errors))}))
     conn.close(); client.close(); server.close(); loop.close()
     """
@@ -269,8 +270,11 @@ def test_emfile_backs_off_without_spinning_and_recovers() -> None:
         "failed: too many open files in this process (see RLIMIT_NOFILE); retrying in 0.1 s"
     )
     assert listening is True and accepting is False
-    # Back-off of 0.1 s, then 0.2 s: two or three attempts in 0.35 s, not thousands.
-    assert 2 <= report["failures"] <= 4, report
+    # Back-off of 0.1 s, then 0.2 s: no attempt in between (however slow
+    # the machine, a wait is never shorter), nor a burst at once.
+    assert report["failures"] == 3, report
+    first_gap, second_gap = report["gaps"]
+    assert first_gap >= 0.1 and second_gap >= 0.2, report
     assert report["wakeups"] <= 10, report
     assert report["cpu"] < 0.2, report
     assert report["errors"] == ["SocketResourceError"]
