@@ -59,7 +59,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 20.0
 
 
-def wait_pid(pid: int, timeout: float = 10.0) -> int:
+def wait_pid(pid: int, timeout: float = TIMEOUT) -> int:
     """Wait for our child *pid* to exit; return its exit code (-N: signal N).
 
     Waits on a pidfd, so it wakes on the exit itself.  On timeout the
@@ -78,7 +78,7 @@ def wait_pid(pid: int, timeout: float = 10.0) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
-def wait_gone(pids: Sequence[int], timeout: float = 10.0) -> None:
+def wait_gone(pids: Sequence[int], timeout: float = TIMEOUT) -> None:
     """Wait until every one of *pids* (not necessarily our children) has exited.
 
     Each pid is watched through a pidfd, which becomes readable when the

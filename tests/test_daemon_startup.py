@@ -100,7 +100,8 @@ def test_with_no_bind_the_sockets_systemd_passed_are_used(tmp_path: Path) -> Non
             pass_fds=[fd], cwd=ROOT, stderr=subprocess.PIPE, start_new_session=True,
         )  # fmt: skip
         try:
-            with socket.create_connection(listener.getsockname(), timeout=5) as client:
+            # The answer waits for the whole start-up: as long as any other wait.
+            with socket.create_connection(listener.getsockname(), timeout=TIMEOUT) as client:
                 client.sendall(b"activated")
                 client.shutdown(socket.SHUT_WR)
                 assert recv_all(client) == b"activated"

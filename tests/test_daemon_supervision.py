@@ -199,7 +199,7 @@ def test_killing_the_master_with_sigkill_leaves_no_worker_behind() -> None:
         workers = [w.pid for w in daemon.workers()]
         assert len(workers) == 3
         os.kill(daemon.pid, signal.SIGKILL)
-        wait_gone(workers, timeout=5)
+        wait_gone(workers)
 
 
 def test_the_master_descriptor_count_does_not_grow_over_thousands_of_connections() -> None:

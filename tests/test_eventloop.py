@@ -11,7 +11,7 @@ import pytest
 from forkserver.eventloop import EventLoop, Signal
 
 
-def run_until(loop: EventLoop, done: object, timeout: float = 5.0) -> None:
+def run_until(loop: EventLoop, done: object, timeout: float = 20.0) -> None:
     """Run the loop until done() is true; fail after *timeout* seconds."""
     assert callable(done)
     deadline = loop.time() + timeout

@@ -20,7 +20,7 @@ from forkserver import EventLoop, HostAddress, NetworkProxy, SocketError, TcpSer
 # -- helpers shared by the test_tcpserver_* modules ------------------------
 
 
-def run_until(loop: EventLoop, done: Callable[[], object], timeout: float = 5.0) -> None:
+def run_until(loop: EventLoop, done: Callable[[], object], timeout: float = 20.0) -> None:
     """Drive *loop* until done() is true; fail after *timeout* seconds."""
     deadline = loop.time() + timeout
     while not done():
