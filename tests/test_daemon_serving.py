@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import Daemon, read_line, recv_all, start_daemon
+from forkserver import control
+from tests.support import Daemon, poll_until, read_line, recv_all, start_daemon
 
 
 def request(daemon: Daemon, data: bytes = b"") -> bytes:
@@ -192,14 +193,19 @@ def test_workers_inherit_no_systemd_variables() -> None:
     [("tests.handlers.basic:hold", "thread"), ("tests.handlers.basic:async_hold", "asyncio")],
 )
 def test_a_worker_serves_up_to_its_concurrency_at_once_and_no_more(
-    handler: str, worker_class: str
+    handler: str, worker_class: str, tmp_path: Path
 ) -> None:
-    args = ("--worker-class", worker_class, "--concurrency", "4")
+    path = str(tmp_path / "ctl.sock")
+    args = ("--worker-class", worker_class, "--concurrency", "4", "--control-socket", path)
     with start_daemon(handler, *args, workers=1) as daemon:
         clients = [daemon.connect() for _ in range(5)]
         try:
             held = [read_line(sock) for sock in clients[:4]]  # four at once
             assert all(line.endswith(b" held\n") for line in held)
+            # The master holds the fifth (it is not merely late on a slow machine).
+            poll_until(lambda: control.request(path, "status")["master"]["pending"] == 1,
+                       "the master holds the fifth connection")  # fmt: skip
+            assert [w["in_flight"] for w in control.request(path, "status")["workers"]] == [4]
             clients[4].setblocking(False)
             with pytest.raises(BlockingIOError):  # the fifth waits in the master
                 clients[4].recv(1)

@@ -270,7 +270,9 @@ def test_a_worker_silent_for_longer_than_the_timeout_is_killed_and_replaced() ->
             assert 'tests/handlers/basic.py", line' in dump
             assert " in hold" in dump
         with daemon.connect() as sock:
-            replacement = int(read_line(sock).split()[0])
+            # Sent before the handler asks: a handler waiting on this test for
+            # longer than the 0.5 s timeout would be taken for stuck too.
             sock.sendall(b"quick")
+            replacement = int(read_line(sock).split()[0])
             assert recv_all(sock) == b"%d quick" % replacement
         assert replacement != stuck
