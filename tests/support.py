@@ -400,15 +400,19 @@ def reload_under_load(daemon: Daemon, reloads: int) -> LoadResult:
     """Reload *reloads* times, one after another, while one-request connections flow.
 
     The load runs until the last reload has completed, however fast or
-    slow the machine: each HUP waits until the load has answered 50 more
-    connections, then for its generation's ``reload_completed``; once the
-    last one has completed and the new generation has answered 50 more,
-    the load is stopped (what is in flight finishes) and its result
-    returned.  ``BackgroundLoad.stop`` fails the test if a cap ended the
-    load before that.
+    slow the machine.  Each reload waits until the load has answered 50
+    more connections, sends HUP, waits for its generation's
+    ``reload_completed`` and then for every worker of the generation
+    before to exit 0 (retired, it finished what it held).  After the last
+    one, once the new generation has answered 50 more, the load is
+    stopped (what is in flight finishes) and its result returned;
+    ``BackgroundLoad.stop`` fails the test if a cap ended the load first.
     """
+    daemon.wait_log("master_ready")  # every worker_spawned of the start is read
     with BackgroundLoad(*daemon.address, total=None, concurrency=16) as load:
         for generation in range(1, reloads + 1):
+            serving = [r["pid"] for r in daemon.records("worker_spawned")
+                       if r["generation"] == generation - 1]  # fmt: skip
             load.wait_answered(load.answered + 50)  # flowing when the reload begins
             daemon.proc.send_signal(signal.SIGHUP)
             outcome = daemon.logs.wait_for(
@@ -418,6 +422,9 @@ def reload_under_load(daemon: Daemon, reloads: int) -> LoadResult:
                 TIMEOUT, f"reload_completed of generation {generation}",
             )  # fmt: skip
             assert outcome["event"] == "reload_completed", f"reload {generation}: {outcome}"
+            for pid in serving:
+                exited = daemon.wait_log("worker_exited", pid=pid)
+                assert exited["exit_code"] == 0, f"generation {generation - 1}: {exited}"
         load.wait_answered(load.answered + 50)  # the last generation serves it too
         return load.stop()
 
