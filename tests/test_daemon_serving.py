@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import http.client
 import json
 import os
@@ -11,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from forkserver import control
-from tests.support import Daemon, poll_until, read_line, recv_all, start_daemon
+from tests.support import TIMEOUT, Daemon, poll_until, read_line, recv_all, start_daemon
 
 
 def request(daemon: Daemon, data: bytes = b"") -> bytes:
@@ -146,6 +148,60 @@ def test_hello_http_answers_keep_alive_and_close() -> None:
                 assert response.read() == b"Hello, world!\n"
             finally:
                 conn.close()
+
+
+async def _keep_alive_clients(address: tuple[str, int], count: int, timeout: float) -> set[int]:
+    """*count* clients asking over keep-alive, as wrk does, until each had an answer.
+
+    A client whose connection the server closes opens another.  Returns
+    the clients answered; the wait ends early only when all of them were.
+    """
+    answered: set[int] = set()
+    everyone = asyncio.Event()
+
+    async def client(index: int) -> None:
+        while not everyone.is_set():
+            reader, writer = await asyncio.open_connection(*address)
+            try:
+                while not everyone.is_set():
+                    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+                    await reader.readexactly(length)
+                    answered.add(index)
+                    if len(answered) == count:
+                        everyone.set()
+                    if b"Connection: close" in head:
+                        break
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass  # closed between two requests: connect again
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+
+    tasks = [asyncio.create_task(client(index)) for index in range(count)]
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(everyone.wait(), timeout)
+    everyone.set()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return answered
+
+
+def test_more_keep_alive_clients_than_sync_workers_are_each_answered_in_turn() -> None:
+    """A keep-alive client holds its sync worker for a bounded number of requests only.
+
+    However slow the machine, every client gets its turn; one that held
+    its worker for ever would leave the others unanswered for as long as
+    the test waits.
+    """
+    clients = 20
+    with start_daemon("forkserver.examples.hello_http:handle", workers=2) as daemon:
+        answered = asyncio.run(_keep_alive_clients(daemon.address, clients, timeout=3 * TIMEOUT))
+        assert daemon.stop() == 0
+    assert sorted(set(range(clients)) - answered) == [], "clients never answered"
 
 
 def test_workers_hold_only_their_channel_the_standard_streams_and_connections() -> None:
