@@ -23,6 +23,7 @@ def test_start_up_lines_each_say_what_they_mean_and_audit_lines_are_tidy(
         assert sum("listening on" in r["message"] for r in daemon.logs.records) == 1
         control.request(path, "status")
         control.request(path, "scale", {"workers": 3})
+        daemon.wait_log("control_request", command="scale")  # the reply can beat the log line
         audit = [r["message"] for r in daemon.records("control_request")]
         assert audit[0].startswith("control: status from uid ")
         assert audit[1].startswith("control: scale workers=3 from uid ")
