@@ -58,9 +58,13 @@ def test_recycled_workers_do_not_count_as_crashes_and_a_killed_one_is_replaced_a
         host, port = daemon.address
         result = run_load(host, port, total=120, concurrency=4)
         assert result.failures == [], result.failure_summary()
-        recycled = [r for r in daemon.records("worker_exited") if r["cause"] == "max_requests"]
-        assert len(recycled) >= 20
-        assert all(r["planned"] and r["level"] == "info" for r in recycled)
+
+        def recycled() -> list[dict[str, Any]]:
+            return [r for r in daemon.records("worker_exited") if r["cause"] == "max_requests"]
+
+        # A recycled worker exits after its last answer: its exit may come later.
+        poll_until(lambda: len(recycled()) >= 20, "20 workers recycled by max_requests")
+        assert all(r["planned"] and r["level"] == "info" for r in recycled())
         assert daemon.records("worker_backoff") == []
         # One SIGKILL: a death nobody asked for, replaced at once.
         workers, known = ready_workers(path), spawned(daemon)

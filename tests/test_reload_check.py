@@ -362,6 +362,7 @@ def test_the_check_imports_the_handler_as_the_user_with_only_its_report_pipe(
     expected_groups = sorted(set(os.getgrouplist("nobody", nobody.pw_gid)))
     with start_daemon("recorder:handle", "-c", str(config), workers=1,
                       env=_env(shared)) as daemon:  # fmt: skip
+        daemon.wait_log("master_ready")  # READY=1 may come before the log lines are read
         workers = {int(r["pid"]) for r in daemon.records("worker_spawned")}
         poll_until(lambda: len(_records(out)) >= 2, "the probe and the worker imported")
         daemon.proc.send_signal(signal.SIGHUP)
