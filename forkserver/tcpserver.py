@@ -364,6 +364,11 @@ class TcpServer:
         if self._sock is None:
             return WaitResult(False, False)
         deadline = None if msec < 0 else _now() + msec / 1000
+        if self._paused:
+            return self._wait_while_paused(deadline, msec)
+        return self._wait_and_accept(deadline, msec)
+
+    def _wait_and_accept(self, deadline: float | None, msec: int) -> WaitResult:
         poller = select.poll()  # unlike epoll, costs no descriptor
         poller.register(self._fd, select.POLLIN)
         errors_before = self._accept_errors
@@ -378,11 +383,25 @@ class TcpServer:
                 if self._accept_errors != errors_before:
                     return WaitResult(False, False)
             if deadline is not None and _now() >= deadline:
-                self._fail(
-                    SocketError.SocketTimeoutError,
-                    f"no connection arrived on {self.describe()} within {msec} ms",
-                )
-                return WaitResult(False, True)
+                return self._timed_out(msec)
+
+    def _wait_while_paused(self, deadline: float | None, msec: int) -> WaitResult:
+        """Nothing is accepted while paused, so a readable listener would only
+        spin the poll: wait out the time instead.  (Qt's wait accepts
+        regardless of a pause; we keep the pause, as everywhere else.)"""
+        if deadline is None:
+            self._fail(SocketError.OperationError,
+                       f"accepting on {self.describe()} is paused: no connection can arrive")
+            return WaitResult(False, False)
+        time.sleep(max(0.0, deadline - _now()))
+        return self._timed_out(msec)
+
+    def _timed_out(self, msec: int) -> WaitResult:
+        self._fail(
+            SocketError.SocketTimeoutError,
+            f"no connection arrived on {self.describe()} within {msec} ms",
+        )
+        return WaitResult(False, True)
 
     def _wait_readable(self, poller: select.poll, deadline: float | None) -> bool:
         now = _now()

@@ -16,6 +16,7 @@ import os
 import socket
 import struct
 import threading
+import time
 import traceback
 from collections.abc import Callable
 
@@ -236,6 +237,29 @@ def test_max_pending_connections_limits_what_a_wait_accepts() -> None:
 
         assert server.wait_for_new_connection(5000)
         assert stack.enter_context(server.next_pending_connection())  # type: ignore[arg-type]
+
+
+def test_a_wait_while_paused_waits_out_its_time_without_spinning() -> None:
+    # A paused server accepts nothing, so its readable listener must not
+    # turn the wait into a busy loop; a wait forever cannot end, and says so.
+    with TcpServer() as server:
+        assert server.listen(HostAddress.LocalHost, 0)
+        listener = server.listening_socket()
+        assert listener is not None
+        server.pause_accepting()
+        with connect(server):
+            poll_until(lambda: accept_queue(listener)[0] == 1, "the client queued")
+            cpu = time.thread_time()
+            assert server.wait_for_new_connection(300) == WaitResult(False, True)
+            assert time.thread_time() - cpu < 0.1, "the wait spun while paused"
+            assert server.server_error() is SocketError.SocketTimeoutError
+            assert server.wait_for_new_connection(-1) == WaitResult(False, False)
+            assert server.server_error() is SocketError.OperationError
+            assert "paused" in server.error_string()
+            server.resume_accepting()
+            assert server.wait_for_new_connection(5000) == WaitResult(True, False)
+            with server.next_pending_connection():  # type: ignore[union-attr]
+                pass
 
 
 def test_taking_a_pending_connection_does_not_undo_a_pause(
