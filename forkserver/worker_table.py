@@ -18,6 +18,15 @@ Invariants:
   still prefers a worker with free capacity, so idle workers come first.
 * Only ``READY`` workers receive connections.  States move forward
   only: ``STARTING`` -> ``READY`` -> ``STOPPING``.
+* A leaving worker is described by its record alone: ``STOPPING``
+  (it gets no more connections), ``exit_cause`` (why: set once, by
+  whoever asked first; only a stuck worker's ``timeout`` overrides it),
+  ``retired`` (its slot is free for a successor while it drains) and
+  ``killed`` (signalled to die: nothing more is sent to it).
+  ``STOPPING`` implies a cause; ``retired`` and ``killed`` each imply
+  ``STOPPING``.
+* Records change only through this table's methods: the rest of the
+  master reads them.
 """
 
 from __future__ import annotations
@@ -56,6 +65,7 @@ class WorkerRecord:
     #: ``UNPLANNED_CAUSES``); None while nobody has.
     exit_cause: str | None = None
     was_ready: bool = False  # it reported READY at some point
+    killed: bool = False  # sent SIGKILL (or the stack-dump SIGABRT): it is not told more
     prefetch: int = 0  # descriptors it may hold queued beyond its capacity
     last_assigned: int = 0  # the table's count of assignments when it last got one
 
@@ -128,7 +138,8 @@ class WorkerTable:
         return self._by_pid.get(pid)
 
     def add(
-        self, slot: int, pid: int, capacity: int, now: float, generation: int = 0
+        self, slot: int, pid: int, capacity: int, now: float, generation: int = 0, *,
+        request_limit: int | None = None, prefetch: int = 0,
     ) -> WorkerRecord:
         if pid in self._by_pid:
             raise TableError(f"pid {pid} is already worker {self._by_pid[pid].slot}")
@@ -141,7 +152,7 @@ class WorkerTable:
             raise TableError(f"worker capacity must be at least 1, not {capacity}")
         record = WorkerRecord(
             slot=slot, pid=pid, capacity=capacity, started_at=now, last_seen=now,
-            generation=generation,
+            generation=generation, request_limit=request_limit, prefetch=prefetch,
         )  # fmt: skip
         self._by_pid[pid] = record
         return record
@@ -163,10 +174,52 @@ class WorkerTable:
         record.last_seen = now
         return record
 
-    def mark_stopping(self, pid: int) -> WorkerRecord:
+    def mark_stopping(self, pid: int, cause: str = "stop") -> WorkerRecord:
+        """It gets no more connections; *cause* is why, unless one was given before."""
         record = self._require(pid)
         record.state = WorkerState.STOPPING
+        if record.exit_cause is None:
+            record.exit_cause = cause
         return record
+
+    def retire(self, pid: int, cause: str) -> WorkerRecord:
+        """Asked to finish what it holds and exit: its slot is free for a successor."""
+        record = self.mark_stopping(pid, cause)
+        record.retired = True
+        return record
+
+    def mark_killed(self, pid: int, cause: str, *, override: bool = False) -> WorkerRecord:
+        """Signalled to die.  *override*: *cause* replaces an earlier one (a stuck worker)."""
+        record = self._require(pid)
+        if override:
+            record.exit_cause = None
+        self.mark_stopping(pid, cause)
+        record.killed = True
+        return record
+
+    def note_cause(self, pid: int, cause: str) -> WorkerRecord:
+        """Why it may exit soon (sent a signal on request), unless a cause was given before."""
+        record = self._require(pid)
+        if record.exit_cause is None:
+            record.exit_cause = cause
+        return record
+
+    def served(self, pid: int, count: int, now: float) -> WorkerRecord:
+        """It served *count* connections it accepted itself (shared listeners): no credit."""
+        record = self._require(pid)
+        record.served += count
+        record.last_seen = now
+        return record
+
+    def handler_failed(self, pid: int) -> WorkerRecord:
+        record = self._require(pid)
+        record.errors += 1
+        return record
+
+    def restart_clocks(self, now: float) -> None:
+        """The master itself was stalled: every worker's silence starts again from *now*."""
+        for record in self._by_pid.values():
+            record.last_seen = now
 
     def pick(self) -> WorkerRecord | None:
         """The least-loaded ready worker with room, if any.
