@@ -81,7 +81,6 @@ class WorkerLink:
     reopen_fd: int = -1  # a log file to send with REOPEN (ours to close), or -1
     writer_armed: bool = False
     retry_armed: bool = False
-    killed: bool = False  # sent SIGKILL for breaking the protocol
 
 
 class Dispatcher:
@@ -176,7 +175,7 @@ class Dispatcher:
         still the last message on the channel (a stopping worker is sent
         no more connections).
         """
-        if link.killed or link.stop_queued:
+        if link.record.killed or link.stop_queued:
             return []  # being killed, or its STOP is not on the channel yet
         try:
             data, fds = fdpass.recv(

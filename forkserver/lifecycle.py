@@ -116,12 +116,14 @@ def next_phase(phase: Phase, event: Event) -> Phase:
 class Lifecycle:
     """The master's phase; ``fire`` is the only way it changes."""
 
-    __slots__ = ("forced", "phase", "stopping")
+    __slots__ = ("done", "forced", "phase", "stopping")
 
     def __init__(self, phase: Phase = Phase.STARTING) -> None:
         self.phase = phase
-        self.stopping = phase in STOPPING  # plain attributes: read on every loop pass
+        # Plain attributes, not properties: the loop reads them on every pass.
+        self.stopping = phase in STOPPING
         self.forced = phase in FORCED
+        self.done = phase is Phase.DONE
 
     def fire(self, event: Event) -> bool:
         """Apply *event*; True if the phase changed (the caller acts on the change)."""
@@ -131,11 +133,8 @@ class Lifecycle:
         self.phase = after
         self.stopping = after in STOPPING
         self.forced = after in FORCED
+        self.done = after is Phase.DONE
         return True
-
-    @property
-    def done(self) -> bool:
-        return self.phase is Phase.DONE
 
 
 def may_replace(phase: Phase, *, pending: bool) -> bool:

@@ -51,7 +51,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, NoReturn
+from typing import Final, NoReturn, Protocol
 
 from forkserver import spawn
 from forkserver.config import ConfigError, Settings
@@ -405,6 +405,13 @@ class _Pipe:
         return b"".join(self.chunks)
 
 
+class ChildProcesses(Protocol):
+    """How the check's child is killed and, on the way out, reaped (``pool.Processes``)."""
+
+    def kill(self, pid: int) -> None: ...
+    def wait(self, pid: int) -> None: ...
+
+
 class ReloadCheck:
     """One reload's check, in a child, driven by the master's loop.
 
@@ -426,8 +433,10 @@ class ReloadCheck:
         preloaded: LoadedHandler | None,
         timeout: float,
         done: Callable[[Checked | CheckFailed], None],
+        processes: ChildProcesses,
     ) -> None:
         self.loop = loop
+        self.processes = processes
         self.reload_settings = reload_settings
         self.preloaded = preloaded
         self.timeout = timeout
@@ -482,9 +491,8 @@ class ReloadCheck:
         self._release()
         pid, self.pid = self.pid, None
         if pid is not None:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
+            self.processes.kill(pid)
+            self.processes.wait(pid)
 
     def _reader(self, pipe: _Pipe) -> Callable[[], None]:
         def readable() -> None:
@@ -520,8 +528,7 @@ class ReloadCheck:
             return
         self._failure = reason
         if self.pid is not None:  # not reaped yet, so the pid is still ours
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
+            self.processes.kill(self.pid)
         if self._timer is not None:
             self._timer.cancel()
         self._timer = self.loop.call_later(self.KILL_GRACE, self._timed_out)

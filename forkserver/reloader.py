@@ -1,6 +1,6 @@
 """HUP and ``forkserver ctl reload``: the master's side of a reload.
 
-``Reloader(master).reload()`` starts a reload in two steps:
+``Reloader.reload()`` starts a reload in two steps:
 
 1. the check, off the loop: a child process (``probe.ReloadCheck``)
    re-reads and validates the configuration, then drops privileges as a
@@ -8,15 +8,24 @@
    reports without blocking, under ``reload_timeout``, and keeps serving,
    answering ``forkserver ctl`` and pinging the watchdog meanwhile;
 2. once the check passed, a whole new generation of workers starts with
-   the new settings; the bookkeeping of generations is
-   ``forkserver.generations``.  The master calls back:
+   the new settings (``pool.prepare``: the master's reconciliation
+   forks it); the bookkeeping of generations is
+   ``forkserver.generations``.  The master then asks:
 
-   * ``commit_when_ready()`` each time a worker of the new generation is
-     ready: once all are, the new generation serves and every older
-     worker is retired (it finishes its connections, then exits);
-   * ``abandon(reason)`` when a worker of the new generation dies before
-     it was ready: the settings go back to what they were, the new
-     generation is retired, the serving one never noticed.
+   * ``commit_if_ready()`` after each loop pass that changed something:
+     once every worker of the new generation is ready, it serves and
+     every older worker is retired (it finishes its connections, then
+     exits); the committed generation is returned;
+   * ``abandon(reason)`` when a worker of the new generation died before
+     it was ready: the settings go back to what they were (the pool
+     forgets the new generation's spec), the new generation is retired,
+     the serving one never noticed.
+
+Collaborators, and nothing more: the loop (the check's pipes and
+deadline), the pool (as ``ReloadPool``), the notifier (RELOADING=1,
+STATUS=), ``Processes`` for the check's child, the lifecycle (read
+only: no reload while stopping) and *report* (``ReloadBegun``, so the
+master looks again).
 
 Any failure, of any cause (the check cannot be forked, the file is
 invalid, the handler does not import, the check dies, says something
@@ -34,31 +43,114 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from forkserver.config import Settings
 from forkserver.control import AttemptReplies, CommandError, Deferred
 from forkserver.errors import ForkserverError
+from forkserver.eventloop import EventLoop
 from forkserver.generations import Generations
-from forkserver.handler import WorkerClass
+from forkserver.handler import LoadedHandler, WorkerClass
 from forkserver.handler import resolve_worker_class as _resolve_class
-from forkserver.probe import Checked, CheckFailed, ProbeError, ReloadCheck
-from forkserver.worker_table import WorkerState
-
-if TYPE_CHECKING:
-    from forkserver.master import Master
+from forkserver.lifecycle import Lifecycle
+from forkserver.pool import WorkerSpec
+from forkserver.probe import Checked, CheckFailed, ChildProcesses, ProbeError, ReloadCheck
+from forkserver.worker_table import WorkerRecord, WorkerState
 
 log = logging.getLogger("forkserver.master")
 
 
+@dataclass(frozen=True, slots=True)
+class ReloadBegun:
+    """A new generation was prepared: the master forks its workers."""
+
+    generation: int
+
+
+class ReloadPool(Protocol):
+    """What a reload uses of the pool (``pool.Pool``)."""
+
+    target: int
+
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def table(self) -> Iterable[WorkerRecord]: ...
+    def prepare(self, generation: int, spec: WorkerSpec) -> None: ...
+    def forget_generation(self, generation: int) -> None: ...
+    def retire_generations(self, which: Callable[[int], bool], cause: str = ...) -> None: ...
+    def reset_backoff(self) -> None: ...
+
+
+class Check(Protocol):
+    """A running reload check (``probe.ReloadCheck``)."""
+
+    pid: int | None
+
+    def start(self) -> None: ...
+    def owns(self, pid: int) -> bool: ...
+    def child_exited(self, code: int) -> None: ...
+    def close(self) -> None: ...
+
+
+class StartCheck(Protocol):
+    def __call__(
+        self, loop: EventLoop, reload_settings: Callable[[], Settings], *,
+        preloaded: LoadedHandler | None, timeout: float,
+        done: Callable[[Checked | CheckFailed], None], processes: ChildProcesses,
+    ) -> Check: ...
+
+
+class ReloadNotifier(Protocol):
+    def reloading(self) -> None: ...
+    def status(self, text: str, *, force: bool = ...) -> None: ...
+
+
 class Reloader:
-    def __init__(self, master: Master) -> None:
-        self.master = master
+    def __init__(
+        self,
+        loop: EventLoop,
+        *,
+        pool: ReloadPool,
+        notifier: ReloadNotifier,
+        processes: ChildProcesses,
+        lifecycle: Lifecycle,
+        report: Callable[[ReloadBegun], None],
+        preloaded: LoadedHandler | None,
+        reload_settings: Callable[[], Settings] | None = None,
+    ) -> None:
+        self.loop = loop
+        self.pool = pool
+        self.notifier = notifier
+        self.processes = processes
+        self.lifecycle = lifecycle
+        self.report = report
+        self.preloaded = preloaded
+        self.reload_settings = reload_settings
+        #: Makes the check (a test gives a scripted one).
+        self.start_check: StartCheck = ReloadCheck
         self.generations = Generations()
         self.last_error: str | None = None
-        self._before: tuple[Settings, WorkerClass, int] | None = None
-        self._check: ReloadCheck | None = None
+        self._before_target: int | None = None  # to restore if the reload is abandoned
+        self._check: Check | None = None
         self.replies = AttemptReplies()  # `ctl reload` answers: one outcome settles them
+
+    @property
+    def serving(self) -> int:
+        """The generation that serves now."""
+        return self.generations.serving
+
+    def serving_target(self, target: int) -> int:
+        """How many workers the serving generation keeps: *target*, or during a
+        reload the target it had before the reload changed it."""
+        return self._before_target if self._before_target is not None else target
+
+    @property
+    def reloading(self) -> bool:
+        """A check runs, or a new generation starts."""
+        return self._check is not None or self.generations.reloading
 
     @property
     def checking(self) -> bool:
@@ -67,8 +159,7 @@ class Reloader:
 
     def reload(self) -> None:
         """Begin a reload with the settings as they are now on disk: start the check."""
-        m = self.master
-        if m.stopping or m.upgraded:
+        if self.lifecycle.stopping:
             log.warning("reload ignored: the master is stopping", extra={"event": "reload_ignored"})
             return
         if self._check is not None:
@@ -80,10 +171,10 @@ class Reloader:
             log.info("reload queued: generation %d is still starting", self.generations.starting,
                      extra={"event": "reload_queued"})  # fmt: skip
             return
-        current = m.settings
-        check = ReloadCheck(
-            m.loop, m.reload_settings or (lambda: current), preloaded=m.handler,
-            timeout=current.reload_timeout, done=self._checked,
+        current = self.pool.settings
+        check = self.start_check(
+            self.loop, self.reload_settings or (lambda: current), preloaded=self.preloaded,
+            timeout=current.reload_timeout, done=self._checked, processes=self.processes,
         )  # fmt: skip
         try:
             check.start()
@@ -95,14 +186,12 @@ class Reloader:
         log.info("reload: checking the configuration and the handler in process %d", check.pid,
                  extra={"event": "reload_checking", "pid": check.pid})  # fmt: skip
 
-    def owns_child(self, pid: int) -> bool:
-        """Is *pid* the reload check's process (for the master's reaping)?"""
-        return self._check is not None and self._check.owns(pid)
-
-    def check_exited(self, code: int) -> None:
-        """The master reaped the check's process."""
-        if self._check is not None:
-            self._check.child_exited(code)
+    def child_exited(self, pid: int, code: int) -> bool:
+        """A reaped child: if it is the check's, the check reads its last words.  Ours?"""
+        if self._check is None or not self._check.owns(pid):
+            return False
+        self._check.child_exited(code)
+        return True
 
     def close(self) -> None:
         """The master is going: a check still running is killed and reaped."""
@@ -113,8 +202,7 @@ class Reloader:
     def _checked(self, result: Checked | CheckFailed) -> None:
         """The check is over: begin the new generation, or say why not."""
         self._check = None
-        m = self.master
-        if m.stopping or m.upgraded:
+        if self.lifecycle.stopping:
             return
         if isinstance(result, CheckFailed):
             self._failed(result.reason, detail=result.detail)
@@ -132,7 +220,7 @@ class Reloader:
 
     def _reloadable(self, settings: Settings) -> Settings:
         """*settings* without the changes a reload cannot make (each one logged)."""
-        current = self.master.settings
+        current = self.pool.settings
         kept: dict[str, Any] = {}
         if settings.listeners != current.listeners:
             kept["listeners"] = current.listeners
@@ -151,15 +239,15 @@ class Reloader:
         return dataclasses.replace(settings, **kept) if kept else settings
 
     def _begin(self, settings: Settings, worker_class: WorkerClass) -> None:
-        m = self.master
-        self._before = (m.settings, m.worker_class, m.target)
-        if settings.workers != m.settings.workers:
-            m.target = settings.workers  # else a count set by TTIN/TTOU/scale stands
-        m.apply_settings(settings, worker_class)
+        pool = self.pool
+        self._before_target = pool.target
+        if settings.workers != pool.settings.workers:
+            pool.target = settings.workers  # else a count set by TTIN/TTOU/scale stands
         generation = self.generations.begin()
-        m.notifier.reloading()
-        m.backoff.reset()
-        preload = m.handler is not None
+        pool.prepare(generation, WorkerSpec.of(settings, worker_class))
+        self.notifier.reloading()
+        pool.reset_backoff()
+        preload = self.preloaded is not None
         if preload:
             what = ("with the configuration as it is now and the handler code as the master "
                     "loaded it (preload): this reloads the configuration only; USR2 loads "
@@ -169,68 +257,55 @@ class Reloader:
         log.info("reloading: generation %d starts %s", generation, what,
                  extra={"event": "reload_started", "generation": generation,
                         "preload": preload})  # fmt: skip
-        for slot in range(m.target):
-            m.spawn(slot, generation)
+        self.report(ReloadBegun(generation))
 
-    def commit_when_ready(self) -> None:
-        """Once the whole new generation is ready it serves; older workers are retired."""
-        m = self.master
+    def commit_if_ready(self) -> int | None:
+        """Once the whole new generation is ready it serves and older workers are
+        retired: the generation committed, else None."""
         generation = self.generations.starting
-        ready = sum(1 for r in m.table
+        if generation is None:
+            return None
+        ready = sum(1 for r in self.pool.table
                     if r.generation == generation and r.state is WorkerState.READY)  # fmt: skip
-        if generation is None or ready < m.target:
-            return
-        self.generations.commit()
-        self._before = None
+        if ready < self.pool.target:
+            return None
+        replaced = self.generations.commit()
+        self._before_target = None
         self.last_error = None
-        m.retire_all(lambda record_generation: record_generation != generation)
+        self.pool.retire_generations(lambda record_generation: record_generation != generation)
+        self.pool.forget_generation(replaced)
         log.info("reload complete: generation %d serves", generation,
                  extra={"event": "reload_completed", "generation": generation})  # fmt: skip
         self.replies.succeeded({"generation": generation})
-        m.announce(ready, f"generation {generation}; ")
         self._again()
+        return generation
 
     def abandon(self, reason: str) -> None:
         """A new worker could not start: back to the serving generation, untouched."""
-        m = self.master
         failed = self.generations.abandon()
-        if self._before is not None:
-            settings, worker_class, m.target = self._before
-            self._before = None
-            m.apply_settings(settings, worker_class)
-        m.retire_all(lambda record_generation: record_generation == failed)
+        if self._before_target is not None:
+            self.pool.target, self._before_target = self._before_target, None
+        self.pool.retire_generations(lambda record_generation: record_generation == failed)
+        self.pool.forget_generation(failed)  # the settings in force are the serving ones again
         self._failed(reason)
-        m.notifier.ready(f"listening on {m.where()}; reload failed: {reason}")
         self._again()
 
     def _again(self) -> None:
         if self.generations.take_again():
-            self.master.loop.call_soon(self.reload)
+            self.loop.call_soon(self.reload)
 
     def _failed(self, reason: str, detail: str | None = None) -> None:
         self.last_error = reason
         log.error("reload failed, the running workers keep serving: %s", detail or reason,
                   extra={"event": "reload_failed", "reason": reason})  # fmt: skip
-        self.master.notifier.status(f"reload failed: {reason}", force=True)
+        self.notifier.status(f"reload failed: {reason}", force=True)
         self.replies.failed(f"reload failed: {reason}")
 
     def control_reload(self) -> Deferred:
         """``forkserver ctl reload``: the reply comes once the reload it asked
         for has completed (the new generation serves) or failed (why)."""
-        if self.master.stopping:
+        if self.lifecycle.stopping:
             raise CommandError("the master is stopping")
-        reply = self.replies.expect(during_attempt=self.checking or self.generations.reloading)
+        reply = self.replies.expect(during_attempt=self.reloading)
         self.reload()
         return reply
-
-    def add_to_status(self, status: dict[str, Any]) -> None:
-        """Fill in the generations of ``forkserver ctl status``."""
-        m = self.master
-        master = status["master"]
-        master["generation"] = self.generations.serving
-        if (self.generations.reloading or self.checking) and not m.stopping:
-            master["state"] = "reloading"
-        master["last_reload_error"] = self.last_error
-        generation = {record.pid: record.generation for record in m.table}
-        for worker in status["workers"]:
-            worker["generation"] = generation.get(worker["pid"], 0)

@@ -13,13 +13,13 @@ from __future__ import annotations
 import sys
 
 from forkserver import channel, cli, master
-from forkserver.dispatch import WorkerLink
+from forkserver.worker_table import WorkerRecord
 
 _handler_error = master.Master._handler_error
 
 
-def _planted_bug(self: master.Master, link: WorkerLink, error: channel.HandlerError) -> None:
-    _handler_error(self, link, error)
+def _planted_bug(self: master.Master, record: WorkerRecord, error: channel.HandlerError) -> None:
+    _handler_error(self, record, error)
     if "boom" in error.message:
         raise RuntimeError("a bug planted in the master's handler-error path")
 

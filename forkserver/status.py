@@ -1,0 +1,232 @@
+"""What the master is doing, in numbers: one snapshot for every reader.
+
+``take(...)`` reads the pool, the lifecycle, the reload state and the
+listeners once and returns a frozen ``Snapshot``; every view comes from
+it: ``control()`` is the ``forkserver ctl status`` reply (its shape is
+documented in ``forkserver.control``), ``summary()`` the STATUS= line
+for systemd, ``ready_text()`` the status sent with READY=1.  Every
+counter and gauge the master keeps is a field here, so one more view
+(metrics, say) reads this object and nothing else.
+
+Pure but for ``os.getpid`` and an ``fstat`` of each listener (its inode,
+for ``ctl status``): nothing here changes state.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from forkserver.lifecycle import STOPPING, Phase, status_state
+from forkserver.worker_table import SlotHistory, WorkerRecord, WorkerState
+
+
+class DescribedListener(Protocol):
+    """What the status reads of a ``Listener``."""
+
+    @property
+    def name(self) -> str: ...
+    def describe(self) -> str: ...
+    def socket_descriptor(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerStatus:
+    name: str
+    address: str
+    fd: int
+    inode: int
+
+
+@dataclass(frozen=True, slots=True)
+class SlotFailing:
+    slot: int
+    crashes: int  # consecutive crashes
+    respawn_in: float | None  # seconds until its next fork, if one waits
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStatus:
+    slot: int
+    pid: int
+    generation: int
+    state: str
+    started: float  # time.time() of its fork
+    served: int
+    in_flight: int
+    deaths: int  # the slot's, over the master's life
+    replaced: int
+    last_exit: str | None
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Every figure of the master at one moment."""
+
+    pid: int
+    name: str
+    started: float  # time.time() of the master's start
+    state: str  # starting, running, reloading, degraded, stopping
+    stopping: bool
+    generation: int  # the serving one
+    target: int  # workers to keep
+    ready: int  # workers ready now
+    busy: int  # workers holding a connection now
+    pending: int  # accepted connections waiting for a worker
+    accepting: bool
+    listeners: tuple[ListenerStatus, ...]
+    served: int  # over the master's life, by every worker
+    in_flight: int
+    spawned: int
+    deaths: int  # workers that died without being asked to
+    replaced: int  # workers retired on purpose for a successor
+    handler_errors: int
+    failing: tuple[SlotFailing, ...]
+    last_reload_error: str | None
+    workers: tuple[WorkerStatus, ...]
+
+    @property
+    def where(self) -> str:
+        return ", ".join(listener.address for listener in self.listeners)
+
+    def control(self) -> dict[str, Any]:
+        """The ``forkserver ctl status`` reply."""
+        return {
+            "master": {
+                "pid": self.pid,
+                "name": self.name,
+                "started": self.started,
+                "generation": self.generation,
+                "state": self.state,
+                "workers_target": self.target,
+                "pending": self.pending,
+                "accepting": self.accepting,
+                "listeners": [
+                    {"name": item.name, "address": item.address, "fd": item.fd,
+                     "inode": item.inode}
+                    for item in self.listeners
+                ],
+                "totals": {
+                    "served": self.served,
+                    "in_flight": self.in_flight,
+                    "spawned": self.spawned,
+                    "restarts": self.deaths,
+                    "errors": self.handler_errors,
+                    "deaths": self.deaths,
+                    "replaced": self.replaced,
+                    "handler_errors": self.handler_errors,
+                },
+                "failing": [
+                    {"slot": item.slot, "crashes": item.crashes, "respawn_in": item.respawn_in}
+                    for item in self.failing
+                ],
+                "last_reload_error": self.last_reload_error,
+            },
+            "workers": [
+                {
+                    "slot": w.slot,
+                    "pid": w.pid,
+                    "generation": w.generation,
+                    "state": w.state,
+                    "started": w.started,
+                    "served": w.served,
+                    "in_flight": w.in_flight,
+                    "restarts": w.deaths,
+                    "deaths": w.deaths,
+                    "replaced": w.replaced,
+                    "last_exit": w.last_exit,
+                    "last_error": w.last_error,
+                }
+                for w in self.workers
+            ],
+        }
+
+    def summary(self) -> str:
+        """One line for STATUS=: what the service is doing, in numbers."""
+        state = "stopping" if self.stopping else f"listening on {self.where}"
+        line = (
+            f"{state}; workers {self.busy} busy/{self.ready} ready/{self.target}; "
+            f"{self.served} served; {self.pending} queued"
+        )
+        if self.failing and not self.stopping:
+            slots = ", ".join(str(item.slot) for item in self.failing)
+            line += f"; degraded: slot{'s' if len(self.failing) > 1 else ''} {slots} failing"
+        return line
+
+    def ready_text(self, detail: str = "") -> str:
+        """The status sent with READY=1; *detail* says what just happened."""
+        return f"listening on {self.where}; {detail}{self.ready} of {self.target} workers ready"
+
+
+def take(
+    *,
+    records: Iterable[WorkerRecord],
+    history: Mapping[int, SlotHistory],
+    failing: Mapping[int, int],
+    respawn_in: Mapping[int, float | None],
+    phase: Phase,
+    reloading: bool,
+    generation: int,
+    last_reload_error: str | None,
+    target: int,
+    spawned: int,
+    pending: int,
+    paused: bool,
+    listeners: Sequence[DescribedListener],
+    name: str,
+    started: float,
+    monotonic: float,
+    wall: float,
+) -> Snapshot:
+    """The snapshot of these facts; *monotonic* and *wall* are now on each clock."""
+    workers = sorted(records, key=lambda r: r.slot)
+    stopping = phase in STOPPING
+    degraded = bool(failing) and not stopping
+    return Snapshot(
+        pid=os.getpid(),
+        name=name,
+        started=started,
+        state=status_state(phase, degraded=degraded, reloading=reloading),
+        stopping=stopping,
+        generation=generation,
+        target=target,
+        ready=sum(1 for r in workers if r.state is WorkerState.READY),
+        busy=sum(1 for r in workers if r.in_flight),
+        pending=pending,
+        accepting=not stopping and not paused,
+        listeners=tuple(_listener(listener) for listener in listeners),
+        served=sum(r.served for r in workers) + sum(h.served for h in history.values()),
+        in_flight=sum(r.in_flight for r in workers),
+        spawned=spawned,
+        deaths=sum(h.deaths for h in history.values()),
+        replaced=sum(h.replaced for h in history.values()),
+        handler_errors=sum(h.handler_errors for h in history.values()),
+        failing=tuple(SlotFailing(slot, crashes, respawn_in.get(slot))
+                      for slot, crashes in failing.items()),
+        last_reload_error=last_reload_error,
+        workers=tuple(_worker(r, history.get(r.slot), monotonic, wall) for r in workers),
+    )
+
+
+def _listener(listener: DescribedListener) -> ListenerStatus:
+    fd = listener.socket_descriptor()
+    inode = os.fstat(fd).st_ino if fd >= 0 else 0
+    return ListenerStatus(name=listener.name, address=listener.describe(), fd=fd, inode=inode)
+
+
+def _worker(
+    record: WorkerRecord, history: SlotHistory | None, monotonic: float, wall: float
+) -> WorkerStatus:
+    history = history if history is not None else SlotHistory()
+    return WorkerStatus(
+        slot=record.slot, pid=record.pid, generation=record.generation,
+        state=record.state.value, started=wall - (monotonic - record.started_at),
+        served=record.served, in_flight=record.in_flight, deaths=history.deaths,
+        replaced=history.replaced, last_exit=history.last_exit, last_error=history.last_error,
+    )  # fmt: skip
+
+
+__all__ = ["ListenerStatus", "SlotFailing", "Snapshot", "WorkerStatus", "take"]
