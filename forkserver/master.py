@@ -1,59 +1,35 @@
-"""The master: one loop that forks, signals, reaps and supervises.
+"""The master: ``serve()``, the wiring, the signal table and the reconciliation.
 
 ``serve(settings)`` checks the handler, opens the listeners (or adopts
-those an older master handed over on USR2), forks the workers and runs
-the loop until a stop completes.  Everything happens in the loop's
-thread: signals arrive through ``EventLoop`` (the Python signal handler
-only records them), children are reaped on SIGCHLD.  SIGNALS.md at the
-top of the repository says what every signal does; in short:
+those an older master handed over on USR2) and runs a ``Master`` until a
+stop completes.  Everything happens in the loop's thread: signals arrive
+through ``EventLoop`` (the Python handler only records them), and
+``_install_signal_handlers`` is the whole of what each one does
+(SIGNALS.md is the operator's view).
 
-========  ==========================================================
-TERM      graceful stop: stop accepting (inherited listeners stay
-          open for their owner), hand out what was accepted, workers
-          finish, ``graceful_timeout`` caps it, exit 0
-INT/QUIT  fast stop: queued connections dropped, STOP to every worker
-          at once; a second INT or QUIT kills them
-HUP       reload: a new generation of workers, the old one retired
-          once the new one is ready (``reloader``)
-TTIN/TTOU one worker more / fewer (never below 1)
-USR1      reopen the log file
-USR2      re-execute the master, handing it the listeners (``upgrader``)
-CHLD      reap every exited child; unknown children are reaped quietly
-========  ==========================================================
+The parts, each with the few collaborators it uses (docs/architecture.md
+draws them): ``pool.Pool`` owns the worker processes and reports what
+happens to them as facts; ``reloader``, ``upgrader``, ``health``,
+``commands`` and ``notices`` do one job each; ``lifecycle.Lifecycle`` is
+the master's phase; ``status.Snapshot`` is every figure at once.  None
+of them calls the master.
 
-Workers report over their channel (see ``channel``): a malformed,
-oversized or out-of-place message gets that worker killed and replaced,
-never the master.  A worker that dies without being asked to is logged
-(WARNING) with its exit code or signal and replaced, after its slot's
-crash-loop back-off (``CrashBackoff``); while that keeps a slot without
-a ready worker the master is *degraded* (``ctl status``, STATUS=, the
-log).  If no worker at all has been ready ``startup_timeout`` seconds
-after the start, the master gives up and exits 3.
-A healthy worker over ``max_requests`` or ``max_memory`` is retired
-(it finishes what it holds) and replaced at once (``recycling``).
-Every retirement (reload, scale-down, recycling, ``ctl kill``) is
-planned: its exit is logged at INFO with its cause, never counts as a
-crash, and a retired worker still running ``graceful_timeout`` seconds
-after it was asked to stop is killed.
-READY=1 goes to systemd once every configured worker has reported ready.
-
-How it is built (docs/architecture.md has the whole picture): the
-``Pool`` owns the worker processes and reports what happens to them as
-facts; ``Reloader``, ``Upgrader``, ``Health`` and ``ControlCommands``
-each get the few collaborators they use; the master's own phase is a
-``lifecycle.Lifecycle``.  The master runs the loop one pass at a time,
-and after each pass that changed something it *reconciles*: it reads
-the facts reported meanwhile, then, level-triggered, commits a reload
-whose generation is ready, announces readiness, sends STOP once a stop
-has nothing queued, tells the pool which slots to keep filled, follows
-the degraded state, and ends the loop once the stop is complete.
+The master runs the loop one pass at a time, and after each pass that
+changed something it *reconciles*, level-triggered: it reads the facts
+reported meanwhile, commits a reload whose generation is ready,
+announces readiness (READY=1 once every configured worker is ready),
+sends STOP once a stop has nothing queued, tells the pool which slots to
+keep filled (a dead worker is replaced after its slot's crash back-off,
+a retired one at once), follows the *degraded* state, and ends the loop
+once the stop is complete.  If no worker at all has been ready
+``startup_timeout`` seconds after the start, the master exits 3.
 
 No exception raised in a callback of the loop ends the master: the
 loop's exception handler logs it (``master_error``, with the callback
 and the traceback) and the loop goes on; the reconciliation runs under
-the same boundary.  Only ``SystemExit`` and
-``KeyboardInterrupt`` stop it, and nothing outside the master's own
-code can raise those in the loop (SIGINT is one of the loop's signals).
+the same boundary.  Only ``SystemExit`` and ``KeyboardInterrupt`` stop
+it, and nothing outside the master's own code can raise those in the
+loop (SIGINT is one of the loop's signals).
 
 A ``dispatch = "shared"`` listener is never accepted on here: every
 worker inherits it and accepts itself (``workers.shared``), and reports
@@ -79,13 +55,13 @@ from forkserver.commands import ControlCommands
 from forkserver.config import Settings
 from forkserver.control import MAX_WORKERS, ControlServer, open_control
 from forkserver.errors import ForkserverError
-from forkserver.eventloop import EventLoop, TimerHandle
+from forkserver.eventloop import EventLoop
 from forkserver.handler import LoadedHandler, WorkerClass
 from forkserver.health import Health
 from forkserver.lifecycle import Event, Lifecycle, Phase, finished, may_replace, stop_workers
 from forkserver.listeners import Listener
-from forkserver.log import log_file_copy
 from forkserver.log import reopen as reopen_logs
+from forkserver.notices import Notices
 from forkserver.pool import (
     ChildExited,
     HandlerFailed,
@@ -111,12 +87,6 @@ EXIT_OK: Final = 0
 EXIT_NO_WORKER: Final = 3  # no worker became ready within startup_timeout (as gunicorn's 3)
 EXIT_UNAVAILABLE: Final = 69  # EX_UNAVAILABLE: a listener could not be opened
 EXIT_CONFIG: Final = 78  # EX_CONFIG: the handler or the user/group is unusable
-#: Seconds between STATUS= refreshes while the load changes (only under systemd).
-STATUS_TICK: Final = 2.0
-#: While a stop drains, systemd is asked every this many seconds for more time.
-EXTEND_INTERVAL: Final = 5.0
-#: Beyond ``graceful_timeout``: time to kill the stragglers and exit.
-EXTEND_MARGIN: Final = 10.0
 #: At most one ``master_error`` line per callback, and one ``accept_failed``
 #: line per listener, per this many seconds (the rest are counted).
 ERROR_LOG_INTERVAL: Final = 10.0
@@ -236,6 +206,7 @@ class Master:
             listeners=listeners, inherited=self.inherited, report=report, predecessor=handover,
         )  # fmt: skip
         self.health = Health(loop, self.pool, self.lifecycle)
+        self.notices = Notices(loop, notifier, snapshot=self.snapshot, charge=self.upgrader)
         self.started = time.time()
         self.control: ControlServer | None = None
         self.pid_file: PidFile | None = None
@@ -243,8 +214,6 @@ class Master:
         self.exit_code = EXIT_OK
         self._dirty = True  # something the facts do not say changed: reconcile
         self._titled: Settings | None = None  # the settings the process title shows
-        self._status_timer: TimerHandle | None = None
-        self._deadline = 0.0  # monotonic: when a graceful stop turns into killing
         self._error_log = LogLimiter(ERROR_LOG_INTERVAL, loop.time)
         self._accept_log = LogLimiter(ERROR_LOG_INTERVAL, loop.time)
 
@@ -301,9 +270,7 @@ class Master:
             extra={"event": "master_started", "pid": os.getpid()},
         )  # fmt: skip
         self._reconcile()  # forks the first workers
-        self._watchdog()
-        if self.notifier.enabled:
-            self._status_tick()
+        self.notices.start()
         self.health.start()
         if self.settings.startup_timeout > 0:
             self.loop.call_later(self.settings.startup_timeout, self._startup_deadline)
@@ -373,7 +340,7 @@ class Master:
             if self._titled is not self.settings:
                 self._titled = self.settings
                 setproctitle.setproctitle(self._title())
-            self._update_status()
+            self.notices.status()
         if finished(lifecycle.phase, workers=len(pool.table), pending=bool(self.dispatcher.pending),
                     respawn_due=pool.respawn_due()):  # fmt: skip
             lifecycle.fire(Event.FINISHED)
@@ -507,36 +474,6 @@ class Master:
             started=self.started, monotonic=self.loop.time(), wall=time.time(),
         )  # fmt: skip
 
-    def _watchdog(self) -> None:
-        """WATCHDOG=1 every half of WATCHDOG_USEC: the loop is turning."""
-        interval = self.notifier.watchdog_interval()
-        if interval is not None:
-            if self.upgrader.in_charge:  # until an upgrade completes, the old master pings
-                self.notifier.watchdog()
-            self.loop.call_later(interval, self._watchdog)
-
-    def _update_status(self, *, force: bool = False) -> None:
-        """A STATUS= summary for systemd (rate-limited by the notifier, unless *force*).
-
-        A master started by USR2 keeps quiet until the old one has gone:
-        systemd takes notifications from the main pid only.
-        """
-        if not self.notifier.enabled or not self.upgrader.in_charge:
-            return
-        self.notifier.status(self.snapshot().summary(), force=force)
-        deadline = self.notifier.status_deadline()
-        if deadline is not None and self._status_timer is None:
-            self._status_timer = self.loop.call_at(deadline, self._flush_status)
-
-    def _status_tick(self) -> None:
-        """Keep STATUS= current under load, when nothing else changes it."""
-        self._update_status()
-        self.loop.call_later(STATUS_TICK, self._status_tick)
-
-    def _flush_status(self) -> None:
-        self._status_timer = None
-        self.notifier.flush_status()
-
     def _update_degraded(self) -> None:
         """Log (and tell systemd) when a slot starts or stops failing to keep a worker."""
         failing = self.pool.backoff.failing()
@@ -552,7 +489,7 @@ class Master:
         else:
             log.info("recovered: every slot has a ready worker again",
                      extra={"event": "master_recovered"})  # fmt: skip
-        self._update_status(force=True)
+        self.notices.status(force=True)
 
     # --- run-time changes ----------------------------------------------------
 
@@ -579,15 +516,7 @@ class Master:
         Raises ``ConfigError`` when the new file cannot be opened (nothing changes then).
         """
         reopen_logs()
-        try:
-            for link in tuple(self.dispatcher.links.values()):
-                fd = log_file_copy()
-                if fd is None:
-                    return  # no log file: nothing to hand over
-                self.dispatcher.queue_reopen(link, fd)
-        except OSError as exc:  # out of descriptors: the rest keep the old file for now
-            log.error("cannot hand the reopened log file to every worker: %s", exc,
-                      extra={"event": "reopen_failed"})  # fmt: skip
+        self.pool.hand_log_file()
 
     def _on_usr1(self) -> None:
         try:
@@ -638,18 +567,14 @@ class Master:
             else:
                 listener.close()
         timeout = self.settings.graceful_timeout
-        self._deadline = self.loop.time() + timeout
         self.loop.call_later(timeout, self._graceful_timeout)
-        self._extend_stop_timeout()
+        self.notices.extend_while(self.loop.time() + timeout, self._draining)
 
-    def _extend_stop_timeout(self) -> None:
-        """EXTEND_TIMEOUT_USEC while workers drain connections, so systemd waits for them."""
-        busy = self.dispatcher.pending or any(record.in_flight for record in self.pool.table)
-        if not busy or self.lifecycle.forced:
-            return
-        remaining = max(0.0, self._deadline - self.loop.time())
-        self.notifier.extend_timeout(remaining + EXTEND_MARGIN)
-        self.loop.call_later(min(EXTEND_INTERVAL, remaining + 1.0), self._extend_stop_timeout)
+    def _draining(self) -> bool:
+        """Do workers still serve what a graceful stop owes?"""
+        if self.lifecycle.forced:
+            return False
+        return bool(self.dispatcher.pending) or any(r.in_flight for r in self.pool.table)
 
     def _graceful_timeout(self) -> None:
         if self.pool.table:

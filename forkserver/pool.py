@@ -44,6 +44,7 @@ from forkserver.dispatch import Dispatcher, WorkerLink
 from forkserver.eventloop import EventLoop, TimerHandle
 from forkserver.handler import LoadedHandler, WorkerClass
 from forkserver.listeners import Listener
+from forkserver.log import log_file_copy
 from forkserver.stackdump import StackDumps
 from forkserver.worker_table import (
     ALONE_DELAY,
@@ -474,6 +475,18 @@ class Pool:
         history.last_error = f"{error.exc_type}: {error.message}"
         self.report(HandlerFailed(record, error))
 
+    def hand_log_file(self) -> None:
+        """A reopened log file: a copy to every worker, sent with REOPEN after its outbox."""
+        try:
+            for link in tuple(self.dispatcher.links.values()):
+                fd = log_file_copy()
+                if fd is None:
+                    return  # no log file: nothing to hand over
+                self.dispatcher.queue_reopen(link, fd)
+        except OSError as exc:  # out of descriptors: the rest keep the old file for now
+            log.error("cannot hand the reopened log file to every worker: %s", exc,
+                      extra={"event": "reopen_failed"})  # fmt: skip
+
     # --- asking workers to go ------------------------------------------------------
 
     def _link(self, record: WorkerRecord) -> WorkerLink | None:
@@ -556,9 +569,13 @@ class Pool:
                 self.table.note_cause(record.pid, "stop")
 
     def kill_all(self) -> None:
-        """SIGKILL to every worker (a forced stop's last word)."""
+        """SIGKILL to every worker (a forced stop's last word).
+
+        Not ``mark_killed``: they did nothing wrong, so what they said
+        before they died (a handler error, say) is still read when reaped.
+        """
         for record in self.table:
-            self.table.mark_killed(record.pid, "stop")
+            self.table.mark_stopping(record.pid, "stop")
             self.processes.kill(record.pid)
 
     def abort(self, record: WorkerRecord, reason: str) -> None:

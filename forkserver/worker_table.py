@@ -22,7 +22,9 @@ Invariants:
   (it gets no more connections), ``exit_cause`` (why: set once, by
   whoever asked first; only a stuck worker's ``timeout`` overrides it),
   ``retired`` (its slot is free for a successor while it drains) and
-  ``killed`` (signalled to die: nothing more is sent to it).
+  ``killed`` (signalled to die for what it did: stuck, past its
+  retirement's deadline, or breaking the protocol; nothing more is sent
+  to it and its channel is not read again).
   ``STOPPING`` implies a cause; ``retired`` and ``killed`` each imply
   ``STOPPING``.
 * Records change only through this table's methods: the rest of the
@@ -65,7 +67,7 @@ class WorkerRecord:
     #: ``UNPLANNED_CAUSES``); None while nobody has.
     exit_cause: str | None = None
     was_ready: bool = False  # it reported READY at some point
-    killed: bool = False  # sent SIGKILL (or the stack-dump SIGABRT): it is not told more
+    killed: bool = False  # killed (or ABRTed) for what it did: its channel is not read again
     prefetch: int = 0  # descriptors it may hold queued beyond its capacity
     last_assigned: int = 0  # the table's count of assignments when it last got one
 
