@@ -229,8 +229,9 @@ class Pool:
     # --- generations ---------------------------------------------------------
 
     def prepare(self, generation: int, spec: WorkerSpec) -> None:
-        """Workers of *generation* will be forked with *spec*."""
+        """Workers of *generation* will be forked with *spec*: its settings are in force."""
         self.specs[generation] = spec
+        self.dispatcher.max_pending = self.settings.max_pending_connections
 
     def forget_generation(self, generation: int) -> None:
         """*generation* forks no more (replaced, or abandoned)."""
@@ -238,6 +239,7 @@ class Pool:
             self.specs.pop(generation, None)
         for key in [key for key in self._due if key[0] == generation]:
             del self._due[key]
+        self.dispatcher.max_pending = self.settings.max_pending_connections
 
     # --- keeping the wanted slots filled ------------------------------------
 

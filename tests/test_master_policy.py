@@ -426,17 +426,19 @@ def test_a_reload_whose_new_worker_dies_before_ready_is_abandoned_untouched(
     old = h.records()
     h.ready(*old)
     before = h.pool.settings
-    h.master.reloader.reload_settings = lambda: dataclasses.replace(before, workers=3,
-                                                                    max_requests=7)  # fmt: skip
+    h.master.reloader.reload_settings = lambda: dataclasses.replace(
+        before, workers=3, max_requests=7, max_pending_connections=99)
     h.master.reloader.reload()
     ScriptedCheck.made[-1].passes()
     h.settle()
     assert h.pool.target == 3 and h.pool.settings.max_requests == 7
+    assert h.pool.dispatcher.max_pending == 99
     new = h.records(generation=1)
     h.exits(new[0], code=3)
     (failed,) = events(caplog, "reload_failed")
     assert "before it was ready" in failed.reason  # type: ignore[attr-defined]
     assert h.pool.target == 2 and h.pool.settings is before  # as it was
+    assert h.pool.dispatcher.max_pending == before.max_pending_connections
     assert all(r.retired for r in new[1:])
     assert not any(r.retired for r in old)
     assert events(caplog, "worker_backoff") == []  # the new generation's death is no crash
