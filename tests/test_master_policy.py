@@ -523,3 +523,29 @@ def test_a_worker_over_max_memory_is_recycled_and_replaced(
     assert not small.retired
     assert big.retired and big.exit_cause == "max_memory"
     assert [r.slot for r in h.records() if not r.retired] == [0, 1]  # its successor
+
+
+# --- the error boundary ------------------------------------------------------------------
+
+
+def test_an_exception_in_the_reconciliation_is_logged_and_the_next_pass_finishes_it(
+    make: Callable[..., Harness], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caplog.set_level(logging.INFO, "forkserver")
+    h = make(workers=2)
+    zero, one = h.records()
+    h.ready(zero, one)
+    broken = [True]
+    commit = h.master.reloader.commit_if_ready
+
+    def commit_once_broken() -> int | None:
+        if broken.pop() if broken else False:
+            raise RuntimeError("a bug in one pass")
+        return commit()
+
+    monkeypatch.setattr(h.master.reloader, "commit_if_ready", commit_once_broken)
+    h.exits(one, code=0)  # this pass raises before it replaces the worker
+    (error,) = events(caplog, "master_error")
+    assert error.callback == "Master._reconcile"  # type: ignore[attr-defined]
+    h.until(lambda: len(h.records()) == 2, "the next pass forks the successor")
+    assert not h.master.lifecycle.done
