@@ -55,6 +55,7 @@ ENV_RESERVED_PREFIX: Final = "FORKSERVER__"
 MAX_FILE_BYTES: Final = 1 << 20       # a config file is small; refuse anything else
 MAX_TEXT: Final = 4096                # longest string value (paths are at most PATH_MAX)
 MAX_LISTENERS: Final = 256
+MAX_ALLOW_ENTRIES: Final = 1024       # proxy_allow_from: balancers, not a firewall
 # Bounds on the shape of a TOML file, checked before tomllib parses it:
 # tomllib's time and memory grow with the square of a dotted key's length,
 # so a 30 KB file could stall the parser for seconds (see _check_shape).
@@ -63,7 +64,8 @@ MAX_NESTING: Final = 32               # [ and { open at once
 MAX_KEY_LENGTH: Final = 256           # characters in one part of a key
 MAX_LINE_LENGTH: Final = 65536
 
-Kind = Literal["int", "float", "bool", "str", "choice", "mode", "bytes", "handler", "listeners"]
+Kind = Literal["int", "float", "bool", "str", "choice", "mode", "bytes", "handler", "listeners",
+               "addresses", "bind"]
 
 
 class ConfigError(ForkserverError):
@@ -126,9 +128,14 @@ class ListenerSettings:
     backlog: int | None = None
     #: None means the settings' ``dispatch``; filled in by :func:`load`.
     dispatch: Literal["master", "shared"] | None = None
+    #: None means the settings' ``proxy_protocol``; filled in by :func:`load`.
+    proxy_protocol: Literal["off", "v1", "v2"] | None = None
+    #: None means the settings' ``proxy_allow_from``; filled in by :func:`load`.
+    proxy_allow_from: tuple[str, ...] | None = None
 
 
-LISTENER_KEYS: Final = ("bind", "name", "backlog", "dispatch")
+LISTENER_KEYS: Final = ("bind", "name", "backlog", "dispatch", "proxy_protocol",
+                        "proxy_allow_from")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -162,6 +169,42 @@ class Settings:
              "socket itself while it has room: less CPU per connection, but the kernel "
              "spreads connections, there is no master queue, and the backlog waits for "
              "a free worker)")
+    # -- balancer
+    proxy_protocol: Literal["off", "v1", "v2"] = _s(
+        "off", kind="choice", group="balancer", choices=("off", "v1", "v2"),
+        help="the PROXY protocol header each listener that does not set its own requires "
+             "before the client's bytes: off, v1 (text) or v2 (binary).  Never guessed: on "
+             "a v1/v2 listener every connection must start with that header, and only from "
+             "proxy_allow_from; the handler's peer is then the client the header names")
+    proxy_allow_from: tuple[str, ...] = _s(
+        (), kind="addresses", group="balancer", metavar="ADDR,...",
+        example='["198.18.0.2", "fd00::/8"]',
+        help="who may send a PROXY header, for each listener that does not set its own: "
+             "IPv4/IPv6 addresses or CIDR networks of the balancers, and unix for Unix "
+             "listeners; required whenever proxy_protocol is on (a connection from "
+             "anywhere else is closed before the handler runs); 0.0.0.0/0 or ::/0 trusts "
+             "every peer, and is warned about")
+    proxy_header_max: int = _s(
+        4096, kind="int", group="balancer", minimum=232, maximum=16 + 0xFFFF,
+        metavar="BYTES",
+        help="the largest v2 PROXY header accepted, TLVs included (a v1 header is at most "
+             "107 bytes, always); a larger one closes the connection")
+    proxy_header_timeout: float = _s(
+        5.0, kind="float", group="balancer", above=0, maximum=3600, metavar="SECONDS",
+        help="how long a worker waits for a complete PROXY header on a new connection "
+             "before it closes it (the spec suggests at least 3 s, to cover one "
+             "retransmission)")
+    health_bind: str | None = _s(
+        None, kind="bind", group="balancer", optional=True, metavar="SPEC",
+        example='"198.18.1.2:8081"',
+        help="serve health answers on this address, from the master: HAProxy's agent-check "
+             "(ready/drain/maint with a weight from free worker capacity) and HTTP GET "
+             "/healthz and /readyz (HOST:PORT, [V6]:PORT, :PORT or unix:PATH; none: off)")
+    drain_delay: float = _s(
+        0.0, kind="float", group="balancer", minimum=0, maximum=3600, metavar="SECONDS",
+        help="on a graceful stop, keep accepting this long after the health answers turn "
+             "to drain, so the balancer moves new connections away before any is refused "
+             "(the stop then goes on as usual)")
     # -- workers
     handler: str = _s("", kind="handler", group="workers", metavar="MODULE:CALLABLE",
                       example='"forkserver.examples.echo:handle"',
@@ -270,7 +313,7 @@ class Settings:
 
 
 GROUPS: Final = ("listeners", "workers", "limits", "lifecycle", "control", "logging",
-                 "security")
+                 "security", "balancer")
 
 
 def setting_fields() -> list[tuple[str, Setting]]:
@@ -320,6 +363,8 @@ def _expect(meta: Setting) -> str:
         "mode": "an octal mode between 0o000 and 0o777",
         "handler": "module:attribute, e.g. myapp.server:handle",
         "listeners": "a bind spec",
+        "addresses": "a list of IPv4/IPv6 addresses or CIDR networks (or unix)",
+        "bind": "a bind spec: HOST:PORT, [V6]:PORT, :PORT or unix:PATH",
     }.get(meta.kind, f"a string of at most {meta.maximum or MAX_TEXT:g} characters")
 
 
@@ -415,6 +460,35 @@ def _parse_listeners(meta: Setting, text: str) -> tuple[ListenerSettings, ...]:
     return tuple(ListenerSettings(bind=parse_bind(s)) for s in specs)
 
 
+def _check_addresses(meta: Setting, entries: Sequence[object]) -> tuple[str, ...]:
+    """A ``proxy_allow_from`` list, each entry checked; () when empty (not set)."""
+    if len(entries) > MAX_ALLOW_ENTRIES:
+        raise _Invalid(f"at most {MAX_ALLOW_ENTRIES} entries, got {len(entries)}")
+    if not entries:
+        return ()
+    from forkserver.proxyallow import AllowListError, compile_allow_list  # noqa: PLC0415
+
+    try:
+        allow = compile_allow_list(entries, setting="proxy_allow_from")  # type: ignore[arg-type]
+    except AllowListError as exc:
+        raise _Invalid(str(exc)) from None
+    return allow.entries
+
+
+def _parse_addresses(meta: Setting, text: str) -> tuple[str, ...]:
+    return _check_addresses(meta, [s for s in re.split(r"[,\s]+", text) if s])
+
+
+def _check_health_bind(meta: Setting, text: str) -> str | None:
+    """A bind spec the master binds itself: TCP or a Unix path, never an inherited fd."""
+    if meta.optional and text.strip() == "":
+        return None
+    spec = parse_bind(text.strip())
+    if listeners.parse_bind(spec).kind not in ("tcp", "unix"):
+        raise _Invalid(f"expected {_expect(meta)}, got {text[:200]!r}")
+    return spec
+
+
 _TEXT_PARSERS: Final[dict[str, Callable[[Setting, str], Any]]] = {
     "int": _number(lambda t: int(t, 10)),
     "float": _number(float),
@@ -424,6 +498,8 @@ _TEXT_PARSERS: Final[dict[str, Callable[[Setting, str], Any]]] = {
     "choice": _check_choice,
     "handler": lambda meta, text: _check_handler(meta, text.strip()),
     "listeners": _parse_listeners,
+    "addresses": _parse_addresses,
+    "bind": _check_health_bind,
     "str": _check_str,
 }
 
@@ -444,6 +520,10 @@ def _from_toml(key: str, value: object) -> Any:
     meta = SETTINGS[key]
     if isinstance(value, str) and meta.kind in ("bytes", "mode"):
         return parse_text(key, value)              # "512M", "022"
+    if meta.kind == "addresses":
+        if not isinstance(value, list):
+            raise _Invalid(f"expected an array of strings, got {_toml_type(value)}")
+        return _check_addresses(meta, value)
     expected = {"int": int, "bytes": int, "mode": int, "float": int | float,
                 "bool": bool}.get(meta.kind, str)
     is_bool = isinstance(value, bool)
@@ -665,11 +745,13 @@ class _TomlSource:
             "name": lambda v: _check_str(SETTINGS["name"], v),
             "backlog": lambda v: _from_toml("backlog", v),
             "dispatch": lambda v: _from_toml("dispatch", v),
+            "proxy_protocol": lambda v: _from_toml("proxy_protocol", v),
+            "proxy_allow_from": lambda v: _from_toml("proxy_allow_from", v),
         }
         values: dict[str, Any] = {}
         for key, value in table.items():
             try:
-                if key != "backlog" and not isinstance(value, str):
+                if key not in ("backlog", "proxy_allow_from") and not isinstance(value, str):
                     raise _Invalid(f"expected a string, got {_toml_type(value)}")
                 values[key] = checks[key](value)
             except _Invalid as exc:
@@ -767,9 +849,38 @@ def load(config_file: str | None = None, environ: Mapping[str, str] | None = Non
             ls,
             backlog=settings.backlog if ls.backlog is None else ls.backlog,
             dispatch=settings.dispatch if ls.dispatch is None else ls.dispatch,
+            proxy_protocol=(settings.proxy_protocol if ls.proxy_protocol is None
+                            else ls.proxy_protocol),
+            proxy_allow_from=(settings.proxy_allow_from if ls.proxy_allow_from is None
+                              else ls.proxy_allow_from),
         )
         for ls in settings.listeners))
+    _check_proxy_listeners(settings, origins)
     return Loaded(settings, origins)
+
+
+def _check_proxy_listeners(settings: Settings, origins: Mapping[str, str]) -> None:
+    """Refuse a listener that requires a PROXY header but trusts no one to send it.
+
+    Without ``proxy_allow_from`` the header would have to be taken from
+    anyone, which lets any client claim any address.
+    """
+    tables: Sequence[ListenerSettings] = settings.listeners or (ListenerSettings(
+        bind="the default listener", proxy_protocol=settings.proxy_protocol,
+        proxy_allow_from=settings.proxy_allow_from),)  # fmt: skip
+    for index, table in enumerate(tables):
+        if table.proxy_protocol in (None, "off") or table.proxy_allow_from:
+            continue
+        where = (f"listener {table.name or table.bind!r}" if settings.listeners
+                 else "the default listener (127.0.0.1:8000, or systemd's sockets)")
+        origin = origins.get("listeners" if settings.listeners else "proxy_protocol", "")
+        raise ConfigError(
+            f"{where} requires a PROXY {table.proxy_protocol} header "
+            "(proxy_protocol) but proxy_allow_from is not set: list the addresses or "
+            "networks of the load balancers that may send it (and 'unix' for a Unix "
+            "listener)", source=origin if origin != "default" else "",
+            key=f"listeners[{index}].proxy_allow_from" if settings.listeners
+            else "proxy_allow_from")  # fmt: skip
 
 
 def load_settings(config_file: str | None = None, environ: Mapping[str, str] | None = None,
@@ -790,6 +901,7 @@ GROUP_TITLES: Final = {
     "control": "Control: the socket behind `forkserver ctl`",
     "logging": "Logging",
     "security": "Security: who the workers run as",
+    "balancer": "Behind a load balancer: PROXY protocol, health answers, drain",
 }
 
 _SYSTEMD_NOTE: Final = """\
@@ -835,7 +947,7 @@ malformed reply; 75 no reply within `--timeout`; 77 refused (file mode
 or peer credentials); 78 invalid configuration (with `-c`)."""
 
 
-def toml_value(key: str, value: object) -> str:
+def toml_value(key: str, value: object) -> str:  # noqa: PLR0911 (one per kind of value)
     """*value* of setting *key* written as TOML (None as the empty string)."""
     if SETTINGS[key].kind == "mode" and isinstance(value, int):
         return f"0o{value:03o}"
@@ -845,9 +957,11 @@ def toml_value(key: str, value: object) -> str:
         return repr(value)
     if value is None:
         return '"auto"' if SETTINGS[key].kind == "choice" else '""'
+    if isinstance(value, tuple) and SETTINGS[key].kind == "addresses":
+        return "[" + ", ".join(toml_value("name", entry) for entry in value) + "]"
     if isinstance(value, tuple):
         return "[" + ", ".join(
-            "{ " + ", ".join(f'{k} = {toml_value("backlog" if k == "backlog" else "name", v)}'
+            "{ " + ", ".join(f'{k} = {toml_value(k if k in SETTINGS else "name", v)}'
                              for k in LISTENER_KEYS
                              if (v := getattr(item, k)) is not None) + " }"
             for item in value) + "]"
@@ -876,6 +990,10 @@ def _listener_example() -> list[str]:
         "# backlog = 2048             # this listener's listen() backlog",
         '# dispatch = "master"        # or "shared": workers accept themselves',
         "#                            # (default: the dispatch setting)",
+        '# proxy_protocol = "v2"      # "off", "v1" or "v2" (default: the',
+        "#                            # proxy_protocol setting)",
+        '# proxy_allow_from = ["198.18.0.2"]  # who may send the header',
+        "#                            # (default: the proxy_allow_from setting)",
         "#",
         "# [[listeners]]",
         '# bind = "unix:/run/forkserver/app.sock"',
@@ -908,7 +1026,7 @@ def render_example_toml() -> str:
             default = default_of(key)
             out += _comment(meta.help + (f" (default: {meta.default_text})"
                                          if meta.default_text else ""))
-            if meta.example and (default in (None, "") or meta.default_text):
+            if meta.example and (default in (None, "", ()) or meta.default_text):
                 out.append(f"# {key} = {meta.example}")
             else:
                 out.append(f"{key} = {toml_value(key, default)}")
@@ -977,8 +1095,9 @@ def render_markdown() -> str:
         if group == "listeners":
             out += [
                 "In the file, each listener is a table of the array `listeners`,",
-                "with `bind` (required), `name`, `backlog` and `dispatch`",
-                "(`backlog` and `dispatch` default to the global settings):",
+                "with `bind` (required), `name`, `backlog`, `dispatch`,",
+                "`proxy_protocol` and `proxy_allow_from` (all but `bind` and `name`",
+                "default to the global settings of the same name):",
                 "",
                 "```toml",
                 "[[listeners]]",
@@ -1001,6 +1120,37 @@ def render_markdown() -> str:
                 "`FORKSERVER_BIND` takes one or more bind specs separated by commas",
                 "or spaces; `--bind` can be repeated.  Either replaces the file's",
                 "listeners entirely.",
+                "",
+            ]
+        if group == "balancer":
+            out += [
+                "A listener with `proxy_protocol = \"v1\"` or `\"v2\"` requires that",
+                "header first on every connection, as the PROXY protocol's spec",
+                "says a receiver must: it is never guessed (a client that reaches",
+                "the port directly could otherwise claim any address), so HAProxy's",
+                "`send-proxy`/`send-proxy-v2`, nginx `proxy_protocol on` or the",
+                "cloud balancer must be configured to match.  The worker, never the",
+                "master, reads it: first it checks the socket's peer against",
+                "`proxy_allow_from`, then it reads the header within",
+                "`proxy_header_timeout` (v1 at most 107 bytes, v2 at most",
+                "`proxy_header_max`), and only then runs the handler, whose `peer` is",
+                "the client the header names.  A v2 `LOCAL` header (a balancer's",
+                "own health check) is served with the socket's addresses.  A",
+                "connection from a peer not listed, or with a malformed, truncated,",
+                "oversized or late header is closed before the handler runs, counted",
+                "per listener and reason (`forkserver ctl status`), and logged",
+                "(`proxy_refused`, at most once per 10 s per listener and reason).",
+                "A PROXY listener without `proxy_allow_from` is refused (exit 78).",
+                "See docs/scale-out.md for balancer configurations.",
+                "",
+                "`health_bind` opens a small listener in the master that answers",
+                "HAProxy's `agent-check` (one line: `ready NN%`, `drain` or `maint`)",
+                "and HTTP `GET /healthz` (200 while the master runs) and `GET",
+                "/readyz` (200 while a worker is ready and no stop has begun, else",
+                "503).  It reads at most one short request per client, with a",
+                "deadline, and never blocks the master.  `drain_delay` keeps the",
+                "listeners accepting that long after a graceful stop began and the",
+                "health answers turned to `drain`.",
                 "",
             ]
         if group == "security":

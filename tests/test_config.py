@@ -52,7 +52,17 @@ SAMPLES: dict[str, tuple[tuple[str, str, str], tuple[object, object, object]]] =
     "group": (('"nogroup"', "daemon", "0"), ("nogroup", "daemon", "0")),
     "reload_timeout": (("1.5", "2", "60"), (1.5, 2.0, 60.0)),
     "umask": (("0o077", "027", "0o002"), (0o077, 0o027, 0o002)),
+    "proxy_protocol": (('"v1"', "V2", "off"), ("v1", "v2", "off")),
+    "proxy_allow_from": (('["127.0.0.1", "::1"]', "10.0.0.0/8,unix", "fd00::/8"),
+                         (("127.0.0.1", "::1"), ("10.0.0.0/8", "unix"), ("fd00::/8",))),
+    "proxy_header_max": (("232", "4096", "65551"), (232, 4096, 65551)),
+    "proxy_header_timeout": (("0.5", "3", "10"), (0.5, 3.0, 10.0)),
+    "health_bind": (('"127.0.0.1:9"', "[::1]:9", "unix:/run/h.sock"),
+                    ("127.0.0.1:9", "[::1]:9", "unix:/run/h.sock")),
+    "drain_delay": (("0", "1.5", "30"), (0.0, 1.5, 30.0)),
 }
+#: Lines a sample needs beside it to be a valid configuration.
+SAMPLE_NEEDS: dict[str, str] = {"proxy_protocol": 'proxy_allow_from = ["127.0.0.1"]\n'}
 
 
 def test_samples_cover_every_setting() -> None:
@@ -90,7 +100,7 @@ def test_precedence_defaults_file_env_cli(key: str, tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     (in_file, in_env, in_cli), (v_file, v_env, v_cli) = SAMPLES[key]
     path = tmp_path / "f.toml"
-    path.write_text(f"{key} = {in_file}\n")
+    path.write_text(f"{key} = {in_file}\n" + SAMPLE_NEEDS.get(key, ""))
     env = config.env_name(key)
     for name in list(os.environ):
         if name.startswith(config.ENV_PREFIX):
@@ -130,8 +140,10 @@ def test_listeners_array_of_tables(tmp_path: Path) -> None:
                     '[[listeners]]\nbind = "unix:/tmp/a.sock"\nbacklog = 5\n')
     s = config.load_settings(str(path), {})
     assert s.listeners == (
-        ListenerSettings(bind="127.0.0.1:0", name="web", backlog=99, dispatch="master"),
-        ListenerSettings(bind="unix:/tmp/a.sock", name="", backlog=5, dispatch="master"))
+        ListenerSettings(bind="127.0.0.1:0", name="web", backlog=99, dispatch="master",
+                         proxy_protocol="off", proxy_allow_from=()),
+        ListenerSettings(bind="unix:/tmp/a.sock", name="", backlog=5, dispatch="master",
+                         proxy_protocol="off", proxy_allow_from=()))
 
 
 def test_env_bind_takes_several_specs_and_replaces_the_file(tmp_path: Path) -> None:
