@@ -15,15 +15,21 @@ from forkserver.tcpserver import NetworkProxy, TcpServer, WaitResult
 
 if TYPE_CHECKING:
     from forkserver.sslserver import AlertLevel, AlertType, PeerVerifyError, SslError, SslServer
+    from forkserver.workers.preamble import ProxiedConnection, proxy_info
 
-# Imported on first use: they pull in the ssl module and asyncio, which
-# the master, the CLI and a plain-TCP worker never need.
-_LAZY = frozenset({"AlertLevel", "AlertType", "PeerVerifyError", "SslError", "SslServer"})
+# Imported on first use: the TLS names pull in the ssl module and asyncio,
+# which the master, the CLI and a plain-TCP worker never need; the PROXY
+# names are for handlers, in workers.
+_LAZY = {
+    **dict.fromkeys(("AlertLevel", "AlertType", "PeerVerifyError", "SslError", "SslServer"),
+                    "forkserver.sslserver"),
+    **dict.fromkeys(("ProxiedConnection", "proxy_info"), "forkserver.workers.preamble"),
+}
 
 
 def __getattr__(name: str) -> object:
     if name in _LAZY:
-        return getattr(importlib.import_module("forkserver.sslserver"), name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'forkserver' has no attribute {name!r}")
 
 
@@ -34,12 +40,14 @@ __all__ = [
     "HostAddress",
     "NetworkProxy",
     "PeerVerifyError",
+    "ProxiedConnection",
     "Signal",
     "SocketError",
     "SslError",
     "SslServer",
     "TcpServer",
     "WaitResult",
+    "proxy_info",
 ]
 
 __version__ = "0.1.0"

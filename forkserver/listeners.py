@@ -201,6 +201,8 @@ class Listener(TcpServer):
         self.created_path: str | None = None
         #: ``dispatch = "shared"``: the workers accept on it, never the master.
         self.shared = False
+        #: The ``Settings.listeners`` table it was opened from (None: the global settings).
+        self.table: int | None = None
 
     def incoming_connection(self, socket_descriptor: int) -> None:
         dispatch = self.dispatch

@@ -57,6 +57,7 @@ from forkserver.worker_table import (
     WorkerState,
     WorkerTable,
 )
+from forkserver.workers import preamble
 from forkserver.workers.core import EXIT_MEANINGS, HEARTBEAT_INTERVAL, WorkerContext
 
 log = logging.getLogger("forkserver.master")
@@ -219,6 +220,7 @@ class Pool:
         self.stack_dumps = stack_dumps if stack_dumps is not None else StackDumps()
         self._listeners = listeners
         self._listener_names = tuple(listener.name for listener in listeners)
+        self._tables = tuple(listener.table for listener in listeners)  # for the preambles
         self._shared = frozenset(shared)
         self._handler = handler
         self._rng = random.Random()
@@ -377,6 +379,7 @@ class Pool:
             handler=self._handler, heartbeat_interval=spec.heartbeat_interval,
             access_log=settings.access_log, shared_listeners=self._shared_fds(),
             event_loop=settings.event_loop,
+            preambles=preamble.for_listeners(settings, self._tables, self._listener_names),
         )  # fmt: skip
         ctx.keep_fds.update(fd for _, fd in ctx.shared_listeners)
         return spawn.fork_worker(ctx, self.loop, self._owned_sockets(master_end),

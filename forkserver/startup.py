@@ -82,7 +82,7 @@ def open_configured(
     from_units = [sock for sock in claimed if sock.name not in own]  # for "systemd" specs
     opened: list[Listener] = []
     try:
-        for bind, name, backlog, dispatch in binds:
+        for table, (bind, name, backlog, dispatch) in enumerate(binds):
             spec = listeners.parse_bind(bind)
             if name and spec.kind != "systemd":  # systemd sockets carry their own names
                 spec = dataclasses.replace(spec, name=name)
@@ -94,6 +94,7 @@ def open_configured(
             for listener in more:
                 listener.index = len(opened)
                 listener.shared = dispatch == "shared"
+                listener.table = table if settings.listeners else None
                 opened.append(listener)
                 if stored is None and _bindable(bind) and notifier.enabled:
                     _store(notifier, bind, listener)
@@ -130,6 +131,7 @@ def adopt_handover(handover: Handover, settings: Settings, loop: EventLoop) -> l
     for index, (listener, item) in enumerate(zip(opened, handover.listeners, strict=True)):
         dispatch = tables[index].dispatch if tables else None
         listener.shared = (dispatch or settings.dispatch) == "shared"
+        listener.table = index if tables else None
         listener.name = item.name
         listener.created_path = item.path  # ours to remove now
     return opened

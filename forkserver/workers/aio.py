@@ -28,7 +28,7 @@ from typing import Any
 
 from forkserver import channel
 from forkserver.handler import HandlerKind
-from forkserver.workers import protocols
+from forkserver.workers import preamble, protocols
 from forkserver.workers.core import (
     EXIT_OK,
     EXIT_RUNTIME_ERROR,
@@ -188,6 +188,13 @@ class AsyncioWorker:
             return
         if peer is None:
             peer = peer_of(sock)
+        step = self.ctx.preambles[listener] if self.ctx.preambles else None
+        if step is not None:  # a PROXY listener: who is it, and the header
+            admitted = await preamble.admit_async(step, self.ctx.refusals, sock, listener, peer)
+            if admitted is None:
+                sock.close()
+                return
+            sock, peer = admitted
         if self.protocol is not None:
             error = await self._run_protocol(self.protocol, sock)
         else:

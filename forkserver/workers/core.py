@@ -28,6 +28,8 @@ from forkserver import channel, fdpass
 from forkserver.channel import HandlerError, MasterMessage
 from forkserver.handler import HandlerKind, LoadedHandler, ServerInfo, WorkerClass
 from forkserver.log import use_log_file
+from forkserver.workers import preamble
+from forkserver.workers.preamble import Preamble, Refusals
 from forkserver.workers.reserve import DescriptorReserve
 
 #: The most seconds between heartbeats (and stats) from a worker's loop;
@@ -83,6 +85,13 @@ class WorkerContext:
     serving: bool = False
     #: Write end of the stack-dump pipe (``faulthandler`` writes there); -1: stderr.
     stack_dump_fd: int = -1
+    #: Each listener's steps before the handler (``workers.preamble``); () when none has any.
+    preambles: tuple[Preamble | None, ...] = ()
+    #: Connections a preamble closed, per listener and reason (sent with the stats).
+    refusals: Refusals = field(default_factory=Refusals)
+
+    def __post_init__(self) -> None:
+        self.refusals.slot, self.refusals.describe = self.slot, format_peer  # its log lines
 
     def listener_name(self, index: int) -> str:
         if 0 <= index < len(self.listener_names):
@@ -303,6 +312,13 @@ def serve_blocking(
         return error_report(exc, listener, "", ctx.listener_family(listener))
     if peer is None:
         peer = peer_of(conn)
+    step = ctx.preambles[listener] if ctx.preambles else None
+    if step is not None:  # a PROXY listener: who is it, and the header
+        admitted = preamble.admit_blocking(step, ctx.refusals, conn, listener, peer)
+        if admitted is None:
+            conn.close()
+            return None
+        conn, peer = admitted
     call: Callable[..., object] = ctx.handler.target  # type: ignore[assignment]
     error = None
     try:
@@ -318,6 +334,8 @@ def serve_blocking(
         error = error_report(exc, listener, peer, ctx.listener_family(listener))
     finally:
         conn.close()
+        if step is not None:
+            preamble.forget()
         if ctx.access_log:
             log_access(ctx, listener, peer, started, failed=error is not None)
     return error
