@@ -43,6 +43,12 @@ type  name       body
                  (it is out of descriptors, say); it finishes what it
                  holds, then exits.  What is queued for it is the
                  master's to take back and give to another worker
+0x17  REFUSALS   ``u16 n``, then n x (``u16 listener``, ``u8 length`` +
+                 that many bytes of ``[a-z0-9_]`` ``reason``, ``u64
+                 total``): connections the worker closed before the
+                 handler ran (a PROXY header refused, say), each the
+                 running total since it started for that listener and
+                 reason; sent with the stats when one moved
 ====  =========  ==========================================================
 
 A worker never sends descriptors.  The decoder is strict: a short or
@@ -56,6 +62,7 @@ bound (keeping the end of a traceback, where the cause is).
 from __future__ import annotations
 
 import enum
+import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -73,6 +80,9 @@ MAX_TRACEBACK: Final = 32768
 MAX_PEER: Final = 256
 MAX_REASON: Final = 1024
 MAX_LISTENER_INDEX: Final = 0xFFFF
+#: Bounds on a REFUSALS message: entries, and bytes of each reason.
+MAX_REFUSAL_ENTRIES: Final = 1024
+MAX_REFUSAL_REASON: Final = 32
 
 
 class MessageType(enum.IntEnum):
@@ -86,6 +96,7 @@ class MessageType(enum.IntEnum):
     STATS = 0x14
     SERVED = 0x15
     LEAVING = 0x16
+    REFUSALS = 0x17
 
 
 class ProtocolError(Exception):
@@ -154,8 +165,16 @@ class Stats:
     errors: int
 
 
+@dataclass(frozen=True, slots=True)
+class Refusals:
+    """Running totals of connections closed before the handler: (listener, reason, total)."""
+
+    counts: tuple[tuple[int, str, int], ...]
+
+
 MasterMessage = Connections | Stop | Reopen
-WorkerMessage = Ready | Done | Served | HandlerError | Heartbeat | Stats | Leaving
+WorkerMessage = (Ready | Done | Served | HandlerError | Heartbeat | Stats | Leaving
+                 | Refusals)  # fmt: skip
 
 _HEADER: Final = struct.Struct("<BB")
 _U16: Final = struct.Struct("<H")
@@ -214,6 +233,8 @@ def encode(message: MasterMessage | WorkerMessage) -> bytes:  # noqa: PLR0911 (o
         case Leaving(reason=reason):
             return _header(MessageType.LEAVING) + _encode_string(reason, MAX_REASON,
                                                                  keep_end=False)  # fmt: skip
+        case Refusals(counts=counts):
+            return _encode_refusals(counts)
     raise TypeError(f"not a channel message: {message!r}")
 
 
@@ -245,6 +266,26 @@ def _encode_error(message: HandlerError) -> bytes:
         _encode_string(message.traceback, MAX_TRACEBACK, keep_end=True),
         _encode_string(message.peer, MAX_PEER, keep_end=False),
     ]
+    return b"".join(parts)
+
+
+_REFUSAL_REASON: Final = re.compile(rb"[a-z0-9_]{1,%d}" % MAX_REFUSAL_REASON)
+_U16_U8: Final = struct.Struct("<HB")
+_U64: Final = struct.Struct("<Q")
+
+
+def _encode_refusals(counts: Sequence[tuple[int, str, int]]) -> bytes:
+    if not 1 <= len(counts) <= MAX_REFUSAL_ENTRIES:
+        raise ValueError(f"REFUSALS carries 1 to {MAX_REFUSAL_ENTRIES} entries, "
+                         f"not {len(counts)}")  # fmt: skip
+    parts = [_header(MessageType.REFUSALS), _U16.pack(len(counts))]
+    for listener, reason, total in counts:
+        raw = reason.encode("ascii", "replace")
+        if not _REFUSAL_REASON.fullmatch(raw):
+            raise ValueError(f"REFUSALS reason {reason!r} is not 1-{MAX_REFUSAL_REASON} "
+                             "characters of a-z, 0-9 and _")  # fmt: skip
+        parts += [_U16_U8.pack(_bounded(listener, MAX_LISTENER_INDEX, "listener"), len(raw)),
+                  raw, _U64.pack(_bounded(total, _U64_MAX, "total"))]  # fmt: skip
     return b"".join(parts)
 
 
@@ -282,7 +323,7 @@ def decode_master_message(data: bytes) -> MasterMessage:
     raise ProtocolError(f"message type {kind.name} is not sent by the master")
 
 
-def decode_worker_message(data: bytes) -> WorkerMessage:  # noqa: PLR0911 (one per type)
+def decode_worker_message(data: bytes) -> WorkerMessage:  # noqa: PLR0911, PLR0912 (one per type)
     """Decode what the master receives from a worker."""
     known = _KNOWN_FROM_WORKER.get(data)
     if known is not None:
@@ -316,6 +357,8 @@ def decode_worker_message(data: bytes) -> WorkerMessage:  # noqa: PLR0911 (one p
             if end != len(body):
                 raise ProtocolError(f"LEAVING has {len(body) - end} bytes after its reason")
             return Leaving(reason=reason)
+        case MessageType.REFUSALS:
+            return _decode_refusals(body)
     raise ProtocolError(f"message type {kind.name} is not sent by a worker")
 
 
@@ -386,6 +429,33 @@ def _decode_error(body: bytes) -> HandlerError:
     return HandlerError(
         listener=listener, exc_type=exc_type, message=message, traceback=traceback, peer=peer
     )
+
+
+def _decode_refusals(body: bytes) -> Refusals:
+    if len(body) < _U16.size:
+        raise ProtocolError("REFUSALS body is too short for its count")
+    (count,) = _U16.unpack_from(body)
+    if not 1 <= count <= MAX_REFUSAL_ENTRIES:
+        raise ProtocolError(f"REFUSALS count {count} is outside 1-{MAX_REFUSAL_ENTRIES}")
+    offset, entries = _U16.size, []
+    for number in range(count):
+        if offset + _U16_U8.size > len(body):
+            raise ProtocolError(f"REFUSALS ends inside entry {number}")
+        listener, size = _U16_U8.unpack_from(body, offset)
+        offset += _U16_U8.size
+        raw = body[offset : offset + size]
+        if len(raw) != size or not _REFUSAL_REASON.fullmatch(raw):
+            raise ProtocolError(f"REFUSALS entry {number} has no valid reason "
+                                f"(1-{MAX_REFUSAL_REASON} of a-z, 0-9, _)")  # fmt: skip
+        offset += size
+        if offset + _U64.size > len(body):
+            raise ProtocolError(f"REFUSALS ends inside entry {number}")
+        (total,) = _U64.unpack_from(body, offset)
+        offset += _U64.size
+        entries.append((listener, raw.decode("ascii"), total))
+    if offset != len(body):
+        raise ProtocolError(f"REFUSALS has {len(body) - offset} bytes after its last entry")
+    return Refusals(counts=tuple(entries))
 
 
 def _decode_string(

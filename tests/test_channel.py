@@ -18,6 +18,7 @@ from forkserver.channel import (
     MessageType,
     ProtocolError,
     Ready,
+    Refusals,
     Reopen,
     Served,
     Stats,
@@ -36,6 +37,8 @@ WORKER_MESSAGES = [
     Heartbeat(),
     Stats(served=10**12, in_flight=3, errors=7),
     Leaving(reason="is out of descriptors (RLIMIT_NOFILE 1024)"),
+    Refusals(counts=((0, "not_allowed", 3), (0xFFFF, "bad_signature", 2**64 - 1))),
+    Refusals(counts=tuple((i, "x" * 32, i) for i in range(channel.MAX_REFUSAL_ENTRIES))),
     HandlerError(
         listener=2,
         exc_type="ValueError",
@@ -89,6 +92,13 @@ def test_unencodable_text_is_escaped_not_refused() -> None:
         (Served(count=0), "positive"),
         (Ready(pid=-1), "out of range"),
         (Stats(served=-1, in_flight=0, errors=0), "served"),
+        (Refusals(counts=()), "1 to 1024 entries"),
+        (Refusals(counts=((0, "x", 1),) * 1025), "1 to 1024 entries"),
+        (Refusals(counts=((0, "Bad Reason", 1),)), "not 1-32 characters"),
+        (Refusals(counts=((0, "x" * 33, 1),)), "not 1-32 characters"),
+        (Refusals(counts=((0, "", 1),)), "not 1-32 characters"),
+        (Refusals(counts=((0x10000, "x", 1),)), "listener"),
+        (Refusals(counts=((0, "x", -1),)), "total"),
     ],
 )
 def test_encode_refuses_out_of_range_fields(message: object, error: str) -> None:
@@ -131,6 +141,16 @@ def _header(kind: int, version: int = channel.VERSION) -> bytes:
         (encode(WORKER_MESSAGES[-1]) + b"!", "1 bytes after its last field"),
         (encode(Leaving(reason="x")) + b"!", "LEAVING has 1 bytes after its reason"),
         (_header(MessageType.LEAVING) + struct.pack("<I", 5000), "reason is 5000 bytes"),
+        (_header(MessageType.REFUSALS), "too short for its count"),
+        (_header(MessageType.REFUSALS) + struct.pack("<H", 0), "count 0 is outside"),
+        (_header(MessageType.REFUSALS) + struct.pack("<H", 1025), "count 1025 is outside"),
+        (_header(MessageType.REFUSALS) + struct.pack("<HHB", 1, 0, 2) + b"ab",
+         "ends inside entry 0"),
+        (_header(MessageType.REFUSALS) + struct.pack("<HHB", 1, 0, 5) + b"ab",
+         "entry 0 has no valid reason"),
+        (_header(MessageType.REFUSALS) + struct.pack("<HHB", 1, 0, 2) + b"A!" + b"\0" * 8,
+         "entry 0 has no valid reason"),
+        (encode(Refusals(counts=((0, "x", 1),))) + b"!", "1 bytes after its last entry"),
     ],
 )
 def test_worker_message_decoder_names_what_is_wrong(data: bytes, error: str) -> None:

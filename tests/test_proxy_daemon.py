@@ -162,6 +162,8 @@ def test_every_bad_header_is_closed_counted_and_the_worker_serves_on(worker_clas
         # bad_signature twice within LOG_INTERVAL: one line, the next one counts it.
         assert len(daemon.records("proxy_refused")) == len(FAILURES)
         assert daemon.stop(signal.SIGTERM) == 0
+        # The counts went to the master with the stats, and it took them.
+        assert daemon.records("protocol_error") == []
 
 
 @pytest.mark.parametrize("worker_class", ["sync", "asyncio"])

@@ -39,6 +39,7 @@ from forkserver.workers.core import (
     error_report,
     log_access,
     peer_of,
+    refusal_reports,
     reopen_log,
 )
 from forkserver.workers.shared import SharedListeners
@@ -276,4 +277,6 @@ class AsyncioWorker:
             await asyncio.sleep(ctx.heartbeat_interval)
             self._send(channel.Heartbeat())
             self._send(channel.Stats(served=ctx.served, in_flight=ctx.in_flight, errors=ctx.errors))
+            for report in refusal_reports(ctx):
+                self._send(report)
             self._report_served()

@@ -228,6 +228,13 @@ def _decode(data: bytes, fds: list[int]) -> MasterMessage:
     return message
 
 
+def refusal_reports(ctx: WorkerContext) -> list[channel.Refusals]:
+    """REFUSALS for the counts that moved since the last stats (usually none)."""
+    changed = ctx.refusals.take_changed()
+    step = channel.MAX_REFUSAL_ENTRIES
+    return [channel.Refusals(changed[at : at + step]) for at in range(0, len(changed), step)]
+
+
 def reopen_log(ctx: WorkerContext, fds: list[int]) -> None:
     """REOPEN: log to the file that came with it (the connections held are untouched)."""
     if use_log_file(fds[0]):

@@ -25,6 +25,7 @@ from forkserver.workers.core import (
     ChannelClosed,
     WorkerChannel,
     WorkerContext,
+    refusal_reports,
     reopen_log,
 )
 from forkserver.workers.shared import SharedListeners
@@ -136,6 +137,8 @@ class SelectorWorker:
         self.chan.send(
             channel.Stats(served=ctx.served, in_flight=ctx.in_flight, errors=ctx.errors)
         )
+        for report in refusal_reports(ctx):
+            self.chan.send(report)
         self.report_served()
 
     def report_served(self) -> None:
