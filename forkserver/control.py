@@ -82,13 +82,18 @@ connections, a successor starts at once), or with ``{"signal": NAME}``
         "started": float,            # time.time() when the master started
         "generation": int,           # bumped by each completed reload
         "state": str,                # "starting" | "running" | "degraded" | "reloading"
-                                     # | "stopping"; degraded: some slot's workers keep
-                                     # dying before they are ready (see "failing")
+                                     # | "draining" | "stopping"; degraded: some slot's
+                                     # workers keep dying before they are ready (see
+                                     # "failing"); draining: drain_delay after a stop
+        "draining": bool,            # the health answers say drain (a stop has begun)
+        "health": str | None,        # where the health listener answers (health_bind)
         "workers_target": int,       # how many workers it wants
         "pending": int,              # accepted connections queued in the master
         "accepting": bool,           # False while accept is paused
         "listeners": [{"name": str, "address": str,   # TcpServer.describe()
-                       "fd": int, "inode": int}],     # os.fstat(fd).st_ino
+                       "fd": int, "inode": int,       # os.fstat(fd).st_ino
+                       "refused": {str: int}}],       # reason: connections closed before
+                                                      # the handler (PROXY header, allow list)
         "totals": {"served": int, "in_flight": int, "spawned": int,
                    "deaths": int,          # workers that died without being asked to
                    "restarts": int,        # the same as deaths (the older name)
@@ -1010,6 +1015,13 @@ def format_status(status: Any, *, as_json: bool = False) -> str:
         named = f"{name}: " if name and name != lst.get("address") else ""  # unnamed: once
         lines.append(f"  listener {named}{address} "
                      f"(fd {_cell(lst.get('fd'))}, inode {_cell(lst.get('inode'))})")
+        refused = lst.get("refused")
+        if isinstance(refused, Mapping) and refused:
+            lines.append("    refused before the handler: " + ", ".join(
+                f"{_cell(reason)} {_cell(count)}" for reason, count in refused.items()))
+    if m.get("health"):
+        lines.append(f"  health answers on {_cell(m['health'])}"
+                     f"{' (saying drain)' if m.get('draining') else ''}")
     rows = [[h for h, _, _ in _COLUMNS]]
     for w in status.get("workers") or []:
         rows.append([fmt(w.get(key)) for _, key, fmt in _COLUMNS])

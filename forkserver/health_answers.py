@@ -29,13 +29,17 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
+
+if TYPE_CHECKING:
+    from forkserver.status import Snapshot
 
 __all__ = [
     "HealthFacts",
     "HttpAnswer",
     "Routes",
     "agent_reply",
+    "health_facts",
     "http_response",
     "is_http",
     "readiness",
@@ -58,6 +62,14 @@ class HealthFacts:
     load: int
     #: Why it is not ready, when no worker is (for ``down #...``).
     reason: str = "no worker is ready"
+
+
+def health_facts(snapshot: Snapshot, *, ever_ready: bool) -> HealthFacts:
+    """The figures the answers need, from the master's one snapshot."""
+    return HealthFacts(
+        draining=snapshot.draining, ready_workers=snapshot.ready, capacity=snapshot.capacity,
+        load=snapshot.capacity - snapshot.free,
+        reason="no worker is ready" if ever_ready else "starting: no worker ready yet")  # fmt: skip
 
 
 def readiness(facts: HealthFacts) -> Readiness:

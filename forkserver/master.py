@@ -55,9 +55,11 @@ from forkserver.commands import ControlCommands
 from forkserver.config import Settings
 from forkserver.control import MAX_WORKERS, ControlServer, open_control
 from forkserver.errors import ForkserverError
-from forkserver.eventloop import EventLoop
+from forkserver.eventloop import EventLoop, TimerHandle
 from forkserver.handler import LoadedHandler, WorkerClass
 from forkserver.health import Health
+from forkserver.health_answers import HealthFacts, health_facts
+from forkserver.health_listener import HealthListener
 from forkserver.lifecycle import Event, Lifecycle, Phase, finished, may_replace, stop_workers
 from forkserver.listeners import Listener
 from forkserver.log import reopen as reopen_logs
@@ -209,7 +211,9 @@ class Master:
         self.notices = Notices(loop, notifier, snapshot=self.snapshot, charge=self.upgrader)
         self.started = time.time()
         self.control: ControlServer | None = None
+        self.health_listener: HealthListener | None = None  # health_bind
         self.pid_file: PidFile | None = None
+        self._leaving: TimerHandle | None = None  # the drain_delay of a graceful stop
         self.degraded = False  # some slot cannot keep a ready worker (CrashBackoff.failing)
         self.exit_code = EXIT_OK
         self._dirty = True  # something the facts do not say changed: reconcile
@@ -447,9 +451,19 @@ class Master:
         self.control = open_control(self.loop, self.settings, commands.table())
         if self.control is not None:
             self.pool.after_fork.append(self.control.discard_after_fork)
+        if self.settings.health_bind and self.health_listener is None:
+            health = HealthListener(self.loop, self.settings.health_bind, self.health_facts)
+            health.start()
+            self.health_listener = health
+            self.pool.after_fork.append(health.discard_after_fork)
+
+    def health_facts(self) -> HealthFacts:
+        """What the health listener answers from: the snapshot's readiness, room, drain."""
+        return health_facts(self.snapshot(), ever_ready=self.pool.ever_ready)
 
     def _took_over(self, old_pid: int) -> None:
-        """The older master has gone: the pid file, the control socket and systemd are ours."""
+        """The older master has gone: the pid file, the control socket, the health
+        listener and systemd are ours."""
         try:
             self.claim_files()
         except ForkserverError as exc:
@@ -472,6 +486,8 @@ class Master:
             target=pool.target, spawned=pool.spawned, pending=len(self.dispatcher.pending),
             paused=self.dispatcher.paused, listeners=self.listeners, name=self.settings.name,
             started=self.started, monotonic=self.loop.time(), wall=time.time(),
+            upgrading=self.upgrader.new is not None, refused=pool.refusals.by_listener(),
+            health=self.health_listener.describe() if self.health_listener else None,
         )  # fmt: skip
 
     def _update_degraded(self) -> None:
@@ -527,8 +543,12 @@ class Master:
     # --- stopping ----------------------------------------------------------
 
     def stop(self) -> None:
-        """TERM, ``ctl stop``: stop accepting, serve what was accepted, let workers finish."""
-        self._stop(Event.STOP)
+        """TERM, ``ctl stop``: stop accepting, serve what was accepted, let workers finish.
+
+        With ``drain_delay`` the master is LEAVING first: the health answers
+        say drain at once, and the listeners keep accepting that long.
+        """
+        self._stop(Event.LEAVE if self.settings.drain_delay > 0 else Event.STOP)
 
     def stop_fast(self) -> None:
         """INT/QUIT: drop what no worker holds yet, STOP every worker now; again: kill."""
@@ -544,6 +564,12 @@ class Master:
         if not self.lifecycle.fire(event):
             return
         self._dirty = True
+        if self.lifecycle.phase is Phase.LEAVING:
+            self._leave()
+            return
+        if self._leaving is not None:  # the delay is over, or cut short
+            self._leaving.cancel()
+            self._leaving = None
         if not was_stopping:
             self._stop_accepting(handed_over=event is Event.HANDED_OVER)
         match self.lifecycle.phase:
@@ -556,6 +582,15 @@ class Master:
                 self.pool.kill_all()
             case _:
                 pass
+
+    def _leave(self) -> None:
+        """LEAVING: drain said at once, the stop itself ``drain_delay`` later."""
+        delay = self.settings.drain_delay
+        self._leaving = self.loop.call_later(delay, lambda: self._stop(Event.STOP))
+        log.info("draining: the health answers say drain; the listeners accept %g s more, "
+                 "then the stop goes on", delay,
+                 extra={"event": "master_draining", "drain_delay": delay})  # fmt: skip
+        self.notices.status(force=True)
 
     def _stop_accepting(self, *, handed_over: bool) -> None:
         log.info("stopping: workers finish their connections", extra={"event": "master_stopping"})
@@ -587,6 +622,8 @@ class Master:
         """On the way out: files, children not ours to keep, listeners, channels."""
         if self.control is not None:
             self.control.close()
+        if self.health_listener is not None:
+            self.health_listener.close()
         if self.pid_file is not None:
             self.pid_file.release()
         self.upgrader.close()

@@ -45,6 +45,7 @@ from forkserver.eventloop import EventLoop, TimerHandle
 from forkserver.handler import LoadedHandler, WorkerClass
 from forkserver.listeners import Listener
 from forkserver.log import log_file_copy
+from forkserver.refusals import RefusalTotals
 from forkserver.stackdump import StackDumps
 from forkserver.worker_table import (
     ALONE_DELAY,
@@ -210,6 +211,8 @@ class Pool:
         )
         self.backoff = CrashBackoff()
         self.history: dict[int, SlotHistory] = {}
+        #: Connections the workers' preambles closed, over the master's life.
+        self.refusals = RefusalTotals()
         self.target = spec.settings.workers  # how many workers to keep
         self.spawned = 0
         self.ever_ready = False  # some worker has been ready (startup_timeout is over)
@@ -452,6 +455,9 @@ class Pool:
                 self.dispatcher.drain_pending()
             case channel.Heartbeat() | channel.Stats():
                 self.table.seen(record.pid, now)
+            case channel.Refusals(counts=counts):  # its preamble closed these
+                self.table.seen(record.pid, now)
+                self.refusals.update(record.pid, counts)
 
     def _over_requests(self, record: WorkerRecord) -> None:
         self.recycle(record, f"served {record.served} connections, its max_requests "
@@ -639,6 +645,7 @@ class Pool:
         reclaimed = self.dispatcher.remove_link(record.pid)
         self._requeue(reclaimed)
         self.table.remove(record.pid)
+        self.refusals.worker_gone(record.pid)
         lifetime = self.loop.time() - record.started_at
         how = describe_exit(code)
         if code in EXIT_MEANINGS:  # a worker's own failure, boot or runtime

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from forkserver.lifecycle import STOPPING, Phase, status_state
@@ -38,6 +38,8 @@ class ListenerStatus:
     address: str
     fd: int
     inode: int
+    #: Connections the workers closed before the handler, by reason (the preamble).
+    refused: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,12 +71,16 @@ class Snapshot:
     pid: int
     name: str
     started: float  # time.time() of the master's start
-    state: str  # starting, running, reloading, degraded, stopping
+    state: str  # starting, running, reloading, degraded, draining, stopping
     stopping: bool
+    #: The health answers say drain: a stop (with its drain_delay) or an upgrade began.
+    draining: bool
     generation: int  # the serving one
     target: int  # workers to keep
     ready: int  # workers ready now
     busy: int  # workers holding a connection now
+    capacity: int  # connections the ready workers can hold at once
+    free: int  # of which not taken, less what waits in the master's queue
     pending: int  # accepted connections waiting for a worker
     accepting: bool
     listeners: tuple[ListenerStatus, ...]
@@ -87,6 +93,7 @@ class Snapshot:
     failing: tuple[SlotFailing, ...]
     last_reload_error: str | None
     workers: tuple[WorkerStatus, ...]
+    health: str | None = None  # where the health listener answers
 
     @property
     def where(self) -> str:
@@ -101,12 +108,14 @@ class Snapshot:
                 "started": self.started,
                 "generation": self.generation,
                 "state": self.state,
+                "draining": self.draining,
+                "health": self.health,
                 "workers_target": self.target,
                 "pending": self.pending,
                 "accepting": self.accepting,
                 "listeners": [
                     {"name": item.name, "address": item.address, "fd": item.fd,
-                     "inode": item.inode}
+                     "inode": item.inode, "refused": dict(item.refused)}
                     for item in self.listeners
                 ],
                 "totals": {
@@ -147,6 +156,8 @@ class Snapshot:
     def summary(self) -> str:
         """One line for STATUS=: what the service is doing, in numbers."""
         state = "stopping" if self.stopping else f"listening on {self.where}"
+        if self.state == "draining":
+            state = f"draining (drain_delay), {state}"
         line = (
             f"{state}; workers {self.busy} busy/{self.ready} ready/{self.target}; "
             f"{self.served} served; {self.pending} queued"
@@ -180,24 +191,40 @@ def take(
     started: float,
     monotonic: float,
     wall: float,
+    upgrading: bool = False,
+    refused: Mapping[int, Mapping[str, int]] | None = None,
+    health: str | None = None,
 ) -> Snapshot:
-    """The snapshot of these facts; *monotonic* and *wall* are now on each clock."""
+    """The snapshot of these facts; *monotonic* and *wall* are now on each clock.
+
+    *upgrading*: a newer master is starting (USR2); *refused*: by listener
+    index, what the workers closed before the handler; *health*: the
+    health listener's address.
+    """
     workers = sorted(records, key=lambda r: r.slot)
     stopping = phase in STOPPING
     degraded = bool(failing) and not stopping
+    ready = [r for r in workers if r.state is WorkerState.READY]
+    capacity = sum(r.capacity for r in ready)
+    free = sum(max(0, r.capacity - r.in_flight) for r in ready)
+    refused = refused or {}
     return Snapshot(
         pid=os.getpid(),
         name=name,
         started=started,
         state=status_state(phase, degraded=degraded, reloading=reloading),
         stopping=stopping,
+        draining=stopping or phase is Phase.LEAVING or upgrading,
         generation=generation,
         target=target,
-        ready=sum(1 for r in workers if r.state is WorkerState.READY),
+        ready=len(ready),
         busy=sum(1 for r in workers if r.in_flight),
+        capacity=capacity,
+        free=max(0, free - pending),
         pending=pending,
         accepting=not stopping and not paused,
-        listeners=tuple(_listener(listener) for listener in listeners),
+        listeners=tuple(_listener(listener, refused.get(index, {}))
+                        for index, listener in enumerate(listeners)),
         served=sum(r.served for r in workers) + sum(h.served for h in history.values()),
         in_flight=sum(r.in_flight for r in workers),
         spawned=spawned,
@@ -208,13 +235,15 @@ def take(
                       for slot, crashes in failing.items()),
         last_reload_error=last_reload_error,
         workers=tuple(_worker(r, history.get(r.slot), monotonic, wall) for r in workers),
+        health=health,
     )
 
 
-def _listener(listener: DescribedListener) -> ListenerStatus:
+def _listener(listener: DescribedListener, refused: Mapping[str, int]) -> ListenerStatus:
     fd = listener.socket_descriptor()
     inode = os.fstat(fd).st_ino if fd >= 0 else 0
-    return ListenerStatus(name=listener.name, address=listener.describe(), fd=fd, inode=inode)
+    return ListenerStatus(name=listener.name, address=listener.describe(), fd=fd, inode=inode,
+                          refused=dict(refused))  # fmt: skip
 
 
 def _worker(

@@ -62,7 +62,8 @@ def test_ctl_status_is_the_documented_shape() -> None:
                                 "errors": 3, "deaths": 2, "replaced": 1,
                                 "handler_errors": 3}  # fmt: skip
     assert master["listeners"][0] == {"name": "web", "address": "127.0.0.1:8000", "fd": -1,
-                                      "inode": 0}  # fmt: skip
+                                      "inode": 0, "refused": {}}  # fmt: skip
+    assert (master["draining"], master["health"]) == (False, None)
     assert reply["workers"][0]["last_error"] == "ValueError: x"
     assert reply["workers"][1]["restarts"] == 0  # a slot with no history
 
@@ -88,3 +89,21 @@ def test_a_failing_slot_is_degraded_unless_stopping_and_reloading_comes_first() 
     assert stopping.summary().startswith("stopping; ") and "degraded" not in stopping.summary()
     assert snapshot(Phase.STARTING).state == "starting"
     assert snapshot(paused=True).accepting is False
+
+
+def test_room_drain_refusals_and_the_health_address_for_the_balancers() -> None:
+    snap = snapshot()
+    # One ready worker of capacity 4 holds one connection; 3 wait in the queue.
+    assert (snap.capacity, snap.free) == (4, 0)
+    assert snapshot(pending=0).free == 3
+    assert not snap.draining
+    leaving = snapshot(Phase.LEAVING)
+    assert (leaving.state, leaving.draining, leaving.stopping) == ("draining", True, False)
+    assert leaving.accepting  # the listeners still take connections
+    assert leaving.summary().startswith("draining (drain_delay), listening on ")
+    assert snapshot(Phase.DRAINING).draining
+    assert snapshot(upgrading=True).draining  # a newer master is starting
+    refused = snapshot(refused={1: {"not_allowed": 2}}, health="127.0.0.1:8081").control()
+    listeners = refused["master"]["listeners"]
+    assert [item["refused"] for item in listeners] == [{}, {"not_allowed": 2}]
+    assert refused["master"]["health"] == "127.0.0.1:8081"

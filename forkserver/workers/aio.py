@@ -114,6 +114,8 @@ class AsyncioWorker:
             while self.tasks:
                 await asyncio.wait(set(self.tasks))
             self._report_served()
+            for report in refusal_reports(self.ctx):  # the last counts, before it exits
+                self._send(report)
         finally:
             beat.cancel()
 

@@ -118,6 +118,8 @@ class SelectorWorker:
             self.finish()
             if not self.master_gone:
                 self.report_served()
+                for report in refusal_reports(self.ctx):  # the last counts, before it exits
+                    self.chan.send(report)
         except ChannelClosed:
             pass
         return EXIT_RUNTIME_ERROR if self.chan.exhausted else EXIT_OK
