@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -426,3 +427,84 @@ def fleet(hosts: int = 3, **options: Any) -> Iterator[Fleet]:
         yield made
     finally:
         made.close()
+
+
+# -- the scenarios: shared by tests/test_fleet.py and the bench's fleet phase ------
+
+TOTAL = 20000  # requests a scenario's load may send at most (it is stopped earlier)
+
+
+@dataclass
+class Outcome:
+    """One scenario's load: every request's record, and the figures to print."""
+
+    name: str
+    result: dict[str, Any]
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        records: list[dict[str, Any]] = self.result["records"]
+        return records
+
+    def kinds(self) -> Counter[str]:
+        return Counter(record["outcome"] for record in self.records)
+
+    def summary(self) -> dict[str, Any]:
+        hosts = Counter(r.get("host") for r in self.records if r["outcome"] == "ok")
+        failures = {kind: n for kind, n in self.kinds().items() if kind != "ok"}
+        return {"scenario": self.name, "requests": len(self.records),
+                "failures": failures, "seconds": round(self.result["elapsed"], 2),
+                "by_host": dict(sorted(hosts.items())), **self.figures}  # fmt: skip
+
+
+def reload_scenario(fleet: Fleet, *, between: int = 300) -> Outcome:
+    """HUP one host, then every host in turn, under load; each waits for its reload."""
+    load = fleet.load(TOTAL)
+    load.wait_answered(200)
+    order = (fleet.hosts[0], *fleet.hosts)
+    for host in order:
+        before = len(host.records("reload_completed"))
+        host.signal(signal.SIGHUP)
+        host.wait_log("reload_completed", generation=before + 1)
+        load.wait_answered(load.answered + between)  # traffic flows between the reloads
+    return Outcome("HUP", load.stop(), {"reloads": len(order)})
+
+
+def drain_scenario(fleet: Fleet, host: Host) -> Outcome:
+    """TERM one host (drain_delay in host.toml) under load, until it has exited."""
+    load = fleet.load(TOTAL)
+    load.wait_answered(200)
+    stopped_at = time.monotonic()
+    host.signal(signal.SIGTERM)
+    host.wait_log("master_draining")
+    to_drain = fleet.wait_servers({host.name: "DRAIN"})  # HAProxy heard "drain"
+    code = host.wait_exit()
+    gone_at = time.monotonic()
+    load.wait_answered(load.answered + 200)  # the others carry everything now
+    return Outcome("graceful stop", load.stop(), {
+        "exit_code": code, "drain_seen_after_s": round(to_drain, 3),
+        "stopped_at": stopped_at, "gone_at": gone_at})  # fmt: skip
+
+
+def kill_scenario(fleet: Fleet, host: Host) -> Outcome:
+    """SIGKILL one host's master under load; the time HAProxy takes to mark it down."""
+    load = fleet.load(TOTAL)
+    load.wait_answered(200)
+    in_flight = int(fleet.servers()[host.name]["scur"])
+    killed_at = time.monotonic()
+    host.signal(signal.SIGKILL)
+    to_down = fleet.wait_servers({host.name: "DOWN"})
+    down_at = time.monotonic()
+    code = host.wait_exit()
+    fleet.reap(host)  # its workers died with it (parent-death signal)
+    load.wait_answered(load.answered + 300)
+    return Outcome("SIGKILL", load.stop(), {
+        "exit_code": code, "in_flight_on_it_before": in_flight,
+        "marked_down_after_s": round(to_down, 3), "killed_at": killed_at,
+        "down_at": down_at})  # fmt: skip
+
+
+def restart(fleet: Fleet, host: Host) -> None:
+    fleet.start_host(host)
+    fleet.wait_servers({host.name: "UP"})

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.bench import extras, launch, levers, procstat, profile, report, wrk
+from tests.bench import extras, fleet_phase, launch, levers, procstat, profile, report, wrk
 from tests.bench.launch import Server, ServerFailed
 
 CLIENT_CPU, SERVER_CPU = 0, 1
@@ -78,6 +78,7 @@ class Results:
     respawn: list[dict[str, Any]] = field(default_factory=list)
     profile: list[dict[str, Any]] = field(default_factory=list)
     levers: dict[str, float] = field(default_factory=dict)
+    fleet: list[dict[str, Any]] = field(default_factory=list)
     machine: dict[str, Any] = field(default_factory=dict)
 
 
@@ -372,6 +373,7 @@ def run(argv: list[str] | None = None) -> Results:
         "respawn": lambda: extras.respawn_phase(res.respawn, servers, args),
         "profile": lambda: profile.profile_phase(res.profile, servers, args),
         "levers": lambda: res.levers.update(levers.measure()),
+        "fleet": lambda: fleet_phase.fleet_phase(res.fleet),
     }
     for phase, body in phases.items():
         if phase in args.phases:

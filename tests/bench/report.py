@@ -235,6 +235,8 @@ def render(data: dict[str, Any]) -> str:
     lines += dict_table("Worker memory (USS) with and without preload", data.get("memory", []))
     lines += dict_table("Idle connections", data.get("idle", []))
     lines += dict_table("Respawn: worker killed → replacement serving", data.get("respawn", []))
+    lines += dict_table("Fleet: 3 hosts behind HAProxy (HUP, graceful stop, SIGKILL)",
+                        data.get("fleet", []))
     lines += profile.render(data.get("profile", []))
     lines += dict_table("Prices of steps on the per-connection path, in isolation (µs)",
                         [{"step": k, "µs": round(v, 2)} for k, v in data.get("levers", {}).items()])
