@@ -9,7 +9,7 @@ without processes (``tests/test_lifecycle_states.py`` walks the table).
 =========  ============================================================
 STARTING   the first workers are forked; not every one is ready yet
 SERVING    every configured worker was ready once: READY=1 was sent
-LEAVING    a graceful stop with ``drain_delay``: the health answers say
+DEPARTING  a graceful stop with ``drain_delay``: the health answers say
            drain while the listeners still accept, so the balancers move
            new connections away first; DRAINING follows after the delay
 DRAINING   a graceful stop (TERM, ``ctl stop``, or a newer master took
@@ -40,7 +40,7 @@ from typing import Final
 class Phase(enum.Enum):
     STARTING = "starting"
     SERVING = "serving"
-    LEAVING = "leaving"
+    DEPARTING = "departing"
     DRAINING = "draining"
     HALTING = "halting"
     KILLING = "killing"
@@ -50,7 +50,7 @@ class Phase(enum.Enum):
 class Event(enum.Enum):
     READY = "every configured worker is ready"
     STOP = "graceful stop"
-    LEAVE = "graceful stop after drain_delay"
+    DEPART = "graceful stop after drain_delay"
     HANDED_OVER = "a newer master serves"
     STOP_FAST = "fast stop"
     STOP_NOW = "kill every worker"
@@ -74,20 +74,20 @@ TRANSITIONS: Final[dict[tuple[Phase, Event], Phase]] = {
     (_P.SERVING, _E.HANDED_OVER): _P.DRAINING,
     (_P.SERVING, _E.STOP_FAST): _P.HALTING,
     (_P.SERVING, _E.STOP_NOW): _P.KILLING,
-    (_P.STARTING, _E.LEAVE): _P.LEAVING,
-    (_P.SERVING, _E.LEAVE): _P.LEAVING,
+    (_P.STARTING, _E.DEPART): _P.DEPARTING,
+    (_P.SERVING, _E.DEPART): _P.DEPARTING,
     # Leaving: still serving as before; another graceful stop changes nothing
     # (a preStop hook's ``ctl stop``, then the TERM); the delay ends with STOP.
-    (_P.LEAVING, _E.READY): _P.LEAVING,
-    (_P.LEAVING, _E.LEAVE): _P.LEAVING,
-    (_P.LEAVING, _E.STOP): _P.DRAINING,
-    (_P.LEAVING, _E.HANDED_OVER): _P.DRAINING,
-    (_P.LEAVING, _E.STOP_FAST): _P.HALTING,
-    (_P.LEAVING, _E.STOP_NOW): _P.KILLING,
-    (_P.DRAINING, _E.LEAVE): _P.DRAINING,
-    (_P.HALTING, _E.LEAVE): _P.HALTING,
-    (_P.KILLING, _E.LEAVE): _P.KILLING,
-    (_P.DONE, _E.LEAVE): _P.DONE,
+    (_P.DEPARTING, _E.READY): _P.DEPARTING,
+    (_P.DEPARTING, _E.DEPART): _P.DEPARTING,
+    (_P.DEPARTING, _E.STOP): _P.DRAINING,
+    (_P.DEPARTING, _E.HANDED_OVER): _P.DRAINING,
+    (_P.DEPARTING, _E.STOP_FAST): _P.HALTING,
+    (_P.DEPARTING, _E.STOP_NOW): _P.KILLING,
+    (_P.DRAINING, _E.DEPART): _P.DRAINING,
+    (_P.HALTING, _E.DEPART): _P.HALTING,
+    (_P.KILLING, _E.DEPART): _P.KILLING,
+    (_P.DONE, _E.DEPART): _P.DONE,
     # Workers that become ready during a stop are not announced.
     (_P.DRAINING, _E.READY): _P.DRAINING,
     (_P.DRAINING, _E.STOP): _P.DRAINING,
@@ -164,7 +164,7 @@ def may_replace(phase: Phase, *, pending: bool) -> bool:
     """
     if phase is Phase.DRAINING:
         return pending
-    return phase in (Phase.STARTING, Phase.SERVING, Phase.LEAVING)
+    return phase in (Phase.STARTING, Phase.SERVING, Phase.DEPARTING)
 
 
 def stop_workers(phase: Phase, *, pending: bool) -> bool:
@@ -188,7 +188,7 @@ def status_state(phase: Phase, *, degraded: bool, reloading: bool) -> str:
     reloading, degraded, running, starting."""
     if phase in STOPPING:
         return "stopping"
-    if phase is Phase.LEAVING:
+    if phase is Phase.DEPARTING:
         return "draining"
     if reloading:
         return "reloading"

@@ -213,7 +213,7 @@ class Master:
         self.control: ControlServer | None = None
         self.health_listener: HealthListener | None = None  # health_bind
         self.pid_file: PidFile | None = None
-        self._leaving: TimerHandle | None = None  # the drain_delay of a graceful stop
+        self._departing: TimerHandle | None = None  # the drain_delay of a graceful stop
         self.degraded = False  # some slot cannot keep a ready worker (CrashBackoff.failing)
         self.exit_code = EXIT_OK
         self._dirty = True  # something the facts do not say changed: reconcile
@@ -545,10 +545,10 @@ class Master:
     def stop(self) -> None:
         """TERM, ``ctl stop``: stop accepting, serve what was accepted, let workers finish.
 
-        With ``drain_delay`` the master is LEAVING first: the health answers
+        With ``drain_delay`` the master is DEPARTING first: the health answers
         say drain at once, and the listeners keep accepting that long.
         """
-        self._stop(Event.LEAVE if self.settings.drain_delay > 0 else Event.STOP)
+        self._stop(Event.DEPART if self.settings.drain_delay > 0 else Event.STOP)
 
     def stop_fast(self) -> None:
         """INT/QUIT: drop what no worker holds yet, STOP every worker now; again: kill."""
@@ -564,12 +564,12 @@ class Master:
         if not self.lifecycle.fire(event):
             return
         self._dirty = True
-        if self.lifecycle.phase is Phase.LEAVING:
-            self._leave()
+        if self.lifecycle.phase is Phase.DEPARTING:
+            self._depart()
             return
-        if self._leaving is not None:  # the delay is over, or cut short
-            self._leaving.cancel()
-            self._leaving = None
+        if self._departing is not None:  # the delay is over, or cut short
+            self._departing.cancel()
+            self._departing = None
         if not was_stopping:
             self._stop_accepting(handed_over=event is Event.HANDED_OVER)
         match self.lifecycle.phase:
@@ -583,10 +583,10 @@ class Master:
             case _:
                 pass
 
-    def _leave(self) -> None:
-        """LEAVING: drain said at once, the stop itself ``drain_delay`` later."""
+    def _depart(self) -> None:
+        """DEPARTING: drain said at once, the stop itself ``drain_delay`` later."""
         delay = self.settings.drain_delay
-        self._leaving = self.loop.call_later(delay, lambda: self._stop(Event.STOP))
+        self._departing = self.loop.call_later(delay, lambda: self._stop(Event.STOP))
         log.info("draining: the health answers say drain; the listeners accept %g s more, "
                  "then the stop goes on", delay,
                  extra={"event": "master_draining", "drain_delay": delay})  # fmt: skip

@@ -214,7 +214,7 @@ def take(
         started=started,
         state=status_state(phase, degraded=degraded, reloading=reloading),
         stopping=stopping,
-        draining=stopping or phase is Phase.LEAVING or upgrading,
+        draining=stopping or phase is Phase.DEPARTING or upgrading,
         generation=generation,
         target=target,
         ready=len(ready),

@@ -56,7 +56,7 @@ def test_the_illegal_set_is_exactly_what_a_bug_would_be() -> None:
         (Phase.STARTING, Event.FINISHED),
         (Phase.SERVING, Event.READY),
         (Phase.SERVING, Event.FINISHED),
-        (Phase.LEAVING, Event.FINISHED),
+        (Phase.DEPARTING, Event.FINISHED),
         (Phase.DONE, Event.FINISHED),
     }
 
@@ -107,7 +107,7 @@ def test_a_dead_worker_is_replaced_while_serving_or_for_connections_a_drain_stil
     phase: Phase,
 ) -> None:
     for pending in (False, True):
-        expected = phase in (Phase.STARTING, Phase.SERVING, Phase.LEAVING) or (
+        expected = phase in (Phase.STARTING, Phase.SERVING, Phase.DEPARTING) or (
             phase is Phase.DRAINING and pending
         )
         assert may_replace(phase, pending=pending) is expected
@@ -139,7 +139,7 @@ def test_status_state_names_stopping_then_reloading_then_degraded() -> None:
         state = status_state(phase, degraded=degraded, reloading=reloading)
         if phase in STOPPING:
             assert state == "stopping"
-        elif phase is Phase.LEAVING:
+        elif phase is Phase.DEPARTING:
             assert state == "draining"
         elif reloading:
             assert state == "reloading"
@@ -149,13 +149,13 @@ def test_status_state_names_stopping_then_reloading_then_degraded() -> None:
             assert state == ("running" if phase is Phase.SERVING else "starting")
 
 
-def test_leaving_waits_for_its_stop_and_a_second_graceful_stop_changes_nothing() -> None:
+def test_departing_waits_for_its_stop_and_a_second_graceful_stop_changes_nothing() -> None:
     lifecycle = Lifecycle(Phase.SERVING)
-    assert lifecycle.fire(Event.LEAVE)
-    assert (lifecycle.phase, lifecycle.stopping) == (Phase.LEAVING, False)
-    assert not lifecycle.fire(Event.LEAVE)
+    assert lifecycle.fire(Event.DEPART)
+    assert (lifecycle.phase, lifecycle.stopping) == (Phase.DEPARTING, False)
+    assert not lifecycle.fire(Event.DEPART)
     assert lifecycle.fire(Event.STOP)
     assert lifecycle.phase is Phase.DRAINING
-    fast = Lifecycle(Phase.LEAVING)
+    fast = Lifecycle(Phase.DEPARTING)
     assert fast.fire(Event.STOP_FAST)
     assert fast.phase is Phase.HALTING

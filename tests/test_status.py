@@ -97,10 +97,10 @@ def test_room_drain_refusals_and_the_health_address_for_the_balancers() -> None:
     assert (snap.capacity, snap.free) == (4, 0)
     assert snapshot(pending=0).free == 3
     assert not snap.draining
-    leaving = snapshot(Phase.LEAVING)
-    assert (leaving.state, leaving.draining, leaving.stopping) == ("draining", True, False)
-    assert leaving.accepting  # the listeners still take connections
-    assert leaving.summary().startswith("draining (drain_delay), listening on ")
+    departing = snapshot(Phase.DEPARTING)
+    assert (departing.state, departing.draining, departing.stopping) == ("draining", True, False)
+    assert departing.accepting  # the listeners still take connections
+    assert departing.summary().startswith("draining (drain_delay), listening on ")
     assert snapshot(Phase.DRAINING).draining
     assert snapshot(upgrading=True).draining  # a newer master is starting
     refused = snapshot(refused={1: {"not_allowed": 2}}, health="127.0.0.1:8081").control()

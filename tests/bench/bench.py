@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.bench import extras, fleet_phase, launch, levers, procstat, profile, report, wrk
+from tests.bench import extras, launch, levers, procstat, profile, report, wrk
 from tests.bench.launch import Server, ServerFailed
 
 CLIENT_CPU, SERVER_CPU = 0, 1
@@ -347,6 +347,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def fleet_rows(rows: list[dict[str, Any]]) -> None:
+    # Imported when it runs: it needs the project's test dependencies (psutil).
+    from tests.bench import fleet_phase  # noqa: PLC0415
+
+    fleet_phase.fleet_phase(rows)
+
+
 def run(argv: list[str] | None = None) -> Results:
     args = parse_args(argv)
     if shutil.which("wrk") is None:
@@ -373,7 +380,7 @@ def run(argv: list[str] | None = None) -> Results:
         "respawn": lambda: extras.respawn_phase(res.respawn, servers, args),
         "profile": lambda: profile.profile_phase(res.profile, servers, args),
         "levers": lambda: res.levers.update(levers.measure()),
-        "fleet": lambda: fleet_phase.fleet_phase(res.fleet),
+        "fleet": lambda: fleet_rows(res.fleet),
     }
     for phase, body in phases.items():
         if phase in args.phases:
