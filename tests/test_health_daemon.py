@@ -19,7 +19,7 @@ import sys
 from typing import Any
 
 from tests import proxyproto_build as build
-from tests.support import ROOT, Daemon, exchange, poll_until, recv_all, start_daemon
+from tests.support import ROOT, Daemon, exchange, poll_until, recv_all, start_daemon, wait_pid
 
 HEALTH = ("--health-bind", "127.0.0.1:0")
 
@@ -131,3 +131,32 @@ def test_ctl_status_counts_refusals_per_listener_and_reason() -> None:
         os.kill(worker, signal.SIGKILL)
         daemon.wait_log("worker_exited", pid=worker)
         assert counted()
+
+
+def _ask_unix(path: str, data: bytes) -> bytes:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(path)
+        sock.sendall(data)
+        return recv_all(sock)
+
+
+def test_an_upgrade_says_drain_until_the_new_master_is_in_charge(tmp_path: Any) -> None:
+    """USR2: the old master says drain while it finishes; the new one answers once it is
+    in charge, on the same address (here a Unix path, so the address is known)."""
+    path = str(tmp_path / "health.sock")
+    with start_daemon("forkserver.examples.echo:handle", "--health-bind", f"unix:{path}",
+                      workers=1) as daemon:  # fmt: skip
+        assert _ask_unix(path, b"agent\n") == b"up ready 100%\n"
+        held = daemon.connect(timeout=30)  # keeps the old master's worker, so the old master
+        held.sendall(b"held")              # drains until the test lets it go
+        daemon.proc.send_signal(signal.SIGUSR2)
+        new_pid = daemon.wait_log("upgrade_completed")["new_pid"]
+        assert _ask_unix(path, b"agent\n") == b"up drain\n"
+        assert exchange(held, b"") == b"held"  # served to the end by the old worker
+        held.close()
+        assert daemon.proc.wait(timeout=30) == 0
+        daemon.wait_log("master_took_over", pid=new_pid)  # its health listener is open then
+        assert _ask_unix(path, b"agent\n") == b"up ready 100%\n"
+        os.kill(new_pid, signal.SIGTERM)
+        assert wait_pid(new_pid, timeout=30) == 0
