@@ -82,6 +82,7 @@ from forkserver.systemd import Notifier, listen_fds
 from forkserver.upgrade import Handover
 from forkserver.upgrader import HandedOver, TookOver, Upgrader
 from forkserver.worker_table import WorkerRecord, WorkerState
+from forkserver.workers import preamble
 
 log = logging.getLogger("forkserver.master")
 
@@ -273,12 +274,25 @@ class Master:
             self.where(), target, self.pool.specs[0].worker_class, "" if target == 1 else "s",
             extra={"event": "master_started", "pid": os.getpid()},
         )  # fmt: skip
+        self._warn_trusting_everyone()
         self._reconcile()  # forks the first workers
         self.notices.start()
         self.health.start()
         if self.settings.startup_timeout > 0:
             self.loop.call_later(self.settings.startup_timeout, self._startup_deadline)
         return None
+
+    def _warn_trusting_everyone(self) -> None:
+        """A PROXY listener whose allow list is 0.0.0.0/0 or ::/0: said once, at start."""
+        tables = [item.table for item in self.listeners]
+        names = [item.name for item in self.listeners]
+        for step in preamble.for_listeners(self.settings, tables, names):
+            if step is not None and step.allow.trusts_any:
+                log.warning("%s: proxy_allow_from %s lets every peer send a PROXY header, "
+                            "so any client that reaches it can claim any address",
+                            step.listener, ", ".join(step.allow.entries),
+                            extra={"event": "proxy_trusts_any",
+                                   "listener": step.listener})  # fmt: skip
 
     def _install_signal_handlers(self) -> None:
         """Every signal's action: SIGNALS.md says what each one means."""

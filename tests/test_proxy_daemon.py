@@ -204,3 +204,14 @@ def test_a_unix_listener_trusts_unix_peers(tmp_path: Any) -> None:
         assert tuple(seen["peer"]) == CLIENT
         assert seen["proxy"] == ""  # an unnamed Unix peer
         assert daemon.stop(signal.SIGTERM) == 0
+
+
+def test_an_allow_list_that_trusts_everyone_is_warned_about() -> None:
+    args = ("--proxy-protocol", "v1", "--proxy-allow-from", "0.0.0.0/0,::/0")
+    with start_daemon("tests.handlers.proxied:whoami", *args, workers=1) as daemon:
+        event = daemon.wait_log("proxy_trusts_any")
+        assert "0.0.0.0/0, ::/0" in event["message"]
+        assert tuple(ask(daemon, V1_CLIENT)["peer"]) == ("2001:db8::7", 40002, 0, 0)
+    with start_daemon("tests.handlers.proxied:whoami", *proxy_args("v1"), workers=1) as daemon:
+        ask(daemon, V1_CLIENT)
+        assert daemon.records("proxy_trusts_any") == []
