@@ -29,6 +29,7 @@ import csv
 import io
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -492,17 +493,26 @@ def kill_scenario(fleet: Fleet, host: Host) -> Outcome:
     load = fleet.load(TOTAL)
     load.wait_answered(200)
     in_flight = int(fleet.servers()[host.name]["scur"])
-    killed_at = time.monotonic()
-    host.signal(signal.SIGKILL)
-    to_down = fleet.wait_servers({host.name: "DOWN"})
+    pidfd = os.pidfd_open(host.pid)
+    try:
+        killed_at = time.monotonic()
+        host.signal(signal.SIGKILL)
+        # Dying takes a moment: until the master's exit has closed its descriptors
+        # (the pidfd says so), the kernel still queues connections on its socket.
+        ready, _, _ = select.select([pidfd], [], [], TIMEOUT)
+        dead_at = time.monotonic()
+        assert ready, f"{host.name} did not die"
+    finally:
+        os.close(pidfd)
+    fleet.wait_servers({host.name: "DOWN"})
     down_at = time.monotonic()
     code = host.wait_exit()
     fleet.reap(host)  # its workers died with it (parent-death signal)
     load.wait_answered(load.answered + 300)
     return Outcome("SIGKILL", load.stop(), {
         "exit_code": code, "in_flight_on_it_before": in_flight,
-        "marked_down_after_s": round(to_down, 3), "killed_at": killed_at,
-        "down_at": down_at})  # fmt: skip
+        "marked_down_after_s": round(down_at - killed_at, 3), "killed_at": killed_at,
+        "dead_at": dead_at, "down_at": down_at})  # fmt: skip
 
 
 def restart(fleet: Fleet, host: Host) -> None:

@@ -77,13 +77,14 @@ def test_sigkill_of_one_master_loses_only_what_was_in_flight_there(fleet: Fleet)
     check(outcome)
     assert outcome.figures["exit_code"] == -signal.SIGKILL
     failed = [r for r in outcome.records if r["outcome"] != "ok"]
-    # The only failures are connections under way at the moment of the kill: each
-    # started before it and ended after it, and HAProxy never had more than MAXCONN
-    # of them on that host.
+    # The only failures are connections under way on that host while it died (from
+    # the kill until its exit had closed its socket): each started before it was dead
+    # and ended after the kill, and HAProxy never had more than MAXCONN on that host.
     assert len(failed) <= MAXCONN, Counter(r["outcome"] for r in failed)
-    killed_at, down_at = outcome.figures["killed_at"], outcome.figures["down_at"]
+    killed_at, dead_at = outcome.figures["killed_at"], outcome.figures["dead_at"]
+    down_at = outcome.figures["down_at"]
     for record in failed:
-        assert record["start"] <= killed_at <= record["end"], record
+        assert record["start"] <= dead_at and record["end"] >= killed_at, record
     # The survivors served everything after: no failure once HAProxy had it down.
     assert all(r["outcome"] == "ok" for r in outcome.records if r["start"] > down_at)
     fleet_mod.restart(fleet, host)
