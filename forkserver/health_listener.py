@@ -153,8 +153,9 @@ class HealthListener:
         self._loop.add_reader(sock, lambda: self._readable(client))
 
     def _readable(self, client: _Client) -> None:
+        room = MAX_REQUEST if client.answered else MAX_REQUEST + 1 - len(client.inbuf)
         try:
-            data = client.sock.recv(MAX_REQUEST + 1 - len(client.inbuf))
+            data = client.sock.recv(room)
         except BlockingIOError:
             return
         except OSError:

@@ -79,11 +79,14 @@ def refused(daemon: Daemon, data: bytes, *, source: str | None = None,
     ("asyncio", "tests.handlers.proxied:whoami_streams", "master"),
     ("asyncio", "tests.handlers.proxied:whoami_streams", "shared"),
     ("asyncio", "tests.handlers.proxied:WhoamiProtocol", "master"),
+    ("uvloop", "tests.handlers.proxied:whoami_streams", "master"),
+    ("uvloop", "tests.handlers.proxied:WhoamiProtocol", "shared"),
 ])  # fmt: skip
 def test_the_handler_sees_the_client_the_header_names(worker_class: str, handler: str,
                                                       dispatch: str) -> None:  # fmt: skip
-    args = proxy_args("v2", "--worker-class", worker_class, "--dispatch", dispatch,
-                      "--access-log")  # fmt: skip
+    loop = ("--event-loop", "uvloop") if worker_class == "uvloop" else ()
+    args = proxy_args("v2", "--worker-class", "asyncio" if loop else worker_class,
+                      "--dispatch", dispatch, "--access-log", *loop)  # fmt: skip
     with start_daemon(handler, *args, workers=1) as daemon:
         seen = ask(daemon, V2_CLIENT)
         assert seen["proxied"] is True
