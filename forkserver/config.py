@@ -1152,6 +1152,14 @@ def render_markdown() -> str:
                 "listeners accepting that long after a graceful stop began and the",
                 "health answers turned to `drain`.",
                 "",
+                "A reload applies `proxy_header_max`, `proxy_header_timeout` and",
+                "`drain_delay`.  `proxy_protocol` and `proxy_allow_from` belong to",
+                "each listener (filled in from the global ones), and like the rest",
+                "of a listener stay as they are until a restart or USR2 (the reload",
+                "says `reload_listeners_kept`), unless no listener is configured",
+                "at all (the default bind, or systemd's sockets without `--bind`).",
+                "`health_bind` too takes a restart or USR2.",
+                "",
             ]
         if group == "security":
             out += [

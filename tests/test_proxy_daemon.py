@@ -218,3 +218,24 @@ def test_an_allow_list_that_trusts_everyone_is_warned_about() -> None:
     with start_daemon("tests.handlers.proxied:whoami", *proxy_args("v1"), workers=1) as daemon:
         ask(daemon, V1_CLIENT)
         assert daemon.records("proxy_trusts_any") == []
+
+
+def test_a_reload_checks_the_allow_list_and_keeps_a_listener_as_it_is(tmp_path: Any) -> None:
+    """A configuration that would take headers from anyone fails the reload, and the
+    running workers go on; a valid one that changes a listener's PROXY settings keeps
+    the listener as it is (as for any listener setting), and says so."""
+    conf = tmp_path / "f.toml"
+    conf.write_text('proxy_protocol = "v2"\nproxy_allow_from = ["127.0.0.1"]\n')
+    with start_daemon("tests.handlers.proxied:whoami", "-c", str(conf),
+                      workers=1) as daemon:  # fmt: skip
+        assert tuple(ask(daemon, V2_CLIENT)["peer"]) == CLIENT
+        conf.write_text('proxy_protocol = "v2"\n')  # no proxy_allow_from
+        daemon.proc.send_signal(signal.SIGHUP)
+        failed = daemon.wait_log("reload_failed")
+        assert "proxy_allow_from is not set" in failed["message"]
+        assert tuple(ask(daemon, V2_CLIENT)["peer"]) == CLIENT
+        conf.write_text('proxy_protocol = "off"\nproxy_header_timeout = 2\n')
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_log("reload_listeners_kept")
+        daemon.wait_log("reload_completed")
+        assert tuple(ask(daemon, V2_CLIENT)["peer"]) == CLIENT  # still a PROXY listener
