@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
 import signal
 import socket
+import subprocess
 import time
 from typing import Any
 
@@ -239,3 +241,45 @@ def test_a_reload_checks_the_allow_list_and_keeps_a_listener_as_it_is(tmp_path: 
         daemon.wait_log("reload_listeners_kept")
         daemon.wait_log("reload_completed")
         assert tuple(ask(daemon, V2_CLIENT)["peer"]) == CLIENT  # still a PROXY listener
+
+
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed "
+                    "(apt-get install haproxy; .ci/run installs it)")  # fmt: skip
+@pytest.mark.parametrize(("version", "send"), [("v1", "send-proxy"), ("v2", "send-proxy-v2")])
+def test_real_haproxy_in_front_the_handler_sees_the_client(tmp_path: Any, version: str,
+                                                           send: str) -> None:  # fmt: skip
+    """HAProxy on loopback relays with send-proxy(-v2) to a real daemon; the client
+    connects from 127.0.0.2, HAProxy from 127.0.0.1, the only address allowed."""
+    frontend = socket.create_server(("127.0.0.1", 0))
+    args = proxy_args(version, "--access-log")
+    with frontend, start_daemon("tests.handlers.proxied:whoami", *args, workers=2) as daemon:
+        host, port = daemon.address
+        config = tmp_path / "haproxy.cfg"
+        config.write_text(
+            "global\n    nbthread 1\n"
+            "defaults\n    mode tcp\n    timeout connect 10s\n    timeout client 30s\n"
+            "    timeout server 30s\n"
+            f"frontend app\n    bind fd@{frontend.fileno()}\n    default_backend fs\n"
+            f"backend fs\n    server fs {host}:{port} {send} source 127.0.0.1\n")  # fmt: skip
+        haproxy = subprocess.Popen(["haproxy", "-db", "-f", str(config)],
+                                   pass_fds=[frontend.fileno()], stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   start_new_session=True)  # fmt: skip
+        try:
+            for index in range(5):
+                with socket.socket() as client:
+                    client.settimeout(20)
+                    client.bind(("127.0.0.2", 0))
+                    client.connect(frontend.getsockname())
+                    mine = client.getsockname()
+                    client.sendall(b"through haproxy %d\n" % index)
+                    seen = json.loads(recv_all(client))
+                assert tuple(seen["peer"]) == mine, "the handler sees the client, not HAProxy"
+                assert seen["proxy"][0] == "127.0.0.1"
+                assert seen["version"] == int(version[1])
+                assert seen["line"] == f"through haproxy {index}"
+                daemon.wait_log("connection_served", peer=f"127.0.0.2:{mine[1]}")
+            assert daemon.records("proxy_refused") == []
+        finally:
+            haproxy.terminate()
+            haproxy.wait(timeout=20)
