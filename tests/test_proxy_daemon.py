@@ -102,6 +102,7 @@ def test_the_handler_sees_the_client_the_header_names(worker_class: str, handler
             assert tuple(seen["peer"]) == CLIENT  # peer / client_address
         line = daemon.wait_log("connection_served", peer="203.0.113.7:40001")
         assert line["ok"] is True
+        assert daemon.stop() == 0  # the whole log is in
         assert daemon.records("proxy_refused") == []
 
 
@@ -163,10 +164,10 @@ def test_every_bad_header_is_closed_counted_and_the_worker_serves_on(worker_clas
         event = daemon.wait_log("proxy_refused", reason="not_allowed")
         assert event["peer"].startswith("127.0.0.2:")
         assert ask(daemon, V2_CLIENT)["pid"] == pid
+        assert daemon.stop(signal.SIGTERM) == 0  # the whole log is in
         assert daemon.records("handler_error") == []
         # bad_signature twice within LOG_INTERVAL: one line, the next one counts it.
         assert len(daemon.records("proxy_refused")) == len(FAILURES)
-        assert daemon.stop(signal.SIGTERM) == 0
         # The counts went to the master with the stats, and it took them.
         assert daemon.records("protocol_error") == []
 
@@ -219,6 +220,7 @@ def test_an_allow_list_that_trusts_everyone_is_warned_about() -> None:
         assert tuple(ask(daemon, V1_CLIENT)["peer"]) == ("2001:db8::7", 40002, 0, 0)
     with start_daemon("tests.handlers.proxied:whoami", *proxy_args("v1"), workers=1) as daemon:
         ask(daemon, V1_CLIENT)
+        assert daemon.stop() == 0
         assert daemon.records("proxy_trusts_any") == []
 
 
@@ -279,6 +281,7 @@ def test_real_haproxy_in_front_the_handler_sees_the_client(tmp_path: Any, versio
                 assert seen["version"] == int(version[1])
                 assert seen["line"] == f"through haproxy {index}"
                 daemon.wait_log("connection_served", peer=f"127.0.0.2:{mine[1]}")
+            assert daemon.stop() == 0
             assert daemon.records("proxy_refused") == []
         finally:
             haproxy.terminate()
