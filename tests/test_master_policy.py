@@ -549,3 +549,27 @@ def test_an_exception_in_the_reconciliation_is_logged_and_the_next_pass_finishes
     assert error.callback == "Master._reconcile"  # type: ignore[attr-defined]
     h.until(lambda: len(h.records()) == 2, "the next pass forks the successor")
     assert not h.master.lifecycle.done
+
+
+def test_a_stop_with_drain_delay_departs_first_still_serving_then_drains(
+    make: Callable[..., Harness], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "forkserver")
+    h = make(workers=2, drain_delay=2.0)  # far longer than the successor's back-off
+    workers = h.records()
+    h.ready(*workers)
+    h.master.stop()
+    h.settle()
+    assert h.master.lifecycle.phase is Phase.DEPARTING
+    assert h.master.snapshot().draining and h.master.snapshot().accepting
+    draining = events(caplog, "master_draining")
+    assert [r.drain_delay for r in draining] == [2.0]  # type: ignore[attr-defined]
+    assert events(caplog, "master_stopping") == []
+    assert all(channel.Stop() not in h.heard(r) for r in workers)
+    h.exits(workers[0], code=1)  # a worker lost meanwhile is replaced: it still serves
+    h.until(lambda: len(h.records()) == 2, "a successor for the lost worker")
+    h.master.stop()  # another graceful stop changes nothing
+    h.settle()
+    assert h.master.lifecycle.phase is Phase.DEPARTING
+    h.until(lambda: h.master.lifecycle.phase is Phase.DRAINING, "the drain_delay to end")
+    assert len(events(caplog, "master_stopping")) == 1
