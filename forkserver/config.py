@@ -63,9 +63,21 @@ MAX_KEY_PARTS: Final = 32             # a.b.c = 1 has 3
 MAX_NESTING: Final = 32               # [ and { open at once
 MAX_KEY_LENGTH: Final = 256           # characters in one part of a key
 MAX_LINE_LENGTH: Final = 65536
+MAX_WATCHED_FILES: Final = 1024       # reload_extra_files: a few files, not a tree
+MAX_ACCESS_FORMAT: Final = 1024       # characters of access_log_format
+
+#: The fields ``access_log_format`` may name, with a sample value of each
+#: type (the format is tried on them at load, so a bad spec fails there).
+#: Bytes read and written are not among them: the handler owns the socket,
+#: and counting its bytes would cost a wrapper on every call it makes.
+ACCESS_LOG_FIELDS: Final[dict[str, object]] = {
+    "listener": "web", "peer": "127.0.0.1:50000", "worker": 0, "pid": 1,
+    "duration_ms": 1.5, "status": "ok", "error": "", "exc_type": "-",
+}
+DEFAULT_ACCESS_LOG_FORMAT: Final = "{listener} {peer} worker {worker} {duration_ms:.1f} ms{error}"
 
 Kind = Literal["int", "float", "bool", "str", "choice", "mode", "bytes", "handler", "listeners",
-               "addresses", "bind"]
+               "addresses", "bind", "paths", "format"]
 
 
 class ConfigError(ForkserverError):
@@ -276,6 +288,15 @@ class Settings:
         help="how long the handler check may take: the child that re-reads the "
              "configuration and imports the handler as a worker would, at start and on "
              "each reload (past it: exit 78 at start, reload_failed on a reload)")
+    reload: bool = _s(False, kind="bool", group="lifecycle",
+                      help="development: watch the handler's source files (and "
+                           "reload_extra_files) and reload, as HUP does, when one changes; "
+                           "refused with preload (a reload could not load the new code)")
+    reload_extra_files: tuple[str, ...] = _s(
+        (), kind="paths", group="lifecycle", metavar="PATH,...",
+        example='["config/app.toml", "templates/index.html"]',
+        help="with reload: more files whose change reloads (a config file, templates, "
+             "modules the handler imports from outside its own package)")
     # -- control
     control_socket: str | None = _s(
         None, kind="str", group="control", optional=True, maximum=MAX_TEXT, metavar="PATH",
@@ -298,6 +319,12 @@ class Settings:
                               help="append logs to this file, reopened on USR1 (none: stderr)")
     access_log: bool = _s(False, kind="bool", group="logging",
                           help="log one line per connection served")
+    access_log_format: str = _s(
+        DEFAULT_ACCESS_LOG_FORMAT, kind="format", group="logging", metavar="FORMAT",
+        help="the text of each access line, a Python format string over the fields "
+             "listener, peer, worker (the slot), pid, duration_ms, status (ok or error), "
+             "exc_type (the handler's exception, or -) and error (' (handler error)' after "
+             "one, else empty); JSON logs carry the fields themselves")
     # -- security
     user: str | None = _s(None, kind="str", group="security", optional=True, maximum=256,
                           example='"nobody"',
@@ -310,10 +337,57 @@ class Settings:
     umask: int = _s(0o022, kind="mode", group="security", minimum=0, maximum=0o777,
                     metavar="OCTAL", default_text="0o022",
                     help="file-creation mask of the master and its workers, set at start")
+    # -- hooks: user code, each module:callable (see the hooks section of the docs)
+    on_starting: str = _s("", kind="handler", group="hooks", metavar="MODULE:CALLABLE",
+                          example='"myapp.hooks:on_starting"',
+                          help="master, before the listeners open: called as on_starting(settings) in a "
+                        "short-lived child with the workers' privileges, within hook_timeout; "
+                        "an error or a timeout stops the start (exit 78)")
+    when_ready: str = _s("", kind="handler", group="hooks", metavar="MODULE:CALLABLE",
+                         example='"myapp.hooks:when_ready"',
+                         help="master, once every worker is ready at start: when_ready(status), status "
+                       "being `ctl status --json`'s master object, in a child as on_starting; "
+                       "an error is logged")
+    on_reload: str = _s("", kind="handler", group="hooks", metavar="MODULE:CALLABLE",
+                        example='"myapp.hooks:on_reload"',
+                        help="master, when a reload has committed: on_reload(old, new), both Settings, in "
+                      "a child as on_starting; an error is logged")
+    pre_exec: str = _s("", kind="handler", group="hooks", metavar="MODULE:CALLABLE",
+                       example='"myapp.hooks:pre_exec"',
+                       help="master, on USR2 before the new master is started: pre_exec(settings), in "
+                     "a child as on_starting; the upgrade waits for it (at most hook_timeout), "
+                     "and goes on whether it failed or not")
+    on_exit: str = _s("", kind="handler", group="hooks", metavar="MODULE:CALLABLE",
+                      example='"myapp.hooks:on_exit"',
+                      help="master, as it exits after a stop: on_exit(settings), in a child as "
+                    "on_starting; an error is logged")
+    post_fork: str = _s("", kind="handler", group="hooks", metavar="MODULE:CALLABLE",
+                        example='"myapp.hooks:post_fork"',
+                        help="each worker, after the privilege drop and before the handler is imported: "
+                      "post_fork(worker), worker being a forkserver.WorkerInfo; an error is the "
+                      "worker's boot failure (crash back-off applies)")
+    post_worker_init: str = _s("", kind="handler", group="hooks", metavar="MODULE:CALLABLE",
+                               example='"myapp.hooks:post_worker_init"',
+                               help="each worker, after the handler is loaded and before its first "
+                             "connection: post_worker_init(worker) (open a database pool, "
+                             "seed a generator); an error is a boot failure")
+    worker_exit: str = _s("", kind="handler", group="hooks", metavar="MODULE:CALLABLE",
+                          example='"myapp.hooks:worker_exit"',
+                          help="each worker, on a graceful exit, before its atexit callbacks: "
+                        "worker_exit(worker, reason); an error is logged and the worker "
+                        "still exits")
+    hook_timeout: float = _s(
+        30.0, kind="float", group="hooks", above=0, maximum=3600, metavar="SECONDS",
+        help="how long a master hook's child may run before it is killed (the master "
+             "never waits on a hook in its loop); worker hooks are bounded by timeout and "
+             "graceful_timeout instead")
 
 
 GROUPS: Final = ("listeners", "workers", "limits", "lifecycle", "control", "logging",
-                 "security", "balancer")
+                 "security", "balancer", "hooks")
+#: The hook settings run in the master (in a child of it) and in each worker.
+MASTER_HOOKS: Final = ("on_starting", "when_ready", "on_reload", "pre_exec", "on_exit")
+WORKER_HOOKS: Final = ("post_fork", "post_worker_init", "worker_exit")
 
 
 def setting_fields() -> list[tuple[str, Setting]]:
@@ -365,6 +439,8 @@ def _expect(meta: Setting) -> str:
         "listeners": "a bind spec",
         "addresses": "a list of IPv4/IPv6 addresses or CIDR networks (or unix)",
         "bind": "a bind spec: HOST:PORT, [V6]:PORT, :PORT or unix:PATH",
+        "paths": f"a list of at most {MAX_WATCHED_FILES} paths",
+        "format": "a format string over the access log's fields",
     }.get(meta.kind, f"a string of at most {meta.maximum or MAX_TEXT:g} characters")
 
 
@@ -489,6 +565,39 @@ def _check_health_bind(meta: Setting, text: str) -> str | None:
     return spec
 
 
+def _check_paths(meta: Setting, entries: Sequence[object]) -> tuple[str, ...]:
+    if len(entries) > MAX_WATCHED_FILES:
+        raise _Invalid(f"at most {MAX_WATCHED_FILES} paths, got {len(entries)}")
+    paths = []
+    for entry in entries:
+        if not isinstance(entry, str) or not entry:
+            raise _Invalid(f"expected {_expect(meta)}, got {_toml_type(entry)}")
+        paths.append(_check_str(Setting(help="", group="", kind="str"), entry))
+    return tuple(str(path) for path in paths)
+
+
+def _check_format(meta: Setting, text: str) -> str:
+    """An access line format: only known fields, and it must format their sample values."""
+    import string  # noqa: PLC0415 - only this check parses format strings
+
+    if len(text) > MAX_ACCESS_FORMAT:
+        raise _Invalid(f"expected at most {MAX_ACCESS_FORMAT} characters, got {len(text)}")
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
+    except ValueError as exc:
+        raise _Invalid(f"not a format string: {exc}") from None
+    unknown = [name for name in names if name not in ACCESS_LOG_FIELDS]
+    if unknown:
+        shown = ", ".join(repr(name) for name in dict.fromkeys(unknown))
+        raise _Invalid(f"unknown field{'s' if len(unknown) > 1 else ''} {shown} (known: "
+                       f"{', '.join(ACCESS_LOG_FIELDS)}; write {{{{ and }}}} for braces)")
+    try:
+        text.format_map(ACCESS_LOG_FIELDS)
+    except (ValueError, TypeError, KeyError, IndexError) as exc:
+        raise _Invalid(f"cannot format the fields: {exc}") from None
+    return text
+
+
 _TEXT_PARSERS: Final[dict[str, Callable[[Setting, str], Any]]] = {
     "int": _number(lambda t: int(t, 10)),
     "float": _number(float),
@@ -500,6 +609,8 @@ _TEXT_PARSERS: Final[dict[str, Callable[[Setting, str], Any]]] = {
     "listeners": _parse_listeners,
     "addresses": _parse_addresses,
     "bind": _check_health_bind,
+    "paths": lambda meta, text: _check_paths(meta, [p for p in text.split(",") if p.strip()]),
+    "format": _check_format,
     "str": _check_str,
 }
 
@@ -520,10 +631,10 @@ def _from_toml(key: str, value: object) -> Any:
     meta = SETTINGS[key]
     if isinstance(value, str) and meta.kind in ("bytes", "mode"):
         return parse_text(key, value)              # "512M", "022"
-    if meta.kind == "addresses":
+    if meta.kind in ("addresses", "paths"):
         if not isinstance(value, list):
             raise _Invalid(f"expected an array of strings, got {_toml_type(value)}")
-        return _check_addresses(meta, value)
+        return (_check_addresses if meta.kind == "addresses" else _check_paths)(meta, value)
     expected = {"int": int, "bytes": int, "mode": int, "float": int | float,
                 "bool": bool}.get(meta.kind, str)
     is_bool = isinstance(value, bool)
@@ -856,6 +967,11 @@ def load(config_file: str | None = None, environ: Mapping[str, str] | None = Non
         )
         for ls in settings.listeners))
     _check_proxy_listeners(settings, origins)
+    if settings.reload and settings.preload:
+        raise ConfigError("reload = true with preload = true: the handler imported once in "
+                          "the master cannot be imported again, so a change would never "
+                          "serve; turn preload off for development",
+                          source=origins["reload"], key="reload")  # fmt: skip
     return Loaded(settings, origins)
 
 
@@ -902,6 +1018,7 @@ GROUP_TITLES: Final = {
     "logging": "Logging",
     "security": "Security: who the workers run as",
     "balancer": "Behind a load balancer: PROXY protocol, health answers, drain",
+    "hooks": "Hooks: your code at points of the daemon's life",
 }
 
 _SYSTEMD_NOTE: Final = """\
@@ -957,7 +1074,7 @@ def toml_value(key: str, value: object) -> str:  # noqa: PLR0911 (one per kind o
         return repr(value)
     if value is None:
         return '"auto"' if SETTINGS[key].kind == "choice" else '""'
-    if isinstance(value, tuple) and SETTINGS[key].kind == "addresses":
+    if isinstance(value, tuple) and SETTINGS[key].kind in ("addresses", "paths"):
         return "[" + ", ".join(toml_value("name", entry) for entry in value) + "]"
     if isinstance(value, tuple):
         return "[" + ", ".join(
@@ -1186,6 +1303,18 @@ def render_markdown() -> str:
                 "has not received instead of losing it.  Under systemd, prefer",
                 "`User=`/`DynamicUser=` and socket activation, so that no process of",
                 "the service is root.",
+                "",
+            ]
+        if group == "hooks":
+            out += [
+                "Each hook is `module:callable`, imported where it runs, never in",
+                "the master itself: a master hook runs in a short-lived child of",
+                "the master that has dropped to `user`/`group` and closed the",
+                "master's descriptors (as the handler check does), killed past",
+                "`hook_timeout`; a worker hook runs in the worker, after its",
+                "privilege drop.  So no hook runs as root when `user` is set, and",
+                "none can change the master: hooks observe.  docs/hooks.md says",
+                "when each one runs, with what, and what a failure or a hang does.",
                 "",
             ]
     out += ["## systemd", "", *_SYSTEMD_NOTE.splitlines(), "", *_CTL_NOTE.splitlines(), ""]

@@ -60,6 +60,15 @@ SAMPLES: dict[str, tuple[tuple[str, str, str], tuple[object, object, object]]] =
     "health_bind": (('"127.0.0.1:9"', "[::1]:9", "unix:/run/h.sock"),
                     ("127.0.0.1:9", "[::1]:9", "unix:/run/h.sock")),
     "drain_delay": (("0", "1.5", "30"), (0.0, 1.5, 30.0)),
+    "reload": (("true", "0", "on"), (True, False, True)),
+    "reload_extra_files": (('["a.toml", "b c"]', "d,e", "/f"),
+                           (("a.toml", "b c"), ("d", "e"), ("/f",))),
+    "access_log_format": (('"{peer}"', "{worker} {pid}", "{duration_ms:.3f} {status}"),
+                          ("{peer}", "{worker} {pid}", "{duration_ms:.3f} {status}")),
+    **{hook: ((f'"h.{hook}:a"', f"h:{hook}", f"h.i:{hook}.b"),
+              (f"h.{hook}:a", f"h:{hook}", f"h.i:{hook}.b"))
+       for hook in config.MASTER_HOOKS + config.WORKER_HOOKS},
+    "hook_timeout": (("0.5", "2", "60"), (0.5, 2.0, 60.0)),
 }
 #: Lines a sample needs beside it to be a valid configuration.
 SAMPLE_NEEDS: dict[str, str] = {"proxy_protocol": 'proxy_allow_from = ["127.0.0.1"]\n'}
