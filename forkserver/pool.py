@@ -39,10 +39,11 @@ from dataclasses import dataclass
 from typing import Final
 
 from forkserver import channel, fdpass, recycling, spawn
-from forkserver.config import Settings
+from forkserver.config import DEFAULT_ACCESS_LOG_FORMAT, WORKER_HOOKS, Settings
 from forkserver.dispatch import Dispatcher, WorkerLink
 from forkserver.eventloop import EventLoop, TimerHandle
 from forkserver.handler import LoadedHandler, WorkerClass
+from forkserver.hooks import HookTarget, configured
 from forkserver.listeners import Listener
 from forkserver.log import log_file_copy
 from forkserver.refusals import RefusalTotals
@@ -220,6 +221,8 @@ class Pool:
         self.specs: dict[int, WorkerSpec] = {0: spec}
         #: Called in each forked worker before it boots (the control socket's copy).
         self.after_fork: list[Callable[[], None]] = []
+        #: Hooks given as callables (embedding): they take their setting's place.
+        self.hook_objects: dict[str, HookTarget] = {}
         self.stack_dumps = stack_dumps if stack_dumps is not None else StackDumps()
         self._listeners = listeners
         self._listener_names = tuple(listener.name for listener in listeners)
@@ -383,6 +386,9 @@ class Pool:
             access_log=settings.access_log, shared_listeners=self._shared_fds(),
             event_loop=settings.event_loop,
             preambles=preamble.for_listeners(settings, self._tables, self._listener_names),
+            hooks=configured(settings, self.hook_objects, WORKER_HOOKS),
+            access_log_format=(None if settings.access_log_format == DEFAULT_ACCESS_LOG_FORMAT
+                               else settings.access_log_format),
         )  # fmt: skip
         ctx.keep_fds.update(fd for _, fd in ctx.shared_listeners)
         return spawn.fork_worker(ctx, self.loop, self._owned_sockets(master_end),

@@ -21,7 +21,9 @@ In order:
    change clears it), then ``getppid()`` is checked in case the master
    died before that.
 4. The descriptor reserve (``workers.reserve``), the process title,
-   then the handler (unless preloaded), then READY.
+   the ``post_fork`` hook, then the handler (unless preloaded), the
+   ``post_worker_init`` hook, then READY.  A hook that raises is a boot
+   failure, as a handler that does not import.
 
 Stacks (ABRT, or a crash in C) are written by ``faulthandler`` from C,
 which works even while Python code is stuck holding the GIL, to the
@@ -35,11 +37,17 @@ catch (``worker_thread_error``), an unraisable one
 
 The worker never returns into the master's code: ``worker_main`` ends
 with ``os._exit``: ``EXIT_OK``, ``EXIT_BOOT_ERROR`` when it failed
-before READY, ``EXIT_RUNTIME_ERROR`` after.
+before READY, ``EXIT_RUNTIME_ERROR`` after.  A worker whose class's loop
+returned (a stop, TERM, the master gone, out of descriptors) first runs
+the ``worker_exit`` hook, then the ``atexit`` callbacks registered in
+this process (those the master had registered were dropped at fork:
+they are the master's to run), then flushes the log; a worker killed by
+a signal, or whose boot failed, runs none of them.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import faulthandler
@@ -55,9 +63,11 @@ import setproctitle
 from forkserver.fdpass import SCM_MAX_FD
 from forkserver.forking import flush_stdio, unblock_signals
 from forkserver.handler import HandlerLoadError, load_handler
+from forkserver.hooks import HookError, WorkerInfo, call
 from forkserver.privileges import drop_privileges
 from forkserver.workers.core import (
     EXIT_BOOT_ERROR,
+    EXIT_OK,
     EXIT_RUNTIME_ERROR,
     WorkerContext,
 )
@@ -111,6 +121,7 @@ def report_failure(ctx: WorkerContext, exc: BaseException, what: str = "") -> No
 
 
 def _boot_and_run(ctx: WorkerContext) -> int:
+    atexit._clear()  # the master's callbacks (an embedding program's too) are not ours
     for signum in _IGNORED:
         signal.signal(signum, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -122,21 +133,54 @@ def _boot_and_run(ctx: WorkerContext) -> int:
     faulthandler.enable(file=dump_to, all_threads=True)
     unblock_signals()  # blocked across the fork: what arrived meanwhile comes now
     _log_what_would_print(ctx)
-    close_inherited_fds({0, 1, 2, ctx.channel.fileno(), *_log_fds(), *ctx.keep_fds})
+    close_inherited_fds({0, 1, 2, ctx.channel.fileno(), *log_fds(), *ctx.keep_fds})
     drop_privileges(ctx.user, ctx.group)
     _die_with_master(ctx.master_pid)
     # Every descriptor one message can carry here (a worker has at most
     # ``concurrency`` connections in flight, and a REOPEN carries one).
     ctx.reserve = DescriptorReserve(min(ctx.concurrency, SCM_MAX_FD))
     setproctitle.setproctitle(worker_title(ctx))
-    if ctx.handler is None:
-        try:
+    info = WorkerInfo(slot=ctx.slot, pid=os.getpid(), master_pid=ctx.master_pid,
+                      worker_class=ctx.worker_class, handler=ctx.handler_spec,
+                      name=ctx.name)  # fmt: skip
+    try:
+        if "post_fork" in ctx.hooks:
+            call("post_fork", ctx.hooks["post_fork"], info)
+        if ctx.handler is None:
             ctx.handler = load_handler(ctx.handler_spec)
-        except HandlerLoadError as exc:
-            cause = exc.__cause__
-            report_failure(ctx, cause if cause is not None else exc, str(exc))
-            return EXIT_BOOT_ERROR
-    return _worker_class(ctx).run()
+        if "post_worker_init" in ctx.hooks:
+            call("post_worker_init", ctx.hooks["post_worker_init"], info)
+    except (HandlerLoadError, HookError) as exc:
+        cause = exc.__cause__
+        report_failure(ctx, cause if cause is not None else exc, str(exc))
+        return EXIT_BOOT_ERROR
+    worker = _worker_class(ctx)
+    code = worker.run()
+    _leave(ctx, info, "master gone" if worker.master_gone
+           else "out of descriptors" if code != EXIT_OK else "stopped")  # fmt: skip
+    return code
+
+
+def _leave(ctx: WorkerContext, info: WorkerInfo, reason: str) -> None:
+    """A graceful exit: ``worker_exit``, this process's ``atexit`` callbacks, the log.
+
+    Each may fail; none stops the exit.  A callback's exception is
+    reported by ``atexit`` through ``sys.unraisablehook`` (``worker_unraisable``).
+    """
+    if "worker_exit" in ctx.hooks:
+        try:
+            call("worker_exit", ctx.hooks["worker_exit"], info, reason)
+        except HookError as exc:
+            with contextlib.suppress(BaseException):
+                log.error("worker %d (pid %d): %s", ctx.slot, os.getpid(), exc,
+                          exc_info=exc.__cause__,
+                          extra={"event": "hook_failed", "hook": "worker_exit",
+                                 "slot": ctx.slot, "pid": os.getpid(),
+                                 "error": str(exc)})  # fmt: skip
+    atexit._run_exitfuncs()
+    for handler in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
 
 
 def _log_what_would_print(ctx: WorkerContext) -> None:
@@ -180,6 +224,8 @@ def _worker_class(ctx: WorkerContext) -> _Runnable:
 
 
 class _Runnable(Protocol):
+    master_gone: bool
+
     def run(self) -> int: ...
 
 
@@ -198,7 +244,7 @@ def close_inherited_fds(keep: set[int]) -> None:
                 os.close(fd)
 
 
-def _log_fds() -> set[int]:
+def log_fds() -> set[int]:
     """Descriptors of the root logger's streams (a log file is kept open)."""
     fds: set[int] = set()
     for handler in logging.getLogger().handlers:
