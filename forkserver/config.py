@@ -337,45 +337,51 @@ class Settings:
     umask: int = _s(0o022, kind="mode", group="security", minimum=0, maximum=0o777,
                     metavar="OCTAL", default_text="0o022",
                     help="file-creation mask of the master and its workers, set at start")
-    # -- hooks: user code, each module:callable (see the hooks section of the docs)
-    on_starting: str = _s("", kind="handler", group="hooks", metavar="MODULE:CALLABLE",
-                          example='"myapp.hooks:on_starting"',
-                          help="master, before the listeners open: called as on_starting(settings) in a "
-                        "short-lived child with the workers' privileges, within hook_timeout; "
-                        "an error or a timeout stops the start (exit 78)")
-    when_ready: str = _s("", kind="handler", group="hooks", metavar="MODULE:CALLABLE",
-                         example='"myapp.hooks:when_ready"',
-                         help="master, once every worker is ready at start: when_ready(status), status "
-                       "being `ctl status --json`'s master object, in a child as on_starting; "
-                       "an error is logged")
-    on_reload: str = _s("", kind="handler", group="hooks", metavar="MODULE:CALLABLE",
-                        example='"myapp.hooks:on_reload"',
-                        help="master, when a reload has committed: on_reload(old, new), both Settings, in "
-                      "a child as on_starting; an error is logged")
-    pre_exec: str = _s("", kind="handler", group="hooks", metavar="MODULE:CALLABLE",
-                       example='"myapp.hooks:pre_exec"',
-                       help="master, on USR2 before the new master is started: pre_exec(settings), in "
-                     "a child as on_starting; the upgrade waits for it (at most hook_timeout), "
-                     "and goes on whether it failed or not")
-    on_exit: str = _s("", kind="handler", group="hooks", metavar="MODULE:CALLABLE",
-                      example='"myapp.hooks:on_exit"',
-                      help="master, as it exits after a stop: on_exit(settings), in a child as "
-                    "on_starting; an error is logged")
-    post_fork: str = _s("", kind="handler", group="hooks", metavar="MODULE:CALLABLE",
-                        example='"myapp.hooks:post_fork"',
-                        help="each worker, after the privilege drop and before the handler is imported: "
-                      "post_fork(worker), worker being a forkserver.WorkerInfo; an error is the "
-                      "worker's boot failure (crash back-off applies)")
-    post_worker_init: str = _s("", kind="handler", group="hooks", metavar="MODULE:CALLABLE",
-                               example='"myapp.hooks:post_worker_init"',
-                               help="each worker, after the handler is loaded and before its first "
-                             "connection: post_worker_init(worker) (open a database pool, "
-                             "seed a generator); an error is a boot failure")
-    worker_exit: str = _s("", kind="handler", group="hooks", metavar="MODULE:CALLABLE",
-                          example='"myapp.hooks:worker_exit"',
-                          help="each worker, on a graceful exit, before its atexit callbacks: "
-                        "worker_exit(worker, reason); an error is logged and the worker "
-                        "still exits")
+    # -- hooks: user code, each module:callable (docs/hooks.md)
+    on_starting: str = _s(
+        "", kind="handler", group="hooks", metavar="MODULE:CALLABLE",
+        example='"myapp.hooks:on_starting"',
+        help="master, before the listeners open: on_starting(settings), in a short-lived child "
+             "with the workers' privileges, within hook_timeout; an error or a timeout stops "
+             "the start (exit 78)")
+    when_ready: str = _s(
+        "", kind="handler", group="hooks", metavar="MODULE:CALLABLE",
+        example='"myapp.hooks:when_ready"',
+        help="master, once every worker is ready at start: when_ready(status), status being "
+             "`ctl status --json`'s object, in a child as on_starting; an error is logged")
+    on_reload: str = _s(
+        "", kind="handler", group="hooks", metavar="MODULE:CALLABLE",
+        example='"myapp.hooks:on_reload"',
+        help="master, when a reload has committed: on_reload(old, new), both Settings, in a "
+             "child as on_starting; an error is logged")
+    pre_exec: str = _s(
+        "", kind="handler", group="hooks", metavar="MODULE:CALLABLE",
+        example='"myapp.hooks:pre_exec"',
+        help="master, on USR2 before the new master is started: pre_exec(settings), in a child "
+             "as on_starting; the upgrade waits for it (at most hook_timeout) and goes on "
+             "whether it failed or not")
+    on_exit: str = _s(
+        "", kind="handler", group="hooks", metavar="MODULE:CALLABLE",
+        example='"myapp.hooks:on_exit"',
+        help="master, as it exits after a stop: on_exit(settings), in a child as on_starting; "
+             "an error is logged")
+    post_fork: str = _s(
+        "", kind="handler", group="hooks", metavar="MODULE:CALLABLE",
+        example='"myapp.hooks:post_fork"',
+        help="each worker, after the privilege drop and before the handler is imported: "
+             "post_fork(worker), worker being a forkserver.WorkerInfo; an error is the "
+             "worker's boot failure (the crash back-off applies)")
+    post_worker_init: str = _s(
+        "", kind="handler", group="hooks", metavar="MODULE:CALLABLE",
+        example='"myapp.hooks:post_worker_init"',
+        help="each worker, after the handler is loaded and before its first connection: "
+             "post_worker_init(worker) (open a database pool, seed a generator); an error is a "
+             "boot failure")
+    worker_exit: str = _s(
+        "", kind="handler", group="hooks", metavar="MODULE:CALLABLE",
+        example='"myapp.hooks:worker_exit"',
+        help="each worker, on a graceful exit, before its atexit callbacks: "
+             "worker_exit(worker, reason); an error is logged and the worker still exits")
     hook_timeout: float = _s(
         30.0, kind="float", group="hooks", above=0, maximum=3600, metavar="SECONDS",
         help="how long a master hook's child may run before it is killed (the master "

@@ -45,7 +45,7 @@ import signal
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Final
 
 import setproctitle
@@ -60,6 +60,8 @@ from forkserver.handler import LoadedHandler, WorkerClass
 from forkserver.health import Health
 from forkserver.health_answers import HealthFacts, health_facts
 from forkserver.health_listener import HealthListener
+from forkserver.hookrun import HookRunner, run_blocking
+from forkserver.hooks import HookTarget
 from forkserver.lifecycle import Event, Lifecycle, Phase, finished, may_replace, stop_workers
 from forkserver.listeners import Listener
 from forkserver.log import reopen as reopen_logs
@@ -102,32 +104,56 @@ def serve(
     *,
     reload_settings: Callable[[], Settings] | None = None,
     notifier: Notifier | None = None,
+    handler: LoadedHandler | None = None,
+    hook_objects: Mapping[str, HookTarget] | None = None,
+    raise_failures: bool = False,
 ) -> int:
     """Run the daemon in this process until it stops; the exit code.
 
-    0 after a requested stop, 78 when the handler or the user/group is
-    unusable, 69 when a listener cannot be opened (or an older master's
-    hand-over is unusable); these failures happen before any worker is
-    forked.  3 when no worker became ready within ``startup_timeout``
-    (the handler imports in the master's check but not in the workers).
-    *reload_settings* re-reads the configuration on HUP.
+    0 after a requested stop, 78 when the handler, a start hook or the
+    user/group is unusable, 69 when a listener cannot be opened (or an
+    older master's hand-over is unusable); these failures happen before
+    any worker is forked, and with *raise_failures* raise
+    ``startup.StartupFailed`` (carrying that code) instead.  3 when no
+    worker became ready within ``startup_timeout`` (the handler imports
+    in the master's check but not in the workers).  *reload_settings*
+    re-reads the configuration on HUP.  *handler* is a handler object
+    loaded by the caller (the embedding API): it is used as a preloaded
+    one.  *hook_objects* are hooks given as callables, in place of their
+    settings.
     """
+    try:
+        return _serve(settings, reload_settings, notifier, handler, hook_objects or {})
+    except startup.StartupFailed as failed:
+        if raise_failures:
+            raise
+        return failed.exit_code
+
+
+def _serve(
+    settings: Settings,
+    reload_settings: Callable[[], Settings] | None,
+    notifier: Notifier | None,
+    loaded: LoadedHandler | None,
+    hook_objects: Mapping[str, HookTarget],
+) -> int:
     try:
         notifier = notifier if notifier is not None else Notifier.from_environ()
     except ForkserverError as exc:  # a malformed WATCHDOG_USEC: nobody to notify
-        return _cannot_start(Notifier(None), exc, EXIT_CONFIG)
+        raise _cannot_start(Notifier(None), exc, EXIT_CONFIG) from exc
     try:
         handover = Handover.from_environ()
     except ForkserverError as exc:
-        return _cannot_start(notifier, exc, EXIT_UNAVAILABLE)
+        raise _cannot_start(notifier, exc, EXIT_UNAVAILABLE) from exc
     try:  # before anything opens a descriptor that could take a closed one's number
         claimed = listen_fds() if handover is None else []
     except ForkserverError as exc:
-        return _cannot_start(notifier, exc, EXIT_UNAVAILABLE)
+        raise _cannot_start(notifier, exc, EXIT_UNAVAILABLE) from exc
     try:
-        handler, worker_class = startup.preflight(settings)
-    except ForkserverError as exc:
-        return _cannot_start(notifier, exc, EXIT_CONFIG)  # the old master sees end of file
+        handler, worker_class = startup.preflight(settings, loaded=loaded)
+        run_blocking("on_starting", settings, hook_objects, settings)
+    except ForkserverError as exc:  # the old master sees end of file
+        raise _cannot_start(notifier, exc, EXIT_CONFIG) from exc
     loop = EventLoop()
     try:
         try:
@@ -136,21 +162,30 @@ def serve(
             else:
                 opened = startup.open_configured(settings, loop, notifier, claimed)
         except ForkserverError as exc:  # ListenerError, or malformed LISTEN_* variables
-            return _cannot_start(notifier, exc, EXIT_UNAVAILABLE)
+            raise _cannot_start(notifier, exc, EXIT_UNAVAILABLE) from exc
         master = Master(
             settings, loop, opened, notifier=notifier, handler=handler,
             worker_class=worker_class, reload_settings=reload_settings, handover=handover,
+            hook_objects=hook_objects,
         )  # fmt: skip
-        return master.run()
+        code = master.run()
+        if master.start_failure is not None:
+            raise master.start_failure
+        try:
+            run_blocking("on_exit", master.settings, hook_objects, master.settings)
+        except ForkserverError as exc:
+            log.error("%s", exc, extra={"event": "hook_failed", "hook": "on_exit",
+                                        "error": str(exc)})  # fmt: skip
+        return code
     finally:
         loop.close()
 
 
-def _cannot_start(notifier: Notifier, exc: ForkserverError, code: int) -> int:
-    """Log why start-up failed (with the user's traceback, if any); the exit code."""
+def _cannot_start(notifier: Notifier, exc: ForkserverError, code: int) -> startup.StartupFailed:
+    """Log why start-up failed (with the user's traceback, if any); the failure to raise."""
     log.error("cannot start: %s", exc, exc_info=exc.__cause__, extra={"event": "master_failed"})
     notifier.fatal(1, f"cannot start: {str(exc).splitlines()[0]}")
-    return code
+    return startup.StartupFailed(exc, code)
 
 
 class Master:
@@ -174,6 +209,7 @@ class Master:
         handover: Handover | None = None,
         pool_class: type[Pool] = Pool,
         processes: Processes | None = None,
+        hook_objects: Mapping[str, HookTarget] | None = None,
     ) -> None:
         """*pool_class* and *processes* are for tests that script the workers."""
         self.loop = loop
@@ -189,6 +225,8 @@ class Master:
             loop, spec=WorkerSpec.of(settings, worker_class), listeners=listeners,
             shared=shared, handler=handler, processes=self.processes, report=report,
         )  # fmt: skip
+        self.pool.hook_objects = dict(hook_objects or {})
+        self.hooks = HookRunner(loop, self.processes, self.pool.hook_objects)
         self.dispatcher = self.pool.dispatcher
         self.dispatcher.listeners = [item for index, item in enumerate(listeners)
                                      if index not in shared]  # fmt: skip
@@ -217,6 +255,8 @@ class Master:
         self._departing: TimerHandle | None = None  # the drain_delay of a graceful stop
         self.degraded = False  # some slot cannot keep a ready worker (CrashBackoff.failing)
         self.exit_code = EXIT_OK
+        #: Why ``start()`` failed, if it did (``serve`` raises it).
+        self.start_failure: startup.StartupFailed | None = None
         self._dirty = True  # something the facts do not say changed: reconcile
         self._titled: Settings | None = None  # the settings the process title shows
         self._error_log = LogLimiter(ERROR_LOG_INTERVAL, loop.time)
@@ -266,7 +306,8 @@ class Master:
             except ForkserverError as exc:
                 for listener in self.listeners:
                     listener.close()
-                return _cannot_start(self.notifier, exc, EXIT_UNAVAILABLE)
+                self.start_failure = _cannot_start(self.notifier, exc, EXIT_UNAVAILABLE)
+                return EXIT_UNAVAILABLE
         self._install_signal_handlers()
         target = self.pool.target
         log.info(
@@ -305,7 +346,7 @@ class Master:
             signal.SIGTTIN: lambda: self.scale_to(self.pool.target + 1),
             signal.SIGTTOU: lambda: self.scale_to(self.pool.target - 1),
             signal.SIGUSR1: self._on_usr1,
-            signal.SIGUSR2: self.upgrader.start,
+            signal.SIGUSR2: self._on_usr2,
         }
         for signum, callback in signals.items():
             self.loop.add_signal_handler(signum, callback)
@@ -341,11 +382,14 @@ class Master:
             self._on_fact(self.facts.popleft())
         lifecycle, pool = self.lifecycle, self.pool
         if not lifecycle.stopping:
+            serving = pool.specs.get(self.reloader.generations.serving)
             committed = self.reloader.commit_if_ready()
             if committed is not None:
                 for slot in range(pool.target):
                     pool.backoff.ready(slot)
                 self.announce(f"generation {committed}; ")
+                old = serving.settings if serving is not None else self.settings
+                self.hooks.run("on_reload", self.settings, old, self.settings)
             ready = pool.table.count(WorkerState.READY)
             if lifecycle.phase is Phase.STARTING and ready >= pool.target:
                 self.announce()
@@ -398,7 +442,9 @@ class Master:
             case HandlerFailed(record=record, error=error):
                 self._handler_error(record, error)
             case ChildExited(pid=pid, code=code):
-                if not self.upgrader.child_exited(pid, describe_exit(code)):
+                if self.hooks.child_exited(pid, code):
+                    pass
+                elif not self.upgrader.child_exited(pid, describe_exit(code)):
                     self.reloader.child_exited(pid, code)  # anything else is not ours to mourn
             case HandedOver():
                 self._stop(Event.HANDED_OVER)
@@ -437,6 +483,7 @@ class Master:
             self.notifier.ready(text)
         else:
             self.upgrader.report_ready()
+        self.hooks.run("when_ready", self.settings, self.snapshot().control())
 
     def _startup_deadline(self) -> None:
         """No worker ready ``startup_timeout`` after the start: give up, exit 3."""
@@ -548,6 +595,10 @@ class Master:
         reopen_logs()
         self.pool.hand_log_file()
 
+    def _on_usr2(self) -> None:
+        """USR2: the ``pre_exec`` hook (if set), then the upgrade, whatever the hook did."""
+        self.hooks.run("pre_exec", self.settings, self.settings, then=self.upgrader.start)
+
     def _on_usr1(self) -> None:
         try:
             self.reopen_logs()
@@ -642,6 +693,7 @@ class Master:
             self.pid_file.release()
         self.upgrader.close()
         self.reloader.close()
+        self.hooks.close()
         for listener in self.listeners:
             listener.close()
         self.pool.close()

@@ -15,6 +15,7 @@ from typing import Final
 
 from forkserver import listeners, probe
 from forkserver.config import Settings
+from forkserver.errors import ForkserverError
 from forkserver.eventloop import EventLoop
 from forkserver.handler import LoadedHandler, WorkerClass, load_handler
 from forkserver.handler import resolve_worker_class as _resolve_class
@@ -25,8 +26,21 @@ from forkserver.upgrade import Handover
 DEFAULT_BIND: Final = "127.0.0.1:8000"
 
 
+class StartupFailed(ForkserverError):
+    """The daemon could not start: ``error`` says why, ``exit_code`` is what ``run`` exits with.
+
+    Raised by ``master.serve(..., raise_failures=True)`` (the embedding
+    API); the CLI gets the exit code instead.  Nothing was left running.
+    """
+
+    def __init__(self, error: ForkserverError, exit_code: int) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.exit_code = exit_code
+
+
 def preflight(
-    settings: Settings, *, check_only: bool = False
+    settings: Settings, *, check_only: bool = False, loaded: LoadedHandler | None = None
 ) -> tuple[LoadedHandler | None, WorkerClass]:
     """Every check before the first fork: the preloaded handler (or None) and the worker class.
 
@@ -38,12 +52,16 @@ def preflight(
     ``ForkserverError``.  ``run`` has taken on the umask and directory
     before (``probe.enter``); with *check_only* (``check-config``) this
     process changes nothing: the check child takes them on, and imports
-    a preloaded handler too.
+    a preloaded handler too.  *loaded* is a handler the caller loaded
+    itself (an object given to the embedding API): it is used as a
+    preloaded one, and nothing is imported.
     """
     probe.check_credentials(settings, preload=settings.preload)
-    if settings.preload and not check_only:
-        handler: LoadedHandler | None = load_handler(settings.handler)
-        assert handler is not None
+    if loaded is not None:
+        handler: LoadedHandler | None = loaded
+        kind = loaded.kind
+    elif settings.preload and not check_only:
+        handler = load_handler(settings.handler)
         kind = handler.kind
         gc.freeze()  # what the handler built stays shared copy-on-write with workers
     else:
