@@ -14,6 +14,9 @@ from forkserver.hostaddress import HostAddress
 from forkserver.tcpserver import NetworkProxy, TcpServer, WaitResult
 
 if TYPE_CHECKING:
+    from forkserver.config import ConfigError, ListenerSettings, Settings
+    from forkserver.daemon import Daemon, StartupFailed, serve, settings
+    from forkserver.hooks import WorkerInfo
     from forkserver.sslserver import AlertLevel, AlertType, PeerVerifyError, SslError, SslServer
     from forkserver.workers.preamble import ProxiedConnection, proxy_info
 
@@ -24,6 +27,10 @@ _LAZY = {
     **dict.fromkeys(("AlertLevel", "AlertType", "PeerVerifyError", "SslError", "SslServer"),
                     "forkserver.sslserver"),
     **dict.fromkeys(("ProxiedConnection", "proxy_info"), "forkserver.workers.preamble"),
+    # Running the daemon from Python (forkserver.daemon): the master only on run().
+    **dict.fromkeys(("Daemon", "StartupFailed", "serve", "settings"), "forkserver.daemon"),
+    **dict.fromkeys(("ConfigError", "ListenerSettings", "Settings"), "forkserver.config"),
+    "WorkerInfo": "forkserver.hooks",
 }
 
 
@@ -36,18 +43,26 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "AlertLevel",
     "AlertType",
+    "ConfigError",
+    "Daemon",
     "EventLoop",
     "HostAddress",
+    "ListenerSettings",
     "NetworkProxy",
     "PeerVerifyError",
     "ProxiedConnection",
+    "Settings",
     "Signal",
     "SocketError",
     "SslError",
     "SslServer",
+    "StartupFailed",
     "TcpServer",
     "WaitResult",
+    "WorkerInfo",
     "proxy_info",
+    "serve",
+    "settings",
 ]
 
 __version__ = "0.1.0"

@@ -32,7 +32,7 @@ import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, NoReturn
 
-from forkserver import config, control, log
+from forkserver import config, control
 from forkserver.config import ConfigError, ConfigFileNotFound, Settings
 
 __all__ = ["ExitCode", "build_parser", "main"]
@@ -306,14 +306,16 @@ def _load(ns: argparse.Namespace) -> tuple[config.Loaded, Callable[[], Settings]
 
 
 def _cmd_run(ns: argparse.Namespace) -> int:
+    """``run``: the embedding API's ``Daemon``, its failures turned into exit codes."""
     loaded, reload_settings = _load(ns)
-    # The master, and through it the worker machinery, is imported only to
-    # run and to check: ctl must work even where it cannot be imported.
-    from forkserver import master, probe  # noqa: PLC0415
+    # The daemon, and through it the worker machinery, is imported only to
+    # run: ctl must work even where it cannot be imported.
+    from forkserver.daemon import Daemon, StartupFailed  # noqa: PLC0415
 
-    probe.enter(loaded.settings)        # before any file or socket is created
-    log.configure(loaded.settings)
-    return int(master.serve(loaded.settings, reload_settings=reload_settings))
+    try:
+        return Daemon(loaded.settings, reload_settings=reload_settings).run()
+    except StartupFailed as exc:  # logged by the master already
+        return exc.exit_code
 
 
 def _cmd_check_config(ns: argparse.Namespace) -> int:

@@ -43,6 +43,7 @@ __all__ = [
     "Settings",
     "load",
     "load_settings",
+    "load_values",
     "parse_text",
     "setting_fields",
 ]
@@ -940,9 +941,11 @@ def _env_values(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, s
 
 
 def load(config_file: str | None = None, environ: Mapping[str, str] | None = None,
-         overrides: Mapping[str, Any] | None = None) -> Loaded:
+         overrides: Mapping[str, Any] | None = None, *,
+         overrides_source: str | None = None) -> Loaded:
     """Merge defaults < *config_file* < *environ* < *overrides* (values
-    already checked by the command line, keyed by field name)."""
+    already checked by the command line, keyed by field name; or by
+    :func:`load_values`, which names itself as *overrides_source*)."""
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     origins: dict[str, str] = dict.fromkeys(SETTINGS, "default")
@@ -959,7 +962,8 @@ def load(config_file: str | None = None, environ: Mapping[str, str] | None = Non
         if key not in SETTINGS:
             raise ConfigError("unknown setting", source="command line", key=key)
         values[key] = value
-        origins[key] = f"command line {flag_name(key)}"
+        origins[key] = (f"command line {flag_name(key)}" if overrides_source is None
+                        else f"{overrides_source} {key}")
     settings = Settings(**values)
     settings = dataclasses.replace(settings, listeners=tuple(
         dataclasses.replace(
@@ -1003,6 +1007,78 @@ def _check_proxy_listeners(settings: Settings, origins: Mapping[str, str]) -> No
             "listener)", source=origin if origin != "default" else "",
             key=f"listeners[{index}].proxy_allow_from" if settings.listeners
             else "proxy_allow_from")  # fmt: skip
+
+
+def load_values(values: Mapping[str, object], *, config_file: str | None = None,
+                environ: Mapping[str, str] | None = None,
+                source: str = "arguments") -> Loaded:
+    """Settings from Python values (the embedding API), checked as a file's are.
+
+    *values* are keyed by setting (``bind`` too, for ``listeners``): a
+    ``str``, ``int``, ``float``, ``bool`` or sequence as TOML would give
+    it, None for an optional setting left unset; ``listeners`` (or
+    ``bind``) a bind spec, or a sequence of bind specs,
+    ``ListenerSettings`` or mappings with the keys of a ``[[listeners]]``
+    table.  They win over *config_file* and *environ* (default: no
+    environment at all).  Raises ``ConfigError`` naming *source* and the key.
+    """
+    checked: dict[str, Any] = {}
+    for name, value in values.items():
+        key = "listeners" if name == "bind" else name
+        if key not in SETTINGS:
+            raise ConfigError("unknown setting" + _suggest(key, list(SETTINGS)),
+                              source=source, key=name)  # fmt: skip
+        try:
+            checked[key] = _python_value(key, value)
+        except _Invalid as exc:
+            raise ConfigError(str(exc), source=source, key=name) from None
+    return load(config_file, {} if environ is None else environ, checked,
+                overrides_source=source)  # fmt: skip
+
+
+def _python_value(key: str, value: object) -> Any:
+    meta = SETTINGS[key]
+    if key == "listeners":
+        items = [value] if isinstance(value, str | ListenerSettings | Mapping) else value
+        if not isinstance(items, Sequence):
+            raise _Invalid(f"expected a bind spec or a list of them, got {_toml_type(value)}")
+        if len(items) > MAX_LISTENERS:
+            raise _Invalid(f"at most {MAX_LISTENERS} listeners")
+        return tuple(_python_listener(index, item) for index, item in enumerate(items))
+    if value is None and (meta.optional or meta.kind == "handler"):
+        return None if meta.optional else ""
+    if isinstance(value, tuple):
+        value = list(value)
+    return _from_toml(key, value)
+
+
+def _python_listener(index: int, item: object) -> ListenerSettings:
+    if isinstance(item, str):
+        return ListenerSettings(bind=parse_bind(item))
+    if isinstance(item, ListenerSettings):
+        item = {k: v for k in LISTENER_KEYS if (v := getattr(item, k)) is not None}
+    if not isinstance(item, Mapping):
+        raise _Invalid(f"listener {index}: expected a bind spec, a ListenerSettings or a "
+                       f"mapping, got {_toml_type(item)}")  # fmt: skip
+    unknown = [k for k in item if k not in LISTENER_KEYS]
+    if unknown or "bind" not in item:
+        what = (f"unknown listener option {unknown[0]!r}" + _suggest(str(unknown[0]),
+                LISTENER_KEYS) if unknown else "missing 'bind'")  # fmt: skip
+        raise _Invalid(f"listener {index}: {what}")
+    fields: dict[str, Any] = {}
+    for k, v in item.items():
+        try:
+            if k == "bind":
+                fields[k] = parse_bind(v)
+            elif k == "name":
+                fields[k] = _check_str(SETTINGS["name"], v) if isinstance(v, str) else \
+                    _from_toml("name", v)  # fmt: skip
+            else:
+                fields[k] = _from_toml(k, list(v) if isinstance(v, tuple) else v)
+        except _Invalid as exc:
+            raise _Invalid(f"listener {index}, {k}: {exc}") from None
+    fields["name"] = fields.get("name") or ""
+    return ListenerSettings(**fields)
 
 
 def load_settings(config_file: str | None = None, environ: Mapping[str, str] | None = None,

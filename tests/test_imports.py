@@ -85,9 +85,9 @@ def test_the_package_has_no_import_cycle() -> None:
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
 
-def test_only_the_command_line_imports_the_master() -> None:
+def test_only_the_embedding_api_imports_the_master() -> None:
     importers = {name for name, deps in import_graph().items() if "forkserver.master" in deps}
-    assert importers <= {"forkserver.cli"}, importers
+    assert importers <= {"forkserver.daemon"}, importers
 
 
 def test_the_cycle_check_can_see_a_cycle() -> None:
