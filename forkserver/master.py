@@ -83,6 +83,7 @@ from forkserver.reloader import ReloadBegun, Reloader
 from forkserver.systemd import Notifier, listen_fds
 from forkserver.upgrade import Handover
 from forkserver.upgrader import HandedOver, TookOver, Upgrader
+from forkserver.watch import SourceWatcher, watched_files
 from forkserver.worker_table import WorkerRecord, WorkerState
 from forkserver.workers import preamble
 
@@ -252,6 +253,7 @@ class Master:
         self.control: ControlServer | None = None
         self.health_listener: HealthListener | None = None  # health_bind
         self.pid_file: PidFile | None = None
+        self.watcher: SourceWatcher | None = None  # reload = true
         self._departing: TimerHandle | None = None  # the drain_delay of a graceful stop
         self.degraded = False  # some slot cannot keep a ready worker (CrashBackoff.failing)
         self.exit_code = EXIT_OK
@@ -319,6 +321,10 @@ class Master:
         self._reconcile()  # forks the first workers
         self.notices.start()
         self.health.start()
+        if self.settings.reload:  # development: a changed source file reloads, as HUP
+            self.watcher = SourceWatcher(self.loop, lambda: watched_files(self.settings),
+                                         self._source_changed)  # fmt: skip
+            self.watcher.start()
         if self.settings.startup_timeout > 0:
             self.loop.call_later(self.settings.startup_timeout, self._startup_deadline)
         return None
@@ -595,6 +601,10 @@ class Master:
         reopen_logs()
         self.pool.hand_log_file()
 
+    def _source_changed(self, path: str) -> None:
+        if not self.lifecycle.stopping:
+            self.reloader.reload()
+
     def _on_usr2(self) -> None:
         """USR2: the ``pre_exec`` hook (if set), then the upgrade, whatever the hook did."""
         self.hooks.run("pre_exec", self.settings, self.settings, then=self.upgrader.start)
@@ -694,6 +704,8 @@ class Master:
         self.upgrader.close()
         self.reloader.close()
         self.hooks.close()
+        if self.watcher is not None:
+            self.watcher.close()
         for listener in self.listeners:
             listener.close()
         self.pool.close()
