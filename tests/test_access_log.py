@@ -59,3 +59,44 @@ def test_no_access_lines_unless_asked() -> None:
         assert daemon.stop(signal.SIGTERM) == 0
         assert daemon.records("worker_exited"), "the logs were read to the end"
         assert daemon.records("connection_served") == []
+
+
+@pytest.mark.parametrize(
+    ("worker_class", "handler"),
+    [("sync", "tests.handlers.basic:boom"), ("asyncio", "tests.handlers.basic:async_boom")],
+)
+def test_the_access_line_follows_access_log_format(worker_class: str, handler: str) -> None:
+    fmt = "{status} {exc_type} peer={peer} worker={worker} pid={pid} {duration_ms:.0f}ms {{x}}"
+    args = ("--access-log", "--access-log-format", fmt, "--worker-class", worker_class)
+    with start_daemon(handler, *args, workers=1) as daemon:
+        [worker] = daemon.workers()
+        lines = {}
+        for payload in (b"fine", b"boom"):
+            with daemon.connect() as sock:
+                host, port = sock.getsockname()[:2]
+                exchange(sock, payload)
+            lines[payload] = daemon.wait_log("connection_served", peer=f"{host}:{port}")
+        ok, failed = lines[b"fine"], lines[b"boom"]
+        assert ok["message"].startswith(f"ok - peer={ok['peer']} worker=0 pid={worker.pid} ")
+        assert ok["message"].endswith("ms {x}")
+        assert failed["message"].startswith("error ValueError peer=")
+        assert (ok["ok"], failed["ok"]) == (True, False)  # the JSON fields are as always
+        assert daemon.stop(signal.SIGTERM) == 0
+
+
+def test_the_default_access_line_is_unchanged() -> None:
+    with start_daemon("tests.handlers.basic:boom", "--access-log", workers=1) as daemon:
+        with daemon.connect() as sock:
+            host, port = sock.getsockname()[:2]
+            exchange(sock, b"boom")
+        line = daemon.wait_log("connection_served", peer=f"{host}:{port}")
+        assert line["message"].startswith(f"{line['listener']} {host}:{port} worker 0 ")
+        assert line["message"].endswith(" ms (handler error)")
+
+
+def test_an_unknown_access_log_field_is_refused_at_load() -> None:
+    with start_daemon("forkserver.examples.echo:handle", "--access-log-format", "{peer} {bytes}",
+                      wait_ready=False) as daemon:
+        assert daemon.proc.wait(timeout=20) == 64
+        daemon.logs.wait_eof(20)
+        assert "unknown field 'bytes'" in daemon.logs.text()

@@ -71,6 +71,15 @@ def fds(conn: socket.socket, peer: object) -> None:
     conn.sendall(json.dumps({"pid": os.getpid(), "fds": table, "me": conn.fileno()}).encode())
 
 
+async def async_boom(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """``boom`` on an asyncio worker: raise when asked to, else reply with the pid."""
+    if await reader.read(100) == b"boom":
+        raise ValueError("boom requested by the client")
+    writer.write(b"%d\n" % os.getpid())
+    await writer.drain()
+    writer.close()
+
+
 async def async_pid(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     line = await reader.readline()
     writer.write(b"%d %s" % (os.getpid(), line))
