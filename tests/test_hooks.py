@@ -184,3 +184,12 @@ def test_pre_exec_runs_before_the_new_master_starts(hook_dir: Path) -> None:
         assert daemon.proc.wait(timeout=TIMEOUT) == 0  # the old master handed over
         os.kill(started["new_pid"], signal.SIGTERM)
         assert wait_pid(started["new_pid"]) == 0
+
+
+def test_a_hanging_post_fork_is_killed_after_timeout(hook_dir: Path) -> None:
+    env = {"HOOK_DIR": str(hook_dir)}
+    args = (*hook_args("post_fork", target=f"{HOOKS}:hanging"), "--timeout", "1")
+    with start_daemon(PID, *args, env=env, workers=1, wait_ready=False) as daemon:
+        daemon.wait_log("worker_timeout")
+        exited = daemon.wait_log("worker_exited")
+        assert exited["cause"] == "timeout" and not exited["planned"]
