@@ -20,9 +20,11 @@ ECHO = "forkserver.examples.echo:handle"
 MARKED = "tests.handlers.fail_when_marked:handle"
 
 
-def spawned(daemon: Daemon) -> set[int]:
-    """Every worker pid forked so far."""
-    return {r["pid"] for r in daemon.records("worker_spawned")}
+def spawned(daemon: Daemon, *running: dict[int, int]) -> set[int]:
+    """Every worker pid forked so far: those logged, and those *running* (their
+    worker_spawned line may be still unread when the control socket shows them)."""
+    return {r["pid"] for r in daemon.records("worker_spawned")}.union(
+        *(workers.values() for workers in running))
 
 
 def successor(daemon: Daemon, slot: int, known: set[int]) -> dict[str, Any]:
@@ -78,13 +80,15 @@ def test_recycled_workers_do_not_count_as_crashes_and_a_killed_one_is_replaced_a
         assert all(r["planned"] and r["level"] == "info" for r in recycled())
         assert daemon.records("worker_backoff") == []
         # One SIGKILL: a death nobody asked for, replaced at once.
-        workers, known = ready_workers(path, max_requests=2), spawned(daemon)
+        workers = ready_workers(path, max_requests=2)
+        known = spawned(daemon, workers)
         os.kill(workers[0], signal.SIGKILL)
         died = daemon.wait_log("worker_exited", pid=workers[0])
         assert (died["cause"], died["planned"], died["level"]) == ("died", False, "warning")
         successor(daemon, 0, known)
         # Both: the service is back as soon as their successors are ready.
-        workers, known = ready_workers(path, max_requests=2), spawned(daemon)
+        workers = ready_workers(path, max_requests=2)
+        known = spawned(daemon, workers)
         for pid in workers.values():
             os.kill(pid, signal.SIGKILL)
         for slot, pid in workers.items():
@@ -106,7 +110,7 @@ def test_with_no_worker_ready_a_slot_in_a_long_back_off_is_tried_again_within_a_
     with start_daemon(MARKED, "--control-socket", path, workers=2, env=env) as daemon:
         workers = ready_workers(path)
         marker.touch()  # from now on no worker can boot
-        known = spawned(daemon)
+        known = spawned(daemon, workers)
         os.kill(workers[0], signal.SIGKILL)
         # Slot 1 still serves, so slot 0's back-off grows well past ALONE_DELAY.
         daemon.wait_log("worker_backoff", slot=0, delay=3.2)

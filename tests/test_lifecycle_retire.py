@@ -114,7 +114,8 @@ def test_planned_exits_are_info_with_their_cause_and_an_unasked_death_is_a_warni
         assert all(r["planned"] and r["level"] == "info" for r in exits(daemon))
         assert not [r for r in daemon.logs.records if r["level"] in ("warning", "error")]
         (victim,) = (w["pid"] for w in control.request(path, "status")["workers"])
-        known = {r["pid"] for r in daemon.records("worker_spawned")}
+        # The victim itself too: its worker_spawned line may not have been read yet.
+        known = {r["pid"] for r in daemon.records("worker_spawned")} | {victim}
         os.kill(victim, signal.SIGKILL)
         died = daemon.wait_log("worker_exited", pid=victim)
         assert (died["cause"], died["planned"], died["level"]) == ("died", False, "warning")
