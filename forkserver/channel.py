@@ -49,6 +49,13 @@ type  name       body
                  handler ran (a PROXY header refused, say), each the
                  running total since it started for that listener and
                  reason; sent with the stats when one moved
+0x18  DURATIONS  ``u16 n``, then n x (``u16 listener``, ``u64 sum_us``,
+                 17 x ``u64 count``): how long the connections of that
+                 listener whose handler ran took, since the worker
+                 started: the total in microseconds and one count per
+                 bucket of ``DURATION_BOUNDS`` and one past the last
+                 (not cumulative); running totals, sent with the stats
+                 when one moved and before the worker exits
 ====  =========  ==========================================================
 
 A worker never sends descriptors.  The decoder is strict: a short or
@@ -83,6 +90,12 @@ MAX_LISTENER_INDEX: Final = 0xFFFF
 #: Bounds on a REFUSALS message: entries, and bytes of each reason.
 MAX_REFUSAL_ENTRIES: Final = 1024
 MAX_REFUSAL_REASON: Final = 32
+#: Upper bounds, in seconds, of the connection-duration buckets (DURATIONS):
+#: part of the wire format, so both ends of the channel count alike.
+DURATION_BOUNDS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                          2.5, 5.0, 10.0, 30.0, 60.0, 300.0)  # fmt: skip
+#: At most this many listeners in one DURATIONS message (a worker sends more).
+MAX_DURATION_ENTRIES: Final = 256
 
 
 class MessageType(enum.IntEnum):
@@ -97,6 +110,7 @@ class MessageType(enum.IntEnum):
     SERVED = 0x15
     LEAVING = 0x16
     REFUSALS = 0x17
+    DURATIONS = 0x18
 
 
 class ProtocolError(Exception):
@@ -172,9 +186,16 @@ class Refusals:
     counts: tuple[tuple[int, str, int], ...]
 
 
+@dataclass(frozen=True, slots=True)
+class Durations:
+    """Running totals by listener: (listener, sum in microseconds, bucket counts)."""
+
+    entries: tuple[tuple[int, int, tuple[int, ...]], ...]
+
+
 MasterMessage = Connections | Stop | Reopen
 WorkerMessage = (Ready | Done | Served | HandlerError | Heartbeat | Stats | Leaving
-                 | Refusals)  # fmt: skip
+                 | Refusals | Durations)  # fmt: skip
 
 _HEADER: Final = struct.Struct("<BB")
 _U16: Final = struct.Struct("<H")
@@ -203,7 +224,7 @@ def encode_connections(listeners: Sequence[int]) -> bytes:
     return _CONNECTIONS_PREFIX + struct.pack(f"<H{count}H", count, *listeners)
 
 
-def encode(message: MasterMessage | WorkerMessage) -> bytes:  # noqa: PLR0911 (one per type)
+def encode(message: MasterMessage | WorkerMessage) -> bytes:  # noqa: PLR0911, PLR0912 (one per type)
     """Encode any message; raises ValueError for out-of-range fields."""
     if isinstance(message, Done):
         return encode_done(message.count)
@@ -235,6 +256,8 @@ def encode(message: MasterMessage | WorkerMessage) -> bytes:  # noqa: PLR0911 (o
                                                                  keep_end=False)  # fmt: skip
         case Refusals(counts=counts):
             return _encode_refusals(counts)
+        case Durations(entries=entries):
+            return _encode_durations(entries)
     raise TypeError(f"not a channel message: {message!r}")
 
 
@@ -286,6 +309,24 @@ def _encode_refusals(counts: Sequence[tuple[int, str, int]]) -> bytes:
                              "characters of a-z, 0-9 and _")  # fmt: skip
         parts += [_U16_U8.pack(_bounded(listener, MAX_LISTENER_INDEX, "listener"), len(raw)),
                   raw, _U64.pack(_bounded(total, _U64_MAX, "total"))]  # fmt: skip
+    return b"".join(parts)
+
+
+_BUCKETS: Final = len(DURATION_BOUNDS) + 1
+_DURATION_ENTRY: Final = struct.Struct(f"<HQ{_BUCKETS}Q")
+
+
+def _encode_durations(entries: Sequence[tuple[int, int, tuple[int, ...]]]) -> bytes:
+    if not 1 <= len(entries) <= MAX_DURATION_ENTRIES:
+        raise ValueError(f"DURATIONS carries 1 to {MAX_DURATION_ENTRIES} entries, "
+                         f"not {len(entries)}")  # fmt: skip
+    parts = [_header(MessageType.DURATIONS), _U16.pack(len(entries))]
+    for listener, sum_us, buckets in entries:
+        if len(buckets) != _BUCKETS:
+            raise ValueError(f"DURATIONS needs {_BUCKETS} bucket counts, not {len(buckets)}")
+        parts.append(_DURATION_ENTRY.pack(
+            _bounded(listener, MAX_LISTENER_INDEX, "listener"), _bounded(sum_us, _U64_MAX, "sum"),
+            *(_bounded(count, _U64_MAX, "bucket count") for count in buckets)))  # fmt: skip
     return b"".join(parts)
 
 
@@ -359,6 +400,8 @@ def decode_worker_message(data: bytes) -> WorkerMessage:  # noqa: PLR0911, PLR09
             return Leaving(reason=reason)
         case MessageType.REFUSALS:
             return _decode_refusals(body)
+        case MessageType.DURATIONS:
+            return _decode_durations(body)
     raise ProtocolError(f"message type {kind.name} is not sent by a worker")
 
 
@@ -456,6 +499,27 @@ def _decode_refusals(body: bytes) -> Refusals:
     if offset != len(body):
         raise ProtocolError(f"REFUSALS has {len(body) - offset} bytes after its last entry")
     return Refusals(counts=tuple(entries))
+
+
+def _decode_durations(body: bytes) -> Durations:
+    if len(body) < _U16.size:
+        raise ProtocolError("DURATIONS body is too short for its count")
+    (count,) = _U16.unpack_from(body)
+    if not 1 <= count <= MAX_DURATION_ENTRIES:
+        raise ProtocolError(f"DURATIONS count {count} is outside 1-{MAX_DURATION_ENTRIES}")
+    expected = _U16.size + count * _DURATION_ENTRY.size
+    if len(body) != expected:
+        raise ProtocolError(f"DURATIONS body is {len(body)} bytes, expected {expected} "
+                            f"for {count} entries")  # fmt: skip
+    entries = []
+    seen: set[int] = set()
+    for at in range(_U16.size, expected, _DURATION_ENTRY.size):
+        listener, sum_us, *buckets = _DURATION_ENTRY.unpack_from(body, at)
+        if listener in seen:
+            raise ProtocolError(f"DURATIONS names listener {listener} twice")
+        seen.add(listener)
+        entries.append((listener, sum_us, tuple(buckets)))
+    return Durations(entries=tuple(entries))
 
 
 def _decode_string(

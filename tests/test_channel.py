@@ -12,6 +12,7 @@ from forkserver.channel import (
     MAX_TRACEBACK,
     Connections,
     Done,
+    Durations,
     HandlerError,
     Heartbeat,
     Leaving,
@@ -39,6 +40,8 @@ WORKER_MESSAGES = [
     Leaving(reason="is out of descriptors (RLIMIT_NOFILE 1024)"),
     Refusals(counts=((0, "not_allowed", 3), (0xFFFF, "bad_signature", 2**64 - 1))),
     Refusals(counts=tuple((i, "x" * 32, i) for i in range(channel.MAX_REFUSAL_ENTRIES))),
+    Durations(entries=((0, 1234, (1,) + (0,) * 16), (0xFFFF, 2**64 - 1, (2**64 - 1,) * 17))),
+    Durations(entries=tuple((i, i, tuple(range(17))) for i in range(channel.MAX_DURATION_ENTRIES))),
     HandlerError(
         listener=2,
         exc_type="ValueError",
@@ -99,6 +102,12 @@ def test_unencodable_text_is_escaped_not_refused() -> None:
         (Refusals(counts=((0, "", 1),)), "not 1-32 characters"),
         (Refusals(counts=((0x10000, "x", 1),)), "listener"),
         (Refusals(counts=((0, "x", -1),)), "total"),
+        (Durations(entries=()), "1 to 256 entries"),
+        (Durations(entries=((0, 0, (0,) * 17),) * 257), "1 to 256 entries"),
+        (Durations(entries=((0, 0, (0,) * 16),)), "17 bucket counts, not 16"),
+        (Durations(entries=((0x10000, 0, (0,) * 17),)), "listener"),
+        (Durations(entries=((0, -1, (0,) * 17),)), "sum"),
+        (Durations(entries=((0, 0, (0,) * 16 + (-1,)),)), "bucket count"),
     ],
 )
 def test_encode_refuses_out_of_range_fields(message: object, error: str) -> None:
@@ -151,6 +160,15 @@ def _header(kind: int, version: int = channel.VERSION) -> bytes:
         (_header(MessageType.REFUSALS) + struct.pack("<HHB", 1, 0, 2) + b"A!" + b"\0" * 8,
          "entry 0 has no valid reason"),
         (encode(Refusals(counts=((0, "x", 1),))) + b"!", "1 bytes after its last entry"),
+        (_header(MessageType.DURATIONS), "DURATIONS body is too short"),
+        (_header(MessageType.DURATIONS) + struct.pack("<H", 0), "count 0 is outside"),
+        (_header(MessageType.DURATIONS) + struct.pack("<H", 257), "count 257 is outside"),
+        (_header(MessageType.DURATIONS) + struct.pack("<HHQ", 1, 0, 0) + b"\0" * 135,
+         "body is 147 bytes, expected 148 for 1 entries"),
+        (encode(Durations(entries=((0, 0, (0,) * 17),))) + b"!",
+         "body is 149 bytes, expected 148"),
+        (_header(MessageType.DURATIONS) + struct.pack("<H", 2)
+         + (struct.pack("<HQ", 3, 0) + b"\0" * 136) * 2, "names listener 3 twice"),
     ],
 )
 def test_worker_message_decoder_names_what_is_wrong(data: bytes, error: str) -> None:
