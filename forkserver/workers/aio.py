@@ -39,8 +39,8 @@ from forkserver.workers.core import (
     error_report,
     log_access,
     peer_of,
-    refusal_reports,
     reopen_log,
+    stats_reports,
 )
 from forkserver.workers.shared import SharedListeners
 
@@ -114,7 +114,7 @@ class AsyncioWorker:
             while self.tasks:
                 await asyncio.wait(set(self.tasks))
             self._report_served()
-            for report in refusal_reports(self.ctx):  # the last counts, before it exits
+            for report in stats_reports(self.ctx):  # the last counts, before it exits
                 self._send(report)
         finally:
             beat.cancel()
@@ -183,7 +183,7 @@ class AsyncioWorker:
         task.add_done_callback(self._finished_own if own else self._finished)
 
     async def _serve(self, fd: int, listener: int, peer: object) -> None:
-        started = time.monotonic() if self.ctx.access_log else 0.0
+        started = time.monotonic()
         try:
             sock = adopt(self.ctx, fd, listener, blocking=None)  # asyncio makes it non-blocking
         except OSError as exc:
@@ -202,6 +202,7 @@ class AsyncioWorker:
             error = await self._run_protocol(self.protocol, sock)
         else:
             error = await self._run_streams(sock)
+        self.ctx.durations.observe(listener, time.monotonic() - started)
         if error is not None:
             self._report(error_report(error, listener, peer, self.ctx.listener_family(listener)))
         if self.ctx.access_log:
@@ -280,6 +281,6 @@ class AsyncioWorker:
             await asyncio.sleep(ctx.heartbeat_interval)
             self._send(channel.Heartbeat())
             self._send(channel.Stats(served=ctx.served, in_flight=ctx.in_flight, errors=ctx.errors))
-            for report in refusal_reports(ctx):
+            for report in stats_reports(ctx):
                 self._send(report)
             self._report_served()

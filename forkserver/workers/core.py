@@ -32,6 +32,7 @@ from forkserver.log import use_log_file
 from forkserver.workers import preamble
 from forkserver.workers.preamble import Preamble, Refusals
 from forkserver.workers.reserve import DescriptorReserve
+from forkserver.workers.timing import ConnectionTimes
 
 #: The most seconds between heartbeats (and stats) from a worker's loop;
 #: the master asks for more often when its ``timeout`` is short.
@@ -94,6 +95,8 @@ class WorkerContext:
     refusals: Refusals = field(default_factory=Refusals)
     #: The worker hooks that are set (``hooks.configured``): a spec, or a callable.
     hooks: dict[str, HookTarget] = field(default_factory=dict)
+    #: How long the connections whose handler ran took, per listener (sent with the stats).
+    durations: ConnectionTimes = field(default_factory=ConnectionTimes)
 
     def __post_init__(self) -> None:
         self.refusals.slot, self.refusals.describe = self.slot, format_peer  # its log lines
@@ -240,6 +243,11 @@ def refusal_reports(ctx: WorkerContext) -> list[channel.Refusals]:
     return [channel.Refusals(changed[at : at + step]) for at in range(0, len(changed), step)]
 
 
+def stats_reports(ctx: WorkerContext) -> list[channel.Refusals | channel.Durations]:
+    """What goes with the stats besides STATS: the counts that moved since the last time."""
+    return [*refusal_reports(ctx), *ctx.durations.reports()]
+
+
 def reopen_log(ctx: WorkerContext, fds: list[int]) -> None:
     """REOPEN: log to the file that came with it (the connections held are untouched)."""
     if use_log_file(fds[0]):
@@ -317,7 +325,7 @@ def serve_blocking(
     it; otherwise (a descriptor from the master) it is asked for.
     """
     assert ctx.handler is not None
-    started = time.monotonic() if ctx.access_log else 0.0
+    started = time.monotonic()
     try:
         conn = adopt(ctx, fd, listener, blocking=True)
     except OSError as exc:
@@ -348,6 +356,7 @@ def serve_blocking(
         conn.close()
         if step is not None:
             preamble.forget()
+        ctx.durations.observe(listener, time.monotonic() - started)
         if ctx.access_log:
             log_access(ctx, listener, peer, started, failed=error is not None,
                        exc_type=error.exc_type if error is not None else "")

@@ -25,8 +25,8 @@ from forkserver.workers.core import (
     ChannelClosed,
     WorkerChannel,
     WorkerContext,
-    refusal_reports,
     reopen_log,
+    stats_reports,
 )
 from forkserver.workers.shared import SharedListeners
 
@@ -118,7 +118,7 @@ class SelectorWorker:
             self.finish()
             if not self.master_gone:
                 self.report_served()
-                for report in refusal_reports(self.ctx):  # the last counts, before it exits
+                for report in stats_reports(self.ctx):  # the last counts, before it exits
                     self.chan.send(report)
         except ChannelClosed:
             pass
@@ -139,7 +139,7 @@ class SelectorWorker:
         self.chan.send(
             channel.Stats(served=ctx.served, in_flight=ctx.in_flight, errors=ctx.errors)
         )
-        for report in refusal_reports(ctx):
+        for report in stats_reports(ctx):
             self.chan.send(report)
         self.report_served()
 

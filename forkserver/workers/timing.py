@@ -1,0 +1,53 @@
+"""How long a worker's connections take: the histogram it sends the master.
+
+``ConnectionTimes.observe(listener, seconds)`` counts one connection
+whose handler ran into its bucket of ``channel.DURATION_BOUNDS``; it is
+the whole cost per connection (a bisect and two additions under an
+uncontended lock: a thread worker's connections finish in its pool's
+threads).  ``reports()`` gives the running totals as DURATIONS
+messages, only when something moved since the last call: the worker's
+loop sends them with its stats, and once more before it exits.
+"""
+
+from __future__ import annotations
+
+import threading
+from bisect import bisect_left
+from typing import Final
+
+from forkserver import channel
+
+_BOUNDS: Final = channel.DURATION_BOUNDS
+_SLOTS: Final = len(_BOUNDS) + 2  # the sum in microseconds, then one count per bucket
+
+
+class ConnectionTimes:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_listener: dict[int, list[int]] = {}
+        self._moved = False
+
+    def observe(self, listener: int, seconds: float) -> None:
+        bucket = bisect_left(_BOUNDS, seconds) + 1  # observations at or below each bound
+        with self._lock:
+            counts = self._by_listener.get(listener)
+            if counts is None:
+                counts = self._by_listener[listener] = [0] * _SLOTS
+            counts[0] += max(0, int(seconds * 1e6))
+            counts[bucket] += 1
+            self._moved = True
+
+    def reports(self) -> list[channel.Durations]:
+        """DURATIONS for every listener, if a count moved since the last call."""
+        with self._lock:
+            if not self._moved:
+                return []
+            self._moved = False
+            entries = [(listener, counts[0], tuple(counts[1:]))
+                       for listener, counts in sorted(self._by_listener.items())]  # fmt: skip
+        step = channel.MAX_DURATION_ENTRIES
+        return [channel.Durations(tuple(entries[at : at + step]))
+                for at in range(0, len(entries), step)]  # fmt: skip
+
+
+__all__ = ["ConnectionTimes"]
