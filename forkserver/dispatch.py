@@ -51,6 +51,7 @@ from typing import Final
 from forkserver import channel, fdpass
 from forkserver.eventloop import EventLoop, TimerHandle
 from forkserver.listeners import Listener
+from forkserver.tallies import counts_by
 from forkserver.worker_table import WorkerRecord, WorkerState, WorkerTable
 
 log = logging.getLogger("forkserver.master")
@@ -106,6 +107,12 @@ class Dispatcher:
         self._pause_logged = False  # so is its end, "accepting resumed"
         self._stall_timer: TimerHandle | None = None
         self._stall_mark = 0  # the table's assignments when the stall check was armed
+        #: By listener, over the master's life (not on the per-connection path):
+        #: descriptors taken back from a worker to be dispatched again, and
+        #: accepted ones closed unserved.  ``pauses``: times accepting paused.
+        self.taken_back: dict[int, int] = {}
+        self.dropped: dict[int, int] = {}
+        self.pauses = 0
 
     # --- the hot path ------------------------------------------------------
 
@@ -215,6 +222,7 @@ class Dispatcher:
 
     def requeue(self, items: Sequence[tuple[int, int]]) -> None:
         """Descriptors taken back from a worker go first in line."""
+        counts_by(items, self.taken_back)
         self.pending.extendleft(reversed(items))
         if len(self.pending) >= self.max_pending and not self.paused:
             self._pause()
@@ -319,6 +327,7 @@ class Dispatcher:
 
     def _pause(self) -> None:
         self.paused = True
+        self.pauses += 1
         for listener in self.listeners:
             listener.pause_accepting()
         if self._stall_timer is None:
@@ -376,8 +385,11 @@ class Dispatcher:
         """
         for link in tuple(self.links.values()):
             if link.record.in_flight > link.record.capacity:
-                self.pending.extend(self._take_back(link))
+                taken = self._take_back(link)
+                counts_by(taken, self.taken_back)
+                self.pending.extend(taken)
         count = len(self.pending)
+        counts_by(self.pending, self.dropped)
         while self.pending:
             fd, _ = self.pending.popleft()
             os.close(fd)

@@ -48,6 +48,7 @@ from forkserver.listeners import Listener
 from forkserver.log import log_file_copy
 from forkserver.refusals import RefusalTotals
 from forkserver.stackdump import StackDumps
+from forkserver.tallies import BoundedTally, DurationTotals, Histogram
 from forkserver.worker_table import (
     ALONE_DELAY,
     HEALTHY_LIFETIME,
@@ -58,6 +59,7 @@ from forkserver.worker_table import (
     WorkerRecord,
     WorkerState,
     WorkerTable,
+    exit_label,
 )
 from forkserver.workers import preamble
 from forkserver.workers.core import EXIT_MEANINGS, HEARTBEAT_INTERVAL, WorkerContext
@@ -68,6 +70,8 @@ log = logging.getLogger("forkserver.master")
 _READ_BATCH: Final = 64
 #: Seconds between the stack-dump ABRT and the SIGKILL of a stuck worker.
 KILL_GRACE: Final = 1.0
+#: Handler exception types counted each under its own name; the rest are "other".
+MAX_ERROR_TYPES: Final = 32
 
 
 def describe_exit(code: int) -> str:
@@ -214,6 +218,12 @@ class Pool:
         self.history: dict[int, SlotHistory] = {}
         #: Connections the workers' preambles closed, over the master's life.
         self.refusals = RefusalTotals()
+        #: Over the master's life, for the metrics: how long connections took (the
+        #: workers' reports), workers that exited by (planned, cause), handler
+        #: exceptions by type.
+        self.durations = DurationTotals()
+        self.exits: dict[tuple[bool, str], int] = {}
+        self.error_types = BoundedTally(MAX_ERROR_TYPES)
         self.target = spec.settings.workers  # how many workers to keep
         self.spawned = 0
         self.ever_ready = False  # some worker has been ready (startup_timeout is over)
@@ -464,6 +474,11 @@ class Pool:
             case channel.Refusals(counts=counts):  # its preamble closed these
                 self.table.seen(record.pid, now)
                 self.refusals.update(record.pid, counts)
+            case channel.Durations(entries=entries):
+                self.table.seen(record.pid, now)
+                self.durations.update(record.pid, [
+                    (listener, Histogram(buckets=buckets, sum_us=sum_us))
+                    for listener, sum_us, buckets in entries])  # fmt: skip
 
     def _over_requests(self, record: WorkerRecord) -> None:
         self.recycle(record, f"served {record.served} connections, its max_requests "
@@ -489,6 +504,7 @@ class Pool:
         self.table.handler_failed(record.pid)
         history = self.history.setdefault(record.slot, SlotHistory())
         history.handler_errors += 1
+        self.error_types.count(error.exc_type)
         history.last_error = f"{error.exc_type}: {error.message}"
         self.report(HandlerFailed(record, error))
 
@@ -652,12 +668,15 @@ class Pool:
         self._requeue(reclaimed)
         self.table.remove(record.pid)
         self.refusals.worker_gone(record.pid)
+        self.durations.worker_gone(record.pid)
         lifetime = self.loop.time() - record.started_at
         how = describe_exit(code)
         if code in EXIT_MEANINGS:  # a worker's own failure, boot or runtime
             how += f" ({EXIT_MEANINGS[code]})"
         cause = record.exit_cause or "died"
         planned = cause in PLANNED_CAUSES
+        key = (planned, exit_label(cause, code))
+        self.exits[key] = self.exits.get(key, 0) + 1
         # Planned exits are routine; a death nobody asked for is worth a look.
         level = logging.INFO if planned else logging.WARNING
         log.log(level, "worker %d (pid %d) exited: %s%s", record.slot, record.pid, how,

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -133,6 +134,11 @@ class Reloader:
         self.start_check: StartCheck = ReloadCheck
         self.generations = Generations()
         self.last_error: str | None = None
+        #: Over the master's life: reloads that committed, and that failed (any way);
+        #: the ``time.time()`` of the latest that committed.
+        self.completed = 0
+        self.failed = 0
+        self.last_success: float | None = None
         self._before_target: int | None = None  # to restore if the reload is abandoned
         self._check: Check | None = None
         self.replies = AttemptReplies()  # `ctl reload` answers: one outcome settles them
@@ -272,6 +278,8 @@ class Reloader:
         replaced = self.generations.commit()
         self._before_target = None
         self.last_error = None
+        self.completed += 1
+        self.last_success = time.time()
         self.pool.retire_generations(lambda record_generation: record_generation != generation)
         self.pool.forget_generation(replaced)
         log.info("reload complete: generation %d serves", generation,
@@ -296,6 +304,7 @@ class Reloader:
 
     def _failed(self, reason: str, detail: str | None = None) -> None:
         self.last_error = reason
+        self.failed += 1
         log.error("reload failed, the running workers keep serving: %s", detail or reason,
                   extra={"event": "reload_failed", "reason": reason})  # fmt: skip
         self.notifier.status(f"reload failed: {reason}", force=True)

@@ -9,7 +9,10 @@ counter and gauge the master keeps is a field here, so one more view
 (metrics, say) reads this object and nothing else.
 
 Pure but for ``os.getpid`` and an ``fstat`` of each listener (its inode,
-for ``ctl status``): nothing here changes state.
+for ``ctl status``): nothing here changes state.  The metrics
+(``forkserver.metrics``) read a snapshot too, with what only they need
+(per-listener flow, exits by cause, the duration histograms) from the
+``Tallies`` the master passes in.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from forkserver.lifecycle import STOPPING, Phase, status_state
+from forkserver.tallies import EMPTY, Histogram
 from forkserver.worker_table import SlotHistory, WorkerRecord, WorkerState
 
 
@@ -40,6 +44,36 @@ class ListenerStatus:
     inode: int
     #: Connections the workers closed before the handler, by reason (the preamble).
     refused: Mapping[str, int] = field(default_factory=dict)
+    # Over the master's life (the metrics): accepted by the master; taken back from
+    # a worker to be dispatched again; closed unserved (a fast stop, the exit).
+    accepted: int = 0
+    taken_back: int = 0
+    dropped: int = 0
+    queued: int = 0  # now, in the master's queue
+    #: Connections whose handler ran, and how long they took (the workers' reports).
+    durations: Histogram = EMPTY
+
+    @property
+    def dispatched(self) -> int:
+        """Handed to a worker, over the master's life (again after a take-back):
+        every descriptor accepted or taken back is queued, dropped or dispatched."""
+        return self.accepted + self.taken_back - self.queued - self.dropped
+
+
+@dataclass(frozen=True, slots=True)
+class Tallies:
+    """What the master counted over its life, as its parts keep it (for ``take``)."""
+
+    accepted: Mapping[int, int] = field(default_factory=dict)  # by listener index
+    taken_back: Mapping[int, int] = field(default_factory=dict)
+    dropped: Mapping[int, int] = field(default_factory=dict)
+    durations: Mapping[int, Histogram] = field(default_factory=dict)
+    accept_pauses: int = 0
+    exits: Mapping[tuple[bool, str], int] = field(default_factory=dict)  # (planned, cause)
+    handler_errors: Mapping[str, int] = field(default_factory=dict)
+    reloads_completed: int = 0
+    reloads_failed: int = 0
+    last_reload: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +128,20 @@ class Snapshot:
     last_reload_error: str | None
     workers: tuple[WorkerStatus, ...]
     health: str | None = None  # where the health listener answers
+    metrics: str | None = None  # where the metrics listener answers
+    max_pending: int = 0  # max_pending_connections in force
+    accept_pauses: int = 0  # times accepting paused on a full queue, over the master's life
+    #: Workers that exited, over the master's life, by cause: unasked (``crash``,
+    #: ``signal``, ``timeout``, ``protocol_error``, ``leaving``) and retired on
+    #: purpose (``reload``, ``scale_down``, ``max_requests``, ``max_memory``,
+    #: ``ctl_kill``, ``stop``).
+    deaths_by_cause: Mapping[str, int] = field(default_factory=dict)
+    retired_by_cause: Mapping[str, int] = field(default_factory=dict)
+    #: Handler exceptions by type (a bounded set of types, then "other").
+    handler_errors_by_type: Mapping[str, int] = field(default_factory=dict)
+    reloads_completed: int = 0
+    reloads_failed: int = 0
+    last_reload: float | None = None  # time.time() of the latest reload that committed
 
     @property
     def where(self) -> str:
@@ -110,6 +158,7 @@ class Snapshot:
                 "state": self.state,
                 "draining": self.draining,
                 "health": self.health,
+                "metrics": self.metrics,
                 "workers_target": self.target,
                 "pending": self.pending,
                 "accepting": self.accepting,
@@ -194,12 +243,19 @@ def take(
     upgrading: bool = False,
     refused: Mapping[int, Mapping[str, int]] | None = None,
     health: str | None = None,
+    metrics: str | None = None,
+    tallies: Tallies | None = None,
+    queue: Iterable[tuple[int, int]] = (),
+    max_pending: int = 0,
 ) -> Snapshot:
     """The snapshot of these facts; *monotonic* and *wall* are now on each clock.
 
     *upgrading*: a newer master is starting (USR2); *refused*: by listener
     index, what the workers closed before the handler; *health*: the
-    health listener's address.
+    health listener's address, *metrics* the metrics listener's; *tallies*
+    what the master counted, *queue* the (descriptor, listener) pairs in
+    its queue (counted by listener: at most the queue's bound, and a
+    snapshot is taken on events, never per connection).
     """
     workers = sorted(records, key=lambda r: r.slot)
     stopping = phase in STOPPING
@@ -208,6 +264,10 @@ def take(
     capacity = sum(r.capacity for r in ready)
     free = sum(max(0, r.capacity - r.in_flight) for r in ready)
     refused = refused or {}
+    tallies = tallies or Tallies()
+    queued: dict[int, int] = {}
+    for _, index in queue:
+        queued[index] = queued.get(index, 0) + 1
     return Snapshot(
         pid=os.getpid(),
         name=name,
@@ -223,7 +283,7 @@ def take(
         free=max(0, free - pending),
         pending=pending,
         accepting=not stopping and not paused,
-        listeners=tuple(_listener(listener, refused.get(index, {}))
+        listeners=tuple(_listener(listener, index, refused.get(index, {}), tallies, queued)
                         for index, listener in enumerate(listeners)),
         served=sum(r.served for r in workers) + sum(h.served for h in history.values()),
         in_flight=sum(r.in_flight for r in workers),
@@ -236,14 +296,29 @@ def take(
         last_reload_error=last_reload_error,
         workers=tuple(_worker(r, history.get(r.slot), monotonic, wall) for r in workers),
         health=health,
-    )
+        metrics=metrics,
+        max_pending=max_pending,
+        accept_pauses=tallies.accept_pauses,
+        deaths_by_cause=dict(sorted((cause, n) for (planned, cause), n in tallies.exits.items()
+                                    if not planned)),
+        retired_by_cause=dict(sorted((cause, n) for (planned, cause), n in tallies.exits.items()
+                                     if planned)),
+        handler_errors_by_type=dict(tallies.handler_errors),
+        reloads_completed=tallies.reloads_completed,
+        reloads_failed=tallies.reloads_failed,
+        last_reload=tallies.last_reload,
+    )  # fmt: skip
 
 
-def _listener(listener: DescribedListener, refused: Mapping[str, int]) -> ListenerStatus:
+def _listener(listener: DescribedListener, index: int, refused: Mapping[str, int],
+              tallies: Tallies, queued: Mapping[int, int]) -> ListenerStatus:
     fd = listener.socket_descriptor()
     inode = os.fstat(fd).st_ino if fd >= 0 else 0
     return ListenerStatus(name=listener.name, address=listener.describe(), fd=fd, inode=inode,
-                          refused=dict(refused))  # fmt: skip
+                          refused=dict(refused), accepted=tallies.accepted.get(index, 0),
+                          taken_back=tallies.taken_back.get(index, 0),
+                          dropped=tallies.dropped.get(index, 0), queued=queued.get(index, 0),
+                          durations=tallies.durations.get(index, EMPTY))  # fmt: skip
 
 
 def _worker(
@@ -258,4 +333,4 @@ def _worker(
     )  # fmt: skip
 
 
-__all__ = ["ListenerStatus", "SlotFailing", "Snapshot", "WorkerStatus", "take"]
+__all__ = ["ListenerStatus", "SlotFailing", "Snapshot", "Tallies", "WorkerStatus", "take"]

@@ -133,6 +133,8 @@ class TcpServer:
         self._backoff_timer: TimerHandle | None = None
         self._watching = False  # registered with the loop
         self._accept_errors = 0  # lets wait_for_new_connection() see a failure
+        #: Connections accepted over the server's life (counted once per batch).
+        self.accepted_total = 0
 
     # -- Qt API: state ---------------------------------------------------
 
@@ -468,6 +470,7 @@ class TcpServer:
             accepted += 1
             self.incoming_connection(fd)
             emit_new_connection()  # as Qt: also when an override took the descriptor
+        self.accepted_total += accepted
         return accepted
 
     def _on_accept_failure(self, exc: OSError) -> None:

@@ -88,6 +88,15 @@ UNPLANNED_CAUSES: Final = frozenset({"timeout", "protocol_error", "died"})
 REPLACED_CAUSES: Final = frozenset({"reload", "max_requests", "max_memory", "ctl kill"})
 
 
+def exit_label(cause: str, code: int) -> str:
+    """How a worker's exit is counted in the metrics: its cause, with ``died``
+    told apart as ``signal`` (killed by one nobody in the master sent) or
+    ``crash`` (it exited by itself), and spaces and dashes as underscores."""
+    if cause == "died":
+        return "signal" if code < 0 else "crash"
+    return cause.replace(" ", "_").replace("-", "_")
+
+
 @dataclass(slots=True)
 class SlotHistory:
     """What outlives the workers of one slot: for ``forkserver ctl status``.
