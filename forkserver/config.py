@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import math
 import os
 import re
@@ -78,7 +79,7 @@ ACCESS_LOG_FIELDS: Final[dict[str, object]] = {
 DEFAULT_ACCESS_LOG_FORMAT: Final = "{listener} {peer} worker {worker} {duration_ms:.1f} ms{error}"
 
 Kind = Literal["int", "float", "bool", "str", "choice", "mode", "bytes", "handler", "listeners",
-               "addresses", "bind", "paths", "format"]
+               "addresses", "bind", "paths", "format", "hostport", "prefix"]
 
 
 class ConfigError(ForkserverError):
@@ -218,6 +219,24 @@ class Settings:
         help="on a graceful stop, keep accepting this long after the health answers turn "
              "to drain, so the balancer moves new connections away before any is refused "
              "(the stop then goes on as usual)")
+    # -- metrics
+    metrics_bind: str | None = _s(
+        None, kind="bind", group="metrics", optional=True, metavar="SPEC",
+        example='"127.0.0.1:9100"',
+        help="serve Prometheus metrics on this address, from the master: HTTP GET /metrics "
+             "in the text format 0.0.4 (HOST:PORT, [V6]:PORT, :PORT or unix:PATH; none: "
+             "off; the same spec as health_bind: one listener answers both)")
+    statsd_host: str | None = _s(
+        None, kind="hostport", group="metrics", optional=True, metavar="ADDR:PORT",
+        example='"127.0.0.1:8125"',
+        help="push the metrics to this statsd server over UDP every statsd_interval "
+             "(an IP address and port: the master never waits on DNS; none: off)")
+    statsd_prefix: str = _s(
+        "forkserver", kind="prefix", group="metrics", maximum=64,
+        help="the first part of every statsd name (letters, digits, _ - and dots)")
+    statsd_interval: float = _s(
+        10.0, kind="float", group="metrics", minimum=0.1, maximum=3600, metavar="SECONDS",
+        help="seconds between two statsd pushes")
     # -- workers
     handler: str = _s("", kind="handler", group="workers", metavar="MODULE:CALLABLE",
                       example='"forkserver.examples.echo:handle"',
@@ -391,7 +410,7 @@ class Settings:
 
 
 GROUPS: Final = ("listeners", "workers", "limits", "lifecycle", "control", "logging",
-                 "security", "balancer", "hooks")
+                 "security", "balancer", "hooks", "metrics")
 #: The hook settings run in the master (in a child of it) and in each worker.
 MASTER_HOOKS: Final = ("on_starting", "when_ready", "on_reload", "pre_exec", "on_exit")
 WORKER_HOOKS: Final = ("post_fork", "post_worker_init", "worker_exit")
@@ -448,6 +467,8 @@ def _expect(meta: Setting) -> str:
         "bind": "a bind spec: HOST:PORT, [V6]:PORT, :PORT or unix:PATH",
         "paths": f"a list of at most {MAX_WATCHED_FILES} paths",
         "format": "a format string over the access log's fields",
+        "hostport": "an IP address and a port, as 127.0.0.1:8125",
+        "prefix": "letters, digits, _ and -, in parts joined by dots",
     }.get(meta.kind, f"a string of at most {meta.maximum or MAX_TEXT:g} characters")
 
 
@@ -605,6 +626,36 @@ def _check_format(meta: Setting, text: str) -> str:
     return text
 
 
+_PREFIX: Final = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+
+
+def _check_hostport(meta: Setting, text: str) -> str | None:
+    """``ADDR:PORT`` or ``[V6]:PORT`` with a numeric address: nothing to resolve."""
+    text = text.strip()
+    if meta.optional and text == "":
+        return None
+    host, sep, port = text.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    try:
+        address = ipaddress.ip_address(host)
+        number = int(port, 10) if (address.version == 6) == bracketed else 0
+    except ValueError:
+        number = 0
+    if not sep or not 1 <= number <= 65535:
+        raise _Invalid(f"expected an IP address and a port, as 127.0.0.1:8125 or [::1]:8125 "
+                       f"(no host name: the master never waits on DNS), got {text[:200]!r}")
+    return text
+
+
+def _check_prefix(meta: Setting, text: str) -> str:
+    text = text.strip()
+    if len(text) > (meta.maximum or 64) or not _PREFIX.fullmatch(text):
+        raise _Invalid(f"expected at most {meta.maximum:g} letters, digits, _ and -, in parts "
+                       f"joined by dots, got {text[:200]!r}")
+    return text
+
+
 _TEXT_PARSERS: Final[dict[str, Callable[[Setting, str], Any]]] = {
     "int": _number(lambda t: int(t, 10)),
     "float": _number(float),
@@ -618,6 +669,8 @@ _TEXT_PARSERS: Final[dict[str, Callable[[Setting, str], Any]]] = {
     "bind": _check_health_bind,
     "paths": lambda meta, text: _check_paths(meta, [p for p in text.split(",") if p.strip()]),
     "format": _check_format,
+    "hostport": _check_hostport,
+    "prefix": _check_prefix,
     "str": _check_str,
 }
 
@@ -1101,6 +1154,7 @@ GROUP_TITLES: Final = {
     "security": "Security: who the workers run as",
     "balancer": "Behind a load balancer: PROXY protocol, health answers, drain",
     "hooks": "Hooks: your code at points of the daemon's life",
+    "metrics": "Metrics: Prometheus and statsd",
 }
 
 _SYSTEMD_NOTE: Final = """\
@@ -1358,6 +1412,29 @@ def render_markdown() -> str:
                 "says `reload_listeners_kept`), unless no listener is configured",
                 "at all (the default bind, or systemd's sockets without `--bind`).",
                 "`health_bind` too takes a restart or USR2.",
+                "",
+            ]
+        if group == "metrics":
+            out += [
+                "`metrics_bind` opens a listener in the master that answers `GET",
+                "/metrics` (and `HEAD`) with every counter and gauge in Prometheus's",
+                "text format 0.0.4; any other path is a 404, any other method a",
+                "405.  It reads one request of at most 8 KiB per client, drops a",
+                "client after 2 s whatever it does, serves at most 64 at once, and",
+                "renders at most once per 0.1 s, so no client can block or load the",
+                "master.  Set it to the very spec of `health_bind` and one listener",
+                "answers `/healthz`, `/readyz`, `/metrics` and the agent-check;",
+                "two different specs are two listeners.  `forkserver ctl metrics`",
+                "prints the same text, for node_exporter's textfile collector or a",
+                "host where no port may be opened.  Every metric is in",
+                "docs/metrics.md.",
+                "",
+                "`statsd_host` pushes the same figures, counters as the change since",
+                "the last push and gauges as they are, in datagrams of at most 1432",
+                "bytes from a non-blocking UDP socket; a send that fails is counted",
+                "and logged (`statsd_failed`, at most once a minute), never retried.",
+                "A reload applies `statsd_host`, `statsd_prefix` and",
+                "`statsd_interval`; `metrics_bind` takes a restart or USR2.",
                 "",
             ]
         if group == "security":

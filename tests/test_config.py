@@ -69,6 +69,12 @@ SAMPLES: dict[str, tuple[tuple[str, str, str], tuple[object, object, object]]] =
               (f"h.{hook}:a", f"h:{hook}", f"h.i:{hook}.b"))
        for hook in config.MASTER_HOOKS + config.WORKER_HOOKS},
     "hook_timeout": (("0.5", "2", "60"), (0.5, 2.0, 60.0)),
+    "metrics_bind": (('"127.0.0.1:9100"', ":9101", "unix:/run/m.sock"),
+                     ("127.0.0.1:9100", ":9101", "unix:/run/m.sock")),
+    "statsd_host": (('"127.0.0.1:8125"', "[::1]:8125", "10.1.2.3:9"),
+                    ("127.0.0.1:8125", "[::1]:8125", "10.1.2.3:9")),
+    "statsd_prefix": (('"app"', "app.web", "a-b_c.d"), ("app", "app.web", "a-b_c.d")),
+    "statsd_interval": (("0.5", "10", "60"), (0.5, 10.0, 60.0)),
 }
 #: Lines a sample needs beside it to be a valid configuration.
 SAMPLE_NEEDS: dict[str, str] = {"proxy_protocol": 'proxy_allow_from = ["127.0.0.1"]\n'}
