@@ -14,7 +14,8 @@
 This is the one module that turns errors into exit codes (sysexits.h):
 64 bad command line, 66 missing config file, 78 invalid configuration;
 ``ctl`` adds 1 (command failed), 69 (no daemon), 70 (malformed reply),
-75 (no reply in time) and 77 (refused).  ``run`` passes on the master's
+75 (no reply in time), 77 (refused) and 73 (``ctl metrics --output`` cannot
+write its file).  ``run`` passes on the master's
 own: 0 after a stop, 3 when no worker became ready within
 ``startup_timeout``, 69 when a listener cannot be opened, 78 when the
 handler or the user/group is unusable.
@@ -23,6 +24,7 @@ handler or the user/group is unusable.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import enum
 import importlib.metadata
@@ -45,6 +47,7 @@ class ExitCode(enum.IntEnum):
     NOINPUT = 66         # EX_NOINPUT: the config file does not exist
     UNAVAILABLE = 69     # EX_UNAVAILABLE: no daemon behind the control socket
     SOFTWARE = 70        # EX_SOFTWARE: a malformed reply
+    CANTCREAT = 73       # EX_CANTCREAT: ctl metrics --output cannot write its file
     TEMPFAIL = 75        # EX_TEMPFAIL: the daemon did not reply in time
     NOPERM = 77          # EX_NOPERM: the control socket refused us
     CONFIG = 78          # EX_CONFIG
@@ -273,6 +276,15 @@ def _add_ctl_parser(sub: Any) -> None:
     how.add_argument("--fast", dest="mode", action="store_const", const="fast",
                      help="stop now, cutting connections")
     cmds.add_parser("reopen-logs", help="reopen the log file (after rotation)")
+    metrics = cmds.add_parser("metrics", help="the metrics, in Prometheus's text format",
+                              description="Print every metric as GET /metrics answers it "
+                                          "(docs/metrics.md), or write it to a file for "
+                                          "node_exporter's textfile collector.")
+    metrics.add_argument("--output", "-o", metavar="FILE",
+                         help="write to FILE instead (through a temporary file in the same "
+                              "directory, renamed over it: a reader never sees half), "
+                              "without the process_* metrics, whose names node_exporter "
+                              "uses for itself")
 
 
 def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
@@ -424,8 +436,31 @@ def _cmd_ctl(ns: argparse.Namespace) -> int:
         return _CTL_EXIT_CODES[type(exc)]
     if ns.ctl_command == "status":
         sys.stdout.write(control.format_status(result, as_json=ns.json))
+    elif ns.ctl_command == "metrics":
+        return _write_metrics(str(result), ns.output)
     elif result:
         sys.stdout.write(control.format_result(result))
+    return ExitCode.OK
+
+
+def _write_metrics(text: str, output: str | None) -> int:
+    """``ctl metrics``: to stdout, or to *output* whole (renamed into place)."""
+    if output is None:
+        sys.stdout.write(text)
+        return ExitCode.OK
+    kept = "".join(line for line in text.splitlines(keepends=True)
+                   if not line.startswith(("process_", "# HELP process_", "# TYPE process_")))
+    temporary = f"{output}.{os.getpid()}.tmp"
+    try:
+        with open(temporary, "w", encoding="utf-8") as file:
+            file.write(kept)
+        os.replace(temporary, output)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        print(f"forkserver ctl: metrics: cannot write {output}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return ExitCode.CANTCREAT
     return ExitCode.OK
 
 

@@ -4,7 +4,8 @@
 takes.  Every command returns at once (``stop`` and ``scale`` start their
 work in the loop; ``reload`` returns a ``control.Deferred`` that the
 reload's outcome settles); ``status`` is the snapshot of ``status``, in
-the shape documented in ``forkserver.control``.
+the shape documented in ``forkserver.control``; ``metrics`` is the text
+``GET /metrics`` answers (``forkserver.metrics``).
 
 Collaborators: the loop (to defer work past the reply), the pool (as
 ``CommandPool``: find a worker, retire or signal it), the reloader, the
@@ -33,6 +34,7 @@ class Controls(Protocol):
     def stop_now(self) -> None: ...
     def reopen_logs(self) -> None: ...
     def snapshot(self) -> Snapshot: ...
+    def metrics_text(self) -> str: ...
 
 
 class CommandPool(Protocol):
@@ -77,6 +79,7 @@ class ControlCommands:
             "kill": self.kill,
             "stop": self.stop,
             "reopen-logs": self.controls.reopen_logs,
+            "metrics": self.controls.metrics_text,
         }
 
     def _refuse_while_stopping(self) -> None:

@@ -64,6 +64,7 @@ command          called as                               returns
                  ``kill(worker=W, signal_name=NAME)``
 ``stop``         ``stop(graceful=True|False)``           None
 ``reopen-logs``  ``reopen_logs()``                       None
+``metrics``      ``metrics()``                           the Prometheus text
 ===============  ======================================  ===============
 
 The requests behind them: ``{"workers": N}`` (1 ≤ N ≤ ``MAX_WORKERS``)
@@ -473,6 +474,7 @@ _ARGS: Final[dict[str, Callable[[Mapping[str, Any]], dict[str, Any]]]] = {
     "kill": _kill_args,
     "stop": _stop_args,
     "reopen-logs": _no_args,
+    "metrics": _no_args,
 }
 
 

@@ -112,13 +112,15 @@ _REASONS: Final = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method
 
 
 class Routes:
-    """Path -> answer; ``/healthz`` and ``/readyz`` are always there."""
+    """Path -> answer; ``/healthz`` and ``/readyz`` unless *health* is false."""
 
-    def __init__(self) -> None:
-        self._routes: dict[str, Callable[[HealthFacts], HttpAnswer]] = {
-            "/healthz": _healthz,
-            "/readyz": _readyz,
-        }
+    def __init__(self, *, health: bool = True) -> None:
+        self._routes: dict[str, Callable[[HealthFacts], HttpAnswer]] = {}
+        if health:
+            self._routes.update({"/healthz": _healthz, "/readyz": _readyz})
+
+    def paths(self) -> list[str]:
+        return list(self._routes)
 
     def add(self, path: str, answer: Callable[[HealthFacts], HttpAnswer]) -> None:
         if not path.startswith("/") or path in self._routes:

@@ -73,7 +73,9 @@ class HealthListener:
     def __init__(self, loop: EventLoop, bind: str, facts: Callable[[], HealthFacts],
                  routes: Routes | None = None, *, max_clients: int = MAX_CLIENTS,
                  client_timeout: float = CLIENT_TIMEOUT,
-                 agent_wait: float = AGENT_WAIT) -> None:  # fmt: skip
+                 agent_wait: float = AGENT_WAIT, agent: bool = True) -> None:  # fmt: skip
+        """*agent* false: HTTP only (the metrics listener): no agent-check line,
+        a request that is not HTTP is a 400."""
         self._loop = loop
         self.bind = bind
         self._facts = facts
@@ -81,6 +83,7 @@ class HealthListener:
         self._max_clients = max_clients
         self._timeout = client_timeout
         self._agent_wait = agent_wait
+        self._agent = agent
         self._listener: Listener | None = None
         self._clients: set[_Client] = set()
         self._log = LogLimiter(LOG_INTERVAL, loop.time)
@@ -101,9 +104,15 @@ class HealthListener:
         listener.dispatch = self._accepted
         listener.accept_error.connect(lambda error: self._accept_failed(listener))
         self._listener = listener
-        log.info("health answers on %s (agent-check, GET /healthz, /readyz)",
-                 listener.describe(), extra={"event": "health_listening",
-                                             "address": listener.describe()})  # fmt: skip
+        paths = ", ".join(self.routes.paths())
+        if self._agent:
+            log.info("health answers on %s (agent-check, GET %s)", listener.describe(), paths,
+                     extra={"event": "health_listening",
+                            "address": listener.describe()})  # fmt: skip
+        else:
+            log.info("metrics on %s (GET %s)", listener.describe(), paths,
+                     extra={"event": "metrics_listening",
+                            "address": listener.describe()})  # fmt: skip
 
     def describe(self) -> str:
         return self._listener.describe() if self._listener is not None else self.bind
@@ -148,8 +157,9 @@ class HealthListener:
         client = _Client(sock)
         self._clients.add(client)
         client.deadline = self._loop.call_later(self._timeout, lambda: self._drop(client))
-        client.agent_timer = self._loop.call_later(self._agent_wait,
-                                                   lambda: self._silent(client))  # fmt: skip
+        if self._agent:
+            client.agent_timer = self._loop.call_later(self._agent_wait,
+                                                       lambda: self._silent(client))  # fmt: skip
         self._loop.add_reader(sock, lambda: self._readable(client))
 
     def _readable(self, client: _Client) -> None:
@@ -182,7 +192,11 @@ class HealthListener:
             return
         first = buf[:end].rstrip(b"\r")
         if not health_answers.is_http(first):
-            self._answer(client, health_answers.agent_reply(self._facts()))
+            if self._agent:
+                self._answer(client, health_answers.agent_reply(self._facts()))
+            else:
+                self._answer(client, health_answers.http_response(
+                    self.routes, b"", self._facts()))  # fmt: skip
         elif b"\r\n\r\n" in buf or b"\n\n" in buf:
             self._answer(client, health_answers.http_response(self.routes, first,
                                                               self._facts()))  # fmt: skip

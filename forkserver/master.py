@@ -58,13 +58,14 @@ from forkserver.errors import ForkserverError
 from forkserver.eventloop import EventLoop, TimerHandle
 from forkserver.handler import LoadedHandler, WorkerClass
 from forkserver.health import Health
-from forkserver.health_answers import HealthFacts, health_facts
+from forkserver.health_answers import HealthFacts, HttpAnswer, Routes, health_facts
 from forkserver.health_listener import HealthListener
 from forkserver.hookrun import HookRunner, run_blocking
 from forkserver.hooks import HookTarget
 from forkserver.lifecycle import Event, Lifecycle, Phase, finished, may_replace, stop_workers
 from forkserver.listeners import Listener
 from forkserver.log import reopen as reopen_logs
+from forkserver.metrics import CONTENT_TYPE, Exposition
 from forkserver.notices import Notices
 from forkserver.pool import (
     ChildExited,
@@ -252,6 +253,8 @@ class Master:
         self.started = time.time()
         self.control: ControlServer | None = None
         self.health_listener: HealthListener | None = None  # health_bind
+        self.metrics = Exposition(self.snapshot)  # metrics_bind, ctl metrics
+        self.metrics_listener: HealthListener | None = None  # metrics_bind, if not health_bind's
         self.pid_file: PidFile | None = None
         self.watcher: SourceWatcher | None = None  # reload = true
         self._departing: TimerHandle | None = None  # the drain_delay of a graceful stop
@@ -519,10 +522,35 @@ class Master:
         if self.control is not None:
             self.pool.after_fork.append(self.control.discard_after_fork)
         if self.settings.health_bind and self.health_listener is None:
-            health = HealthListener(self.loop, self.settings.health_bind, self.health_facts)
+            routes = Routes()
+            if self.settings.metrics_bind == self.settings.health_bind:  # one listener for both
+                routes.add("/metrics", self._metrics_answer)
+            health = HealthListener(self.loop, self.settings.health_bind, self.health_facts,
+                                    routes)  # fmt: skip
             health.start()
             self.health_listener = health
             self.pool.after_fork.append(health.discard_after_fork)
+        self._open_metrics()
+
+    def _open_metrics(self) -> None:
+        """``metrics_bind`` when it is not ``health_bind``: HTTP GET /metrics only."""
+        bind = self.settings.metrics_bind
+        if not bind or bind == self.settings.health_bind or self.metrics_listener is not None:
+            return
+        routes = Routes(health=False)
+        routes.add("/metrics", self._metrics_answer)
+        facts = HealthFacts(draining=False, ready_workers=0, capacity=0, load=0)
+        listener = HealthListener(self.loop, bind, lambda: facts, routes, agent=False)
+        listener.start()
+        self.metrics_listener = listener
+        self.pool.after_fork.append(listener.discard_after_fork)
+
+    def _metrics_answer(self, facts: HealthFacts) -> HttpAnswer:
+        return HttpAnswer(200, self.metrics.text().encode(), CONTENT_TYPE)
+
+    def metrics_text(self) -> str:
+        """``forkserver ctl metrics``: the text ``GET /metrics`` answers."""
+        return self.metrics.text()
 
     def health_facts(self) -> HealthFacts:
         """What the health listener answers from: the snapshot's readiness, room, drain."""
@@ -555,6 +583,25 @@ class Master:
             started=self.started, monotonic=self.loop.time(), wall=time.time(),
             upgrading=self.upgrader.new is not None, refused=pool.refusals.by_listener(),
             health=self.health_listener.describe() if self.health_listener else None,
+            metrics=self._metrics_where(), tallies=self._tallies(),
+            queue=self.dispatcher.pending, max_pending=self.dispatcher.max_pending,
+        )  # fmt: skip
+
+    def _metrics_where(self) -> str | None:
+        listener = self.metrics_listener
+        if listener is None and self.settings.metrics_bind == self.settings.health_bind:
+            listener = self.health_listener
+        return listener.describe() if listener is not None else None
+
+    def _tallies(self) -> status.Tallies:
+        pool, reloader, dispatcher = self.pool, self.reloader, self.dispatcher
+        return status.Tallies(
+            accepted={item.index: item.accepted_total for item in self.listeners},
+            taken_back=dispatcher.taken_back, dropped=dispatcher.dropped,
+            durations=pool.durations.by_listener(), accept_pauses=dispatcher.pauses,
+            exits=pool.exits, handler_errors=pool.error_types.counts(),
+            reloads_completed=reloader.completed, reloads_failed=reloader.failed,
+            last_reload=reloader.last_success,
         )  # fmt: skip
 
     def _update_degraded(self) -> None:
@@ -699,6 +746,8 @@ class Master:
             self.control.close()
         if self.health_listener is not None:
             self.health_listener.close()
+        if self.metrics_listener is not None:
+            self.metrics_listener.close()
         if self.pid_file is not None:
             self.pid_file.release()
         self.upgrader.close()
