@@ -81,6 +81,7 @@ from forkserver.pool import (
 from forkserver.privileges import PidFile
 from forkserver.ratelimit import LogLimiter
 from forkserver.reloader import ReloadBegun, Reloader
+from forkserver.statsd import StatsdPush
 from forkserver.systemd import Notifier, listen_fds
 from forkserver.upgrade import Handover
 from forkserver.upgrader import HandedOver, TookOver, Upgrader
@@ -253,8 +254,9 @@ class Master:
         self.started = time.time()
         self.control: ControlServer | None = None
         self.health_listener: HealthListener | None = None  # health_bind
-        self.metrics = Exposition(self.snapshot)  # metrics_bind, ctl metrics
+        self.metrics = Exposition(self.snapshot)  # metrics_bind, ctl metrics, statsd
         self.metrics_listener: HealthListener | None = None  # metrics_bind, if not health_bind's
+        self.statsd = StatsdPush(loop, self.metrics.families, lambda: self.settings)
         self.pid_file: PidFile | None = None
         self.watcher: SourceWatcher | None = None  # reload = true
         self._departing: TimerHandle | None = None  # the drain_delay of a graceful stop
@@ -328,6 +330,7 @@ class Master:
             self.watcher = SourceWatcher(self.loop, lambda: watched_files(self.settings),
                                          self._source_changed)  # fmt: skip
             self.watcher.start()
+        self.statsd.start()
         if self.settings.startup_timeout > 0:
             self.loop.call_later(self.settings.startup_timeout, self._startup_deadline)
         return None
@@ -748,6 +751,7 @@ class Master:
             self.health_listener.close()
         if self.metrics_listener is not None:
             self.metrics_listener.close()
+        self.statsd.stop()
         if self.pid_file is not None:
             self.pid_file.release()
         self.upgrader.close()

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from forkserver import channel, metrics
+from forkserver import channel, metrics, statsd
 from forkserver.lifecycle import Phase
 from forkserver.metrics import Build, Exposition, MasterFigures, ProcessFigures, ProcessSampler
 from forkserver.status import Snapshot, Tallies, take
@@ -263,3 +263,36 @@ def test_the_exposition_renders_at_most_once_per_interval() -> None:
     now[0] += metrics.MIN_INTERVAL * 1.5
     exposition.text()
     assert len(taken) == 2
+
+
+#: The statsd names of the series labelled by a worker's pid.
+PER_WORKER = tuple(f"app.worker_{name}." for name in (
+    "resident_memory_bytes", "unique_memory_bytes", "cpu_seconds_total",
+    "connections_served_total", "start_time_seconds"))
+
+
+def test_statsd_lines_send_counter_changes_and_gauges() -> None:
+    last: dict[str, float] = {}
+    families = metrics.families(snapshot(), {}, BUILD, master=MASTER)
+    lines = statsd.lines(families, "app", last)
+    assert "app.connections_accepted_total.web:10|c" in lines
+    assert "app.connections_queued.web:1|g" in lines
+    assert "app.connection_duration_seconds_count.web:4|c" in lines
+    assert "app.connections_accepted_total.od_d_one_line:3|c" in lines
+    # The pool's own series are pushed; those of each worker process are not.
+    assert "app.worker_deaths_total.signal:2|c" in lines
+    assert "app.worker_retirements_total.reload:3|c" in lines
+    assert "app.worker_capacity:1|g" in lines
+    assert not [line for line in lines if line.startswith(PER_WORKER) or "build_info" in line
+                or "_bucket" in line]  # fmt: skip
+    assert not [line for line in lines if ":0|c" in line]  # counters that did not move
+    again = statsd.lines(families, "app", last)
+    assert not [line for line in again if line.endswith("|c")]
+    assert "app.connections_queued.web:1|g" in again
+
+
+def test_statsd_datagrams_stay_within_their_bound() -> None:
+    items = [f"forkserver.metric_{n}:{n}|c" for n in range(500)]
+    datagrams = statsd.datagrams(items)
+    assert all(len(data) <= statsd.MAX_DATAGRAM for data in datagrams)
+    assert b"\n".join(datagrams).decode().split("\n") == items
