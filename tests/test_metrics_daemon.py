@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from tests.metrics_support import Scraper, address, ctl_metrics, http, listener, parse
-from tests.support import TIMEOUT, poll_until, recv_all, start_daemon, wait_gone
+from tests.support import TIMEOUT, poll_until, read_line, recv_all, start_daemon, wait_gone
 
 METERED = "tests.handlers.metered:handle"
 METRICS = ("--metrics-bind", "127.0.0.1:0")
@@ -113,6 +113,44 @@ def test_a_reload_is_counted_as_replacements_and_keeps_every_counter() -> None:
         assert scraper.value("forkserver_connections_served_total", **on) == 5
         assert scraper.value("forkserver_connection_duration_seconds_count", **on) == 5
         assert scraper.value("forkserver_connections_accepted_total", **on) == 5
+
+
+def test_a_stuck_worker_killed_past_its_timeout_is_a_timeout_death() -> None:
+    args = (*METRICS, "--timeout", "0.5")
+    with start_daemon("tests.handlers.stubborn:ignore_abrt_and_hang", *args,
+                      workers=1) as daemon:  # fmt: skip
+        scraper = Scraper(address(daemon))
+        with daemon.connect() as sock:
+            stuck = int(read_line(sock).split()[0])
+            daemon.wait_log("worker_exited", pid=stuck)
+        scraper.wait("forkserver_worker_deaths_total", 1, cause="timeout")
+        deaths = {s.labels["cause"]: s.value for s in scraper.samples()
+                  if s.name == "forkserver_worker_deaths_total"}  # fmt: skip
+        assert sum(deaths.values()) == 1
+        retired = [s.value for s in scraper.samples()
+                   if s.name == "forkserver_worker_retirements_total"]  # fmt: skip
+        assert sum(retired) == 0
+
+
+def test_a_failed_reload_is_counted_and_marks_the_last_reload_unsuccessful(
+        tmp_path: Path) -> None:  # fmt: skip
+    config = tmp_path / "forkserver.toml"
+    config.write_text("max_requests = 0\n")
+    with start_daemon(METERED, "-c", str(config), *METRICS, workers=1) as daemon:
+        scraper = Scraper(address(daemon))
+        config.write_text("max_requests = -5\n")
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_log("reload_failed")
+        scraper.wait("forkserver_reloads_total", 1, result="failed")
+        assert scraper.value("forkserver_reloads_total", result="completed") == 0
+        assert scraper.value("forkserver_last_reload_successful") == 0
+        assert scraper.value("forkserver_last_reload_success_timestamp_seconds") == 0
+        config.write_text("max_requests = 0\n")
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_log("reload_completed")
+        scraper.wait("forkserver_reloads_total", 1, result="completed")
+        assert scraper.value("forkserver_last_reload_successful") == 1
+        assert scraper.value("forkserver_reloads_total", result="failed") == 1
 
 
 def test_handler_errors_are_counted_by_type() -> None:
