@@ -10,6 +10,7 @@ that nothing is left in the group.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import signal
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.bench import procstat
+from tests.bench import procstat, scrape
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -74,6 +75,7 @@ class Launch:
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
     stop_signal: int = signal.SIGTERM
+    scrape: Path | None = None  # metrics_bind's Unix socket, to scrape while it runs
 
 
 Builder = Callable[[int, int, int, Path], Launch]  # (fd, port, workers, scratch dir)
@@ -110,6 +112,18 @@ def forkserver(worker_class: str, handler: str, *extra: str) -> Builder:
     return build
 
 
+def scraped(worker_class: str, handler: str, *extra: str) -> Builder:
+    """forkserver with ``metrics_bind`` on a Unix socket, scraped once a second."""
+    def build(fd: int, port: int, workers: int, scratch: Path) -> Launch:
+        where = scratch / "metrics.sock"
+        with contextlib.suppress(FileNotFoundError):
+            where.unlink()  # a previous run's
+        launch = forkserver(worker_class, handler, *extra, "--metrics-bind",
+                            f"unix:{where}")(fd, port, workers, scratch)  # fmt: skip
+        return dataclasses.replace(launch, scrape=where)
+    return build
+
+
 HELLO = "forkserver.examples.hello_http:handle"
 # Thread and asyncio workers default to 16 connections each; 2 x 16 would
 # leave 18 of wrk's 50 keep-alive clients unserved, where every other
@@ -133,6 +147,8 @@ SERVERS: dict[str, tuple[Builder, str]] = {
     "gunicorn-sync": (gunicorn, "gunicorn"),
     "nginx": (nginx, "nginx"),
     "fs-sync": (forkserver("sync", HELLO), "forkserver"),
+    # fs-sync with metrics_bind set and scraped once a second (scrape.py).
+    "fs-sync-metrics": (scraped("sync", HELLO), "forkserver"),
     "fs-thread": (forkserver("thread", HELLO, *ROOMY), "forkserver"),
     "fs-asyncio": (forkserver("asyncio", HELLO_ASYNC, *ROOMY), "forkserver"),
     "fs-asyncio-protocol": (forkserver("asyncio", HELLO_PROTOCOL, *ROOMY),
@@ -219,6 +235,7 @@ class Server:
         # The server has its copy; ours would keep the port open after it dies.
         self.listener.close()
         self.start_to_ready: float | None = None
+        self.scraper: scrape.Scraper | None = None  # from ready on, if launch.scrape
 
     @property
     def url(self) -> str:
@@ -247,6 +264,9 @@ class Server:
             try:
                 if probe(self.port, max(0.01, min(2.0, deadline - time.monotonic()))):
                     self.start_to_ready = time.monotonic() - self.started
+                    if self.launch.scrape is not None and self.scraper is None:
+                        self.scraper = scrape.Scraper(self.launch.scrape)
+                        self.scraper.start()
                     return self.start_to_ready
                 last = ServerFailed("the readiness probe got a wrong answer")
             except OSError as exc:
@@ -265,6 +285,8 @@ class Server:
 
     def stop(self) -> None:
         """Stop gracefully, then by force; reap; check nothing is left behind."""
+        if self.scraper is not None:
+            self.scraper.stop()
         pgid = self.proc.pid
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -286,6 +308,9 @@ class Server:
                     os.kill(pid, signal.SIGKILL)
             raise ServerFailed(f"{self.name} left processes {left} after it stopped")
         self.log.close()
+        if self.scraper is not None and self.scraper.failures > self.scraper.scrapes:
+            raise ServerFailed(f"{self.name}: {self.scraper.failures} of its metrics scrapes "
+                               f"failed, {self.scraper.scrapes} answered")  # fmt: skip
 
     def __enter__(self) -> Server:
         return self
