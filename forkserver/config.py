@@ -1192,12 +1192,14 @@ and logged (event `control_denied`).
 | `kill SLOT\\|PID --signal NAME` | send it TERM, QUIT, ABRT or KILL instead |
 | `stop [--graceful\\|--fast]` | stop; graceful (the default) lets workers finish |
 | `reopen-logs` | reopen `log_file` after rotation (as USR1) |
+| `metrics [-o FILE]` | the metrics as `GET /metrics` answers (docs/metrics.md), or to FILE |
 
 `status --json` sorts its keys and carries `"schema": 1`; keys are only
 ever added, never renamed.  Exit codes: 0 done; 1 the daemon rejected the command (the reason is
 printed); 64 bad command line; 69 no daemon at the socket; 70 a
-malformed reply; 75 no reply within `--timeout`; 77 refused (file mode
-or peer credentials); 78 invalid configuration (with `-c`)."""
+malformed reply; 73 `metrics --output` cannot write its file; 75 no
+reply within `--timeout`; 77 refused (file mode or peer credentials);
+78 invalid configuration (with `-c`)."""
 
 
 def toml_value(key: str, value: object) -> str:  # noqa: PLR0911 (one per kind of value)

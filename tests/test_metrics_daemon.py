@@ -14,6 +14,7 @@ import os
 import platform
 import signal
 import socket
+import subprocess
 from pathlib import Path
 
 import psutil
@@ -235,6 +236,12 @@ def test_ctl_metrics_is_the_same_text_and_writes_a_textfile(tmp_path: Path) -> N
         names = {s.name for s in written}
         assert names == {name for name in over_http if not name.startswith("process_")}
         assert os.listdir(tmp_path) == ["forkserver.prom"]  # no temporary left behind
+        nowhere = tmp_path / "missing" / "forkserver.prom"
+        with pytest.raises(subprocess.CalledProcessError) as failed:
+            ctl_metrics(daemon, "--output", str(nowhere))
+        assert failed.value.returncode == 73  # EX_CANTCREAT
+        assert f"cannot write {nowhere}" in failed.value.stderr
+        assert os.listdir(tmp_path) == ["forkserver.prom"]
 
 
 def test_ctl_metrics_works_without_any_listener_for_it() -> None:
