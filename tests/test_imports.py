@@ -1,4 +1,5 @@
-"""The package's imports point one way: no cycle, and only the CLI imports the master.
+"""The package's imports point one way: no cycle, only the embedding API imports the
+master, and the metrics read the status snapshot, never the parts of the master.
 
 Every ``import`` and ``from ... import`` inside ``forkserver`` is read
 with ``ast``, those under ``if TYPE_CHECKING:`` included (a cycle hidden
@@ -88,6 +89,28 @@ def test_the_package_has_no_import_cycle() -> None:
 def test_only_the_embedding_api_imports_the_master() -> None:
     importers = {name for name, deps in import_graph().items() if "forkserver.master" in deps}
     assert importers <= {"forkserver.daemon"}, importers
+
+
+#: The metrics are a view: each module may import only these of the package.
+METRICS_IMPORTS = {
+    "forkserver.metrics": {"forkserver.status"},  # the snapshot, nothing of the master
+    "forkserver.statsd": {"forkserver.config", "forkserver.eventloop", "forkserver.metrics",
+                          "forkserver.ratelimit"},
+    "forkserver.tallies": {"forkserver.channel"},  # pure bookkeeping
+    "forkserver.workers.timing": {"forkserver.channel"},
+}
+
+
+def test_the_metrics_read_the_snapshot_and_only_the_master_wires_them() -> None:
+    graph = import_graph()
+    for module, allowed in METRICS_IMPORTS.items():
+        assert graph[module] <= allowed, (module, graph[module] - allowed)
+    exporters = {name for name, deps in graph.items()
+                 if deps & {"forkserver.metrics", "forkserver.statsd"}}  # fmt: skip
+    assert exporters <= {"forkserver.master", "forkserver.statsd"}, exporters
+    workers = {name for name in graph if name.startswith("forkserver.workers")}
+    assert not {name for name in workers if "forkserver.tallies" in graph[name]
+                or "forkserver.metrics" in graph[name]}  # fmt: skip
 
 
 def test_the_cycle_check_can_see_a_cycle() -> None:

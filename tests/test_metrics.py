@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -296,3 +297,16 @@ def test_statsd_datagrams_stay_within_their_bound() -> None:
     datagrams = statsd.datagrams(items)
     assert all(len(data) <= statsd.MAX_DATAGRAM for data in datagrams)
     assert b"\n".join(datagrams).decode().split("\n") == items
+
+
+def test_every_metric_is_documented_in_docs_metrics_md_once_and_none_else() -> None:
+    families = metrics.families(snapshot(), {200: ProcessFigures(rss=1, uss=1, cpu_seconds=1)},
+                                BUILD, master=MASTER)  # fmt: skip
+    text = (Path(__file__).resolve().parent.parent / "docs" / "metrics.md").read_text()
+    documented = [line.split("`")[1] for line in text.splitlines()
+                  if line.startswith("| `")]  # fmt: skip
+    assert documented == [family.name for family in families]
+    for family in families:
+        kinds = {line.split("|")[2].strip() for line in text.splitlines()
+                 if line.startswith(f"| `{family.name}` |")}  # fmt: skip
+        assert kinds == {family.kind}, family.name
