@@ -84,6 +84,7 @@ class HealthListener:
         self._timeout = client_timeout
         self._agent_wait = agent_wait
         self._agent = agent
+        self._setting = "health_bind" if agent else "metrics_bind"  # for the errors
         self._listener: Listener | None = None
         self._clients: set[_Client] = set()
         self._log = LogLimiter(LOG_INTERVAL, loop.time)
@@ -94,12 +95,12 @@ class HealthListener:
         try:
             spec = listeners.parse_bind(self.bind)
             if spec.kind not in ("tcp", "unix"):
-                raise HealthError(f"health_bind {self.bind!r}: must be an address to bind "
+                raise HealthError(f"{self._setting} {self.bind!r}: must be an address to bind "
                                   "(HOST:PORT, [V6]:PORT, :PORT or unix:PATH)")  # fmt: skip
             listener = listeners.open_listener(spec, 0, backlog=self._max_clients,
                                                loop=self._loop)  # fmt: skip
         except listeners.ListenerError as exc:
-            raise HealthError(f"health_bind: {exc}") from None
+            raise HealthError(f"{self._setting}: {exc}") from None
         listener.set_accept_batch_size(self._max_clients)
         listener.dispatch = self._accepted
         listener.accept_error.connect(lambda error: self._accept_failed(listener))

@@ -198,6 +198,11 @@ def test_a_bind_it_cannot_open_is_named() -> None:
             HealthListener(loop, f"{host}:{port}", lambda: READY).start()
         with pytest.raises(HealthError, match="must be an address to bind"):
             HealthListener(loop, "fd://7", lambda: READY).start()
+        # The metrics listener is the same code: its errors name its own setting.
+        with pytest.raises(HealthError, match=f"metrics_bind: bind spec '{host}:{port}'"):
+            HealthListener(loop, f"{host}:{port}", lambda: READY, agent=False).start()
+        with pytest.raises(HealthError, match="metrics_bind 'fd://7': must be an address"):
+            HealthListener(loop, "fd://7", lambda: READY, agent=False).start()
         loop.close()
 
 
