@@ -116,6 +116,24 @@ def test_a_reload_is_counted_as_replacements_and_keeps_every_counter() -> None:
         assert scraper.value("forkserver_connections_accepted_total", **on) == 5
 
 
+def test_max_requests_and_a_scale_down_are_retirements_not_deaths() -> None:
+    with start_daemon(METERED, *METRICS, "--max-requests", "2", workers=1) as daemon:
+        scraper = Scraper(address(daemon))
+        first = daemon.workers()[0].pid
+        for _ in range(2):
+            ask(daemon, b"pid\n")
+        daemon.wait_log("worker_exited", pid=first)
+        scraper.wait("forkserver_worker_retirements_total", 1, cause="max_requests")
+        daemon.proc.send_signal(signal.SIGTTIN)
+        scraper.wait("forkserver_workers", 2, state="ready", generation="0")
+        daemon.proc.send_signal(signal.SIGTTOU)
+        daemon.wait_log("workers_scaled", target=1)
+        scraper.wait("forkserver_worker_retirements_total", 1, cause="scale_down")
+        assert scraper.value("forkserver_workers_target") == 1
+        deaths = [s.value for s in scraper.samples() if s.name == "forkserver_worker_deaths_total"]
+        assert sum(deaths) == 0
+
+
 def test_a_stuck_worker_killed_past_its_timeout_is_a_timeout_death() -> None:
     args = (*METRICS, "--timeout", "0.5")
     with start_daemon("tests.handlers.stubborn:ignore_abrt_and_hang", *args,
