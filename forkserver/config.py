@@ -79,7 +79,7 @@ ACCESS_LOG_FIELDS: Final[dict[str, object]] = {
 DEFAULT_ACCESS_LOG_FORMAT: Final = "{listener} {peer} worker {worker} {duration_ms:.1f} ms{error}"
 
 Kind = Literal["int", "float", "bool", "str", "choice", "mode", "bytes", "handler", "listeners",
-               "addresses", "bind", "paths", "format", "hostport", "prefix"]
+               "addresses", "bind", "paths", "format", "hostport", "prefix", "names"]
 
 
 class ConfigError(ForkserverError):
@@ -146,10 +146,17 @@ class ListenerSettings:
     proxy_protocol: Literal["off", "v1", "v2"] | None = None
     #: None means the settings' ``proxy_allow_from``; filled in by :func:`load`.
     proxy_allow_from: tuple[str, ...] | None = None
+    #: This listener's own ``tls_*`` keys, (key, value) in file order; the
+    #: global ``tls_*`` settings fill in the rest (``forkserver.tls_listeners``).
+    tls: tuple[tuple[str, Any], ...] = ()
 
 
+#: The TLS keys a [[listeners]] table may set: the global ones, and its SNI certificates.
+LISTENER_TLS_KEYS: Final = ("tls_certfile", "tls_keyfile", "tls_password_file", "tls_cafile",
+                            "tls_client_auth", "tls_min_version", "tls_ciphers", "tls_alpn",
+                            "tls_handshake_timeout", "tls_certificates")
 LISTENER_KEYS: Final = ("bind", "name", "backlog", "dispatch", "proxy_protocol",
-                        "proxy_allow_from")
+                        "proxy_allow_from", *LISTENER_TLS_KEYS)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -407,10 +414,50 @@ class Settings:
         help="how long a master hook's child may run before it is killed (the master "
              "never waits on a hook in its loop); worker hooks are bounded by timeout and "
              "graceful_timeout instead")
+    # -- tls
+    tls_certfile: str | None = _s(
+        None, kind="str", group="tls", optional=True, maximum=MAX_TEXT, metavar="PATH",
+        example='"/etc/forkserver/tls/server.pem"',
+        help="serve TLS on every listener that does not set its own: the server certificate "
+             "then its chain, PEM (none: plain TCP); the workers run the handshake, the "
+             "handler gets the decrypted connection")
+    tls_keyfile: str | None = _s(
+        None, kind="str", group="tls", optional=True, maximum=MAX_TEXT, metavar="PATH",
+        example='"/etc/forkserver/tls/server.key"',
+        help="the certificate's private key, PEM (none: it is in tls_certfile); read by "
+             "the master, so it may be readable by root only")
+    tls_password_file: str | None = _s(
+        None, kind="str", group="tls", optional=True, maximum=MAX_TEXT, metavar="PATH",
+        example='"/etc/forkserver/tls/key.pass"',
+        help="a file holding the password of an encrypted tls_keyfile (one line)")
+    tls_cafile: str | None = _s(
+        None, kind="str", group="tls", optional=True, maximum=MAX_TEXT, metavar="PATH",
+        example='"/etc/forkserver/tls/clients-ca.pem"',
+        help="the CA certificates client certificates are checked against (needed by, "
+             "and only with, tls_client_auth optional or required)")
+    tls_client_auth: Literal["none", "optional", "required"] = _s(
+        "none", kind="choice", group="tls", choices=("none", "optional", "required"),
+        help="client certificates (mutual TLS): none asks for none; optional checks one "
+             "if sent; required refuses a client without a valid one")
+    tls_min_version: Literal["TLSv1.2", "TLSv1.3"] = _s(
+        "TLSv1.2", kind="choice", group="tls", choices=("TLSv1.2", "TLSv1.3"),
+        help="the oldest TLS version accepted (TLS 1.0 and 1.1 are never offered)")
+    tls_ciphers: str | None = _s(
+        None, kind="str", group="tls", optional=True, maximum=MAX_TEXT, metavar="CIPHERS",
+        example='"ECDHE+AESGCM:ECDHE+CHACHA20"',
+        help="an OpenSSL cipher string for TLS 1.2 (none: the ssl module's secure "
+             "default; TLS 1.3 suites are OpenSSL's own)")
+    tls_alpn: tuple[str, ...] = _s(
+        (), kind="names", group="tls", metavar="PROTO,...", example='["http/1.1"]',
+        help="protocols offered for ALPN, most preferred first (none: no ALPN)")
+    tls_handshake_timeout: float = _s(
+        5.0, kind="float", group="tls", above=0, maximum=3600, metavar="SECONDS",
+        help="how long a client has to finish its TLS handshake before the worker closes "
+             "the connection (after the PROXY header, when both are on)")
 
 
 GROUPS: Final = ("listeners", "workers", "limits", "lifecycle", "control", "logging",
-                 "security", "balancer", "hooks", "metrics")
+                 "security", "balancer", "hooks", "metrics", "tls")
 #: The hook settings run in the master (in a child of it) and in each worker.
 MASTER_HOOKS: Final = ("on_starting", "when_ready", "on_reload", "pre_exec", "on_exit")
 WORKER_HOOKS: Final = ("post_fork", "post_worker_init", "worker_exit")
@@ -469,6 +516,7 @@ def _expect(meta: Setting) -> str:
         "format": "a format string over the access log's fields",
         "hostport": "an IP address and a port, as 127.0.0.1:8125",
         "prefix": "letters, digits, _ and -, in parts joined by dots",
+        "names": "a list of names",
     }.get(meta.kind, f"a string of at most {meta.maximum or MAX_TEXT:g} characters")
 
 
@@ -503,9 +551,10 @@ def _check_choice(meta: Setting, value: str) -> str | None:
     low = value.strip().lower()
     if meta.optional and low in ("auto", ""):
         return None
-    if low not in meta.choices:
+    found = next((choice for choice in meta.choices if choice.lower() == low), None)
+    if found is None:
         raise _Invalid(f"expected {_expect(meta)}, got {value!r}")
-    return low
+    return found
 
 
 def _check_handler(meta: Setting, value: str) -> str:
@@ -581,6 +630,17 @@ def _check_addresses(meta: Setting, entries: Sequence[object]) -> tuple[str, ...
 
 def _parse_addresses(meta: Setting, text: str) -> tuple[str, ...]:
     return _check_addresses(meta, [s for s in re.split(r"[,\s]+", text) if s])
+
+
+def _check_names(meta: Setting, entries: Sequence[object]) -> tuple[str, ...]:
+    """A list of short printable names (``tls_alpn``); tls.py checks them further."""
+    if len(entries) > MAX_ALLOW_ENTRIES:
+        raise _Invalid(f"at most {MAX_ALLOW_ENTRIES} entries, got {len(entries)}")
+    for entry in entries:
+        if not isinstance(entry, str) or not entry or not entry.isprintable() or len(entry) > 255:
+            raise _Invalid(f"expected {_expect(meta)} (strings of 1-255 printable "
+                           f"characters), got {entry!r}")  # fmt: skip
+    return tuple(entries)  # type: ignore[arg-type]
 
 
 def _check_health_bind(meta: Setting, text: str) -> str | None:
@@ -666,6 +726,7 @@ _TEXT_PARSERS: Final[dict[str, Callable[[Setting, str], Any]]] = {
     "handler": lambda meta, text: _check_handler(meta, text.strip()),
     "listeners": _parse_listeners,
     "addresses": _parse_addresses,
+    "names": lambda meta, text: _check_names(meta, [s for s in re.split(r"[,\s]+", text) if s]),
     "bind": _check_health_bind,
     "paths": lambda meta, text: _check_paths(meta, [p for p in text.split(",") if p.strip()]),
     "format": _check_format,
@@ -691,10 +752,11 @@ def _from_toml(key: str, value: object) -> Any:
     meta = SETTINGS[key]
     if isinstance(value, str) and meta.kind in ("bytes", "mode"):
         return parse_text(key, value)              # "512M", "022"
-    if meta.kind in ("addresses", "paths"):
+    if meta.kind in ("addresses", "paths", "names"):
         if not isinstance(value, list):
             raise _Invalid(f"expected an array of strings, got {_toml_type(value)}")
-        return (_check_addresses if meta.kind == "addresses" else _check_paths)(meta, value)
+        check = {"addresses": _check_addresses, "paths": _check_paths, "names": _check_names}
+        return check[meta.kind](meta, value)
     expected = {"int": int, "bytes": int, "mode": int, "float": int | float,
                 "bool": bool}.get(meta.kind, str)
     is_bool = isinstance(value, bool)
@@ -920,15 +982,43 @@ class _TomlSource:
             "proxy_allow_from": lambda v: _from_toml("proxy_allow_from", v),
         }
         values: dict[str, Any] = {}
+        tls: list[tuple[str, Any]] = []
         for key, value in table.items():
             try:
+                if key in LISTENER_TLS_KEYS:
+                    tls.append((key, _listener_tls(key, value)))
+                    continue
                 if key not in ("backlog", "proxy_allow_from") and not isinstance(value, str):
                     raise _Invalid(f"expected a string, got {_toml_type(value)}")
                 values[key] = checks[key](value)
             except _Invalid as exc:
                 raise self.error(f"{where}.{key}", str(exc), index) from None
         values["name"] = values.get("name") or ""
-        return ListenerSettings(**values)
+        return ListenerSettings(**values, tls=tuple(tls))
+
+
+def _listener_tls(key: str, value: object) -> Any:
+    """A [[listeners]] table's own TLS key, checked as the global one is.
+
+    ``tls_certfile = ""`` turns TLS off on that listener; ``tls_certificates``
+    (SNI) exists only per listener: each entry becomes a ``tls.TlsCertificate``.
+    """
+    if key == "tls_certfile" and value == "":
+        return ""
+    if key != "tls_certificates":
+        return _from_toml(key, value)
+    from forkserver.tls import TlsCertificate, TlsConfigError  # noqa: PLC0415 (ssl: only here)
+
+    if not isinstance(value, list) or not all(isinstance(entry, dict) for entry in value):
+        raise _Invalid("expected an array of tables: [[listeners.tls_certificates]] with "
+                       "server_names and certfile")  # fmt: skip
+    if len(value) > MAX_LISTENERS:
+        raise _Invalid(f"at most {MAX_LISTENERS} certificates")
+    try:
+        return tuple(TlsCertificate.from_mapping(entry, f"tls_certificates[{number}]")
+                     for number, entry in enumerate(value))  # fmt: skip
+    except TlsConfigError as exc:
+        raise _Invalid(str(exc)) from None
 
 
 def _read_config(path: str) -> str:
@@ -1155,6 +1245,7 @@ GROUP_TITLES: Final = {
     "balancer": "Behind a load balancer: PROXY protocol, health answers, drain",
     "hooks": "Hooks: your code at points of the daemon's life",
     "metrics": "Metrics: Prometheus and statsd",
+    "tls": "TLS: encrypted listeners",
 }
 
 _SYSTEMD_NOTE: Final = """\
@@ -1163,6 +1254,57 @@ Nothing to set: under systemd forkserver uses the sockets systemd passes
 READY/RELOADING/STOPPING/STATUS through NOTIFY_SOCKET (Type=notify),
 answers the watchdog, logs with journald priorities, and puts the
 control socket in $RUNTIME_DIRECTORY."""
+
+
+_TLS_NOTE: Final = """\
+A listener serves TLS when `tls_certfile` applies to it: its own (in its
+`[[listeners]]` table) or the global one.  A `[[listeners]]` table may set
+every `tls_*` key for itself (`tls_certfile = ""` turns TLS off there),
+and list more certificates chosen by the server name the client asks
+for (SNI): exact names win over `*.example.com` wildcards (one label);
+any other name, and a client without SNI, gets `tls_certfile`.
+
+```toml
+[[listeners]]
+bind = "0.0.0.0:8443"
+tls_certfile = "/etc/forkserver/tls/web.pem"
+tls_keyfile = "/etc/forkserver/tls/web.key"
+tls_alpn = ["http/1.1"]
+
+[[listeners.tls_certificates]]
+server_names = ["api.example.com"]
+certfile = "/etc/forkserver/tls/api.pem"
+keyfile = "/etc/forkserver/tls/api.key"
+```
+
+The master reads and checks every file before it forks a worker (and
+before workers drop to `user`, so a key readable by root only works):
+a missing, unreadable, malformed, mismatched, expired or not yet valid
+file stops the start with exit 78 naming the listener, the setting, the
+file and the reason; `check-config` reports the same.  A reload (HUP,
+`forkserver ctl reload`) reads the files again for the new generation:
+a bad file is `reload_failed` with the reason (and `ctl reload` exits
+1), and the running workers go on with the certificates they have.  The
+global `tls_*` settings change on a reload; a listener's own keys stay
+until a restart or USR2, like the rest of the listener, but its files
+are re-read.
+
+The handshake runs in the worker, after the PROXY header when both are
+on a listener (the header comes first, in clear text), within
+`tls_handshake_timeout`; the handler only ever gets connections whose
+handshake completed.  A failed handshake (plain text, an old TLS
+version, an untrusted client certificate, a stall) is closed, counted
+per listener (`forkserver ctl status`: handshakes done and failed) and
+logged at INFO (`tls_handshake_failed`, at most once per 10 s per
+listener and reason, with the peer and OpenSSL's reason).  A Unix
+listener may serve TLS too (a client then has no address to check the
+certificate against, so give it the name to verify).
+
+Key material: each worker holds the loaded keys in its memory, as any
+TLS server process does; anything that can read a worker's memory (the
+handler, or whatever can ptrace that user's processes) can read them.
+Workers on TLS listeners therefore run with core dumps off
+(`RLIMIT_CORE` 0), so a crash leaves no key in a core file."""
 
 
 _CTL_NOTE: Final = """\
@@ -1212,15 +1354,26 @@ def toml_value(key: str, value: object) -> str:  # noqa: PLR0911 (one per kind o
         return repr(value)
     if value is None:
         return '"auto"' if SETTINGS[key].kind == "choice" else '""'
-    if isinstance(value, tuple) and SETTINGS[key].kind in ("addresses", "paths"):
+    if isinstance(value, tuple) and SETTINGS[key].kind in ("addresses", "paths", "names"):
         return "[" + ", ".join(toml_value("name", entry) for entry in value) + "]"
     if isinstance(value, tuple):
         return "[" + ", ".join(
-            "{ " + ", ".join(f'{k} = {toml_value(k if k in SETTINGS else "name", v)}'
-                             for k in LISTENER_KEYS
-                             if (v := getattr(item, k)) is not None) + " }"
+            "{ " + ", ".join([f'{k} = {toml_value(k if k in SETTINGS else "name", v)}'
+                              for k in LISTENER_KEYS[:-len(LISTENER_TLS_KEYS)]
+                              if (v := getattr(item, k)) is not None]
+                             + [f"{k} = {_tls_toml(k, v)}" for k, v in item.tls]) + " }"
             for item in value) + "]"
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _tls_toml(key: str, value: object) -> str:
+    if key != "tls_certificates":
+        return toml_value(key, value) if value != "" else '""'
+    assert isinstance(value, tuple)
+    return "[" + ", ".join("{ " + ", ".join(
+        f"{name} = {toml_value('tls_alpn' if name == 'server_names' else 'name', v)}"
+        for name in ("server_names", "certfile", "keyfile", "password_file")
+        if (v := getattr(entry, name)) is not None) + " }" for entry in value) + "]"
 
 
 def _comment(text: str, width: int = 76) -> list[str]:
@@ -1249,6 +1402,13 @@ def _listener_example() -> list[str]:
         "#                            # proxy_protocol setting)",
         '# proxy_allow_from = ["198.18.0.2"]  # who may send the header',
         "#                            # (default: the proxy_allow_from setting)",
+        '# tls_certfile = "/etc/forkserver/tls/web.pem"  # TLS on this listener;',
+        "#                            # every tls_* setting can be set here, \"\"",
+        "#                            # turns TLS off (default: the tls_* settings)",
+        "# [[listeners.tls_certificates]]  # SNI: served to clients asking these names",
+        '# server_names = ["api.example.com", "*.api.example.com"]',
+        '# certfile = "/etc/forkserver/tls/api.pem"',
+        '# keyfile = "/etc/forkserver/tls/api.key"',
         "#",
         "# [[listeners]]",
         '# bind = "unix:/run/forkserver/app.sock"',
@@ -1439,6 +1599,8 @@ def render_markdown() -> str:
                 "`statsd_interval`; `metrics_bind` takes a restart or USR2.",
                 "",
             ]
+        if group == "tls":
+            out += [*_TLS_NOTE.splitlines(), ""]
         if group == "security":
             out += [
                 "Workers drop to `user`/`group` right after fork, before the handler",

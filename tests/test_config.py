@@ -75,6 +75,20 @@ SAMPLES: dict[str, tuple[tuple[str, str, str], tuple[object, object, object]]] =
                     ("127.0.0.1:8125", "[::1]:8125", "10.1.2.3:9")),
     "statsd_prefix": (('"app"', "app.web", "a-b_c.d"), ("app", "app.web", "a-b_c.d")),
     "statsd_interval": (("0.5", "10", "60"), (0.5, 10.0, 60.0)),
+    "tls_certfile": (('"/etc/a.pem"', "/etc/b.pem", "/etc/c.pem"),
+                     ("/etc/a.pem", "/etc/b.pem", "/etc/c.pem")),
+    "tls_keyfile": (('"/etc/a.key"', "/etc/b.key", "/etc/c.key"),
+                    ("/etc/a.key", "/etc/b.key", "/etc/c.key")),
+    "tls_password_file": (('"/etc/a.pw"', "/etc/b.pw", "/etc/c.pw"),
+                          ("/etc/a.pw", "/etc/b.pw", "/etc/c.pw")),
+    "tls_cafile": (('"/etc/ca1"', "/etc/ca2", "/etc/ca3"), ("/etc/ca1", "/etc/ca2", "/etc/ca3")),
+    "tls_client_auth": (('"optional"', "REQUIRED", "none"), ("optional", "required", "none")),
+    "tls_min_version": (('"TLSv1.3"', "tlsv1.2", "TLSV1.3"), ("TLSv1.3", "TLSv1.2", "TLSv1.3")),
+    "tls_ciphers": (('"ECDHE+AESGCM"', "HIGH", "ECDHE+CHACHA20"),
+                    ("ECDHE+AESGCM", "HIGH", "ECDHE+CHACHA20")),
+    "tls_alpn": (('["h2", "http/1.1"]', "http/1.1", "h2,http/1.1"),
+                 (("h2", "http/1.1"), ("http/1.1",), ("h2", "http/1.1"))),
+    "tls_handshake_timeout": (("0.5", "3", "10"), (0.5, 3.0, 10.0)),
 }
 #: Lines a sample needs beside it to be a valid configuration.
 SAMPLE_NEEDS: dict[str, str] = {"proxy_protocol": 'proxy_allow_from = ["127.0.0.1"]\n'}
