@@ -16,9 +16,11 @@ from forkserver.tcpserver import NetworkProxy, TcpServer, WaitResult
 if TYPE_CHECKING:
     from forkserver.config import ConfigError, ListenerSettings, Settings
     from forkserver.daemon import Daemon, StartupFailed, serve, settings
+    from forkserver.handshake import TlsInfo
     from forkserver.hooks import WorkerInfo
     from forkserver.sslserver import AlertLevel, AlertType, PeerVerifyError, SslError, SslServer
     from forkserver.workers.preamble import ProxiedConnection, proxy_info
+    from forkserver.workers.tlsstep import tls_info
 
 # Imported on first use: the TLS names pull in the ssl module and asyncio,
 # which the master, the CLI and a plain-TCP worker never need; the PROXY
@@ -31,6 +33,8 @@ _LAZY = {
     **dict.fromkeys(("Daemon", "StartupFailed", "serve", "settings"), "forkserver.daemon"),
     **dict.fromkeys(("ConfigError", "ListenerSettings", "Settings"), "forkserver.config"),
     "WorkerInfo": "forkserver.hooks",
+    "TlsInfo": "forkserver.handshake",
+    "tls_info": "forkserver.workers.tlsstep",
 }
 
 
@@ -58,11 +62,13 @@ __all__ = [
     "SslServer",
     "StartupFailed",
     "TcpServer",
+    "TlsInfo",
     "WaitResult",
     "WorkerInfo",
     "proxy_info",
     "serve",
     "settings",
+    "tls_info",
 ]
 
 __version__ = "0.1.0"

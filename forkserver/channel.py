@@ -56,6 +56,9 @@ type  name       body
                  bucket of ``DURATION_BOUNDS`` and one past the last
                  (not cumulative); running totals, sent with the stats
                  when one moved and before the worker exits
+0x19  HANDSHAKES as REFUSALS: TLS handshakes on each listener, ``done``
+                 or failed by reason (``timeout``, ``not_tls``, ...),
+                 running totals; sent with the stats when one moved
 ====  =========  ==========================================================
 
 A worker never sends descriptors.  The decoder is strict: a short or
@@ -111,6 +114,7 @@ class MessageType(enum.IntEnum):
     LEAVING = 0x16
     REFUSALS = 0x17
     DURATIONS = 0x18
+    HANDSHAKES = 0x19
 
 
 class ProtocolError(Exception):
@@ -193,9 +197,16 @@ class Durations:
     entries: tuple[tuple[int, int, tuple[int, ...]], ...]
 
 
+@dataclass(frozen=True, slots=True)
+class Handshakes:
+    """Running totals of TLS handshakes: (listener, ``done`` or a failure reason, total)."""
+
+    counts: tuple[tuple[int, str, int], ...]
+
+
 MasterMessage = Connections | Stop | Reopen
 WorkerMessage = (Ready | Done | Served | HandlerError | Heartbeat | Stats | Leaving
-                 | Refusals | Durations)  # fmt: skip
+                 | Refusals | Durations | Handshakes)  # fmt: skip
 
 _HEADER: Final = struct.Struct("<BB")
 _U16: Final = struct.Struct("<H")
@@ -258,6 +269,8 @@ def encode(message: MasterMessage | WorkerMessage) -> bytes:  # noqa: PLR0911, P
             return _encode_refusals(counts)
         case Durations(entries=entries):
             return _encode_durations(entries)
+        case Handshakes(counts=counts):
+            return _encode_refusals(counts, MessageType.HANDSHAKES)
     raise TypeError(f"not a channel message: {message!r}")
 
 
@@ -297,11 +310,12 @@ _U16_U8: Final = struct.Struct("<HB")
 _U64: Final = struct.Struct("<Q")
 
 
-def _encode_refusals(counts: Sequence[tuple[int, str, int]]) -> bytes:
+def _encode_refusals(counts: Sequence[tuple[int, str, int]],
+                     kind: MessageType = MessageType.REFUSALS) -> bytes:  # fmt: skip
     if not 1 <= len(counts) <= MAX_REFUSAL_ENTRIES:
-        raise ValueError(f"REFUSALS carries 1 to {MAX_REFUSAL_ENTRIES} entries, "
+        raise ValueError(f"{kind.name} carries 1 to {MAX_REFUSAL_ENTRIES} entries, "
                          f"not {len(counts)}")  # fmt: skip
-    parts = [_header(MessageType.REFUSALS), _U16.pack(len(counts))]
+    parts = [_header(kind), _U16.pack(len(counts))]
     for listener, reason, total in counts:
         raw = reason.encode("ascii", "replace")
         if not _REFUSAL_REASON.fullmatch(raw):
@@ -402,6 +416,8 @@ def decode_worker_message(data: bytes) -> WorkerMessage:  # noqa: PLR0911, PLR09
             return _decode_refusals(body)
         case MessageType.DURATIONS:
             return _decode_durations(body)
+        case MessageType.HANDSHAKES:
+            return Handshakes(counts=_decode_refusals(body, "HANDSHAKES").counts)
     raise ProtocolError(f"message type {kind.name} is not sent by a worker")
 
 
@@ -474,30 +490,30 @@ def _decode_error(body: bytes) -> HandlerError:
     )
 
 
-def _decode_refusals(body: bytes) -> Refusals:
+def _decode_refusals(body: bytes, name: str = "REFUSALS") -> Refusals:
     if len(body) < _U16.size:
-        raise ProtocolError("REFUSALS body is too short for its count")
+        raise ProtocolError(f"{name} body is too short for its count")
     (count,) = _U16.unpack_from(body)
     if not 1 <= count <= MAX_REFUSAL_ENTRIES:
-        raise ProtocolError(f"REFUSALS count {count} is outside 1-{MAX_REFUSAL_ENTRIES}")
+        raise ProtocolError(f"{name} count {count} is outside 1-{MAX_REFUSAL_ENTRIES}")
     offset, entries = _U16.size, []
     for number in range(count):
         if offset + _U16_U8.size > len(body):
-            raise ProtocolError(f"REFUSALS ends inside entry {number}")
+            raise ProtocolError(f"{name} ends inside entry {number}")
         listener, size = _U16_U8.unpack_from(body, offset)
         offset += _U16_U8.size
         raw = body[offset : offset + size]
         if len(raw) != size or not _REFUSAL_REASON.fullmatch(raw):
-            raise ProtocolError(f"REFUSALS entry {number} has no valid reason "
+            raise ProtocolError(f"{name} entry {number} has no valid reason "
                                 f"(1-{MAX_REFUSAL_REASON} of a-z, 0-9, _)")  # fmt: skip
         offset += size
         if offset + _U64.size > len(body):
-            raise ProtocolError(f"REFUSALS ends inside entry {number}")
+            raise ProtocolError(f"{name} ends inside entry {number}")
         (total,) = _U64.unpack_from(body, offset)
         offset += _U64.size
         entries.append((listener, raw.decode("ascii"), total))
     if offset != len(body):
-        raise ProtocolError(f"REFUSALS has {len(body) - offset} bytes after its last entry")
+        raise ProtocolError(f"{name} has {len(body) - offset} bytes after its last entry")
     return Refusals(counts=tuple(entries))
 
 

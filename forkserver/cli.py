@@ -340,7 +340,7 @@ def _cmd_check_config(ns: argparse.Namespace) -> int:
     from forkserver.errors import ForkserverError  # noqa: PLC0415
 
     try:
-        startup.preflight(loaded.settings, check_only=True)
+        startup.preflight(loaded.settings, check_only=True)  # TLS files too
     except ForkserverError as exc:
         print(f"forkserver: cannot start: {exc}", file=sys.stderr)
         return ExitCode.CONFIG

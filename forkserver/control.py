@@ -93,8 +93,9 @@ connections, a successor starts at once), or with ``{"signal": NAME}``
         "accepting": bool,           # False while accept is paused
         "listeners": [{"name": str, "address": str,   # TcpServer.describe()
                        "fd": int, "inode": int,       # os.fstat(fd).st_ino
-                       "refused": {str: int}}],       # reason: connections closed before
+                       "refused": {str: int},         # reason: connections closed before
                                                       # the handler (PROXY header, allow list)
+                       "handshakes": {str: int}}],    # TLS: "done", and failed by reason
         "totals": {"served": int, "in_flight": int, "spawned": int,
                    "deaths": int,          # workers that died without being asked to
                    "restarts": int,        # the same as deaths (the older name)
@@ -970,6 +971,14 @@ def _duration(seconds: object) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
+def _handshakes_line(counts: Mapping[str, object]) -> str:
+    """``TLS handshakes: 12 done, 3 failed (timeout 2, not_tls 1)``."""
+    failures = {reason: n for reason, n in counts.items() if reason != "done"}
+    failed = sum(n for n in failures.values() if isinstance(n, int))
+    detail = ", ".join(f"{_cell(reason)} {_cell(n)}" for reason, n in failures.items())
+    return (f"TLS handshakes: {_cell(counts.get('done', 0))} done, {failed} failed"
+            + (f" ({detail})" if detail else ""))
+
 def _cell(value: object) -> str:
     if value is None:
         return "-"
@@ -1021,6 +1030,9 @@ def format_status(status: Any, *, as_json: bool = False) -> str:
         if isinstance(refused, Mapping) and refused:
             lines.append("    refused before the handler: " + ", ".join(
                 f"{_cell(reason)} {_cell(count)}" for reason, count in refused.items()))
+        shaken = lst.get("handshakes")
+        if isinstance(shaken, Mapping) and shaken:
+            lines.append("    " + _handshakes_line(shaken))
     if m.get("health"):
         lines.append(f"  health answers on {_cell(m['health'])}"
                      f"{' (saying drain)' if m.get('draining') else ''}")

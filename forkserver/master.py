@@ -83,6 +83,7 @@ from forkserver.ratelimit import LogLimiter
 from forkserver.reloader import ReloadBegun, Reloader
 from forkserver.statsd import StatsdPush
 from forkserver.systemd import Notifier, listen_fds
+from forkserver.tls_listeners import ListenerTls
 from forkserver.upgrade import Handover
 from forkserver.upgrader import HandedOver, TookOver, Upgrader
 from forkserver.watch import SourceWatcher, watched_files
@@ -153,7 +154,7 @@ def _serve(
     except ForkserverError as exc:
         raise _cannot_start(notifier, exc, EXIT_UNAVAILABLE) from exc
     try:
-        handler, worker_class = startup.preflight(settings, loaded=loaded)
+        handler, worker_class, tls = startup.preflight(settings, loaded=loaded)
         run_blocking("on_starting", settings, hook_objects, settings)
     except ForkserverError as exc:  # the old master sees end of file
         raise _cannot_start(notifier, exc, EXIT_CONFIG) from exc
@@ -170,6 +171,7 @@ def _serve(
             settings, loop, opened, notifier=notifier, handler=handler,
             worker_class=worker_class, reload_settings=reload_settings, handover=handover,
             hook_objects=hook_objects,
+            tls=tls,
         )  # fmt: skip
         code = master.run()
         if master.start_failure is not None:
@@ -213,6 +215,7 @@ class Master:
         pool_class: type[Pool] = Pool,
         processes: Processes | None = None,
         hook_objects: Mapping[str, HookTarget] | None = None,
+        tls: Mapping[int | None, ListenerTls] | None = None,
     ) -> None:
         """*pool_class* and *processes* are for tests that script the workers."""
         self.loop = loop
@@ -225,7 +228,7 @@ class Master:
         # Listeners the workers accept on themselves (dispatch = "shared").
         shared = {index for index, item in enumerate(listeners) if item.shared}
         self.pool = pool_class(
-            loop, spec=WorkerSpec.of(settings, worker_class), listeners=listeners,
+            loop, spec=WorkerSpec.of(settings, worker_class, tls or {}), listeners=listeners,
             shared=shared, handler=handler, processes=self.processes, report=report,
         )  # fmt: skip
         self.pool.hook_objects = dict(hook_objects or {})
@@ -340,7 +343,7 @@ class Master:
         tables = [item.table for item in self.listeners]
         names = [item.name for item in self.listeners]
         for step in preamble.for_listeners(self.settings, tables, names):
-            if step is not None and step.allow.trusts_any:
+            if step is not None and step.allow is not None and step.allow.trusts_any:
                 log.warning("%s: proxy_allow_from %s lets every peer send a PROXY header, "
                             "so any client that reaches it can claim any address",
                             step.listener, ", ".join(step.allow.entries),
@@ -585,6 +588,7 @@ class Master:
             paused=self.dispatcher.paused, listeners=self.listeners, name=self.settings.name,
             started=self.started, monotonic=self.loop.time(), wall=time.time(),
             upgrading=self.upgrader.new is not None, refused=pool.refusals.by_listener(),
+            handshakes=pool.handshakes.by_listener(),
             health=self.health_listener.describe() if self.health_listener else None,
             metrics=self._metrics_where(), tallies=self._tallies(),
             queue=self.dispatcher.pending, max_pending=self.dispatcher.max_pending,

@@ -34,8 +34,8 @@ import random
 import signal
 import socket
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Final
 
 from forkserver import channel, fdpass, recycling, spawn
@@ -49,6 +49,7 @@ from forkserver.log import log_file_copy
 from forkserver.refusals import RefusalTotals
 from forkserver.stackdump import StackDumps
 from forkserver.tallies import BoundedTally, DurationTotals, Histogram
+from forkserver.tls_listeners import ListenerTls
 from forkserver.worker_table import (
     ALONE_DELAY,
     HEALTHY_LIFETIME,
@@ -125,14 +126,17 @@ class WorkerSpec:
     capacity: int  # connections at once: 1 for sync, else ``concurrency``
     prefetch: int  # descriptors queued beyond capacity: 1 for sync (see dispatch)
     heartbeat_interval: float  # several per ``timeout``: one late beat is no death sentence
+    #: The TLS listeners' contexts, loaded for this generation (``tls_listeners.load``).
+    tls: Mapping[int | None, ListenerTls] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, settings: Settings, worker_class: WorkerClass) -> WorkerSpec:
+    def of(cls, settings: Settings, worker_class: WorkerClass,
+           tls: Mapping[int | None, ListenerTls] | None = None) -> WorkerSpec:  # fmt: skip
         sync = worker_class == "sync"
         return cls(
             settings=settings, worker_class=worker_class,
             capacity=1 if sync else settings.concurrency, prefetch=1 if sync else 0,
-            heartbeat_interval=min(HEARTBEAT_INTERVAL, settings.timeout / 4),
+            heartbeat_interval=min(HEARTBEAT_INTERVAL, settings.timeout / 4), tls=tls or {},
         )  # fmt: skip
 
 
@@ -224,6 +228,8 @@ class Pool:
         self.durations = DurationTotals()
         self.exits: dict[tuple[bool, str], int] = {}
         self.error_types = BoundedTally(MAX_ERROR_TYPES)
+        #: TLS handshakes the workers did and refused, the same way.
+        self.handshakes = RefusalTotals()
         self.target = spec.settings.workers  # how many workers to keep
         self.spawned = 0
         self.ever_ready = False  # some worker has been ready (startup_timeout is over)
@@ -395,7 +401,8 @@ class Pool:
             handler=self._handler, heartbeat_interval=spec.heartbeat_interval,
             access_log=settings.access_log, shared_listeners=self._shared_fds(),
             event_loop=settings.event_loop,
-            preambles=preamble.for_listeners(settings, self._tables, self._listener_names),
+            preambles=preamble.for_listeners(settings, self._tables, self._listener_names,
+                                             spec.tls),
             hooks=configured(settings, self.hook_objects, WORKER_HOOKS),
             access_log_format=(None if settings.access_log_format == DEFAULT_ACCESS_LOG_FORMAT
                                else settings.access_log_format),
@@ -479,6 +486,9 @@ class Pool:
                 self.durations.update(record.pid, [
                     (listener, Histogram(buckets=buckets, sum_us=sum_us))
                     for listener, sum_us, buckets in entries])  # fmt: skip
+            case channel.Handshakes(counts=counts):
+                self.table.seen(record.pid, now)
+                self.handshakes.update(record.pid, counts)
 
     def _over_requests(self, record: WorkerRecord) -> None:
         self.recycle(record, f"served {record.served} connections, its max_requests "
@@ -669,6 +679,7 @@ class Pool:
         self.table.remove(record.pid)
         self.refusals.worker_gone(record.pid)
         self.durations.worker_gone(record.pid)
+        self.handshakes.worker_gone(record.pid)
         lifetime = self.loop.time() - record.started_at
         how = describe_exit(code)
         if code in EXIT_MEANINGS:  # a worker's own failure, boot or runtime

@@ -44,11 +44,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from forkserver.config import Settings
+from forkserver import tls_listeners
+from forkserver.config import ListenerSettings, Settings
 from forkserver.control import AttemptReplies, CommandError, Deferred
 from forkserver.errors import ForkserverError
 from forkserver.eventloop import EventLoop
@@ -58,6 +59,7 @@ from forkserver.handler import resolve_worker_class as _resolve_class
 from forkserver.lifecycle import Lifecycle
 from forkserver.pool import WorkerSpec
 from forkserver.probe import Checked, CheckFailed, ChildProcesses, ProbeError, ReloadCheck
+from forkserver.tls_listeners import ListenerTls
 from forkserver.worker_table import WorkerRecord, WorkerState
 
 log = logging.getLogger("forkserver.master")
@@ -217,18 +219,21 @@ class Reloader:
         try:
             settings = self._reloadable(result.settings)
             worker_class = _resolve_class(settings.handler, result.kind, settings.worker_class)
+            # The new generation's certificates and keys, read here as at start: by
+            # the master, not the check child (which has dropped its privileges).
+            tls = tls_listeners.load(settings)
         except ForkserverError as exc:
             text = str(exc) or type(exc).__name__
             self._failed(text.splitlines()[0], detail=text)
             self._again()
             return
-        self._begin(settings, worker_class)
+        self._begin(settings, worker_class, tls)
 
     def _reloadable(self, settings: Settings) -> Settings:
         """*settings* without the changes a reload cannot make (each one logged)."""
         current = self.pool.settings
         kept: dict[str, Any] = {}
-        if settings.listeners != current.listeners:
+        if _binds(settings.listeners) != _binds(current.listeners):
             kept["listeners"] = current.listeners
             log.warning("the listeners changed in the configuration: a reload keeps the "
                         "listening sockets; restart, or upgrade with USR2, to change them",
@@ -244,13 +249,14 @@ class Reloader:
                         extra={"event": "reload_handler_kept"})  # fmt: skip
         return dataclasses.replace(settings, **kept) if kept else settings
 
-    def _begin(self, settings: Settings, worker_class: WorkerClass) -> None:
+    def _begin(self, settings: Settings, worker_class: WorkerClass,
+               tls: Mapping[int | None, ListenerTls]) -> None:  # fmt: skip
         pool = self.pool
         self._before_target = pool.target
         if settings.workers != pool.settings.workers:
             pool.target = settings.workers  # else a count set by TTIN/TTOU/scale stands
         generation = self.generations.begin()
-        pool.prepare(generation, WorkerSpec.of(settings, worker_class))
+        pool.prepare(generation, WorkerSpec.of(settings, worker_class, tls))
         self.notifier.reloading()
         pool.reset_backoff()
         preload = self.preloaded is not None
@@ -318,3 +324,8 @@ class Reloader:
         reply = self.replies.expect(during_attempt=self.reloading)
         self.reload()
         return reply
+
+
+def _binds(items: Iterable[ListenerSettings]) -> list[ListenerSettings]:
+    """The listeners without their TLS keys, which a reload may change."""
+    return [dataclasses.replace(item, tls=()) for item in items]

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+from collections.abc import Mapping
 from typing import Final
 
-from forkserver import listeners, probe
+from forkserver import listeners, probe, tls_listeners
 from forkserver.config import Settings
 from forkserver.errors import ForkserverError
 from forkserver.eventloop import EventLoop
@@ -21,6 +22,7 @@ from forkserver.handler import LoadedHandler, WorkerClass, load_handler
 from forkserver.handler import resolve_worker_class as _resolve_class
 from forkserver.listeners import Listener
 from forkserver.systemd import InheritedSocket, Notifier, listen_fds, store_name
+from forkserver.tls_listeners import ListenerTls
 from forkserver.upgrade import Handover
 
 DEFAULT_BIND: Final = "127.0.0.1:8000"
@@ -41,11 +43,13 @@ class StartupFailed(ForkserverError):
 
 def preflight(
     settings: Settings, *, check_only: bool = False, loaded: LoadedHandler | None = None
-) -> tuple[LoadedHandler | None, WorkerClass]:
-    """Every check before the first fork: the preloaded handler (or None) and the worker class.
+) -> tuple[LoadedHandler | None, WorkerClass, Mapping[int | None, ListenerTls]]:
+    """Every check before the first fork: the preloaded handler (or None), the
+    worker class and the TLS listeners' contexts (``tls_listeners.load``).
 
     In order: the user/group can be switched to (and ``preload`` is not
-    combined with a switch under root), the handler loads (in a child
+    combined with a switch under root), every TLS listener's certificate
+    and key files load (here, as the master's user), the handler loads (in a child
     that drops privileges first, as a worker does, within
     ``reload_timeout``; with ``preload``, in this process), the worker
     class suits it, and the event loop is installed.  Raises
@@ -57,6 +61,7 @@ def preflight(
     preloaded one, and nothing is imported.
     """
     probe.check_credentials(settings, preload=settings.preload)
+    tls = tls_listeners.load(settings)
     if loaded is not None:
         handler: LoadedHandler | None = loaded
         kind = loaded.kind
@@ -69,7 +74,7 @@ def preflight(
         kind = probe.check_handler(settings, entering=check_only)
     worker_class = _resolve_class(settings.handler, kind, settings.worker_class)
     probe.check_event_loop(settings, worker_class)
-    return handler, worker_class
+    return handler, worker_class, tls
 
 
 def open_configured(

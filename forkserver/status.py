@@ -52,6 +52,8 @@ class ListenerStatus:
     queued: int = 0  # now, in the master's queue
     #: Connections whose handler ran, and how long they took (the workers' reports).
     durations: Histogram = EMPTY
+    #: TLS handshakes: ``done``, and each failure reason (empty: no TLS handshake yet).
+    handshakes: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def dispatched(self) -> int:
@@ -164,7 +166,8 @@ class Snapshot:
                 "accepting": self.accepting,
                 "listeners": [
                     {"name": item.name, "address": item.address, "fd": item.fd,
-                     "inode": item.inode, "refused": dict(item.refused)}
+                     "inode": item.inode, "refused": dict(item.refused),
+                     "handshakes": dict(item.handshakes)}
                     for item in self.listeners
                 ],
                 "totals": {
@@ -247,6 +250,7 @@ def take(
     tallies: Tallies | None = None,
     queue: Iterable[tuple[int, int]] = (),
     max_pending: int = 0,
+    handshakes: Mapping[int, Mapping[str, int]] | None = None,
 ) -> Snapshot:
     """The snapshot of these facts; *monotonic* and *wall* are now on each clock.
 
@@ -255,7 +259,8 @@ def take(
     health listener's address, *metrics* the metrics listener's; *tallies*
     what the master counted, *queue* the (descriptor, listener) pairs in
     its queue (counted by listener: at most the queue's bound, and a
-    snapshot is taken on events, never per connection).
+    snapshot is taken on events, never per connection); *handshakes*: by
+    listener index, TLS handshakes ``done`` and failed by reason.
     """
     workers = sorted(records, key=lambda r: r.slot)
     stopping = phase in STOPPING
@@ -283,7 +288,8 @@ def take(
         free=max(0, free - pending),
         pending=pending,
         accepting=not stopping and not paused,
-        listeners=tuple(_listener(listener, index, refused.get(index, {}), tallies, queued)
+        listeners=tuple(_listener(listener, index, refused.get(index, {}), tallies, queued,
+                                  handshakes=(handshakes or {}).get(index, {}))
                         for index, listener in enumerate(listeners)),
         served=sum(r.served for r in workers) + sum(h.served for h in history.values()),
         in_flight=sum(r.in_flight for r in workers),
@@ -311,14 +317,16 @@ def take(
 
 
 def _listener(listener: DescribedListener, index: int, refused: Mapping[str, int],
-              tallies: Tallies, queued: Mapping[int, int]) -> ListenerStatus:
+              tallies: Tallies, queued: Mapping[int, int], *,
+              handshakes: Mapping[str, int]) -> ListenerStatus:
     fd = listener.socket_descriptor()
     inode = os.fstat(fd).st_ino if fd >= 0 else 0
     return ListenerStatus(name=listener.name, address=listener.describe(), fd=fd, inode=inode,
                           refused=dict(refused), accepted=tallies.accepted.get(index, 0),
                           taken_back=tallies.taken_back.get(index, 0),
                           dropped=tallies.dropped.get(index, 0), queued=queued.get(index, 0),
-                          durations=tallies.durations.get(index, EMPTY))  # fmt: skip
+                          durations=tallies.durations.get(index, EMPTY),
+                          handshakes=dict(handshakes))  # fmt: skip
 
 
 def _worker(

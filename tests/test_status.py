@@ -62,8 +62,11 @@ def test_ctl_status_is_the_documented_shape() -> None:
                                 "errors": 3, "deaths": 2, "replaced": 1,
                                 "handler_errors": 3}  # fmt: skip
     assert master["listeners"][0] == {"name": "web", "address": "127.0.0.1:8000", "fd": -1,
-                                      "inode": 0, "refused": {}}  # fmt: skip
+                                      "inode": 0, "refused": {},
+                                      "handshakes": {}}  # fmt: skip
     assert (master["draining"], master["health"]) == (False, None)
+    tls = snapshot(handshakes={0: {"done": 5, "timeout": 2}}).control()["master"]["listeners"]
+    assert tls[0]["handshakes"] == {"done": 5, "timeout": 2}
     assert reply["workers"][0]["last_error"] == "ValueError: x"
     assert reply["workers"][1]["restarts"] == 0  # a slot with no history
 

@@ -198,7 +198,12 @@ class AsyncioWorker:
                 sock.close()
                 return
             sock, peer = admitted
-        if self.protocol is not None:
+        if step is not None and step.tls is not None:  # the handshake, on the loop
+            from forkserver.workers import tlsstep  # noqa: PLC0415 (only with TLS)
+
+            error = await tlsstep.serve_tls(self, step.tls, self.ctx.handshakes, sock,
+                                            listener=listener, name=step.listener, peer=peer)
+        elif self.protocol is not None:
             error = await self._run_protocol(self.protocol, sock)
         else:
             error = await self._run_streams(sock)
@@ -215,6 +220,11 @@ class AsyncioWorker:
         except OSError as exc:
             sock.close()
             return exc
+        return await self.handle_streams(reader, writer)
+
+    async def handle_streams(self, reader: asyncio.StreamReader,
+                             writer: asyncio.StreamWriter) -> BaseException | None:  # fmt: skip
+        """Run the stream handler on a connection; close it; its error, if any."""
         try:
             await self.handle(reader, writer)
         except BaseException as exc:  # anything but our own cancellation

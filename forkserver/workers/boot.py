@@ -53,6 +53,7 @@ import ctypes
 import faulthandler
 import logging
 import os
+import resource
 import signal
 import sys
 import threading
@@ -134,6 +135,8 @@ def _boot_and_run(ctx: WorkerContext) -> int:
     unblock_signals()  # blocked across the fork: what arrived meanwhile comes now
     _log_what_would_print(ctx)
     close_inherited_fds({0, 1, 2, ctx.channel.fileno(), *log_fds(), *ctx.keep_fds})
+    if any(step is not None and step.tls is not None for step in ctx.preambles):
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # its private keys in no core file
     drop_privileges(ctx.user, ctx.group)
     _die_with_master(ctx.master_pid)
     # Every descriptor one message can carry here (a worker has at most

@@ -30,6 +30,7 @@ from forkserver.handler import HandlerKind, LoadedHandler, ServerInfo, WorkerCla
 from forkserver.hooks import HookTarget
 from forkserver.log import use_log_file
 from forkserver.workers import preamble
+from forkserver.workers.handshakes import Handshakes
 from forkserver.workers.preamble import Preamble, Refusals
 from forkserver.workers.reserve import DescriptorReserve
 from forkserver.workers.timing import ConnectionTimes
@@ -97,9 +98,12 @@ class WorkerContext:
     hooks: dict[str, HookTarget] = field(default_factory=dict)
     #: How long the connections whose handler ran took, per listener (sent with the stats).
     durations: ConnectionTimes = field(default_factory=ConnectionTimes)
+    #: TLS handshakes done and failed, per listener and reason (sent with the stats).
+    handshakes: Handshakes = field(default_factory=Handshakes)
 
     def __post_init__(self) -> None:
         self.refusals.slot, self.refusals.describe = self.slot, format_peer  # its log lines
+        self.handshakes.slot, self.handshakes.describe = self.slot, format_peer
 
     def listener_name(self, index: int) -> str:
         if 0 <= index < len(self.listener_names):
@@ -236,14 +240,20 @@ def _decode(data: bytes, fds: list[int]) -> MasterMessage:
     return message
 
 
-def refusal_reports(ctx: WorkerContext) -> list[channel.Refusals]:
-    """REFUSALS for the counts that moved since the last stats (usually none)."""
+def refusal_reports(ctx: WorkerContext) -> list[channel.Refusals | channel.Handshakes]:
+    """REFUSALS and HANDSHAKES for the counts that moved since the last stats."""
     changed = ctx.refusals.take_changed()
     step = channel.MAX_REFUSAL_ENTRIES
-    return [channel.Refusals(changed[at : at + step]) for at in range(0, len(changed), step)]
+    reports: list[channel.Refusals | channel.Handshakes] = [
+        channel.Refusals(changed[at : at + step]) for at in range(0, len(changed), step)]
+    shaken = ctx.handshakes.take_changed()
+    return reports + [channel.Handshakes(shaken[at : at + step])
+                      for at in range(0, len(shaken), step)]  # fmt: skip
 
 
-def stats_reports(ctx: WorkerContext) -> list[channel.Refusals | channel.Durations]:
+def stats_reports(
+    ctx: WorkerContext,
+) -> list[channel.Refusals | channel.Handshakes | channel.Durations]:
     """What goes with the stats besides STATS: the counts that moved since the last time."""
     return [*refusal_reports(ctx), *ctx.durations.reports()]
 
@@ -333,8 +343,9 @@ def serve_blocking(
     if peer is None:
         peer = peer_of(conn)
     step = ctx.preambles[listener] if ctx.preambles else None
-    if step is not None:  # a PROXY listener: who is it, and the header
-        admitted = preamble.admit_blocking(step, ctx.refusals, conn, listener, peer)
+    if step is not None:  # PROXY: who is it, and the header; TLS: the handshake
+        admitted = preamble.admit_blocking(step, ctx.refusals, conn, listener, peer,
+                                           handshakes=ctx.handshakes)  # fmt: skip
         if admitted is None:
             conn.close()
             return None
@@ -355,7 +366,7 @@ def serve_blocking(
     finally:
         conn.close()
         if step is not None:
-            preamble.forget()
+            preamble.forget(tls=step.tls is not None)
         ctx.durations.observe(listener, time.monotonic() - started)
         if ctx.access_log:
             log_access(ctx, listener, peer, started, failed=error is not None,

@@ -12,8 +12,11 @@ received (or self-accepted) descriptor and calling the handler:
    the client's data from its first byte.  A v2 ``LOCAL`` header (the
    balancer's own health check) and a v1 ``UNKNOWN`` one leave the
    socket's own addresses in place;
-3. (a TLS handshake comes next, once listeners have TLS: the header is
-   in clear text before it.)
+3. *the TLS handshake*, on a TLS listener (``workers.tlsstep``), within
+   ``tls_handshake_timeout``: after the header, which is in clear text
+   before it.  Completed and failed handshakes are counted per listener
+   (``Handshakes``: ``done`` or the failure's reason), a failure logged
+   as ``tls_handshake_failed`` at INFO, rate-limited.
 
 A refused connection never reaches the handler and is no handler
 error: it is closed, counted per listener and reason (``Refusals``,
@@ -44,16 +47,18 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal
 
 from forkserver.proxyallow import AllowList, compile_allow_list
 from forkserver.proxyproto import Address, ProxyInfo, ProxyProtocolError
 from forkserver.ratelimit import LogLimiter
+from forkserver.workers.handshakes import Handshakes
 
 if TYPE_CHECKING:
     from forkserver.config import Settings
+    from forkserver.tls_listeners import ListenerTls
 
 __all__ = [
     "NOT_ALLOWED",
@@ -72,19 +77,21 @@ log = logging.getLogger("forkserver.worker")
 NOT_ALLOWED: Final = "not_allowed"
 #: At most one ``proxy_refused`` line per listener and reason this often.
 LOG_INTERVAL: Final = 10.0
-#: Bounded reason text (the channel carries it; TLS reasons will join).
+#: Bounded reason text (the channel carries it).
 MAX_REASON: Final = 32
 
 
 @dataclass(frozen=True, slots=True)
 class Preamble:
-    """One listener's steps before the handler (only PROXY, so far)."""
+    """One listener's steps before the handler: the PROXY header (*version*
+    None: none), then the TLS handshake (*tls* None: none)."""
 
     listener: str  # its name, for the log
-    version: Literal[1, 2]
-    allow: AllowList
+    version: Literal[1, 2] | None
+    allow: AllowList | None  # None without PROXY
     header_max: int
     header_timeout: float
+    tls: ListenerTls | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,13 +128,19 @@ def proxy_info() -> ProxiedConnection | None:
     return _current.get()
 
 
-def forget() -> None:
-    """The connection is over: ``proxy_info()`` is None again in this thread."""
+def forget(*, tls: bool = False) -> None:
+    """The connection is over: ``proxy_info()`` (and with *tls* ``tls_info()``)
+    is None again in this thread."""
     _current.set(None)
+    if tls:
+        from forkserver.workers import tlsstep  # noqa: PLC0415 (loaded already by then)
+
+        tlsstep.forget()
 
 
-def for_listeners(settings: Settings, tables: Sequence[int | None],
-                  names: Sequence[str]) -> tuple[Preamble | None, ...]:  # fmt: skip
+def for_listeners(settings: Settings, tables: Sequence[int | None], names: Sequence[str],
+                  tls: Mapping[int | None, ListenerTls] | None = None,
+                  ) -> tuple[Preamble | None, ...]:  # fmt: skip
     """Each listener's ``Preamble`` (None: no step before the handler).
 
     *tables* gives, for each listener, the index of the
@@ -135,7 +148,8 @@ def for_listeners(settings: Settings, tables: Sequence[int | None],
     opened without a table (the default bind, an upgrade's sockets
     that match no table): the global settings apply to it.  *names*
     are the listeners' names, for the log.  Empty when no listener has
-    a step, so a worker tests one empty tuple per connection.
+    a step, so a worker tests one empty tuple per connection.  *tls*
+    holds the TLS listeners' contexts, by table (``tls_listeners.load``).
     """
     out: list[Preamble | None] = []
     for table, name in zip(tables, names, strict=True):
@@ -143,11 +157,14 @@ def for_listeners(settings: Settings, tables: Sequence[int | None],
         version = item.proxy_protocol if item and item.proxy_protocol else settings.proxy_protocol
         allowed = (item.proxy_allow_from if item and item.proxy_allow_from is not None
                    else settings.proxy_allow_from)  # fmt: skip
-        if version == "off":
+        handshake = (tls or {}).get(table)
+        if version == "off" and handshake is None:
             out.append(None)
             continue
-        out.append(Preamble(name, 1 if version == "v1" else 2, compile_allow_list(allowed),
-                            settings.proxy_header_max, settings.proxy_header_timeout))  # fmt: skip
+        out.append(Preamble(name, None if version == "off" else 1 if version == "v1" else 2,
+                            None if version == "off" else compile_allow_list(allowed),
+                            settings.proxy_header_max,
+                            settings.proxy_header_timeout, handshake))  # fmt: skip
     return tuple(out) if any(out) else ()
 
 
@@ -206,16 +223,39 @@ def _unknown_peer(conn: socket.socket, peer: object) -> bool:
 
 
 def admit_blocking(preamble: Preamble, refusals: Refusals, conn: socket.socket, listener: int,
-                   peer: object) -> Admitted | None:  # fmt: skip
+                   peer: object, *, handshakes: Handshakes | None = None,
+                   ) -> Admitted | None:  # fmt: skip
     """Run *preamble* on a blocking *conn* whose socket peer is *peer*.
 
     Returns the connection and the client's address for the handler,
     with ``proxy_info()`` set in this thread (``forget()`` it once the
     handler is done), or None when the connection was refused (the
-    caller closes it).  Waits no longer than ``header_timeout``.
+    caller closes it).  Waits no longer than ``header_timeout``, then (a TLS
+    listener) the handshake's own ``tls_handshake_timeout``: the connection
+    returned is then the ``SSLSocket``, counted in *handshakes*.
     """
+    if preamble.version is None:
+        client: Address = peer  # type: ignore[assignment]
+    else:
+        admitted = _proxy_blocking(preamble, refusals, conn, listener, peer)
+        if admitted is None:
+            return None
+        client = admitted[1]
+    if preamble.tls is None:
+        return conn, client
+    from forkserver.workers import tlsstep  # noqa: PLC0415 (ssl, asyncio: workers only)
+
+    tls = tlsstep.handshake_blocking(preamble.tls, handshakes or Handshakes(), conn,
+                                     listener=listener, name=preamble.listener,
+                                     peer=peer)  # fmt: skip
+    return None if tls is None else (tls, client)
+
+
+def _proxy_blocking(preamble: Preamble, refusals: Refusals, conn: socket.socket,
+                    listener: int, peer: object) -> Admitted | None:  # fmt: skip
     from forkserver.proxyread import read_header_blocking  # noqa: PLC0415 (see module doc)
 
+    assert preamble.version is not None
     refusal = _check_peer(preamble, conn, peer)
     if refusal is None:
         deadline = time.monotonic() + preamble.header_timeout
@@ -238,9 +278,14 @@ async def admit_async(preamble: Preamble, refusals: Refusals, sock: socket.socke
     waited for on the running loop, before any transport is attached.
 
     ``proxy_info()`` is set in the calling task's context, which the
-    handler's task (or protocol callbacks) started from it inherit.
+    handler's task (or protocol callbacks) started from it inherit.  The
+    PROXY step only: the TLS handshake of an asyncio worker is the
+    transport's (``tlsstep.handshake_streams``/``handshake_protocol``).
     """
     from forkserver.proxyread import read_header  # noqa: PLC0415 (see module doc)
+
+    if preamble.version is None:
+        return sock, peer  # type: ignore[return-value]
 
     refusal = _check_peer(preamble, sock, peer)
     if refusal is None:
@@ -263,7 +308,7 @@ def _check_peer(preamble: Preamble, conn: socket.socket, peer: object) -> tuple[
     """Why *peer* may not send a header, or None if it may."""
     if _unknown_peer(conn, peer):
         return "closed", "the peer's address is unknown: the connection was already reset"
-    if not preamble.allow.allows(peer):  # type: ignore[arg-type]
+    if preamble.allow is None or not preamble.allow.allows(peer):  # type: ignore[arg-type]
         return NOT_ALLOWED, "the peer is not in proxy_allow_from"
     return None
 

@@ -134,9 +134,15 @@ async def serve(cls: type[TrackedProtocol], sock: socket.socket) -> BaseExceptio
     except BaseException:
         sock.close()
         raise
+    return await wait_over(protocol, transport)
+
+
+async def wait_over(protocol: TrackedProtocol,
+                    transport: asyncio.BaseTransport) -> BaseException | None:  # fmt: skip
+    """Wait until *protocol*'s connection is over; its error, if any."""
     try:
         await protocol.forkserver_over
     except asyncio.CancelledError:
-        transport.abort()  # the worker is going away at once (the master is gone)
+        transport.abort()  # type: ignore[attr-defined]  # the worker goes at once (master gone)
         raise
     return protocol.forkserver_error
