@@ -24,6 +24,8 @@ import pytest
 from tests import proxyproto_build as build
 from tests.support import Daemon, poll_until, recv_all, start_daemon
 from tests.tls_support import (
+    DAY,
+    NOW,
     Issued,
     Pki,
     client_context,
@@ -391,3 +393,156 @@ def test_workers_on_a_tls_listener_dump_no_core(pki: Pki, server: Issued, tmp_pa
             limits = Path(f"/proc/{worker.pid}/limits").read_text()
             line = next(row for row in limits.splitlines() if row.startswith("Max core file size"))
             assert line.split()[4:6] == ["0", "0"], line
+
+
+# -- certificates checked before any fork, and on reload ---------------------------------
+
+
+def start_fails(args: list[str], tmp_path: Path) -> tuple[int, str, str]:
+    """``forkserver run`` and ``check-config`` with *args*: run's exit code, both stderrs."""
+    base = [sys.executable, "-m", "forkserver"]
+    env_args = ["--control-socket", str(tmp_path / "ctl.sock")]
+    run = subprocess.run([*base, "run", "--bind", "127.0.0.1:0", "--workers", "1", *env_args,
+                          *args, f"{HANDLERS}:sync"], capture_output=True, text=True,
+                         timeout=60, check=False)  # fmt: skip
+    check = subprocess.run([*base, "check-config", *env_args, *args, f"{HANDLERS}:sync"],
+                           capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert check.returncode == 78, check.stderr
+    return run.returncode, run.stderr, check.stderr
+
+
+def test_a_bad_certificate_or_key_stops_the_start_with_78_naming_it(
+    pki: Pki, server: Issued, tmp_path: Path
+) -> None:
+    other = pki.server("other")
+    expired = pki.server("old", not_before=NOW - 10 * DAY, not_after=NOW - DAY)
+    missing = tmp_path / "missing.pem"
+    cases = [
+        (["--tls-certfile", str(missing)], ["tls_certfile", str(missing), "does not exist"]),
+        (["--tls-certfile", str(server.certfile), "--tls-keyfile", str(other.keyfile)],
+         ["tls_keyfile", str(other.keyfile), "does not match"]),
+        (["--tls-certfile", str(expired.certfile), "--tls-keyfile", str(expired.keyfile)],
+         ["tls_certfile", str(expired.certfile), "expired"]),
+    ]  # fmt: skip
+    for args, words in cases:
+        code, run_err, check_err = start_fails(args, tmp_path)
+        assert code == 78, run_err
+        for text in (run_err, check_err):
+            assert "the default listener" in text or "listener '127.0.0.1:0'" in text, text
+            for word in words:
+                assert word in text, (word, text)
+        assert "worker" not in run_err.split("cannot start", 1)[0]  # nothing was forked
+
+
+def write_pair(issued: Issued, certfile: Path, keyfile: Path) -> None:
+    """Put *issued* at the paths the daemon reads, each replaced in one rename."""
+    for source, target in ((issued.keyfile, keyfile), (issued.certfile, certfile)):
+        staged = target.with_suffix(".new")
+        staged.write_bytes(source.read_bytes())
+        staged.rename(target)
+
+
+def reload_daemon(tmp_path: Path, cert: Issued, *more: str) -> Any:
+    certfile, keyfile = tmp_path / "live.crt", tmp_path / "live.key"
+    write_pair(cert, certfile, keyfile)
+    conf = tmp_path / "forkserver.toml"
+    conf.write_text(f'tls_certfile = "{certfile}"\ntls_keyfile = "{keyfile}"\n'
+                    f'control_socket = "{tmp_path / "ctl.sock"}"\nworker_class = "sync"\n')
+    return start_daemon(f"{HANDLERS}:sync", "-c", str(conf), *more, workers=2)
+
+
+def test_a_reload_with_a_bad_certificate_fails_and_the_old_one_keeps_serving(
+    pki: Pki, server: Issued, tmp_path: Path
+) -> None:
+    ctx = client_context(pki.ca.certfile)
+    with reload_daemon(tmp_path, server) as daemon:
+        before = served_serial(daemon, ctx)
+        (tmp_path / "live.key").write_bytes(pki.server("stranger").keyfile.read_bytes())
+        out = ctl(tmp_path / "ctl.sock", "reload")
+        assert out.returncode == 1
+        assert "tls_keyfile" in out.stdout + out.stderr
+        assert "does not match" in out.stdout + out.stderr
+        failed = daemon.wait_log("reload_failed")
+        assert "tls_keyfile" in failed["reason"]
+        assert served_serial(daemon, ctx) == before == server.cert.serial_number
+
+
+class TlsLoad:
+    """Clients that connect, handshake and ask once, in a loop, on threads.
+
+    Bounded in count (*cap*) and time (*deadline*); ``stop()`` ends it and
+    returns what each connection saw: (monotonic start, serial) or an error.
+    """
+
+    def __init__(self, address: tuple[str, int], ctx: ssl.SSLContext, *, threads: int = 4,
+                 cap: int = 20000, deadline: float = 120.0) -> None:  # fmt: skip
+        import threading  # noqa: PLC0415
+
+        self.address, self.ctx, self.cap = address, ctx, cap
+        self.ends = time.monotonic() + deadline
+        self.done: list[tuple[float, int]] = []
+        self.errors: list[str] = []
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+        for thread in self.threads:
+            thread.start()
+
+    def _run(self) -> None:
+        from cryptography import x509  # noqa: PLC0415
+
+        while not self.stopping.is_set() and time.monotonic() < self.ends:
+            with self.lock:
+                if len(self.done) + len(self.errors) >= self.cap:
+                    return
+            started = time.monotonic()
+            try:
+                with tls_connect(self.address, self.ctx) as tls:
+                    der = tls.getpeercert(binary_form=True)
+                    tls.sendall(b"load\n")
+                    answer = recv_all(tls)
+                assert der is not None and b'"line": "load"' in answer, answer
+                serial = x509.load_der_x509_certificate(der).serial_number
+                with self.lock:
+                    self.done.append((started, serial))
+            except (OSError, AssertionError) as exc:
+                with self.lock:
+                    self.errors.append(f"{type(exc).__name__}: {exc}")
+
+    def count_since(self, moment: float) -> int:
+        with self.lock:
+            return sum(1 for started, _ in self.done if started >= moment)
+
+    def stop(self) -> tuple[list[tuple[float, int]], list[str]]:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(30)
+        assert not any(thread.is_alive() for thread in self.threads)
+        return self.done, self.errors
+
+
+def test_a_reload_under_load_swaps_the_certificate_with_no_failed_handshake(
+    pki: Pki, server: Issued, tmp_path: Path
+) -> None:
+    renewed = pki.server("renewed", sans=("localhost",))  # its own files, the same name
+    assert renewed.cert.serial_number != server.cert.serial_number
+    with reload_daemon(tmp_path, server) as daemon:
+        daemon.wait_log("master_ready")
+        load = TlsLoad(daemon.address, client_context(pki.ca.certfile))
+        try:
+            poll_until(lambda: load.count_since(0) >= 50, "the load flowing before the reload")
+            write_pair(renewed, tmp_path / "live.crt", tmp_path / "live.key")
+            out = ctl(tmp_path / "ctl.sock", "reload")  # answers once the new generation serves
+            assert out.returncode == 0, out.stdout + out.stderr
+            daemon.wait_log("reload_completed", generation=1)
+            ready = time.monotonic()
+            poll_until(lambda: load.count_since(ready) >= 50, "connections after the reload")
+        finally:
+            done, errors = load.stop()
+        assert errors == [], errors[:5]
+        serials = {serial for _, serial in done}
+        assert serials == {server.cert.serial_number, renewed.cert.serial_number}
+        after = [serial for started, serial in done if started >= ready]
+        assert after and set(after) == {renewed.cert.serial_number}
+        counts = wait_handshakes(tmp_path / "ctl.sock", done=len(done))
+        assert counts == {"done": counts["done"]}  # not one failed
