@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.bench import extras, launch, levers, procstat, profile, report, wrk
+from tests.bench import extras, launch, levers, procstat, profile, report, tls_phase, wrk
 from tests.bench.launch import Server, ServerFailed
 
 CLIENT_CPU, SERVER_CPU = 0, 1
@@ -79,6 +79,7 @@ class Results:
     profile: list[dict[str, Any]] = field(default_factory=list)
     levers: dict[str, float] = field(default_factory=dict)
     fleet: list[dict[str, Any]] = field(default_factory=list)
+    tls: list[dict[str, Any]] = field(default_factory=list)
     machine: dict[str, Any] = field(default_factory=dict)
 
 
@@ -381,6 +382,7 @@ def run(argv: list[str] | None = None) -> Results:
         "profile": lambda: profile.profile_phase(res.profile, servers, args),
         "levers": lambda: res.levers.update(levers.measure()),
         "fleet": lambda: fleet_rows(res.fleet),
+        "tls": lambda: tls_phase.tls_phase(res.tls, args),  # only with --phases ...,tls
     }
     for phase, body in phases.items():
         if phase in args.phases:

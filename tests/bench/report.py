@@ -237,6 +237,8 @@ def render(data: dict[str, Any]) -> str:
     lines += dict_table("Respawn: worker killed → replacement serving", data.get("respawn", []))
     lines += dict_table("Fleet: 3 hosts behind HAProxy (HUP, graceful stop, SIGKILL)",
                         data.get("fleet", []))
+    lines += dict_table("TLS beside nginx: full and resumed handshakes, keep-alive",
+                        data.get("tls", []))
     lines += profile.render(data.get("profile", []))
     lines += dict_table("Prices of steps on the per-connection path, in isolation (µs)",
                         [{"step": k, "µs": round(v, 2)} for k, v in data.get("levers", {}).items()])
