@@ -1300,6 +1300,17 @@ listener and reason, with the peer and OpenSSL's reason).  A Unix
 listener may serve TLS too (a client then has no address to check the
 certificate against, so give it the name to verify).
 
+What the handler sees, by form: a plain function or a socketserver
+handler (sync and thread workers) gets an `ssl.SSLSocket` (`conn`,
+`self.request`) and `forkserver.tls_info()` returns a
+`forkserver.TlsInfo` (`version`, `cipher`, `cipher_bits`, `alpn`,
+`server_name`, `peer_certificate` as `getpeercert()` gives it,
+`peer_certificate_der`); an asyncio stream handler gets TLS streams
+(`writer.get_extra_info("ssl_object")`) and `forkserver.tls_info()` too;
+an `asyncio.Protocol` asks its transport, in `connection_made` or later:
+`forkserver.handshake.connection_info(transport)`.  With the PROXY
+protocol on as well, `forkserver.proxy_info()` works as without TLS.
+
 Key material: each worker holds the loaded keys in its memory, as any
 TLS server process does; anything that can read a worker's memory (the
 handler, or whatever can ptrace that user's processes) can read them.
