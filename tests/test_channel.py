@@ -14,6 +14,7 @@ from forkserver.channel import (
     Done,
     Durations,
     HandlerError,
+    Handshakes,
     Heartbeat,
     Leaving,
     MessageType,
@@ -42,6 +43,7 @@ WORKER_MESSAGES = [
     Refusals(counts=tuple((i, "x" * 32, i) for i in range(channel.MAX_REFUSAL_ENTRIES))),
     Durations(entries=((0, 1234, (1,) + (0,) * 16), (0xFFFF, 2**64 - 1, (2**64 - 1,) * 17))),
     Durations(entries=tuple((i, i, tuple(range(17))) for i in range(channel.MAX_DURATION_ENTRIES))),
+    Handshakes(counts=((0, "done", 2**64 - 1), (3, "protocol_version", 1))),
     HandlerError(
         listener=2,
         exc_type="ValueError",

@@ -9,7 +9,9 @@ time, so a refused connection is proven never to have reached one.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import socket
 import ssl
@@ -546,3 +548,59 @@ def test_a_reload_under_load_swaps_the_certificate_with_no_failed_handshake(
         assert after and set(after) == {renewed.cert.serial_number}
         counts = wait_handshakes(tmp_path / "ctl.sock", done=len(done))
         assert counts == {"done": counts["done"]}  # not one failed
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run workers as nobody")
+def test_workers_as_nobody_serve_a_key_only_root_can_read(pki: Pki, server: Issued,
+                                                          tmp_path: Path) -> None:  # fmt: skip
+    key = tmp_path / "root-only.key"
+    key.write_bytes(server.keyfile.read_bytes())
+    key.chmod(0o600)  # root's alone; tmp_path itself is root's too
+    args = ("--tls-certfile", str(server.certfile), "--tls-keyfile", str(key),
+            "--user", "nobody", "--group", "nogroup", "--worker-class", "sync")  # fmt: skip
+    with start_daemon("tests.handlers.tls_plain:handle", *args, workers=1) as daemon, \
+            tls_connect(daemon.address, client_context(pki.ca.certfile)) as tls:  # fmt: skip
+        tls.sendall(b"as nobody\n")
+        assert recv_all(tls) == b"TLSv1.3 as nobody\n"
+        worker = daemon.workers()[0]
+        assert worker.uids().real == 65534  # nobody, who cannot open the key file
+
+
+def test_a_unix_listener_serves_tls(pki: Pki, server: Issued, tmp_path: Path) -> None:
+    path = tmp_path / "tls.sock"
+    conf = tmp_path / "forkserver.toml"
+    conf.write_text(f'[[listeners]]\nbind = "unix:{path}"\n'
+                    f'tls_certfile = "{server.certfile}"\ntls_keyfile = "{server.keyfile}"\n')
+    with start_daemon(f"{HANDLERS}:sync", "-c", str(conf), bind=False, workers=1) as daemon:
+        with socket.socket(socket.AF_UNIX) as raw:
+            raw.settimeout(20)
+            raw.connect(str(path))
+            with client_context(pki.ca.certfile).wrap_socket(raw, server_hostname="localhost") \
+                    as tls:  # fmt: skip
+                tls.sendall(b"over unix\n")
+                seen = json.loads(recv_all(tls))
+        assert seen["tls"] and seen["line"] == "over unix"
+        with socket.socket(socket.AF_UNIX) as raw:
+            raw.settimeout(20)
+            raw.connect(str(path))
+            with contextlib.suppress(OSError):  # a reset, with our bytes unread
+                raw.sendall(b"plain\n")
+                assert recv_all(raw)[:1] in (b"", b"\x15")  # an alert at most
+        assert daemon.wait_log("tls_handshake_failed")["peer"] == "unix"
+
+
+@pytest.mark.parametrize("target", ["streams", "Protocol"])
+def test_uvloop_workers_run_the_handshake_too(target: str, pki: Pki, server: Issued,
+                                              tmp_path: Path) -> None:  # fmt: skip
+    pytest.importorskip("uvloop")
+    with run_daemon(f"{HANDLERS}:{target}", server, tmp_path, "--event-loop", "uvloop",
+                    worker_class="asyncio") as daemon:  # fmt: skip
+        seen = ask(daemon, client_context(pki.ca.certfile, alpn=["h2"]))
+        assert seen["tls"] and seen["version"] == "TLSv1.3" and seen["line"] == "hello"
+        assert refused(daemon, b"GET / HTTP/1.0\r\n\r\n")[:4] != b"HTTP"
+        counts = wait_handshakes(tmp_path / "ctl.sock", done=1, failed={"plaintext_http": 1})
+        assert counts == {"done": 1, "plaintext_http": 1}
+        text = ctl(tmp_path / "ctl.sock", "status").stdout
+        assert "TLS handshakes: 1 done, 1 failed (plaintext_http 1)" in text
+        daemon.stop()
+        assert handler_calls(daemon) == 1

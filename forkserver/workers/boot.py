@@ -137,6 +137,8 @@ def _boot_and_run(ctx: WorkerContext) -> int:
     close_inherited_fds({0, 1, 2, ctx.channel.fileno(), *log_fds(), *ctx.keep_fds})
     if any(step is not None and step.tls is not None for step in ctx.preambles):
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # its private keys in no core file
+        # The daemon's own handshake code (ssl, asyncio), while the files are still readable.
+        import forkserver.workers.tlsstep  # noqa: F401, PLC0415
     drop_privileges(ctx.user, ctx.group)
     _die_with_master(ctx.master_pid)
     # Every descriptor one message can carry here (a worker has at most

@@ -74,21 +74,28 @@ def forget() -> None:
     _current.set(None)
 
 
+def _who(peer: object, family: int) -> object:
+    """The peer for the log: a Unix socket's client has no name but "unix"."""
+    return peer if peer or family != socket.AF_UNIX else "unix"
+
+
 def handshake_blocking(step: ListenerTls, counts: Handshakes, conn: socket.socket, *,
                        listener: int, name: str, peer: object) -> ssl.SSLSocket | None:  # fmt: skip
     """The handshake on a blocking *conn*: the ``SSLSocket`` for the handler, with
     ``tls_info()`` set in this thread, or None (refused: *conn* is closed).
     *listener* is its index, *name* its name and *peer* the client, for the counts."""
+    family = conn.family
     deadline = time.monotonic() + step.handshake_timeout
     try:
         tls = handshake.handshake_blocking(conn, step.context, deadline)
         info = handshake.connection_info(tls)
     except HandshakeError as exc:
-        counts.failed(listener, name, exc.failure, peer)
+        counts.failed(listener, name, exc.failure, _who(peer, family))
         return None
     except (OSError, ValueError) as exc:  # the peer left just after it finished
         conn.close()
-        counts.failed(listener, name, handshake.classify_handshake_error(exc), peer)
+        counts.failed(listener, name, handshake.classify_handshake_error(exc),
+                      _who(peer, family))
         return None
     counts.done(listener)
     _current.set(info)
@@ -103,15 +110,17 @@ async def handshake_streams(
 
     ``tls_info()`` is set in the calling task's context.
     """
+    family = sock.family
     try:
         reader, writer = await handshake.handshake_async(sock, step.context, step.handshake_timeout)
         info = handshake.connection_info(writer)
     except HandshakeError as exc:
-        counts.failed(listener, name, exc.failure, peer)
+        counts.failed(listener, name, exc.failure, _who(peer, family))
         return None
     except (OSError, ValueError, TypeError) as exc:
         sock.close()
-        counts.failed(listener, name, handshake.classify_handshake_error(exc), peer)
+        counts.failed(listener, name, handshake.classify_handshake_error(exc),
+                      _who(peer, family))
         return None
     counts.done(listener)
     _current.set(info)
@@ -133,12 +142,13 @@ async def handshake_protocol(
         made.append(instance)
         return instance
 
+    family = sock.family
     try:
         transport, _ = await handshake.handshake_async_transport(
             make, sock, step.context, step.handshake_timeout
         )
     except HandshakeError as exc:
-        counts.failed(listener, name, exc.failure, peer)
+        counts.failed(listener, name, exc.failure, _who(peer, family))
         return None
     counts.done(listener)
     return await protocols.wait_over(made[0], transport)
