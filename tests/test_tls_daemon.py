@@ -604,3 +604,24 @@ def test_uvloop_workers_run_the_handshake_too(target: str, pki: Pki, server: Iss
         assert "TLS handshakes: 1 done, 1 failed (plaintext_http 1)" in text
         daemon.stop()
         assert handler_calls(daemon) == 1
+
+
+def test_a_reload_applies_a_listener_tables_own_tls_keys(pki: Pki, server: Issued,
+                                                          tmp_path: Path) -> None:  # fmt: skip
+    """The binds stay (a restart changes them); the table's TLS keys change with a reload."""
+    other = pki.server("other", sans=("localhost",))
+    conf, sock = listener_table(tmp_path, f'tls_certfile = "{server.certfile}"\n'
+                                          f'tls_keyfile = "{server.keyfile}"\n')  # fmt: skip
+    ctx = client_context(pki.ca.certfile)
+    with sock, start_daemon(f"{HANDLERS}:sync", "-c", str(conf), bind=False, workers=1,
+                            extra_fds=[sock.fileno()]) as daemon:  # fmt: skip
+        address = sock.getsockname()
+        with tls_connect(address, ctx) as tls:
+            assert tls.getpeercert(binary_form=True) == server.der
+        text = conf.read_text().replace(str(server.certfile), str(other.certfile))
+        conf.write_text(text.replace(str(server.keyfile), str(other.keyfile)))
+        out = ctl(tmp_path / "ctl.sock", "reload")
+        assert out.returncode == 0, out.stdout + out.stderr
+        with tls_connect(address, ctx) as tls:
+            assert tls.getpeercert(binary_form=True) == other.der
+        assert daemon.records("reload_listeners_kept") == []
