@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 import signal
 import socket
@@ -286,3 +287,21 @@ def test_real_haproxy_in_front_the_handler_sees_the_client(tmp_path: Any, versio
         finally:
             haproxy.terminate()
             haproxy.wait(timeout=20)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run workers as nobody")
+@pytest.mark.parametrize(("worker_class", "handler"),
+                         [("sync", "handle"), ("thread", "handle"), ("asyncio", "streams")])
+def test_workers_as_nobody_read_the_header(worker_class: str, handler: str) -> None:
+    """The header reader is the daemon's code, loaded before the privilege drop:
+    a worker's user may be unable to read the standard library's files."""
+    with start_daemon(f"tests.handlers.proxied_plain:{handler}", *proxy_args("v2"),
+                      "--user", "nobody", "--group", "nogroup", "--worker-class", worker_class,
+                      workers=1) as daemon:  # fmt: skip
+        assert daemon.workers()[0].uids().real == 65534
+        with _client(daemon) as sock:
+            sock.sendall(V2_CLIENT + b"hello\n")
+            answer = recv_all(sock)
+        assert answer == f"{CLIENT!r}\n".encode()
+        assert daemon.stop() == 0
+    assert not daemon.records("proxy_refused")

@@ -57,6 +57,7 @@ import resource
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from typing import Final, NoReturn, Protocol
 
 import setproctitle
@@ -135,9 +136,14 @@ def _boot_and_run(ctx: WorkerContext) -> int:
     unblock_signals()  # blocked across the fork: what arrived meanwhile comes now
     _log_what_would_print(ctx)
     close_inherited_fds({0, 1, 2, ctx.channel.fileno(), *log_fds(), *ctx.keep_fds})
+    # The daemon's own code this worker will run (its class, the PROXY reader, the
+    # handshake: asyncio, ssl, threads) is loaded now, while the files are still
+    # readable: the workers' user may be unable to read the standard library's.
+    worker_type = _worker_class(ctx.worker_class)
+    if any(step is not None and step.version is not None for step in ctx.preambles):
+        import forkserver.proxyread  # noqa: PLC0415
     if any(step is not None and step.tls is not None for step in ctx.preambles):
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # its private keys in no core file
-        # The daemon's own handshake code (ssl, asyncio), while the files are still readable.
         import forkserver.workers.tlsstep  # noqa: F401, PLC0415
     drop_privileges(ctx.user, ctx.group)
     _die_with_master(ctx.master_pid)
@@ -159,7 +165,7 @@ def _boot_and_run(ctx: WorkerContext) -> int:
         cause = exc.__cause__
         report_failure(ctx, cause if cause is not None else exc, str(exc))
         return EXIT_BOOT_ERROR
-    worker = _worker_class(ctx)
+    worker = worker_type(ctx)
     code = worker.run()
     _leave(ctx, info, "master gone" if worker.master_gone
            else "out of descriptors" if code != EXIT_OK else "stopped")  # fmt: skip
@@ -213,19 +219,19 @@ def _log_what_would_print(ctx: WorkerContext) -> None:
     logging.captureWarnings(True)
 
 
-def _worker_class(ctx: WorkerContext) -> _Runnable:
+def _worker_class(name: str) -> Callable[[WorkerContext], _Runnable]:
     # Imported here: a sync worker never loads asyncio or threads.
-    if ctx.worker_class == "asyncio":
+    if name == "asyncio":
         from forkserver.workers.aio import AsyncioWorker  # noqa: PLC0415
 
-        return AsyncioWorker(ctx)
-    if ctx.worker_class == "thread":
+        return AsyncioWorker
+    if name == "thread":
         from forkserver.workers.thread import ThreadWorker  # noqa: PLC0415
 
-        return ThreadWorker(ctx)
+        return ThreadWorker
     from forkserver.workers.sync import SyncWorker  # noqa: PLC0415
 
-    return SyncWorker(ctx)
+    return SyncWorker
 
 
 class _Runnable(Protocol):
