@@ -211,6 +211,8 @@ def _connections(out: _Families, snapshot: Snapshot) -> None:
     flow = [out.new(name, kind, help) for name, kind, help in _FLOW]  # type: ignore[arg-type]
     refused = out.new("forkserver_connections_refused_total", "counter",
                       "Connections a worker closed before the handler ran, by reason")
+    handshakes = out.new("forkserver_tls_handshakes_total", "counter",
+                         "TLS handshakes in the workers: done, or failed by reason")
     durations = out.new("forkserver_connection_duration_seconds", "histogram",
                         "How long connections took in a worker, from receipt to close")
     for item in snapshot.listeners:
@@ -221,6 +223,8 @@ def _connections(out: _Families, snapshot: Snapshot) -> None:
             metric.add(value, listener=name)
         for reason, count in item.refused.items():
             refused.add(count, listener=name, reason=reason)
+        for result, count in item.handshakes.items():
+            handshakes.add(count, listener=name, result=result)
         for bound, count in item.durations.cumulative():
             durations.add(count, "_bucket", listener=name, le=render_number(bound))
         durations.add(item.durations.sum_seconds, "_sum", listener=name)

@@ -24,7 +24,8 @@ from typing import Any
 import pytest
 
 from tests import proxyproto_build as build
-from tests.support import Daemon, poll_until, recv_all, start_daemon
+from tests.metrics_support import parse
+from tests.support import ROOT, Daemon, poll_until, recv_all, start_daemon
 from tests.tls_support import (
     DAY,
     NOW,
@@ -297,6 +298,15 @@ def huge_client_hello() -> bytes:
     return b"\x16\x03\x01" + len(body).to_bytes(2, "big") + body
 
 
+def tls_metrics(control_socket: Path) -> dict[str, float]:
+    """``forkserver_tls_handshakes_total`` by result, from ``ctl metrics``."""
+    text = subprocess.run([sys.executable, "-m", "forkserver", "ctl", "--socket",
+                           str(control_socket), "metrics"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=20, check=True).stdout  # fmt: skip
+    return {sample.labels["result"]: sample.value for sample in parse(text)
+            if sample.name == "forkserver_tls_handshakes_total"}  # fmt: skip
+
+
 @pytest.mark.parametrize("worker_class", ["sync", "asyncio"])
 def test_bad_clients_are_refused_counted_and_never_reach_the_handler(
     worker_class: str, pki: Pki, server: Issued, tmp_path: Path
@@ -318,6 +328,9 @@ def test_bad_clients_are_refused_counted_and_never_reach_the_handler(
         assert sum(rest.values()) == 2 and set(rest) <= {"eof", "malformed", "too_large"}, counts
         # The worker serves the next client as if nothing happened.
         assert ask(daemon, client_context(pki.ca.certfile))["line"] == "hello"
+        poll_until(lambda: tls_metrics(tmp_path / "ctl.sock").get("done") == 1,
+                   "the served handshake in the metrics")  # fmt: skip
+        assert tls_metrics(tmp_path / "ctl.sock") == {**counts, "done": 1}
         daemon.stop()
         assert handler_calls(daemon) == 1
         reasons = {r["reason"] for r in daemon.records("tls_handshake_failed")}
