@@ -155,6 +155,7 @@ class ListenerSettings:
 LISTENER_TLS_KEYS: Final = ("tls_certfile", "tls_keyfile", "tls_password_file", "tls_cafile",
                             "tls_client_auth", "tls_min_version", "tls_ciphers", "tls_alpn",
                             "tls_handshake_timeout", "tls_certificates")
+#: ``ListenerSettings``' own fields first (six of them), then the TLS keys.
 LISTENER_KEYS: Final = ("bind", "name", "backlog", "dispatch", "proxy_protocol",
                         "proxy_allow_from", *LISTENER_TLS_KEYS)
 
@@ -1198,8 +1199,9 @@ def _python_value(key: str, value: object) -> Any:
 def _python_listener(index: int, item: object) -> ListenerSettings:
     if isinstance(item, str):
         return ListenerSettings(bind=parse_bind(item))
-    if isinstance(item, ListenerSettings):
-        item = {k: v for k in LISTENER_KEYS if (v := getattr(item, k)) is not None}
+    if isinstance(item, ListenerSettings):  # its fields, and its own tls_* keys as given
+        item = {**{k: v for k in LISTENER_KEYS[:6] if (v := getattr(item, k)) is not None},
+                **dict(item.tls)}  # fmt: skip
     if not isinstance(item, Mapping):
         raise _Invalid(f"listener {index}: expected a bind spec, a ListenerSettings or a "
                        f"mapping, got {_toml_type(item)}")  # fmt: skip
@@ -1209,6 +1211,7 @@ def _python_listener(index: int, item: object) -> ListenerSettings:
                 LISTENER_KEYS) if unknown else "missing 'bind'")  # fmt: skip
         raise _Invalid(f"listener {index}: {what}")
     fields: dict[str, Any] = {}
+    tls: list[tuple[str, Any]] = []
     for k, v in item.items():
         try:
             if k == "bind":
@@ -1216,12 +1219,30 @@ def _python_listener(index: int, item: object) -> ListenerSettings:
             elif k == "name":
                 fields[k] = _check_str(SETTINGS["name"], v) if isinstance(v, str) else \
                     _from_toml("name", v)  # fmt: skip
+            elif k == "tls_certificates":
+                tls.append((k, _python_certificates(v)))
+            elif k in LISTENER_TLS_KEYS:
+                tls.append((k, _listener_tls(k, list(v) if isinstance(v, tuple) else v)))
             else:
                 fields[k] = _from_toml(k, list(v) if isinstance(v, tuple) else v)
         except _Invalid as exc:
             raise _Invalid(f"listener {index}, {k}: {exc}") from None
     fields["name"] = fields.get("name") or ""
-    return ListenerSettings(**fields)
+    return ListenerSettings(**fields, tls=tuple(tls))
+
+
+def _python_certificates(value: object) -> Any:
+    """``tls_certificates`` from Python: ``TlsCertificate`` objects (checked when
+    made), or mappings checked as TOML tables are."""
+    from forkserver.tls import TlsCertificate  # noqa: PLC0415 (ssl: only here)
+
+    entries = list(value) if isinstance(value, (list, tuple)) else value
+    if isinstance(entries, list) and entries and \
+            all(isinstance(entry, TlsCertificate) for entry in entries):  # fmt: skip
+        return tuple(entries)
+    if isinstance(entries, list):
+        entries = [dict(entry) if isinstance(entry, Mapping) else entry for entry in entries]
+    return _listener_tls("tls_certificates", entries)
 
 
 def load_settings(config_file: str | None = None, environ: Mapping[str, str] | None = None,

@@ -100,6 +100,29 @@ def test_invalid_settings_raise_config_error_naming_the_key(values: dict[str, ob
     assert text in str(caught.value)
 
 
+def test_a_listener_from_python_is_the_listener_a_file_gives(tmp_path: Path) -> None:
+    conf = tmp_path / "forkserver.toml"
+    conf.write_text('[[listeners]]\nbind = "127.0.0.1:0"\nname = "edge"\nproxy_protocol = "v1"\n'
+                    'proxy_allow_from = ["127.0.0.1"]\ntls_certfile = "/etc/x.pem"\n'
+                    'tls_keyfile = "/etc/x.key"\ntls_alpn = ["h2"]\n'
+                    '[[listeners.tls_certificates]]\nserver_names = ["a.example"]\n'
+                    'certfile = "/etc/a.pem"\n')
+    from_file = forkserver.settings(config_file=str(conf)).listeners
+    from_python = forkserver.settings(bind=[{
+        "bind": "127.0.0.1:0", "name": "edge", "proxy_protocol": "v1",
+        "proxy_allow_from": ["127.0.0.1"], "tls_certfile": "/etc/x.pem",
+        "tls_keyfile": "/etc/x.key", "tls_alpn": ("h2",),
+        "tls_certificates": [{"server_names": ["a.example"], "certfile": "/etc/a.pem"}],
+    }]).listeners  # fmt: skip
+    assert from_python == from_file
+    assert dict(from_file[0].tls)["tls_alpn"] == ("h2",)
+    # Settings a program holds can be given back as they are.
+    assert forkserver.settings(bind=list(from_file)).listeners == from_file
+    with pytest.raises(forkserver.ConfigError) as caught:
+        forkserver.settings(bind=[{"bind": "127.0.0.1:0", "tls_min_version": "SSLv3"}])
+    assert "listener 0, tls_min_version" in str(caught.value)
+
+
 def test_settings_are_checked_as_a_file_is_and_objects_as_preload() -> None:
     settings = forkserver.settings(bind=["127.0.0.1:0", {"bind": "unix:/tmp/x.sock",
                                                          "backlog": 5}], workers=3)
