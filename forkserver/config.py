@@ -155,7 +155,7 @@ class ListenerSettings:
 LISTENER_TLS_KEYS: Final = ("tls_certfile", "tls_keyfile", "tls_password_file", "tls_cafile",
                             "tls_client_auth", "tls_min_version", "tls_ciphers", "tls_alpn",
                             "tls_handshake_timeout", "tls_certificates")
-#: ``ListenerSettings``' own fields first (six of them), then the TLS keys.
+#: ``ListenerSettings``' own fields first, then the TLS keys (kept in its ``tls``).
 LISTENER_KEYS: Final = ("bind", "name", "backlog", "dispatch", "proxy_protocol",
                         "proxy_allow_from", *LISTENER_TLS_KEYS)
 
@@ -1200,7 +1200,8 @@ def _python_listener(index: int, item: object) -> ListenerSettings:
     if isinstance(item, str):
         return ListenerSettings(bind=parse_bind(item))
     if isinstance(item, ListenerSettings):  # its fields, and its own tls_* keys as given
-        item = {**{k: v for k in LISTENER_KEYS[:6] if (v := getattr(item, k)) is not None},
+        own = LISTENER_KEYS[:-len(LISTENER_TLS_KEYS)]
+        item = {**{k: v for k in own if (v := getattr(item, k)) is not None},
                 **dict(item.tls)}  # fmt: skip
     if not isinstance(item, Mapping):
         raise _Invalid(f"listener {index}: expected a bind spec, a ListenerSettings or a "

@@ -79,9 +79,12 @@ def test_sigkill_of_one_master_loses_only_what_was_in_flight_there(fleet: Fleet)
     failed = [r for r in outcome.records if r["outcome"] != "ok"]
     # The only failures are connections under way on that host while it died (from
     # the kill until its exit had closed its socket): each started before it was dead
-    # and ended after the kill, and HAProxy never had more than MAXCONN on that host.
-    assert len(failed) <= MAXCONN, Counter(r["outcome"] for r in failed)
+    # and ended after the kill.  Of those, the ones open when the kill came are at most
+    # MAXCONN (HAProxy's limit for the host); more may follow in the moment between the
+    # kill and the exit, as each failure frees a slot: bounded by time, not by count.
     killed_at, dead_at = outcome.figures["killed_at"], outcome.figures["dead_at"]
+    open_at_kill = [r for r in failed if r["start"] <= killed_at]
+    assert len(open_at_kill) <= MAXCONN, Counter(r["outcome"] for r in failed)
     down_at = outcome.figures["down_at"]
     for record in failed:
         assert record["start"] <= dead_at and record["end"] >= killed_at, record
