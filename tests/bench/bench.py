@@ -216,9 +216,14 @@ def main_phase(res: Results, servers: list[str], args: argparse.Namespace) -> No
                         if args.warmup:
                             wrk.run(server.url, connections=args.connections,
                                     seconds=args.warmup, close=True)
-                        for mode in args.modes:
+                        # Keep-alive at the main client count only; new connections at
+                        # every count (a sync worker's keep-alive clients wait in line).
+                        runs = [(mode, args.connections) for mode in args.modes]
+                        if "close" in args.modes:
+                            runs += [("close", c) for c in args.extra_connections]
+                        for mode, connections in runs:
                             sample = measure(server, mode=mode, seconds=args.seconds,
-                                             connections=args.connections, pinned=pinned,
+                                             connections=connections, pinned=pinned,
                                              round_no=round_no)
                             res.samples.append(sample)
                             progress(sample)
@@ -310,7 +315,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=float, default=5.0, help="length of one wrk run")
     p.add_argument("--warmup", type=float, default=1.0)
-    p.add_argument("--connections", type=int, default=50)
+    p.add_argument("--connections", type=int, default=50,
+                   help="concurrent clients (wrk -c) of every phase")
+    p.add_argument("--extra-connections", default="1000", metavar="N,...",
+                   help="the main phase's `close` runs are repeated at these client counts "
+                        "(empty: none)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--modes", default="close,keepalive")
     p.add_argument("--pin", choices=("both", "on", "off"), default="both")
@@ -334,6 +343,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         p.error(f"--servers: unknown server(s) {', '.join(unknown)}")
     args.modes = [m for m in args.modes.split(",") if m]
+    args.extra_connections = [int(c) for c in args.extra_connections.split(",")
+                              if c and int(c) != args.connections]
     if any(m not in MODES for m in args.modes):
         p.error(f"--modes: each must be one of {', '.join(MODES)}")
     args.phases = set(args.phases.split(","))

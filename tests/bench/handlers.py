@@ -30,8 +30,25 @@ def _reply(keep_alive: bool) -> bytes:
     )
 
 
+_close_reply = b""  # made by each worker's first connection: it names the worker's pid
+
+
+def _forget_reply() -> None:
+    global _close_reply
+    _close_reply = b""
+
+
+os.register_at_fork(after_in_child=_forget_reply)  # a preloading master forks its workers
+
+
 def handle(conn: socket.socket, peer: Any) -> None:
-    """One request per connection, answered with Connection: close."""
+    """One request per connection, answered with Connection: close.
+
+    The work of the baselines' inline responder
+    (``servers.shared_accept.serve_blocking``), as a handler: read to the
+    end of the head, one ``sendall`` of a reply made once per worker.
+    """
+    global _close_reply
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = conn.recv(4096)
@@ -39,7 +56,9 @@ def handle(conn: socket.socket, peer: Any) -> None:
             return
         data += chunk
     touch_state()
-    conn.sendall(_reply(keep_alive=False))
+    if not _close_reply:
+        _close_reply = _reply(keep_alive=False)
+    conn.sendall(_close_reply)
 
 
 async def async_handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

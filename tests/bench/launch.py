@@ -88,6 +88,13 @@ def shared_accept(mode: str, *extra: str) -> Builder:
     return build
 
 
+def fd_passing(mode: str) -> Builder:
+    def build(fd: int, port: int, workers: int, scratch: Path) -> Launch:
+        return Launch([project_python(), "-m", "tests.bench.servers.fd_passing",
+                       "--fd", str(fd), "--workers", str(workers), "--mode", mode])
+    return build
+
+
 def gunicorn(fd: int, port: int, workers: int, scratch: Path) -> Launch:
     return Launch([str(BENCH_VENV / "bin" / "gunicorn"), "--bind", f"fd://{fd}",
                    "--workers", str(workers), "--worker-class", "sync",
@@ -144,6 +151,10 @@ SERVERS: dict[str, tuple[Builder, str]] = {
     # fs-sync does, less the dispatch (see report.SAME_HANDLER).
     "shared-blocking-hello": (shared_accept("blocking", "--handler", HELLO), "forkserver"),
     "shared-epoll": (shared_accept("epoll"), "python"),
+    # The bare mechanism of master dispatch, answering as shared-blocking does:
+    # forkserver's floor (see report.FD_PASSING).
+    "fdpass-rr": (fd_passing("round-robin"), "python"),
+    "fdpass-least": (fd_passing("least-loaded"), "python"),
     "gunicorn-sync": (gunicorn, "gunicorn"),
     "nginx": (nginx, "nginx"),
     "fs-sync": (forkserver("sync", HELLO), "forkserver"),
@@ -160,6 +171,11 @@ SERVERS: dict[str, tuple[Builder, str]] = {
     # dispatch = "shared": the workers accept themselves, the master only supervises.
     "fs-sync-shared": (forkserver("sync", HELLO, *SHARED), "forkserver"),
     "fs-asyncio-shared": (forkserver("asyncio", HELLO_ASYNC, *ROOMY, *SHARED), "forkserver"),
+    # The baselines' inline responder as a handler (tests/bench/handlers.py):
+    # against fdpass-least, what forkserver adds to the mechanism.
+    "fs-sync-inline": (forkserver("sync", FAIR), "forkserver"),
+    "fs-thread-inline": (forkserver("thread", FAIR, *ROOMY), "forkserver"),
+    "fs-asyncio-inline": (forkserver("asyncio", FAIR_ASYNC, *ROOMY), "forkserver"),
 }
 
 # The same servers with the bench's own handlers, which name the worker.
@@ -167,6 +183,8 @@ FAIRNESS_SERVERS: dict[str, tuple[Builder, str]] = {
     "shared-blocking": SERVERS["shared-blocking"],
     "shared-blocking-hello": (shared_accept("blocking", "--handler", FAIR), "python"),
     "shared-epoll": SERVERS["shared-epoll"],
+    "fdpass-rr": SERVERS["fdpass-rr"],
+    "fdpass-least": SERVERS["fdpass-least"],
     "gunicorn-sync": SERVERS["gunicorn-sync"],
     "nginx": SERVERS["nginx"],
     "fs-sync": (forkserver("sync", FAIR), "forkserver"),
@@ -178,6 +196,9 @@ FAIRNESS_SERVERS: dict[str, tuple[Builder, str]] = {
                                    "forkserver-uvloop"),
     "fs-sync-shared": (forkserver("sync", FAIR, *SHARED), "forkserver"),
     "fs-asyncio-shared": (forkserver("asyncio", FAIR_ASYNC, *ROOMY, *SHARED), "forkserver"),
+    "fs-sync-inline": SERVERS["fs-sync-inline"],
+    "fs-thread-inline": SERVERS["fs-thread-inline"],
+    "fs-asyncio-inline": SERVERS["fs-asyncio-inline"],
 }
 
 

@@ -19,9 +19,12 @@ from tests.support import poll_until
 
 pytestmark = pytest.mark.bench
 
-SMOKE_SERVERS = ["shared-blocking", "shared-blocking-hello", "fs-sync", "fs-asyncio",
-                 "fs-asyncio-protocol", "fs-asyncio-protocol-uvloop"]
-FAIR_SERVERS = ["fs-sync", "fs-asyncio-protocol", "fs-asyncio-protocol-uvloop"]
+SMOKE_SERVERS = ["shared-blocking", "shared-blocking-hello", "fdpass-rr", "fdpass-least",
+                 "fs-sync", "fs-sync-inline", "fs-asyncio", "fs-asyncio-protocol",
+                 "fs-asyncio-protocol-uvloop"]
+FAIR_SERVERS = ["fdpass-rr", "fdpass-least", "fs-sync", "fs-asyncio-protocol",
+                "fs-asyncio-protocol-uvloop"]
+EXTRA_CLIENTS = 20  # the main phase's second client count, small to stay short
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +36,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[bench.Results, Path
     res = bench.run([
         "--servers", ",".join(SMOKE_SERVERS), "--fair-servers", ",".join(FAIR_SERVERS),
         "--rounds", "1", "--seconds", "1", "--warmup", "0", "--pin", "off",
+        "--extra-connections", str(EXTRA_CLIENTS),
         "--phases", "main,fairness", "--no-chart", "--out", str(out),
     ])
     return res, out
@@ -44,8 +48,9 @@ def test_a_short_run_measures_every_server_with_zero_errors(
     res, out = smoke
     assert res.skipped == {}, "every smoke server must run here"
     assert res.failures == []
-    ran = {(s.server, s.mode) for s in res.samples}
-    assert ran == {(name, mode) for name in SMOKE_SERVERS for mode in bench.MODES}
+    ran = {(s.server, s.mode, s.connections) for s in res.samples}
+    assert ran == {(name, mode, 50) for name in SMOKE_SERVERS for mode in bench.MODES} | {
+        (name, "close", EXTRA_CLIENTS) for name in SMOKE_SERVERS}
     for s in res.samples:
         assert s.requests > 0, s
         assert (s.errors, s.non_2xx) == (0, 0), s
@@ -70,6 +75,11 @@ def test_a_short_run_measures_every_server_with_zero_errors(
     assert len(sync_rows) == 4 and all("not measured" in r for r in sync_rows
                                        if "| pinned |" in r), sync_rows
     assert not any("not measured" in r for r in sync_rows if "| unpinned |" in r), sync_rows
+    # forkserver against the bare mechanism, at both client counts.
+    floor_rows = [line for line in table.splitlines() if line.startswith(
+        "| CPU per new connection | fs-sync-inline | fdpass-least ")]
+    assert len(floor_rows) == 4, floor_rows  # pinned and unpinned, at 50 and 20 clients
+    assert [("not measured" in r) for r in floor_rows if "| unpinned |" in r] == [False, False]
 
 
 # Sync workers running hello_http take keep-alive clients in turns of
@@ -82,7 +92,7 @@ TAKING_TURNS = {("fs-sync", "keepalive"), ("shared-blocking-hello", "keepalive")
 
 def test_no_client_waits_unanswered_through_a_run(smoke: tuple[bench.Results, Path]) -> None:
     res, _ = smoke
-    stalled = {(s.server, s.mode): s.stalled_clients for s in res.samples
+    stalled = {(s.server, s.mode, s.connections): s.stalled_clients for s in res.samples
                if (s.server, s.mode) not in TAKING_TURNS}
     assert stalled == dict.fromkeys(stalled, 0)
 
@@ -118,9 +128,9 @@ def test_a_stopped_server_leaves_no_process_behind() -> None:
     assert server.proc.returncode == 0
 
 
-def _summary(figures: dict[tuple[str, str, bool], tuple[float, float]],
+def _summary(figures: dict[tuple[str, str, bool], tuple[float, float]], clients: int = 50,
              ) -> dict[report.GROUP, dict[str, float]]:
-    return {key: {"cpu_us": cpu, "rps": rps} for key, (cpu, rps) in figures.items()}
+    return {(*key, clients): {"cpu_us": cpu, "rps": rps} for key, (cpu, rps) in figures.items()}
 
 
 def test_targets_divide_by_each_baseline_and_say_what_was_not_measured() -> None:
@@ -130,14 +140,22 @@ def test_targets_divide_by_each_baseline_and_say_what_was_not_measured() -> None
         ("shared-blocking-hello", "close", True): (100.0, 5000.0),
         ("fs-asyncio-protocol", "keepalive", False): (20.0, 19000.0),
         ("shared-epoll", "keepalive", False): (12.0, 20000.0),
-    })
-    lines = report.target_lines(summary, {"fairness": [
-        {"server": "fs-sync", "max_deviation": 0.2}, {"server": "nginx", "max_deviation": 0.5}]})
-    rows = {tuple(c.strip() for c in line.strip("|").split("|")[:4]): line for line in lines[2:]}
-    assert len(rows) == len(lines) - 2 == len(report.targets()) + 1  # + fs-sync's fairness
+        ("fs-sync-inline", "close", True): (60.0, 9000.0),
+        ("fs-thread-inline", "close", True): (70.0, 8000.0),
+        ("fdpass-least", "close", True): (50.0, 10000.0),
+    }) | _summary({
+        ("fs-sync-inline", "close", False): (57.0, 9600.0),
+        ("fdpass-least", "close", False): (50.0, 10000.0),
+    }, clients=1000)
+    lines = report.target_lines(summary, {
+        "config": {"connections": 50, "extra_connections": [1000]},
+        "fairness": [{"server": "fs-sync", "max_deviation": 0.2},
+                     {"server": "nginx", "max_deviation": 0.5}]})
+    rows = {tuple(c.strip() for c in line.strip("|").split("|")[:5]): line for line in lines[2:]}
+    assert len(rows) == len(lines) - 2 == len(report.targets([50, 1000])) + 1  # + fairness
 
-    def cells(*key: str) -> list[str]:
-        return [c.strip() for c in rows[key].strip("|").split("|")[4:]]
+    def cells(*key: str, clients: int = 50) -> list[str]:
+        return [c.strip() for c in rows[(*key, str(clients))].strip("|").split("|")[5:]]
 
     cpu = "CPU per new connection"
     assert cells(cpu, "fs-sync", "shared-blocking (inline responder)", "pinned") == [
@@ -147,13 +165,26 @@ def test_targets_divide_by_each_baseline_and_say_what_was_not_measured() -> None
     assert cells("new connection req/s", "fs-sync", "shared-blocking-hello (same handler)",
                  "pinned") == ["1.00", "≥ 0.95", "met"]
     assert cells(cpu, "fs-sync", "shared-blocking (inline responder)", "unpinned") == [
-        "-", "≤ 1.3", "not measured (no close unpinned run of fs-sync or shared-blocking)"]
+        "-", "≤ 1.3", "not measured (no close unpinned c=50 run of fs-sync or shared-blocking)"]
     assert cells("new connection req/s", "fs-sync-shared", "gunicorn-sync", "pinned") == [
-        "-", "≥ 3.5", "not measured (no close pinned run of fs-sync-shared or gunicorn-sync)"]
+        "-", "≥ 3.5",
+        "not measured (no close pinned c=50 run of fs-sync-shared or gunicorn-sync)"]
     assert cells("keep-alive req/s", "fs-asyncio-protocol", "shared-epoll", "unpinned") == [
         "0.95", "≥ 0.95", "met"]
     assert cells("fairness: worst worker off the mean", "fs-sync", "(the mean)", "unpinned") == [
         "0.20", "≤ 0.10", "NOT met"]
+    # Against the bare mechanism: judged for sync workers, reported for the others.
+    floor = "fdpass-least (bare fd passing, least loaded)"
+    assert cells(cpu, "fs-sync-inline", floor, "pinned") == ["1.20", "≤ 1.15", "NOT met"]
+    assert cells("new connection req/s", "fs-sync-inline", floor, "pinned") == [
+        "0.90", "≥ 0.95", "NOT met"]
+    assert cells(cpu, "fs-sync-inline", floor, "unpinned", clients=1000) == [
+        "1.14", "≤ 1.15", "met"]
+    assert cells("new connection req/s", "fs-sync-inline", floor, "unpinned", clients=1000) == [
+        "0.96", "≥ 0.95", "met"]
+    assert cells(cpu, "fs-thread-inline", floor, "pinned") == ["1.40", "-", "reported"]
+    assert cells(cpu, "fs-asyncio-inline", floor, "pinned", clients=1000)[2].startswith(
+        "not measured (no close pinned c=1000 run of fs-asyncio-inline or fdpass-least)")
 
 
 @pytest.mark.parametrize(("spec", "complaint"), [
