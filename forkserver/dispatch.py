@@ -8,16 +8,19 @@ hot, so it works on raw descriptors and does no logging:
   it goes into that worker's outbox and its credit is taken at once.
   One flush per loop pass sends every outbox, several descriptors per
   ``sendmsg`` (at most SCM_MAX_FD), then closes the master's copies.
-* A worker with ``prefetch`` (sync) may get one descriptor beyond its
-  capacity when no worker has free capacity.  It goes in a message of
-  its own, and the worker reads one message at a time, so the
+* A worker with ``prefetch`` (sync) may get that many descriptors
+  beyond its capacity when no worker has free capacity.  Each goes in a
+  message of its own, and the worker reads one message at a time, so a
   prefetched descriptor stays on the channel (and comes back if the
   worker dies) until the worker is free to serve it.  A connection that
-  holds its worker long must not hold the one queued behind it: when a
-  worker has been free for ``STEAL_AFTER`` with nothing pending, the
-  master takes back any prefetched descriptor still unread (receiving a
-  SEQPACKET message is atomic: either the worker has it or the master
-  does) and gives it to the free worker.
+  holds its worker long must not hold the ones queued behind it: every
+  ``STEAL_AFTER`` while descriptors are prefetched, the master takes
+  back those still unread (receiving a SEQPACKET message is atomic:
+  either the worker has it or the master does) from a worker that
+  reported nothing done since the last look while another is ready,
+  and from every worker when another is free and nothing is pending.
+  A worker they were taken from for being stuck gets no more beyond
+  its capacity until it reports DONE.
 * No worker free: the descriptor waits in the pending queue.  At
   ``max_pending`` every listener pauses accepting (the kernel backlog
   holds the rest) until the queue has drained.  Under a prefork master
@@ -80,6 +83,9 @@ class WorkerLink:
     out_listeners: list[int] = field(default_factory=list)
     stop_queued: bool = False
     reopen_fd: int = -1  # a log file to send with REOPEN (ours to close), or -1
+    #: ``record.served`` when the steal check last saw descriptors prefetched
+    #: to it, or -1: unchanged at the next check means it is stuck.
+    served_mark: int = -1
     writer_armed: bool = False
     retry_armed: bool = False
 
@@ -128,6 +134,8 @@ class Dispatcher:
 
     def _assign(self, record: WorkerRecord, fd: int, listener: int) -> None:
         self.table.assign(record)
+        if record.in_flight > record.capacity and self._steal_timer is None:
+            self._steal_timer = self.loop.call_later(STEAL_AFTER, self._steal)
         link = self.links[record.pid]
         link.out_fds.append(fd)
         link.out_listeners.append(listener)
@@ -163,43 +171,68 @@ class Dispatcher:
         return prefetched and free
 
     def _steal(self) -> None:
+        """Take back what waits behind a stuck worker, or while another is free."""
         self._steal_timer = None
-        if self.pending or not self._prefetch_waits():
-            return
+        free = not self.pending and self._prefetch_waits()
+        others = self.table.count(WorkerState.READY) > 1  # somewhere else to serve them
         taken: list[tuple[int, int]] = []
+        still_prefetched = False
         for link in tuple(self.links.values()):
             record = link.record
-            if record.in_flight > record.capacity:
+            if record.in_flight <= record.capacity:
+                link.served_mark = -1
+                continue
+            # Nothing done since the last look: what waits behind it is better
+            # off in the master's queue, for whichever worker frees up first.
+            stuck = others and link.served_mark == record.served
+            if free or stuck:
                 taken += self._take_back(link)
+                if stuck:
+                    self.table.hold_back(record)  # no more queued behind it until DONE
+            link.served_mark = record.served
+            still_prefetched = still_prefetched or record.in_flight > record.capacity
+        if still_prefetched:
+            self._steal_timer = self.loop.call_later(STEAL_AFTER, self._steal)
         if taken:
             self.requeue(taken)
             self.drain_pending()
 
     def _take_back(self, link: WorkerLink) -> list[tuple[int, int]]:
-        """The oldest message still unread on a live worker's channel, if any.
+        """The prefetched descriptors still unread on a live worker's channel, oldest first.
 
         A stopping worker's STOP may come first: it is sent again, and is
         still the last message on the channel (a stopping worker is sent
-        no more connections).
+        no more connections).  A REOPEN met on the way is sent again once
+        the rest are taken.
         """
-        if link.record.killed or link.stop_queued:
+        record = link.record
+        if record.killed or link.stop_queued:
             return []  # being killed, or its STOP is not on the channel yet
-        try:
-            data, fds = fdpass.recv(
-                link.peer, channel.MAX_MESSAGE_SIZE, fdpass.SCM_MAX_FD, nonblocking=True
-            )
-        except (BlockingIOError, fdpass.FdPassError):
-            return []  # the worker has it (or it was unusable, and is closed)
-        if data == _STOP and not fds:
-            self.queue_stop(link)
-            return []
-        if data == _REOPEN and len(fds) == 1:
-            self.queue_reopen(link, fds[0])  # behind what is queued now, as good
-            return []
-        items = _undelivered(data, fds)
-        if items:
-            self.table.unassign(link.record, len(items))
-        return items
+        taken: list[tuple[int, int]] = []
+        reopen = -1
+        while len(taken) < record.in_flight - record.capacity:
+            try:
+                data, fds = fdpass.recv(
+                    link.peer, channel.MAX_MESSAGE_SIZE, fdpass.SCM_MAX_FD, nonblocking=True
+                )
+            except BlockingIOError:
+                break  # the worker has the rest
+            except fdpass.FdPassError:
+                continue  # unusable, and closed
+            if data == _STOP and not fds:
+                self.queue_stop(link)
+                break
+            if data == _REOPEN and len(fds) == 1:
+                if reopen >= 0:
+                    fdpass.close_all((reopen,))  # only the newest file counts
+                reopen = fds[0]
+                continue
+            taken += _undelivered(data, fds)
+        if reopen >= 0:
+            self.queue_reopen(link, reopen)  # behind what is queued now, as good
+        if taken:
+            self.table.unassign(record, len(taken))
+        return taken
 
     def take_back_queued(self, link: WorkerLink) -> list[tuple[int, int]]:
         """Every descriptor a live worker that reads its channel no more was sent.

@@ -64,6 +64,7 @@ from forkserver.worker_table import (
 )
 from forkserver.workers import preamble
 from forkserver.workers.core import EXIT_MEANINGS, HEARTBEAT_INTERVAL, WorkerContext
+from forkserver.workers.sync import PREFETCH as SYNC_PREFETCH
 
 log = logging.getLogger("forkserver.master")
 
@@ -124,7 +125,7 @@ class WorkerSpec:
     settings: Settings
     worker_class: WorkerClass
     capacity: int  # connections at once: 1 for sync, else ``concurrency``
-    prefetch: int  # descriptors queued beyond capacity: 1 for sync (see dispatch)
+    prefetch: int  # descriptors queued beyond capacity: workers.sync.PREFETCH for sync
     heartbeat_interval: float  # several per ``timeout``: one late beat is no death sentence
     #: The TLS listeners' contexts, loaded for this generation (``tls_listeners.load``).
     tls: Mapping[int | None, ListenerTls] = field(default_factory=dict)
@@ -135,7 +136,8 @@ class WorkerSpec:
         sync = worker_class == "sync"
         return cls(
             settings=settings, worker_class=worker_class,
-            capacity=1 if sync else settings.concurrency, prefetch=1 if sync else 0,
+            capacity=1 if sync else settings.concurrency,
+            prefetch=SYNC_PREFETCH if sync else 0,  # a busy sync worker's next ones (dispatch)
             heartbeat_interval=min(HEARTBEAT_INTERVAL, settings.timeout / 4), tls=tls or {},
         )  # fmt: skip
 

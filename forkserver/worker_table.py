@@ -12,10 +12,12 @@ Invariants:
 * ``0 <= in_flight <= capacity + prefetch`` for every worker: the
   master only dispatches to a worker with room, and a worker reporting
   more connections done than it holds is a protocol violation.
-  ``prefetch`` (0 or 1) lets a busy worker hold one descriptor beyond
-  its concurrency, queued on its channel, so that it never waits for a
+  ``prefetch`` lets a busy worker hold that many descriptors beyond its
+  concurrency, queued on its channel, so that it never waits for a
   round trip through the master between two connections; ``pick``
   still prefers a worker with free capacity, so idle workers come first.
+  A worker ``held_back`` (it seemed stuck with descriptors queued) is
+  given none beyond its capacity until its next DONE.
 * Only ``READY`` workers receive connections.  States move forward
   only: ``STARTING`` -> ``READY`` -> ``STOPPING``.
 * A leaving worker is described by its record alone: ``STOPPING``
@@ -69,10 +71,15 @@ class WorkerRecord:
     was_ready: bool = False  # it reported READY at some point
     killed: bool = False  # killed (or ABRTed) for what it did: its channel is not read again
     prefetch: int = 0  # descriptors it may hold queued beyond its capacity
+    held_back: bool = False  # no prefetch until its next DONE
     last_assigned: int = 0  # the table's count of assignments when it last got one
 
+    def room(self) -> int:
+        """How many connections it may hold now."""
+        return self.capacity if self.held_back else self.capacity + self.prefetch
+
     def has_capacity(self) -> bool:
-        return self.state is WorkerState.READY and self.in_flight < self.capacity + self.prefetch
+        return self.state is WorkerState.READY and self.in_flight < self.room()
 
 
 #: Why the master retires a worker on purpose: its exit is planned, logged
@@ -254,7 +261,8 @@ class WorkerTable:
             limit = record.request_limit
             if limit is not None and record.served + held >= limit:
                 continue
-            if record.state is ready and held < record.capacity + record.prefetch:
+            room = record.capacity if record.held_back else record.capacity + record.prefetch
+            if record.state is ready and held < room:
                 key = (held >= record.capacity, held, record.last_assigned, record.slot)
                 if best is None or key < best_key:
                     best, best_key = record, key
@@ -262,15 +270,19 @@ class WorkerTable:
 
     def assign(self, record: WorkerRecord, count: int = 1) -> None:
         """Count *count* connections as sent to *record*."""
-        room = record.capacity + record.prefetch
+        room = record.room()
         if not record.has_capacity() or record.in_flight + count > room:
             raise TableError(
-                f"worker {record.slot} has {room - record.in_flight} free of "
-                f"{room}, cannot take {count}"
+                f"worker {record.slot} has {max(0, room - record.in_flight)} free of "
+                f"{room}{' (held back)' if record.held_back else ''}, cannot take {count}"
             )
         record.in_flight += count
         self._assignments += 1
         record.last_assigned = self._assignments
+
+    def hold_back(self, record: WorkerRecord) -> None:
+        """Give *record* nothing beyond its capacity until it reports DONE."""
+        record.held_back = True
 
     def unassign(self, record: WorkerRecord, count: int) -> None:
         """Connections counted by ``assign`` that never reached the worker."""
@@ -291,6 +303,7 @@ class WorkerTable:
         record.in_flight -= count
         record.served += count
         record.last_seen = now
+        record.held_back = False
         return record
 
     def seen(self, pid: int, now: float) -> None:

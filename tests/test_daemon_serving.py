@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from forkserver import control
+from forkserver.workers.sync import PREFETCH as SYNC_PREFETCH
 from tests.support import TIMEOUT, Daemon, poll_until, read_line, recv_all, start_daemon
 
 
@@ -56,10 +57,12 @@ def test_hundreds_of_concurrent_connections_are_all_served_by_every_worker() -> 
 
 
 def test_connections_queue_while_every_worker_is_busy_and_are_served_later() -> None:
+    # Each sync worker holds one and has PREFETCH queued; 3 more fill the master's queue.
+    count = 2 * (1 + SYNC_PREFETCH) + 3 + 4
     with start_daemon(
         "tests.handlers.basic:gate", "--max-pending-connections", "3", workers=2
     ) as daemon:
-        held = [daemon.connect() for _ in range(12)]
+        held = [daemon.connect() for _ in range(count)]
         try:
             paused = daemon.wait_log("accept_paused")
             assert paused["pending"] == 3
@@ -76,7 +79,7 @@ def test_connections_queue_while_every_worker_is_busy_and_are_served_later() -> 
         finally:
             for sock in held:
                 sock.close()
-        assert replies == [b"%d" % i for i in range(12)]
+        assert replies == [b"%d" % i for i in range(count)]
         daemon.wait_log("accept_resumed")
 
 

@@ -306,6 +306,107 @@ def test_a_prefetched_descriptor_moves_to_a_worker_that_has_been_free_a_while(
         fdpass.close_all([fd for fd, _ in r.dispatcher.remove_link(PID + 1)])
 
 
+def second_worker(r: Rig, prefetch: int) -> tuple[WorkerLink, socket.socket]:
+    """A second ready worker on its own socketpair; returns its link and its end."""
+    master, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    master.setblocking(False)
+    record = r.table.add(1, PID + 1, 1, now=0.0)
+    record.prefetch = prefetch
+    r.table.mark_ready(PID + 1, now=0.0)
+    link = WorkerLink(record=record, sock=master, peer=worker)
+    r.dispatcher.add_link(link)
+    return link, worker
+
+
+def run_until(r: Rig, done: Callable[[], bool], limit: float = 5.0) -> float:
+    """Run the loop until *done*, at most *limit* s; how long it took."""
+    start = r.loop.time()
+    while not done() and r.loop.time() - start < limit:
+        r.loop.run_once(0.5)
+    assert done()
+    return r.loop.time() - start
+
+
+def test_every_prefetched_descriptor_moves_to_a_worker_free_a_while(rig: MakeRig) -> None:
+    r = prefetching(rig(capacity=1))
+    r.link.record.prefetch = 3
+    other, other_end = second_worker(r, prefetch=3)
+    try:
+        for i, fd in enumerate(pipe_ends(6)[:5]):
+            r.dispatcher.dispatch(fd, i)  # 0 to slot 0, 1 to slot 1, then 2 3 4 prefetched
+        r.loop.run_once(0)
+        assert (r.link.record.in_flight, other.record.in_flight) == (3, 2)
+        serving = fdpass.recv(r.worker_end, channel.MAX_MESSAGE_SIZE, 253, nonblocking=True)
+        for _, got in fdpass.drain(other_end, channel.MAX_MESSAGE_SIZE, 253):
+            fdpass.close_all(got)  # slot 1 finishes both...
+        r.table.complete(PID + 1, 2, now=1.0)
+        r.dispatcher.drain_pending()  # ...while slot 0 is still busy with its first
+        run_until(r, lambda: other.record.in_flight == 2)  # both of slot 0's queued ones
+        r.loop.run_once(0)  # the flush
+        moved = fdpass.drain(other_end, channel.MAX_MESSAGE_SIZE, 253)
+        assert [channel.decode_master_message(data) for data, _ in moved] == [
+            channel.Connections(listeners=(2,)), channel.Connections(listeners=(4,))]
+        assert r.link.record.in_flight == 1
+        assert r.receive_all() == []  # nothing left queued behind the busy worker
+        fdpass.close_all(serving[1] + [fd for _, got in moved for fd in got])
+    finally:
+        fdpass.close_all([fd for fd, _ in r.dispatcher.remove_link(PID + 1)])
+
+
+def test_what_waits_behind_a_stuck_worker_goes_back_to_the_queue_and_it_gets_no_more(
+    rig: MakeRig,
+) -> None:
+    r = prefetching(rig(capacity=1, max_pending=100))
+    r.link.record.prefetch = 3
+    other, other_end = second_worker(r, prefetch=3)
+    try:
+        for i, fd in enumerate(pipe_ends(10)):
+            r.dispatcher.dispatch(fd, i)  # both full (4 each), 2 in the master's queue
+        r.loop.run_once(0)
+        assert (r.link.record.in_flight, other.record.in_flight) == (4, 4)
+        serving = fdpass.recv(r.worker_end, channel.MAX_MESSAGE_SIZE, 253, nonblocking=True)
+        # Slot 1 keeps finishing connections; slot 0 finishes none.
+        def slot_1_serves() -> bool:
+            for _, got in fdpass.drain(other_end, channel.MAX_MESSAGE_SIZE, 253):
+                fdpass.close_all(got)
+                r.table.complete(PID + 1, 1, now=r.loop.time())
+                r.dispatcher.drain_pending()
+            return r.link.record.in_flight == 1
+
+        took = run_until(r, slot_1_serves)
+        assert took >= dispatch.STEAL_AFTER  # one look to see it stuck, the next to act
+        assert r.receive_all() == []  # slot 0's queued three were taken back...
+        assert r.link.record.held_back
+        r.dispatcher.dispatch(os.dup(serving[1][0]), 9)
+        r.loop.run_once(0)
+        assert r.link.record.in_flight == 1  # ...and it is given none beyond its capacity
+        r.table.complete(PID, 1, now=r.loop.time())  # until it reports DONE
+        assert not r.link.record.held_back
+        fdpass.close_all(serving[1])
+    finally:
+        fdpass.close_all([fd for fd, _ in r.dispatcher.remove_link(PID + 1)])
+        r.link.record.in_flight = 0
+
+
+def test_a_lone_stuck_worker_keeps_what_is_queued_for_it(rig: MakeRig) -> None:
+    """With no other worker ready, the master's queue would serve them no sooner."""
+    r = prefetching(rig(capacity=1))
+    r.link.record.prefetch = 3
+    for i, fd in enumerate(pipe_ends(4)):
+        r.dispatcher.dispatch(fd, i)
+    r.loop.run_once(0)
+    serving = fdpass.recv(r.worker_end, channel.MAX_MESSAGE_SIZE, 253, nonblocking=True)
+    start = r.loop.time()
+    while r.loop.time() - start < 4 * dispatch.STEAL_AFTER:  # several looks
+        r.loop.run_once(dispatch.STEAL_AFTER)
+    assert r.link.record.in_flight == 4
+    assert not r.link.record.held_back
+    queued = r.receive_all()
+    assert [indices for indices, _ in queued] == [(1,), (2,), (3,)]
+    fdpass.close_all(serving[1] + [fd for _, got in queued for fd in got])
+    r.link.record.in_flight = 0
+
+
 def test_a_fast_stop_takes_back_a_prefetched_descriptor_and_leaves_stop_last(
     rig: MakeRig,
 ) -> None:
@@ -371,12 +472,16 @@ def test_a_reopen_met_while_taking_back_a_prefetched_descriptor_is_sent_again(
     r.dispatcher.dispatch(fds[1], 1)
     r.loop.run_once(0)
     before = open_count()
-    assert r.dispatcher.close_pending() == 0  # it met REOPEN first: nothing dropped yet
-    assert open_count() == before  # and the file went out again, not closed
+    assert r.dispatcher.close_pending() == 1  # the one behind REOPEN is taken too
+    assert open_count() == before  # the taken one closed, the file sent again and closed
     messages = fdpass.drain(r.worker_end, channel.MAX_MESSAGE_SIZE, 253)
     decoded = [channel.decode_master_message(data) for data, _ in messages]
-    assert decoded == [channel.Connections(listeners=(1,)), channel.Reopen()]
-    fdpass.close_all([*serving[1], *messages[0][1], *messages[1][1], log_r, log_w])
+    assert decoded == [channel.Reopen()]
+    (log_copy,) = messages[0][1]
+    os.write(log_copy, b"x")  # the same pipe
+    assert os.read(log_r, 1) == b"x"
+    assert r.link.record.in_flight == 1  # only the one being served
+    fdpass.close_all([*serving[1], log_copy, log_r, log_w])
     r.link.record.in_flight = 0
 
 

@@ -12,6 +12,7 @@ import psutil
 import pytest
 
 from forkserver import control
+from forkserver.workers.sync import PREFETCH as SYNC_PREFETCH
 from tests.loadgen import BackgroundLoad, run_load
 from tests.support import TIMEOUT, Daemon, poll_until, read_line, recv_all, start_daemon
 
@@ -234,8 +235,8 @@ def test_a_fast_stop_drops_queued_connections_and_a_second_one_kills(
         queued = []
         try:
             worker = int(read_line(held).split()[0])
-            queued = [daemon.connect() for _ in range(3)]
-            # One waits on the busy worker's channel (prefetched), two in the master.
+            queued = [daemon.connect() for _ in range(SYNC_PREFETCH + 2)]
+            # PREFETCH wait on the busy worker's channel, two in the master.
             poll_until(lambda: control.request(path, "status")["master"]["pending"] == 2,
                        "the master holds the other queued connections")  # fmt: skip
             daemon.proc.send_signal(signum)

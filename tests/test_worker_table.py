@@ -263,3 +263,20 @@ def test_a_worker_is_never_given_more_than_its_request_limit() -> None:
     table.complete(100, 1, now=1.0)
     assert limited.served == 3
     assert table.pick() is other  # idle now, and still never picked again
+
+
+def test_a_held_back_worker_gets_nothing_beyond_its_capacity_until_it_reports_done() -> None:
+    table = WorkerTable()
+    record = table.add(0, 100, 1, now=0.0)
+    record.prefetch = 3
+    table.mark_ready(100, now=0.0)
+    table.assign(record, 2)
+    table.hold_back(record)
+    assert table.pick() is None  # it holds its capacity: no room while held back
+    with pytest.raises(TableError, match=r"^worker 0 has 0 free of 1 \(held back\), cannot take 1"):
+        table.assign(record)
+    table.complete(100, 1, now=1.0)
+    assert not record.held_back
+    assert table.pick() is record
+    table.assign(record, 3)  # its whole window again
+    assert record.in_flight == 4

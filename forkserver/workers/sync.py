@@ -1,26 +1,54 @@
 """The ``sync`` worker class: one connection at a time, in the main thread.
 
 It reads its channel one message at a time and only when it is free:
-the master keeps one descriptor queued for a busy sync worker (its
-``prefetch``), so the next connection is already waiting when this one
-ends, and whatever is still queued when a worker dies goes back to the
-master rather than being lost.  DONE goes out after every message, so
-the master can queue the next descriptor while this one is served.
+the master keeps up to ``PREFETCH`` descriptors queued for a busy sync
+worker, so the next connection is already waiting when this one ends,
+and whatever is still queued when a worker dies goes back to the
+master rather than being lost.
+
+DONE carries a credit window rather than one message per connection:
+the worker reports what it finished once ``DONE_EVERY`` connections are
+done, or as soon as its channel has nothing more for it.  Under load
+the master is woken once per several connections, and refills the
+queue before it runs dry (``DONE_EVERY`` < ``PREFETCH``); a worker that
+goes idle has always reported everything, so the master never takes an
+idle worker for a busy one, and a lone connection is served at once.
 From a shared listener it accepts one connection when free and serves
 it before it looks again.
 """
 
 from __future__ import annotations
 
+from typing import Final
+
 from forkserver import channel
 from forkserver.workers.core import ChannelClosed, reopen_log, serve_blocking
 from forkserver.workers.loop import SelectorWorker
 
+#: Descriptors the master may queue for a busy sync worker, beyond the
+#: one it serves (``WorkerRecord.prefetch``).
+PREFETCH: Final = 7
+#: A sync worker sends DONE once this many connections are done (or when
+#: its channel is empty), so the master refills it PREFETCH - DONE_EVERY
+#: connections before it runs dry.
+DONE_EVERY: Final = 4
+
 
 class SyncWorker(SelectorWorker):
+    #: Connections finished and not yet reported in a DONE.
+    unreported = 0
+
     def take(self, fds: list[int], listeners: tuple[int, ...]) -> None:
         self.serve(fds, listeners)
-        self.chan.send_done(len(fds))
+        self.unreported += len(fds)
+        if self.unreported >= DONE_EVERY:
+            self.report_done()
+
+    def report_done(self) -> None:
+        """DONE for every connection finished since the last one."""
+        if self.unreported:
+            self.chan.send_done(self.unreported)
+            self.unreported = 0
 
     def serve(self, fds: list[int], listeners: tuple[int, ...]) -> None:
         ctx = self.ctx
@@ -48,6 +76,7 @@ class SyncWorker(SelectorWorker):
                 self.stopping = self.master_gone = True
                 return
             if received is None:
+                self.report_done()  # idle from now: the master must know it has room
                 return
             message, fds = received
             if isinstance(message, channel.Connections):
@@ -64,13 +93,11 @@ class SyncWorker(SelectorWorker):
         Holding back DONE keeps the master from queueing more behind
         what is drained (it sees no free room), so the drain ends.
         """
-        served = 0
         while (received := self.chan.receive_one()) is not None:
             message, fds = received
             if isinstance(message, channel.Connections):
                 self.serve(fds, message.listeners)
-                served += len(fds)
+                self.unreported += len(fds)
             elif isinstance(message, channel.Reopen):
                 reopen_log(self.ctx, fds)
-        if served:
-            self.chan.send_done(served)
+        self.report_done()
