@@ -572,9 +572,13 @@ _ONE_CONNECTION: Final = tuple(
 _DONE_BYTES: Final = tuple(  # by count; 0 is never sent
     _header(MessageType.DONE) + _U32.pack(count) for count in range(_CACHED_COUNTS)
 )
-_KNOWN_FROM_MASTER: Final[dict[bytes, MasterMessage]] = {
+#: CONNECTIONS of one descriptor from the first listeners, by listener index.
+ONE_CONNECTION_BYTES: Final = _ONE_CONNECTION
+#: CONNECTIONS of one descriptor by its exact bytes, for the worker's receive.
+ONE_CONNECTION: Final[dict[bytes, Connections]] = {
     data: _decode_connections(data[_HEADER.size :]) for data in _ONE_CONNECTION
 }
+_KNOWN_FROM_MASTER: Final[dict[bytes, MasterMessage]] = dict(ONE_CONNECTION)
 _KNOWN_FROM_WORKER: Final[dict[bytes, WorkerMessage]] = {
     data: Done(count=count) for count, data in enumerate(_DONE_BYTES) if count
 }

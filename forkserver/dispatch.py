@@ -124,16 +124,16 @@ class Dispatcher:
 
     def dispatch(self, fd: int, listener: int) -> None:
         """Take ownership of the accepted descriptor *fd*."""
-        record = None if self.pending else self.table.pick()
+        record = None if self.pending else self.table.take()
         if record is None:
             self.pending.append((fd, listener))
             if len(self.pending) >= self.max_pending and not self.paused:
                 self._pause()
         else:
-            self._assign(record, fd, listener)
+            self._queue(record, fd, listener)
 
-    def _assign(self, record: WorkerRecord, fd: int, listener: int) -> None:
-        self.table.assign(record)
+    def _queue(self, record: WorkerRecord, fd: int, listener: int) -> None:
+        """Put *fd*, already counted to *record* (``take``), in its outbox."""
         if record.in_flight > record.capacity and self._steal_timer is None:
             self._steal_timer = self.loop.call_later(STEAL_AFTER, self._steal)
         link = self.links[record.pid]
@@ -147,11 +147,11 @@ class Dispatcher:
         """Give queued descriptors to workers that have capacity now."""
         pending = self.pending
         while pending:
-            record = self.table.pick()
+            record = self.table.take()
             if record is None:
                 break
             fd, listener = pending.popleft()
-            self._assign(record, fd, listener)
+            self._queue(record, fd, listener)
         if self.paused and not pending:
             self._resume()
         if not pending and self._steal_timer is None and self._prefetch_waits():
@@ -264,25 +264,40 @@ class Dispatcher:
 
     def flush(self) -> None:
         self._flush_scheduled = False
+        sent: list[int] = []  # the master's copies, closed together at the end
         for link in tuple(self.links.values()):
             if link.out_fds or link.stop_queued:
-                self._flush_link(link)
+                self._flush_link(link, sent)
+        fdpass.close_many(sent)
 
-    def _flush_link(self, link: WorkerLink) -> None:
+    def _flush_link(self, link: WorkerLink, sent: list[int] | None = None) -> None:
+        """Send the outbox, then REOPEN, then STOP, as far as the channel takes them.
+
+        The master's copies of what went out are closed, or added to
+        *sent* for the caller to close.
+        """
         if link.retry_armed:
             return
-        # A prefetched descriptor must stay on the channel until the worker
-        # is free, so a worker that prefetches gets one per message.
-        per_message = 1 if link.record.prefetch else fdpass.SCM_MAX_FD
-        while link.out_fds:
-            count = min(len(link.out_fds), per_message)
-            fds = link.out_fds[:count]
-            data = channel.encode_connections(link.out_listeners[:count])
-            if not self._send(link, data, fds):
-                return
-            del link.out_fds[:count]
-            del link.out_listeners[:count]
-            fdpass.close_all(fds)
+        out_fds = link.out_fds
+        if out_fds:
+            done = [] if sent is None else sent
+            if link.record.prefetch:
+                # A prefetched descriptor must stay on the channel until the
+                # worker is free, so a worker that prefetches gets one per message.
+                self._send_each(link, done)
+            while out_fds and not link.record.prefetch:
+                count = min(len(out_fds), fdpass.SCM_MAX_FD)
+                fds = out_fds[:count]
+                data = channel.encode_connections(link.out_listeners[:count])
+                if not self._send(link, data, fds):
+                    break
+                del out_fds[:count]
+                del link.out_listeners[:count]
+                done += fds
+            if sent is None:
+                fdpass.close_many(done)
+            if out_fds:
+                return  # the channel is full, or broken: the rest waits
         if link.reopen_fd >= 0:
             if not self._send(link, _REOPEN, (link.reopen_fd,)):
                 return
@@ -296,21 +311,54 @@ class Dispatcher:
             self.loop.remove_writer(link.sock)
             link.writer_armed = False
 
+    def _send_each(self, link: WorkerLink, done: list[int]) -> None:
+        """The outbox one descriptor per message, as far as the channel takes it.
+
+        What went out moves to *done*.  The hot path of sync workers:
+        ``_send`` in a loop, without a call per message.
+        """
+        out_fds, listeners, sock = link.out_fds, link.out_listeners, link.sock
+        encoded, send_one = channel.ONE_CONNECTION_BYTES, fdpass.send_one
+        count = 0
+        try:
+            for fd in out_fds:
+                index = listeners[count]
+                data = encoded[index] if index < len(encoded) else \
+                    channel.encode_connections((index,))  # fmt: skip
+                if not send_one(sock, data, fd):
+                    self._wait_writable(link)
+                    break
+                count += 1
+        except OSError as exc:
+            self._send_failed(link, exc)
+        if count:
+            done += out_fds[:count]
+            del out_fds[:count]
+            del listeners[:count]
+
     def _send(self, link: WorkerLink, data: bytes, fds: Sequence[int]) -> bool:
         try:
             if fdpass.send(link.sock, data, fds):
                 return True
         except OSError as exc:
-            if exc.errno not in _RESOURCE_ERRNOS:
-                self.on_broken(link, f"sending on its channel failed: {exc.strerror or exc}")
-                return False
-            link.retry_armed = True
-            self.loop.call_later(RESOURCE_RETRY, lambda: self._retry(link))
+            self._send_failed(link, exc)
             return False
+        self._wait_writable(link)
+        return False
+
+    def _send_failed(self, link: WorkerLink, exc: OSError) -> None:
+        """A send raised: out of kernel resources (retry soon), or a broken channel."""
+        if exc.errno not in _RESOURCE_ERRNOS:
+            self.on_broken(link, f"sending on its channel failed: {exc.strerror or exc}")
+            return
+        link.retry_armed = True
+        self.loop.call_later(RESOURCE_RETRY, lambda: self._retry(link))
+
+    def _wait_writable(self, link: WorkerLink) -> None:
+        """The channel is full: flush again once it can take more."""
         if not link.writer_armed:
             link.writer_armed = True
             self.loop.add_writer(link.sock, lambda: self._flush_link(link))
-        return False
 
     def _retry(self, link: WorkerLink) -> None:
         link.retry_armed = False

@@ -28,18 +28,25 @@ import array
 import errno
 import os
 import socket
+import struct
 from collections.abc import Sequence
 from typing import Final
 
 #: The kernel's SCM_MAX_FD: the most descriptors one message can carry.
 SCM_MAX_FD: Final = 253
 _FD_SIZE: Final = array.array("i").itemsize
+_ONE_FD: Final = struct.Struct("i")
 # Plain ints: flag enums cost a Python call per operation on a hot path.
 _SEND_FLAGS: Final = int(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
 _RECV_FLAGS: Final = int(socket.MSG_CMSG_CLOEXEC)
 _RECV_NOWAIT_FLAGS: Final = int(socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
 _CTRUNC: Final = int(socket.MSG_CTRUNC)
 _TRUNC: Final = int(socket.MSG_TRUNC)
+_TRUNCATED: Final = _CTRUNC | _TRUNC
+_SOL_SOCKET: Final = int(socket.SOL_SOCKET)
+_SCM_RIGHTS: Final = int(socket.SCM_RIGHTS)
+#: Ancillary buffer size by the number of descriptors a receive allows.
+_SPACE: Final[dict[int, int]] = {}
 
 
 class FdPassError(Exception):
@@ -66,11 +73,25 @@ def send(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> bool:
     On success the caller still owns its copies of *fds* and should
     close them: the receiver has its own.
     """
-    if len(fds) > SCM_MAX_FD:
-        raise ValueError(f"at most {SCM_MAX_FD} descriptors per message, not {len(fds)}")
-    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    count = len(fds)
+    if count > SCM_MAX_FD:
+        raise ValueError(f"at most {SCM_MAX_FD} descriptors per message, not {count}")
+    ancillary: list[tuple[int, int, bytes | array.array[int]]] = []
+    if count == 1:  # a sync worker's every message: no array for one number
+        ancillary.append((_SOL_SOCKET, _SCM_RIGHTS, _ONE_FD.pack(fds[0])))
+    elif count:
+        ancillary.append((_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds)))
     try:
         sock.sendmsg([data], ancillary, _SEND_FLAGS)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def send_one(sock: socket.socket, data: bytes, fd: int) -> bool:
+    """``send(sock, data, (fd,))``: the one-descriptor message of every sync connection."""
+    try:
+        sock.sendmsg([data], [(_SOL_SOCKET, _SCM_RIGHTS, _ONE_FD.pack(fd))], _SEND_FLAGS)
     except BlockingIOError:
         return False
     return True
@@ -88,19 +109,28 @@ def recv(
     With *nonblocking*, ``BlockingIOError`` means nothing is queued.
     """
     flags = _RECV_NOWAIT_FLAGS if nonblocking else _RECV_FLAGS
-    space = socket.CMSG_SPACE(max_fds * _FD_SIZE) if max_fds else 0
+    space = _SPACE.get(max_fds)
+    if space is None:
+        space = _SPACE[max_fds] = socket.CMSG_SPACE(max_fds * _FD_SIZE) if max_fds else 0
     data, ancillary, msg_flags, _ = sock.recvmsg(max_size + 1, space, flags)
-    fds = _collect_fds(ancillary)
-    problem = _check(data, fds, msg_flags, max_size, max_fds)
-    if problem:
-        close_all(fds)
-        if msg_flags & _CTRUNC and len(fds) < max_fds:
-            raise DescriptorsLost(problem, data)
-        raise FdPassError(problem)
+    fds = _collect_fds(ancillary) if ancillary else []
+    # Every receive of every connection comes here: the whole check only
+    # when something looks wrong.
+    if msg_flags & _TRUNCATED or len(data) > max_size or len(fds) > max_fds:
+        problem = _check(data, fds, msg_flags, max_size, max_fds)
+        if problem:
+            close_all(fds)
+            if msg_flags & _CTRUNC and len(fds) < max_fds:
+                raise DescriptorsLost(problem, data)
+            raise FdPassError(problem)
     return data, fds
 
 
 def _collect_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    if len(ancillary) == 1:  # what the master sends: one SCM_RIGHTS array
+        level, kind, payload = ancillary[0]
+        if level == _SOL_SOCKET and kind == _SCM_RIGHTS and not len(payload) % _FD_SIZE:
+            return memoryview(payload).cast("i").tolist()
     fds: list[int] = []
     for level, kind, payload in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -149,3 +179,31 @@ def close_all(fds: Sequence[int]) -> None:
         except OSError as exc:
             if exc.errno != errno.EBADF:
                 raise
+
+
+def close_many(fds: Sequence[int]) -> None:
+    """Close distinct descriptors, each run of consecutive numbers with one ``close_range``.
+
+    Descriptors accepted in one batch usually have consecutive numbers
+    (the kernel gives the lowest free ones), so the master's copies of a
+    batch go in one system call instead of one each.  Errors are
+    ignored, as ``close_all`` ignores ``EBADF``.
+    """
+    count = len(fds)
+    if count < 2:
+        close_all(fds)
+        return
+    low, high = min(fds), max(fds)
+    if high - low + 1 == count:  # distinct numbers filling the range: only ours in it
+        os.closerange(low, high + 1)
+        return
+    ordered = sorted(set(fds))
+    start = previous = ordered[0]
+    for fd in (*ordered[1:], -1):
+        if fd != previous + 1:  # a run ends: one call for it
+            if previous > start:
+                os.closerange(start, previous + 1)
+            else:
+                close_all((start,))
+            start = fd
+        previous = fd

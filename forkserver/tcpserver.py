@@ -450,7 +450,8 @@ class TcpServer:
             return 0
         accept: Callable[[], tuple[int, object]] = sock._accept  # type: ignore[attr-defined]
         total_pending = self._total_pending_connections
-        emit_new_connection = self.new_connection.emit
+        incoming = self.incoming_connection
+        new_connection = self.new_connection
         accepted = 0
         for _ in range(self._batch):
             # incoming_connection() or a slot may fill the queue, pause
@@ -466,10 +467,14 @@ class TcpServer:
                     continue
                 self._on_accept_failure(exc)
                 break
-            self._backoff_delay = BACKOFF_FIRST
+            if not accepted:
+                self._backoff_delay = BACKOFF_FIRST  # accepting works again
             accepted += 1
-            self.incoming_connection(fd)
-            emit_new_connection()  # as Qt: also when an override took the descriptor
+            incoming(fd)
+            # As Qt: also when an override took the descriptor.  The master's
+            # listeners connect no slot, so they skip building an empty call.
+            if new_connection._slots:
+                new_connection.emit()
         self.accepted_total += accepted
         return accepted
 

@@ -257,21 +257,34 @@ class WorkerTable:
         best_key = (True, 0, 0, 0)
         ready = WorkerState.READY
         for record in self._by_pid.values():
+            if record.state is not ready:
+                continue
             held = record.in_flight
+            capacity = record.capacity
+            if held >= (capacity if record.held_back else capacity + record.prefetch):
+                continue
             limit = record.request_limit
             if limit is not None and record.served + held >= limit:
                 continue
-            room = record.capacity if record.held_back else record.capacity + record.prefetch
-            if record.state is ready and held < room:
-                key = (held >= record.capacity, held, record.last_assigned, record.slot)
-                if best is None or key < best_key:
-                    best, best_key = record, key
+            key = (held >= capacity, held, record.last_assigned, record.slot)
+            if best is None or key < best_key:
+                best, best_key = record, key
         return best
+
+    def take(self) -> WorkerRecord | None:
+        """``pick()``, and ``assign()`` it one connection: the master's per-connection call."""
+        record = self.pick()
+        if record is not None:  # pick() found room: nothing left to check
+            record.in_flight += 1
+            self._assignments += 1
+            record.last_assigned = self._assignments
+        return record
 
     def assign(self, record: WorkerRecord, count: int = 1) -> None:
         """Count *count* connections as sent to *record*."""
-        room = record.room()
-        if not record.has_capacity() or record.in_flight + count > room:
+        room = record.capacity if record.held_back else record.capacity + record.prefetch
+        held = record.in_flight
+        if record.state is not WorkerState.READY or held >= room or held + count > room:
             raise TableError(
                 f"worker {record.slot} has {max(0, room - record.in_flight)} free of "
                 f"{room}{' (held back)' if record.held_back else ''}, cannot take {count}"

@@ -177,3 +177,25 @@ def test_too_many_descriptors_for_one_message_is_refused(
 ) -> None:
     with pytest.raises(ValueError, match="at most 253"):
         fdpass.send(pair[0], b"x", [0] * 254)
+
+
+def consecutive_fds(count: int) -> list[int]:
+    """*count* descriptors with consecutive numbers (dup'd to the first free run)."""
+    base = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    start = max(open_fds()) + 1
+    fds = [os.dup2(base, start + i, inheritable=False) for i in range(count)]
+    os.close(base)
+    return fds
+
+
+def test_close_many_closes_runs_of_numbers_and_nothing_between_them() -> None:
+    run = consecutive_fds(6)
+    keep = [run[2], run[4]]  # ours, left open: close_many must step over them
+    fdpass.close_many([run[5], run[0], run[3], run[1]])
+    assert [fd in open_fds() for fd in run] == [False, False, True, False, True, False]
+    fdpass.close_many(keep)
+    assert not open_fds() & set(run)
+    single = consecutive_fds(1)
+    fdpass.close_many(single)
+    assert single[0] not in open_fds()
+    fdpass.close_many([])  # nothing to do
