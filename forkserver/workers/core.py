@@ -116,6 +116,10 @@ class WorkerContext:
         return kind[0] if kind is not None else None
 
 
+_MAX_MESSAGE: Final = channel.MAX_MESSAGE_SIZE
+_MAX_FDS: Final = fdpass.SCM_MAX_FD
+
+
 class ChannelClosed(Exception):
     """The master's end of the channel is gone."""
 
@@ -176,9 +180,7 @@ class WorkerChannel:
         reserve = self.reserve
         reserve.open()
         try:
-            data, fds = fdpass.recv(
-                self.sock, channel.MAX_MESSAGE_SIZE, fdpass.SCM_MAX_FD, nonblocking=True
-            )
+            data, fds = fdpass.recv(self.sock, _MAX_MESSAGE, _MAX_FDS, nonblocking=True)
         except BlockingIOError:
             return None
         except fdpass.DescriptorsLost as exc:
@@ -188,7 +190,7 @@ class WorkerChannel:
             reserve.close()
         if not data and not fds:
             raise ChannelClosed
-        if reserve.exhausted_by(fds):
+        if reserve.size and fds and reserve.exhausted_by(fds):
             self.exhausted = True
             log.error(
                 "worker %d (pid %d) is out of descriptors (RLIMIT_NOFILE %d, all %d below "
@@ -227,6 +229,9 @@ class WorkerChannel:
 
 
 def _decode(data: bytes, fds: list[int]) -> MasterMessage:
+    one = channel.ONE_CONNECTION.get(data)
+    if one is not None and len(fds) == 1:  # the usual message, decoded once for all
+        return one
     try:
         message = channel.decode_master_message(data)
         expected = channel.descriptors_expected(message)
@@ -326,6 +331,9 @@ def peer_of(sock: socket.socket) -> object:
         return ""
 
 
+_REQUEST_HANDLER: Final = HandlerKind.REQUEST_HANDLER
+
+
 def serve_blocking(
     ctx: WorkerContext, fd: int, listener: int, peer: object = None
 ) -> HandlerError | None:
@@ -334,14 +342,18 @@ def serve_blocking(
     *peer* is the address ``accept()`` returned, if this worker accepted
     it; otherwise (a descriptor from the master) it is asked for.
     """
-    assert ctx.handler is not None
+    handler = ctx.handler
+    assert handler is not None
     started = time.monotonic()
     try:
         conn = adopt(ctx, fd, listener, blocking=True)
     except OSError as exc:
         return error_report(exc, listener, "", ctx.listener_family(listener))
     if peer is None:
-        peer = peer_of(conn)
+        try:
+            peer = conn.getpeername()
+        except OSError:
+            peer = ""  # reset already: the peer is gone, and so is its name
     step = ctx.preambles[listener] if ctx.preambles else None
     if step is not None:  # PROXY: who is it, and the header; TLS: the handshake
         admitted = preamble.admit_blocking(step, ctx.refusals, conn, listener, peer,
@@ -350,10 +362,10 @@ def serve_blocking(
             conn.close()
             return None
         conn, peer = admitted
-    call: Callable[..., object] = ctx.handler.target  # type: ignore[assignment]
+    call: Callable[..., object] = handler.target  # type: ignore[assignment]
     error = None
     try:
-        if ctx.handler.kind is HandlerKind.REQUEST_HANDLER:
+        if handler.kind is _REQUEST_HANDLER:
             info = ServerInfo(server_address=_sockname(conn), listener=ctx.listener_name(listener))
             call(conn, peer, info)
         else:

@@ -62,4 +62,4 @@ class DescriptorReserve:
 
     def exhausted_by(self, fds: Iterable[int]) -> bool:
         """Did a receive need the reserve?  Then every number below it is taken."""
-        return self.size > 0 and any(fd >= self.floor for fd in fds)
+        return self.size > 0 and max(fds, default=-1) >= self.floor

@@ -19,6 +19,7 @@ it before it looks again.
 
 from __future__ import annotations
 
+import time
 from typing import Final
 
 from forkserver import channel
@@ -40,8 +41,8 @@ class SyncWorker(SelectorWorker):
 
     def take(self, fds: list[int], listeners: tuple[int, ...]) -> None:
         self.serve(fds, listeners)
-        self.unreported += len(fds)
-        if self.unreported >= DONE_EVERY:
+        self.unreported = unreported = self.unreported + len(fds)
+        if unreported >= DONE_EVERY:
             self.report_done()
 
     def report_done(self) -> None:
@@ -54,7 +55,9 @@ class SyncWorker(SelectorWorker):
         ctx = self.ctx
         ctx.in_flight += len(fds)
         for fd, listener in zip(fds, listeners, strict=True):
-            self.report(serve_blocking(ctx, fd, listener))
+            error = serve_blocking(ctx, fd, listener)
+            if error is not None:
+                self.report(error)
             ctx.in_flight -= 1
             ctx.served += 1
 
@@ -79,9 +82,10 @@ class SyncWorker(SelectorWorker):
                 self.report_done()  # idle from now: the master must know it has room
                 return
             message, fds = received
-            if isinstance(message, channel.Connections):
+            if type(message) is channel.Connections:
                 self.take(fds, message.listeners)
-                self.beat_if_due()
+                if time.monotonic() >= self.next_beat:
+                    self.beat_if_due()
             elif isinstance(message, channel.Reopen):
                 reopen_log(self.ctx, fds)
             else:
