@@ -280,3 +280,18 @@ def test_a_held_back_worker_gets_nothing_beyond_its_capacity_until_it_reports_do
     assert table.pick() is record
     table.assign(record, 3)  # its whole window again
     assert record.in_flight == 4
+
+
+def test_take_picks_the_least_loaded_and_counts_the_connection_to_it() -> None:
+    table = WorkerTable()
+    first, second = (table.add(slot, 100 + slot, 1, now=0.0) for slot in (0, 1))
+    for record in (first, second):
+        record.prefetch = 1
+        table.mark_ready(record.pid, now=0.0)
+    second.request_limit = 1
+    taken = [table.take() for _ in range(4)]
+    # One each while both are free, then only the first: the second has reached its limit.
+    assert taken == [first, second, first, None]
+    assert (first.in_flight, second.in_flight) == (2, 1)
+    assert table.assignments == 3
+    assert first.last_assigned == 3
