@@ -113,7 +113,14 @@ def recv(
     if space is None:
         space = _SPACE[max_fds] = socket.CMSG_SPACE(max_fds * _FD_SIZE) if max_fds else 0
     data, ancillary, msg_flags, _ = sock.recvmsg(max_size + 1, space, flags)
-    fds = _collect_fds(ancillary) if ancillary else []
+    fds: list[int] = []
+    if ancillary:
+        level, kind, payload = ancillary[0]
+        if (len(ancillary) == 1 and level == _SOL_SOCKET and kind == _SCM_RIGHTS
+                and not len(payload) % _FD_SIZE):  # what the master sends: one array
+            fds = memoryview(payload).cast("i").tolist()
+        else:
+            fds = _collect_fds(ancillary)
     # Every receive of every connection comes here: the whole check only
     # when something looks wrong.
     if msg_flags & _TRUNCATED or len(data) > max_size or len(fds) > max_fds:
@@ -127,10 +134,6 @@ def recv(
 
 
 def _collect_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
-    if len(ancillary) == 1:  # what the master sends: one SCM_RIGHTS array
-        level, kind, payload = ancillary[0]
-        if level == _SOL_SOCKET and kind == _SCM_RIGHTS and not len(payload) % _FD_SIZE:
-            return memoryview(payload).cast("i").tolist()
     fds: list[int] = []
     for level, kind, payload in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:

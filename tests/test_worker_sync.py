@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import resource
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from forkserver import channel, fdpass
 from forkserver.handler import HandlerKind, LoadedHandler
-from forkserver.workers.core import WorkerContext
+from forkserver.workers.core import EXIT_RUNTIME_ERROR, WorkerContext
+from forkserver.workers.reserve import DescriptorReserve
 from forkserver.workers.sync import DONE_EVERY, PREFETCH, SyncWorker
 from tests.support import TIMEOUT, wait_pid
 
@@ -18,12 +20,19 @@ def answer(conn: socket.socket, peer: object) -> None:
     conn.sendall(b"served %s" % conn.recv(64))
 
 
+Handler = Callable[[socket.socket, object], None]
+
+
 @contextmanager
-def sync_worker(queued: int) -> Iterator[tuple[socket.socket, list[socket.socket]]]:
+def sync_worker(
+    queued: int, handler: Handler = answer, *, nofile: int = 0, exit_code: int = 0
+) -> Iterator[tuple[socket.socket, list[socket.socket], socket.socket]]:
     """A sync worker started with *queued* connections already on its channel.
 
-    Yields the master's end of the channel and the client sockets, in the
-    order their descriptors were queued.
+    Yields the master's end of the channel, the client sockets in the
+    order their descriptors were queued, and a copy of the worker's end
+    (what the worker never read stays there).  *nofile*: the worker's
+    soft RLIMIT_NOFILE, with a reserve of one descriptor below it.
     """
     master, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     master.settimeout(TIMEOUT)
@@ -41,20 +50,24 @@ def sync_worker(queued: int) -> Iterator[tuple[socket.socket, list[socket.socket
         try:
             master.close()
             ctx = WorkerContext(
-                slot=0, master_pid=os.getppid(), channel=worker_end, handler_spec="answer",
+                slot=0, master_pid=os.getppid(), channel=worker_end, handler_spec="test",
                 worker_class="sync", concurrency=1, listener_names=("test",),
-                handler=LoadedHandler("answer", HandlerKind.FUNCTION, answer),
+                handler=LoadedHandler("test", HandlerKind.FUNCTION, handler),
                 heartbeat_interval=3600.0,
             )  # fmt: skip
+            if nofile:
+                resource.setrlimit(resource.RLIMIT_NOFILE,
+                                   (nofile, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+                ctx.reserve = DescriptorReserve(1)
             code = SyncWorker(ctx).run()
         finally:
             os._exit(code)
-    worker_end.close()
     try:
-        yield master, clients
+        yield master, clients, worker_end
     finally:
         master.close()  # end of file: a worker still running exits at once
-        assert wait_pid(pid) == 0
+        worker_end.close()
+        assert wait_pid(pid) == exit_code
         for client in clients:
             client.close()
 
@@ -76,7 +89,7 @@ def reports(master: socket.socket, until: int) -> list[channel.WorkerMessage]:
 def test_done_comes_once_per_few_connections_and_when_the_queue_runs_dry() -> None:
     assert DONE_EVERY < PREFETCH  # the master refills before the worker runs dry
     queued = DONE_EVERY + 2
-    with sync_worker(queued) as (master, clients):
+    with sync_worker(queued) as (master, clients, _):
         got = reports(master, queued)
         assert got[0] == channel.Ready(pid=got[0].pid)  # type: ignore[union-attr]
         assert got[1:] == [channel.Done(count=DONE_EVERY), channel.Done(count=2)]
@@ -93,9 +106,55 @@ def test_done_comes_once_per_few_connections_and_when_the_queue_runs_dry() -> No
 
 
 def test_a_stopping_sync_worker_serves_what_is_queued_and_reports_it_all() -> None:
-    with sync_worker(3) as (master, clients):
+    with sync_worker(3) as (master, clients, _):
         assert fdpass.send(master, channel.encode(channel.Stop()), [])
         got = reports(master, 3)
         assert isinstance(got[0], channel.Ready)
         assert sum(m.count for m in got[1:] if isinstance(m, channel.Done)) == 3
         assert [c.recv(64) for c in clients] == [b"served %d" % i for i in range(3)]
+
+
+HELD: list[int] = []  # what the hogs below keep open, in the worker process
+
+
+def fill_descriptors() -> None:
+    """Take every descriptor number left below the soft limit, and keep them."""
+    while True:
+        try:
+            HELD.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+        except OSError:
+            return
+
+
+def hog(conn: socket.socket, peer: object) -> None:
+    answer(conn, peer)
+    fill_descriptors()
+
+
+def hog_and_keep(conn: socket.socket, peer: object) -> None:
+    answer(conn, peer)
+    HELD.append(conn.detach())  # the connection's number stays taken
+    fill_descriptors()
+
+
+def test_a_worker_at_its_limit_serves_on_while_it_frees_each_connection_it_is_sent() -> None:
+    """Each connection closed frees the number the next one is received into."""
+    with sync_worker(3, hog, nofile=64) as (master, clients, _):
+        got = reports(master, 3)
+        assert not any(isinstance(m, channel.Leaving) for m in got)
+        assert [c.recv(64) for c in clients] == [b"served %d" % i for i in range(3)]
+
+
+def test_a_worker_whose_handler_keeps_its_connection_leaves_and_loses_none() -> None:
+    """No number was freed: the next message is received into the reserve, then none."""
+    with sync_worker(3, hog_and_keep, nofile=64, exit_code=EXIT_RUNTIME_ERROR) as (
+        master, clients, worker_end,
+    ):
+        got = reports(master, 2)
+        assert any(isinstance(m, channel.Leaving) for m in got)
+        # The second was received into the reserve and served; the third stays queued.
+        assert [c.recv(64) for c in clients[:2]] == [b"served 0", b"served 1"]
+        left = fdpass.drain(worker_end, channel.MAX_MESSAGE_SIZE, fdpass.SCM_MAX_FD)
+        assert [channel.decode_master_message(data) for data, _ in left] == [
+            channel.Connections(listeners=(0,))]
+        fdpass.close_all([fd for _, fds in left for fd in fds])

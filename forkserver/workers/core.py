@@ -100,6 +100,10 @@ class WorkerContext:
     durations: ConnectionTimes = field(default_factory=ConnectionTimes)
     #: TLS handshakes done and failed, per listener and reason (sent with the stats).
     handshakes: Handshakes = field(default_factory=Handshakes)
+    #: The last connection ``serve_blocking`` served was closed by the worker
+    #: itself (the handler neither detached nor kept it): its descriptor
+    #: number is free again (see ``WorkerChannel.receive_one``).
+    number_freed: bool = False
 
     def __post_init__(self) -> None:
         self.refusals.slot, self.refusals.describe = self.slot, format_peer  # its log lines
@@ -166,7 +170,7 @@ class WorkerChannel:
             received.append(message)
         return received
 
-    def receive_one(self) -> tuple[MasterMessage, list[int]] | None:
+    def receive_one(self, freed: bool = False) -> tuple[MasterMessage, list[int]] | None:
         """The next queued message with its descriptors, or None if none is queued.
 
         What is left queued stays the master's to take back if this
@@ -174,11 +178,17 @@ class WorkerChannel:
         lose only the connections it is serving.  The message that
         leaves the worker out of descriptors is returned, with
         ``exhausted`` set; after it, None, whatever is queued.
+
+        *freed*: the caller has just closed a descriptor of its own, below
+        the reserve, and opened none since, so one number is free for a
+        message of one descriptor (all a sync worker is sent) without the
+        reserve's two ``setrlimit`` calls.
         """
         if self.exhausted:
             return None
         reserve = self.reserve
-        reserve.open()
+        if not freed:
+            reserve.open()
         try:
             data, fds = fdpass.recv(self.sock, _MAX_MESSAGE, _MAX_FDS, nonblocking=True)
         except BlockingIOError:
@@ -187,7 +197,8 @@ class WorkerChannel:
             self._lost(exc)
             return None
         finally:
-            reserve.close()
+            if not freed:
+                reserve.close()
         if not data and not fds:
             raise ChannelClosed
         if reserve.size and fds and reserve.exhausted_by(fds):
@@ -298,7 +309,7 @@ def error_report(
     )
 
 
-def adopt(ctx: WorkerContext, fd: int, listener: int, *, blocking: bool | None) -> socket.socket:
+def adopt(ctx: WorkerContext, fd: int, listener: int, blocking: bool | None) -> socket.socket:
     """A socket object owning the received descriptor *fd* from *listener*.
 
     ``socket.socket(fileno=fd)`` asks the kernel for the family, type and
@@ -346,7 +357,7 @@ def serve_blocking(
     assert handler is not None
     started = time.monotonic()
     try:
-        conn = adopt(ctx, fd, listener, blocking=True)
+        conn = adopt(ctx, fd, listener, True)
     except OSError as exc:
         return error_report(exc, listener, "", ctx.listener_family(listener))
     if peer is None:
@@ -376,6 +387,7 @@ def serve_blocking(
         # handler can raise one), GeneratorExit, a BaseException of its own.
         error = error_report(exc, listener, peer, ctx.listener_family(listener))
     finally:
+        owned = conn.fileno() >= 0  # not detached, nor closed by the handler
         conn.close()
         if step is not None:
             preamble.forget(tls=step.tls is not None)
@@ -383,6 +395,8 @@ def serve_blocking(
         if ctx.access_log:
             log_access(ctx, listener, peer, started, failed=error is not None,
                        exc_type=error.exc_type if error is not None else "")
+        # A descriptor a file object still uses stays open (socket.makefile).
+        ctx.number_freed = owned and conn.fileno() < 0
     return error
 
 

@@ -45,6 +45,19 @@ class SyncWorker(SelectorWorker):
         if unreported >= DONE_EVERY:
             self.report_done()
 
+    def take_one(self, fd: int, listener: int) -> None:
+        """``take([fd], [listener])``, without the loop: every connection comes here."""
+        ctx = self.ctx
+        ctx.in_flight += 1
+        error = serve_blocking(ctx, fd, listener)
+        ctx.in_flight -= 1
+        ctx.served += 1
+        if error is not None:
+            self.report(error)
+        self.unreported = unreported = self.unreported + 1
+        if unreported >= DONE_EVERY:
+            self.report_done()
+
     def report_done(self) -> None:
         """DONE for every connection finished since the last one."""
         if self.unreported:
@@ -72,18 +85,24 @@ class SyncWorker(SelectorWorker):
 
     def _on_channel(self) -> None:
         """Serve message after message while the next one is already queued."""
+        ctx = self.ctx
+        ctx.number_freed = False  # whatever ran since the last connection may have taken it
         while not self.stopping:
             try:
-                received = self.chan.receive_one()
+                received = self.chan.receive_one(ctx.number_freed)
             except ChannelClosed:
                 self.stopping = self.master_gone = True
                 return
+            ctx.number_freed = False
             if received is None:
                 self.report_done()  # idle from now: the master must know it has room
                 return
             message, fds = received
             if type(message) is channel.Connections:
-                self.take(fds, message.listeners)
+                if len(fds) == 1:  # what the master sends a sync worker: one per message
+                    self.take_one(fds[0], message.listeners[0])
+                else:
+                    self.take(fds, message.listeners)
                 if time.monotonic() >= self.next_beat:
                     self.beat_if_due()
             elif isinstance(message, channel.Reopen):
