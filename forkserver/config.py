@@ -149,6 +149,8 @@ class ListenerSettings:
     #: This listener's own ``tls_*`` keys, (key, value) in file order; the
     #: global ``tls_*`` settings fill in the rest (``forkserver.tls_listeners``).
     tls: tuple[tuple[str, Any], ...] = ()
+    #: None means the settings' ``defer_accept``; filled in by :func:`load`.
+    defer_accept: int | None = None
 
 
 #: The TLS keys a [[listeners]] table may set: the global ones, and its SNI certificates.
@@ -157,7 +159,9 @@ LISTENER_TLS_KEYS: Final = ("tls_certfile", "tls_keyfile", "tls_password_file", 
                             "tls_handshake_timeout", "tls_certificates")
 #: ``ListenerSettings``' own fields first, then the TLS keys (kept in its ``tls``).
 LISTENER_KEYS: Final = ("bind", "name", "backlog", "dispatch", "proxy_protocol",
-                        "proxy_allow_from", *LISTENER_TLS_KEYS)
+                        "proxy_allow_from", "defer_accept", *LISTENER_TLS_KEYS)
+#: Listener keys whose TOML value is not a string.
+_LISTENER_NOT_STR: Final = ("backlog", "proxy_allow_from", "defer_accept")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -191,6 +195,16 @@ class Settings:
              "socket itself while it has room: less CPU per connection, but the kernel "
              "spreads connections, there is no master queue, and the backlog waits for "
              "a free worker)")
+    defer_accept: int = _s(
+        0, kind="int", group="listeners", minimum=0, maximum=3600,
+        help="seconds the kernel may hold a new TCP connection on each listener that does "
+             "not set its own until its first bytes arrive, before accept() returns it "
+             "(TCP_DEFER_ACCEPT, nginx's deferred); 0: off (an inherited socket is left as "
+             "its owner set it, as systemd's DeferAcceptSec=).  No worker is then given a "
+             "connection whose client has not spoken yet.  Only for protocols where the "
+             "client speaks first (HTTP): where the server speaks first (an SMTP banner, "
+             "a greeting), each client waits up to this long for it.  Unix sockets ignore "
+             "it")
     # -- balancer
     proxy_protocol: Literal["off", "v1", "v2"] = _s(
         "off", kind="choice", group="balancer", choices=("off", "v1", "v2"),
@@ -981,6 +995,7 @@ class _TomlSource:
             "dispatch": lambda v: _from_toml("dispatch", v),
             "proxy_protocol": lambda v: _from_toml("proxy_protocol", v),
             "proxy_allow_from": lambda v: _from_toml("proxy_allow_from", v),
+            "defer_accept": lambda v: _from_toml("defer_accept", v),
         }
         values: dict[str, Any] = {}
         tls: list[tuple[str, Any]] = []
@@ -989,7 +1004,7 @@ class _TomlSource:
                 if key in LISTENER_TLS_KEYS:
                     tls.append((key, _listener_tls(key, value)))
                     continue
-                if key not in ("backlog", "proxy_allow_from") and not isinstance(value, str):
+                if key not in _LISTENER_NOT_STR and not isinstance(value, str):
                     raise _Invalid(f"expected a string, got {_toml_type(value)}")
                 values[key] = checks[key](value)
             except _Invalid as exc:
@@ -1118,6 +1133,7 @@ def load(config_file: str | None = None, environ: Mapping[str, str] | None = Non
                             else ls.proxy_protocol),
             proxy_allow_from=(settings.proxy_allow_from if ls.proxy_allow_from is None
                               else ls.proxy_allow_from),
+            defer_accept=settings.defer_accept if ls.defer_accept is None else ls.defer_accept,
         )
         for ls in settings.listeners))
     _check_proxy_listeners(settings, origins)
@@ -1435,6 +1451,8 @@ def _listener_example() -> list[str]:
         "#                            # proxy_protocol setting)",
         '# proxy_allow_from = ["198.18.0.2"]  # who may send the header',
         "#                            # (default: the proxy_allow_from setting)",
+        "# defer_accept = 0           # seconds to wait for a TCP client's first bytes",
+        "#                            # (default: the defer_accept setting)",
         '# tls_certfile = "/etc/forkserver/tls/web.pem"  # TLS on this listener;',
         "#                            # every tls_* setting can be set here, \"\"",
         "#                            # turns TLS off (default: the tls_* settings)",
@@ -1544,8 +1562,8 @@ def render_markdown() -> str:
             out += [
                 "In the file, each listener is a table of the array `listeners`,",
                 "with `bind` (required), `name`, `backlog`, `dispatch`,",
-                "`proxy_protocol` and `proxy_allow_from` (all but `bind` and `name`",
-                "default to the global settings of the same name):",
+                "`proxy_protocol`, `proxy_allow_from` and `defer_accept` (all but",
+                "`bind` and `name` default to the global settings of the same name):",
                 "",
                 "```toml",
                 "[[listeners]]",
@@ -1553,6 +1571,7 @@ def render_markdown() -> str:
                 'name = "web"',
                 "backlog = 1024",
                 'dispatch = "shared"',
+                "defer_accept = 5",
                 "```",
                 "",
                 "With `dispatch = \"shared\"` the master never accepts on that",
@@ -1564,6 +1583,16 @@ def render_markdown() -> str:
                 "connections, and `max_pending_connections` (what waits stays in",
                 "the kernel backlog).  A worker that dies loses only the",
                 "connections it had accepted.  See docs/performance.md.",
+                "",
+                "With `defer_accept = N` (a TCP listener; Linux's",
+                "`TCP_DEFER_ACCEPT`, nginx's `deferred`) the kernel keeps a new",
+                "connection until its client has sent something, or for about N",
+                "seconds (rounded up to its SYN-ACK retransmission schedule), and",
+                "only then lets it be accepted: a sync worker is never handed a",
+                "client that has not spoken yet.  Leave it 0 for a protocol where",
+                "the server speaks first: its clients would wait that long for the",
+                "greeting.  Like every listener setting it takes effect when the",
+                "listener is opened (start, USR2), not on reload.",
                 "",
                 "`FORKSERVER_BIND` takes one or more bind specs separated by commas",
                 "or spaces; `--bind` can be repeated.  Either replaces the file's",

@@ -211,6 +211,25 @@ class Listener(TcpServer):
         else:
             dispatch(socket_descriptor, self.index)
 
+    def defer_accept(self, seconds: int) -> None:
+        """``TCP_DEFER_ACCEPT``: accept a TCP connection only once its client has spoken.
+
+        The kernel keeps a new connection out of the accept queue until
+        data arrives on it, or for about *seconds* (rounded up to its
+        SYN-ACK retransmission schedule).  0 leaves the socket as it is:
+        off for one bound here, whatever its owner chose for an inherited
+        one (systemd's ``DeferAcceptSec=``).  Unix sockets have no such
+        option and are left alone.
+        """
+        sock = self.listening_socket()
+        if seconds <= 0 or sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, seconds)
+        except OSError as exc:
+            raise ListenerError(f"bind spec {self.spec.text!r}: cannot defer accepting "
+                                f"(TCP_DEFER_ACCEPT): {exc.strerror or exc}") from None
+
     def close(self) -> None:
         super().close()
         path, self.created_path = self.created_path, None

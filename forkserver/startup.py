@@ -96,16 +96,18 @@ def open_configured(
     """
     claimed = listen_fds() if claimed is None else claimed
     if settings.listeners:
-        binds = [(item.bind, item.name, item.backlog, item.dispatch or settings.dispatch)
+        binds = [(item.bind, item.name, item.backlog, item.dispatch or settings.dispatch,
+                  settings.defer_accept if item.defer_accept is None else item.defer_accept)
                  for item in settings.listeners]  # fmt: skip
     else:
-        binds = [("systemd" if claimed else DEFAULT_BIND, "", None, settings.dispatch)]
+        binds = [("systemd" if claimed else DEFAULT_BIND, "", None, settings.dispatch,
+                  settings.defer_accept)]  # fmt: skip
     kept = {sock.name: sock for sock in claimed}
-    own = {store_name(bind) for bind, _, _, _ in binds if _bindable(bind)}
+    own = {store_name(bind) for bind, *_ in binds if _bindable(bind)}
     from_units = [sock for sock in claimed if sock.name not in own]  # for "systemd" specs
     opened: list[Listener] = []
     try:
-        for table, (bind, name, backlog, dispatch) in enumerate(binds):
+        for table, (bind, name, backlog, dispatch, defer) in enumerate(binds):
             spec = listeners.parse_bind(bind)
             if name and spec.kind != "systemd":  # systemd sockets carry their own names
                 spec = dataclasses.replace(spec, name=name)
@@ -119,6 +121,7 @@ def open_configured(
                 listener.shared = dispatch == "shared"
                 listener.table = table if settings.listeners else None
                 opened.append(listener)
+                listener.defer_accept(defer)
                 if stored is None and _bindable(bind) and notifier.enabled:
                     _store(notifier, bind, listener)
     except BaseException:
@@ -155,6 +158,8 @@ def adopt_handover(handover: Handover, settings: Settings, loop: EventLoop) -> l
         dispatch = tables[index].dispatch if tables else None
         listener.shared = (dispatch or settings.dispatch) == "shared"
         listener.table = index if tables else None
+        defer = tables[index].defer_accept if tables else None
+        listener.defer_accept(settings.defer_accept if defer is None else defer)
         listener.name = item.name
         listener.created_path = item.path  # ours to remove now
     return opened

@@ -100,7 +100,8 @@ def test_check_config_prints_every_setting_and_its_origin(tmp_path: Path) -> Non
     assert "timeout = 9.0  # command line --timeout" in lines
     assert "umask = 0o022  # default" in lines
     assert (f'listeners = [{{ bind = "127.0.0.1:0", name = "web", backlog = 2048, '
-            f'dispatch = "master", proxy_protocol = "off", proxy_allow_from = [] }}]  '
+            f'dispatch = "master", proxy_protocol = "off", proxy_allow_from = [], '
+            f'defer_accept = 0 }}]  '
             f"# {conf}:4") in lines
     keys = [line.split(" = ")[0] for line in lines if not line.startswith("#")]
     assert sorted(keys) == sorted(config.SETTINGS)

@@ -24,6 +24,7 @@ SAMPLES: dict[str, tuple[tuple[str, str, str], tuple[object, object, object]]] =
     "backlog": (("11", "12", "13"), (11, 12, 13)),
     "max_pending_connections": (("5", "6", "7"), (5, 6, 7)),
     "dispatch": (('"shared"', "master", "SHARED"), ("shared", "master", "shared")),
+    "defer_accept": (("1", "2", "3"), (1, 2, 3)),
     "handler": (('"a.b:c"', "d:e", "f.g:h.i"), ("a.b:c", "d:e", "f.g:h.i")),
     "workers": (("3", "5", "7"), (3, 5, 7)),
     "worker_class": (('"sync"', "thread", "asyncio"), ("sync", "thread", "asyncio")),
@@ -165,14 +166,17 @@ def test_defaults() -> None:
 
 def test_listeners_array_of_tables(tmp_path: Path) -> None:
     path = tmp_path / "f.toml"
-    path.write_text('backlog = 99\n[[listeners]]\nbind = "127.0.0.1:0"\nname = "web"\n'
-                    '[[listeners]]\nbind = "unix:/tmp/a.sock"\nbacklog = 5\n')
+    path.write_text('backlog = 99\ndefer_accept = 2\n[[listeners]]\nbind = "127.0.0.1:0"\n'
+                    'name = "web"\n[[listeners]]\nbind = "unix:/tmp/a.sock"\nbacklog = 5\n'
+                    '[[listeners]]\nbind = "127.0.0.1:1"\ndefer_accept = 0\n')
     s = config.load_settings(str(path), {})
     assert s.listeners == (
         ListenerSettings(bind="127.0.0.1:0", name="web", backlog=99, dispatch="master",
-                         proxy_protocol="off", proxy_allow_from=()),
+                         proxy_protocol="off", proxy_allow_from=(), defer_accept=2),
         ListenerSettings(bind="unix:/tmp/a.sock", name="", backlog=5, dispatch="master",
-                         proxy_protocol="off", proxy_allow_from=()))
+                         proxy_protocol="off", proxy_allow_from=(), defer_accept=2),
+        ListenerSettings(bind="127.0.0.1:1", name="", backlog=99, dispatch="master",
+                         proxy_protocol="off", proxy_allow_from=(), defer_accept=0))
 
 
 def test_env_bind_takes_several_specs_and_replaces_the_file(tmp_path: Path) -> None:
@@ -236,6 +240,10 @@ def _error(tmp_path: Path, text: str, environ: dict[str, str] | None = None) -> 
      "expected one of 'master', 'shared', got 'fanout'"),
     ("[[listeners]]\nbind = ':1'\ndispatch = 1\n", "listeners[0].dispatch", 3,
      "expected a string, got an integer"),
+    ("[[listeners]]\nbind = ':1'\ndefer_accept = '5s'\n", "listeners[0].defer_accept", 3,
+     "expected an integer"),
+    ("[[listeners]]\nbind = ':1'\ndefer_accept = 3601\n", "listeners[0].defer_accept", 3,
+     "<= 3600"),
 ])
 def test_bad_file_names_file_key_line_and_expectation(
         tmp_path: Path, text: str, key: str, line: int, expected: str) -> None:

@@ -299,3 +299,14 @@ def test_a_connection_prefetched_behind_a_long_one_moves_to_a_worker_that_frees_
             for sock in (long_one, short_one, behind):
                 sock.close()
         assert short_pid in holders  # and the long one never let go of the other
+
+
+def test_with_defer_accept_a_silent_client_does_not_hold_the_only_sync_worker() -> None:
+    with start_daemon("tests.handlers.basic:gate", "--defer-accept", "30", workers=1) as daemon:
+        with daemon.connect() as silent, daemon.connect() as talking:
+            # Without defer_accept the worker would be handed the silent one first
+            # and wait for its bytes; now the kernel keeps it until it speaks.
+            talking.sendall(b"first")
+            assert recv_all(talking).endswith(b" first")
+            silent.sendall(b"later")
+            assert recv_all(silent).endswith(b" later")

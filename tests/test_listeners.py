@@ -222,3 +222,52 @@ def test_systemd_sockets_are_chosen_by_name(opened: list[Listener]) -> None:
         for sock in inherited:
             if all(listener.socket_descriptor() != sock.fd for listener in opened):
                 os.close(sock.fd)
+
+
+def _deferred(listener: Listener) -> int:
+    sock = listener.listening_socket()
+    assert sock is not None
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT)
+
+
+def test_defer_accept_sets_tcp_defer_accept_and_zero_leaves_a_socket_as_it_was(
+    opened: list[Listener], tmp_path: Path
+) -> None:
+    tcp = open_listener(parse_bind("127.0.0.1:0"), 0, backlog=16)
+    opened.append(tcp)
+    assert _deferred(tcp) == 0
+    tcp.defer_accept(5)
+    assert _deferred(tcp) >= 5  # the kernel rounds up to its retransmission schedule
+    inherited = socket.create_server(("127.0.0.1", 0))
+    inherited.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 3)  # its owner's choice
+    adopted = open_listener(parse_bind(f"fd://{inherited.detach()}"), 1, backlog=16)
+    opened.append(adopted)
+    adopted.defer_accept(0)
+    assert _deferred(adopted) >= 3
+    unix = open_listener(parse_bind(f"unix:{tmp_path / 'u.sock'}"), 2, backlog=16)
+    opened.append(unix)
+    unix.defer_accept(5)  # no such option for a Unix socket: left alone, no error
+
+
+def test_a_deferred_listener_accepts_only_once_the_client_has_spoken(
+    opened: list[Listener],
+) -> None:
+    listener = open_listener(parse_bind("127.0.0.1:0"), 0, backlog=16)
+    opened.append(listener)
+    listener.defer_accept(30)
+    address = ("127.0.0.1", listener.server_port())
+    with socket.create_connection(address) as silent, \
+            socket.create_connection(address) as talking:  # fmt: skip
+        talking.sendall(b"hello")
+        assert listener.wait_for_new_connection(5000)
+        conn = listener.next_pending_connection()
+        assert conn is not None
+        with conn:
+            assert conn.recv(16) == b"hello"  # the talking one, though it came second
+        assert not listener.wait_for_new_connection(0)  # the silent one is still held
+        silent.sendall(b"late")
+        assert listener.wait_for_new_connection(5000)
+        late = listener.next_pending_connection()
+        assert late is not None
+        with late:
+            assert late.recv(16) == b"late"
