@@ -86,7 +86,7 @@ def reports(master: socket.socket, until: int) -> list[channel.WorkerMessage]:
     return got
 
 
-def test_done_comes_once_per_few_connections_and_when_the_queue_runs_dry() -> None:
+def test_done_comes_once_per_few_connections_and_when_the_queue_stays_dry() -> None:
     assert DONE_EVERY < PREFETCH  # the master refills before the worker runs dry
     queued = DONE_EVERY + 2
     with sync_worker(queued) as (master, clients, _):
@@ -94,7 +94,8 @@ def test_done_comes_once_per_few_connections_and_when_the_queue_runs_dry() -> No
         assert got[0] == channel.Ready(pid=got[0].pid)  # type: ignore[union-attr]
         assert got[1:] == [channel.Done(count=DONE_EVERY), channel.Done(count=2)]
         assert [c.recv(64) for c in clients] == [b"served %d" % i for i in range(queued)]
-        # A lone connection is reported as soon as it is done: the worker is idle again.
+        # A lone connection is served at once, and reported once the worker has been
+        # idle for IDLE_REPORT.
         with socket.create_server(("127.0.0.1", 0)) as listener:
             with socket.create_connection(listener.getsockname(), timeout=TIMEOUT) as client:
                 client.sendall(b"alone")

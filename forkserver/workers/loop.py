@@ -11,6 +11,7 @@ the channel means the master is gone: exit at once.
 
 from __future__ import annotations
 
+import math
 import os
 import selectors
 import signal
@@ -97,13 +98,20 @@ class SelectorWorker:
     def finish(self) -> None:
         """Wait for the connections still held (thread workers)."""
 
+    #: When ``report_due`` is to be called (``time.monotonic``); inf: never.
+    report_at = math.inf
+
+    def report_due(self) -> None:
+        """``report_at`` has come (sync workers: the DONE they held back while idle)."""
+        self.report_at = math.inf
+
     def run(self) -> int:
         self.chan.send(channel.Ready(pid=os.getpid()))
         self.ctx.serving = True
         self.next_beat = time.monotonic() + self.ctx.heartbeat_interval
         try:
             while not self.stopping:
-                wake_at = self.next_beat
+                wake_at = min(self.next_beat, self.report_at)
                 if self.shared.backing_off():
                     wake_at = min(wake_at, self.shared.resume_at)
                 for key, _ in self.selector.select(max(0.0, wake_at - time.monotonic())):
@@ -111,6 +119,8 @@ class SelectorWorker:
                 if self.chan.exhausted:
                     self.stopping = True  # out of descriptors: what is queued is not ours
                 self.update_accepting()  # a back-off may have ended
+                if self.report_at <= time.monotonic():
+                    self.report_due()
                 self.beat_if_due()
             self.stop_accepting()
             if not self.master_gone:

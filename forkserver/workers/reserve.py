@@ -17,7 +17,9 @@ the worker must not read it (``exhausted_by``).  It says LEAVING (the
 master takes back what is queued on its channel and gives it to another
 worker), finishes what it holds and exits.
 
-The cost is two ``setrlimit`` calls per receive.  Handler code sees a
+The cost is two ``setrlimit`` calls per receive (a sync worker skips
+them when it has just closed a connection of its own, whose number is
+then free: ``WorkerChannel.receive_one``).  Handler code sees a
 soft limit ``size`` lower than the worker was given (so do the
 programs it starts); one that changes the limit itself has its soft
 limit reset at the next receive.

@@ -8,17 +8,21 @@ master rather than being lost.
 
 DONE carries a credit window rather than one message per connection:
 the worker reports what it finished once ``DONE_EVERY`` connections are
-done, or as soon as its channel has nothing more for it.  Under load
-the master is woken once per several connections, and refills the
-queue before it runs dry (``DONE_EVERY`` < ``PREFETCH``); a worker that
-goes idle has always reported everything, so the master never takes an
-idle worker for a busy one, and a lone connection is served at once.
+done, or once its channel has had nothing more for it for
+``IDLE_REPORT``.  Under load the master is woken once per several
+connections and refills the queue before it runs dry (``DONE_EVERY`` <
+``PREFETCH``), and a short lull between two refills costs no message.
+What it holds back never stops the master: fewer than ``DONE_EVERY``
+unreported connections leave room in its window, so the master goes
+on sending to it, and a lone connection is served at once; an idle
+worker has reported everything within ``IDLE_REPORT``.
 From a shared listener it accepts one connection when free and serves
 it before it looks again.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Final
 
@@ -29,10 +33,13 @@ from forkserver.workers.loop import SelectorWorker
 #: Descriptors the master may queue for a busy sync worker, beyond the
 #: one it serves (``WorkerRecord.prefetch``).
 PREFETCH: Final = 7
-#: A sync worker sends DONE once this many connections are done (or when
-#: its channel is empty), so the master refills it PREFETCH - DONE_EVERY
-#: connections before it runs dry.
+#: A sync worker sends DONE once this many connections are done (or once its
+#: channel has stayed empty for IDLE_REPORT), so the master refills it
+#: PREFETCH - DONE_EVERY connections before it runs dry.
 DONE_EVERY: Final = 4
+#: Seconds an idle sync worker holds back its DONE: a lull shorter than
+#: this, as between two refills under load, costs no message.
+IDLE_REPORT: Final = 0.002
 
 
 class SyncWorker(SelectorWorker):
@@ -60,9 +67,13 @@ class SyncWorker(SelectorWorker):
 
     def report_done(self) -> None:
         """DONE for every connection finished since the last one."""
+        self.report_at = math.inf
         if self.unreported:
             self.chan.send_done(self.unreported)
             self.unreported = 0
+
+    def report_due(self) -> None:
+        self.report_done()  # idle since report_at was set
 
     def serve(self, fds: list[int], listeners: tuple[int, ...]) -> None:
         ctx = self.ctx
@@ -95,7 +106,8 @@ class SyncWorker(SelectorWorker):
                 return
             ctx.number_freed = False
             if received is None:
-                self.report_done()  # idle from now: the master must know it has room
+                if self.unreported and self.report_at == math.inf:
+                    self.report_at = time.monotonic() + IDLE_REPORT  # idle: report soon
                 return
             message, fds = received
             if type(message) is channel.Connections:
