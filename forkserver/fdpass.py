@@ -113,6 +113,24 @@ def recv(
     if space is None:
         space = _SPACE[max_fds] = socket.CMSG_SPACE(max_fds * _FD_SIZE) if max_fds else 0
     data, ancillary, msg_flags, _ = sock.recvmsg(max_size + 1, space, flags)
+    return unpack(data, ancillary, msg_flags, max_size, max_fds)
+
+
+def recv_args(max_size: int, max_fds: int, *, nonblocking: bool = False) -> tuple[int, int, int]:
+    """The arguments of the ``sock.recvmsg`` that ``recv`` makes, for ``unpack``."""
+    space = socket.CMSG_SPACE(max_fds * _FD_SIZE) if max_fds else 0
+    return max_size + 1, space, _RECV_NOWAIT_FLAGS if nonblocking else _RECV_FLAGS
+
+
+def unpack(
+    data: bytes, ancillary: list[tuple[int, int, bytes]], msg_flags: int, max_size: int,
+    max_fds: int,
+) -> tuple[bytes, list[int]]:
+    """``recv``'s result and checks, from what its ``recvmsg`` returned (``recv_args``).
+
+    For a receiver that makes the ``recvmsg`` call itself, to look at
+    the message first: what ``unpack`` raises, ``recv`` would have.
+    """
     fds: list[int] = []
     if ancillary:
         level, kind, payload = ancillary[0]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import struct
 import threading
 import time
 import traceback
@@ -122,6 +123,11 @@ class WorkerContext:
 
 _MAX_MESSAGE: Final = channel.MAX_MESSAGE_SIZE
 _MAX_FDS: Final = fdpass.SCM_MAX_FD
+_RECV_SIZE, _RECV_SPACE, _RECV_FLAGS = fdpass.recv_args(_MAX_MESSAGE, _MAX_FDS, nonblocking=True)
+_TRUNCATED: Final = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
+_SOL_SOCKET: Final = int(socket.SOL_SOCKET)
+_SCM_RIGHTS: Final = int(socket.SCM_RIGHTS)
+_ONE_FD: Final = struct.Struct("i")
 
 
 class ChannelClosed(Exception):
@@ -190,15 +196,27 @@ class WorkerChannel:
         if not freed:
             reserve.open()
         try:
-            data, fds = fdpass.recv(self.sock, _MAX_MESSAGE, _MAX_FDS, nonblocking=True)
+            data, ancillary, msg_flags, _ = self.sock.recvmsg(_RECV_SIZE, _RECV_SPACE,
+                                                              _RECV_FLAGS)  # fmt: skip
         except BlockingIOError:
-            return None
-        except fdpass.DescriptorsLost as exc:
-            self._lost(exc)
             return None
         finally:
             if not freed:
                 reserve.close()
+        # What the master sends a sync worker: CONNECTIONS with one descriptor,
+        # received whole, below the reserve.  Anything else takes fdpass.unpack.
+        known = channel.ONE_CONNECTION.get(data)
+        if known is not None and not msg_flags & _TRUNCATED and len(ancillary) == 1:
+            level, kind, payload = ancillary[0]
+            if level == _SOL_SOCKET and kind == _SCM_RIGHTS and len(payload) == _ONE_FD.size:
+                (fd,) = _ONE_FD.unpack(payload)
+                if not reserve.size or fd < reserve.floor:
+                    return known, [fd]
+        try:
+            data, fds = fdpass.unpack(data, ancillary, msg_flags, _MAX_MESSAGE, _MAX_FDS)
+        except fdpass.DescriptorsLost as exc:
+            self._lost(exc)
+            return None
         if not data and not fds:
             raise ChannelClosed
         if reserve.size and fds and reserve.exhausted_by(fds):
