@@ -171,23 +171,38 @@ class Dispatcher:
         return prefetched and free
 
     def _steal(self) -> None:
-        """Take back what waits behind a stuck worker, or while another is free."""
+        """Take back what waits behind a stuck worker, or while another is free.
+
+        A worker is stuck when it has descriptors prefetched and reported
+        nothing done since the last look.  What waits behind it goes back
+        to the master's queue only while another ready worker is not
+        stuck: with every one stuck the queue would serve them no sooner,
+        and the master would hold their descriptors meanwhile.
+        """
         self._steal_timer = None
         free = not self.pending and self._prefetch_waits()
-        others = self.table.count(WorkerState.READY) > 1  # somewhere else to serve them
+        ready = WorkerState.READY
+        stuck: set[int] = set()
+        serving = 0  # ready workers not stuck: somewhere else to serve them
+        for pid, link in self.links.items():
+            record = link.record
+            if record.in_flight > record.capacity and link.served_mark == record.served:
+                stuck.add(pid)
+            elif record.state is ready:
+                serving += 1
         taken: list[tuple[int, int]] = []
         still_prefetched = False
-        for link in tuple(self.links.values()):
+        for pid, link in tuple(self.links.items()):
             record = link.record
             if record.in_flight <= record.capacity:
                 link.served_mark = -1
                 continue
             # Nothing done since the last look: what waits behind it is better
             # off in the master's queue, for whichever worker frees up first.
-            stuck = others and link.served_mark == record.served
-            if free or stuck:
+            behind_stuck = serving > 0 and pid in stuck
+            if free or behind_stuck:
                 taken += self._take_back(link)
-                if stuck:
+                if behind_stuck:
                     self.table.hold_back(record)  # no more queued behind it until DONE
             link.served_mark = record.served
             still_prefetched = still_prefetched or record.in_flight > record.capacity
@@ -210,15 +225,26 @@ class Dispatcher:
             return []  # being killed, or its STOP is not on the channel yet
         taken: list[tuple[int, int]] = []
         reopen = -1
-        while len(taken) < record.in_flight - record.capacity:
+        lost = 0
+        while len(taken) + lost < record.in_flight - record.capacity:
             try:
                 data, fds = fdpass.recv(
                     link.peer, channel.MAX_MESSAGE_SIZE, fdpass.SCM_MAX_FD, nonblocking=True
                 )
             except BlockingIOError:
                 break  # the worker has the rest
-            except fdpass.FdPassError:
-                continue  # unusable, and closed
+            except fdpass.FdPassError as exc:
+                # Closed: most likely the master is out of descriptor numbers and
+                # the kernel could not install it.  Its credit goes with it, and
+                # the rest stay with the worker, which has the numbers to serve them.
+                lost += 1  # a prefetching worker is sent one descriptor per message
+                log.warning(
+                    "a connection queued for worker %d (pid %d) was lost taking it back: %s",
+                    record.slot, record.pid, exc,
+                    extra={"event": "take_back_lost", "slot": record.slot, "pid": record.pid,
+                           "error": str(exc)},
+                )  # fmt: skip
+                break
             if data == _STOP and not fds:
                 self.queue_stop(link)
                 break
@@ -230,8 +256,8 @@ class Dispatcher:
             taken += _undelivered(data, fds)
         if reopen >= 0:
             self.queue_reopen(link, reopen)  # behind what is queued now, as good
-        if taken:
-            self.table.unassign(record, len(taken))
+        if taken or lost:
+            self.table.unassign(record, len(taken) + lost)
         return taken
 
     def take_back_queued(self, link: WorkerLink) -> list[tuple[int, int]]:

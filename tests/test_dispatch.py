@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import resource
 import socket
 from collections.abc import Callable, Iterator
 
@@ -71,6 +74,10 @@ def rig() -> Iterator[MakeRig]:
 
 def open_count() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+def open_fds() -> list[int]:
+    return [int(name) for name in os.listdir("/proc/self/fd")]
 
 
 def pipe_ends(count: int) -> list[int]:
@@ -404,6 +411,64 @@ def test_a_lone_stuck_worker_keeps_what_is_queued_for_it(rig: MakeRig) -> None:
     queued = r.receive_all()
     assert [indices for indices, _ in queued] == [(1,), (2,), (3,)]
     fdpass.close_all(serving[1] + [fd for _, got in queued for fd in got])
+    r.link.record.in_flight = 0
+
+
+def test_workers_all_stuck_keep_what_is_queued_for_them(rig: MakeRig) -> None:
+    """Taking back helps only if some worker still serves: otherwise the master
+    would just hold the descriptors (numbers it may be short of) in its queue."""
+    r = prefetching(rig(capacity=1, max_pending=100))
+    r.link.record.prefetch = 3
+    other, other_end = second_worker(r, prefetch=3)
+    try:
+        for i, fd in enumerate(pipe_ends(10)):
+            r.dispatcher.dispatch(fd, i)  # both full (4 each), 2 in the master's queue
+        r.loop.run_once(0)
+        start = r.loop.time()
+        while r.loop.time() - start < 4 * dispatch.STEAL_AFTER:  # several looks, no DONE
+            r.loop.run_once(dispatch.STEAL_AFTER)
+        assert (r.link.record.in_flight, other.record.in_flight) == (4, 4)
+        assert not r.link.record.held_back and not other.record.held_back
+        assert len(r.dispatcher.pending) == 2
+        for end in (r.worker_end, other_end):
+            for _, got in fdpass.drain(end, channel.MAX_MESSAGE_SIZE, 253):
+                fdpass.close_all(got)
+    finally:
+        fdpass.close_all([fd for fd, _ in r.dispatcher.remove_link(PID + 1)])
+        r.link.record.in_flight = 0
+
+
+def test_a_descriptor_the_master_has_no_number_for_is_counted_lost_and_the_rest_stay(
+    rig: MakeRig, caplog: pytest.LogCaptureFixture,
+) -> None:
+    r = prefetching(rig(capacity=1))
+    r.link.record.prefetch = 3
+    for i, fd in enumerate(pipe_ends(4)):
+        r.dispatcher.dispatch(fd, i)  # one to serve, three prefetched
+    r.loop.run_once(0)
+    serving = fdpass.recv(r.worker_end, channel.MAX_MESSAGE_SIZE, 253, nonblocking=True)
+    other, other_end = second_worker(r, prefetch=3)  # free: the prefetched ones should move
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    filler: list[int] = []
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(open_fds()) + 1, hard))
+        with contextlib.suppress(OSError):  # every number below the limit taken: EMFILE
+            while True:
+                filler.append(os.dup(0))
+        with caplog.at_level(logging.WARNING, logger="forkserver.master"):
+            r.dispatcher._steal()  # as the timer would, with no number free
+        lost = [rec for rec in caplog.records if getattr(rec, "event", "") == "take_back_lost"]
+        assert len(lost) == 1
+        assert r.link.record.in_flight == 3  # the one lost no longer counts
+        assert other.record.in_flight == 0
+    finally:
+        fdpass.close_all(filler)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    queued = r.receive_all()
+    assert [indices for indices, _ in queued] == [(2,), (3,)]  # still the worker's, in order
+    fdpass.close_all(serving[1] + [fd for _, got in queued for fd in got])
+    fdpass.close_all([fd for fd, _ in r.dispatcher.remove_link(PID + 1)])
+    other_end.close()
     r.link.record.in_flight = 0
 
 
