@@ -12,6 +12,7 @@ from typing import Any
 import psutil
 
 from forkserver import control
+from forkserver.workers.sync import PREFETCH as SYNC_PREFETCH
 from tests.support import TIMEOUT, poll_until, recv_all, start_daemon
 
 ECHO = "forkserver.examples.echo:handle"
@@ -46,10 +47,12 @@ def test_the_control_socket_out_of_descriptors_backs_off_and_answers_once_they_f
         for worker in workers:
             worker.suspend()  # nothing is served: accepted descriptors pile up in the master
         try:
-            # First fill the workers (one connection each, one queued on each channel):
-            # the master closes its copies of what it hands out, which would free some.
-            held = [daemon.connect() for _ in range(4)]
-            poll_until(lambda: in_flight(path) == 4, "the workers hold their fill")
+            # First fill the workers (one connection each, PREFETCH queued on each
+            # channel): the master closes its copies of what it hands out, which
+            # would free some.
+            room = 2 * (1 + SYNC_PREFETCH)
+            held = [daemon.connect() for _ in range(room)]
+            poll_until(lambda: in_flight(path) == room, "the workers hold their fill")
             _, hard = master.rlimit(psutil.RLIMIT_NOFILE)
             limit = master.num_fds() + 8
             master.rlimit(psutil.RLIMIT_NOFILE, (limit, hard))

@@ -34,6 +34,7 @@ from forkserver.pool import KILL_GRACE, Pool, Processes, WorkerSpec
 from forkserver.probe import Checked, CheckFailed, ChildProcesses
 from forkserver.systemd import Notifier
 from forkserver.worker_table import WorkerRecord, WorkerState
+from forkserver.workers.sync import PREFETCH as SYNC_PREFETCH
 
 TIMEOUT = 10.0  # seconds any scripted wait may take; never a pause
 
@@ -342,36 +343,34 @@ def test_a_drain_replaces_a_dead_worker_while_accepted_connections_wait_for_one(
     h = make(workers=1)
     (worker,) = h.records()
     h.ready(worker)
-    ours, theirs = socket.socketpair()
-    theirs.close()
-    h.pool.dispatcher.dispatch(ours.detach(), 0)  # the worker takes it (sync: capacity 1)
-    extra, other = socket.socketpair()
-    other.close()
-    h.pool.dispatcher.dispatch(extra.detach(), 0)  # prefetched, on its channel
-    extra2, other2 = socket.socketpair()
-    other2.close()
-    h.pool.dispatcher.dispatch(extra2.detach(), 0)  # no room: it waits in the queue
+    # One it takes (sync: capacity 1), PREFETCH prefetched on its channel,
+    # and one more for which there is no room: it waits in the queue.
+    room = 1 + SYNC_PREFETCH
+    for _ in range(room + 1):
+        ours, theirs = socket.socketpair()
+        theirs.close()
+        h.pool.dispatcher.dispatch(ours.detach(), 0)
     h.settle()
     assert len(h.pool.dispatcher.pending) == 1
     h.master.stop()
     h.settle()
     assert worker.state is WorkerState.READY  # no STOP while a connection still waits
     h.exits(worker, code=1)  # dies before it read them: they go back to the queue
-    assert len(h.pool.dispatcher.pending) == 3
+    assert len(h.pool.dispatcher.pending) == room + 1
     h.until(lambda: len(h.records()) == 1, "a successor for the queued connections")
     (successor,) = h.records()
     assert successor is not worker
     h.ready(successor)
     h.settle()
-    assert successor.in_flight == 2  # the queue drained into it (one held, one prefetched)
-    assert len(h.heard(successor)) == 2  # it receives them
+    assert successor.in_flight == room  # the queue drained into it (one held, the rest prefetched)
+    assert len(h.heard(successor)) == room  # it receives them
     h.say(successor, channel.Done(count=1))
     h.settle()
-    assert not h.pool.dispatcher.pending and successor.in_flight == 2  # the last one too
+    assert not h.pool.dispatcher.pending and successor.in_flight == room  # the last one too
     h.until(lambda: successor.state is WorkerState.STOPPING, "STOP once nothing is queued")
     heard = h.heard(successor)
     assert isinstance(heard[0], channel.Connections) and heard[-1] == channel.Stop()
-    h.say(successor, channel.Done(count=2))
+    h.say(successor, channel.Done(count=room))
     h.settle()
     h.exits(successor)
     assert h.master.lifecycle.done
