@@ -177,26 +177,27 @@ IMPORTS = {
 }
 
 
-def importable(statement: str) -> bool:
+def importable(statement: str, source: Path | None = None) -> bool:
     """Whether the project's interpreter, in the tree measured, can run *statement*."""
     return subprocess.run(
         [launch.project_python(), "-c", statement], capture_output=True, check=False,
-        cwd=launch.ROOT if launch.SOURCE is None else launch.SOURCE).returncode == 0
+        cwd=launch.ROOT if source is None else source).returncode == 0
 
 
 def available(names: list[str]) -> tuple[list[str], dict[str, str]]:
     """Which servers can run here, and why the others cannot."""
     ok, skipped = [], {}
-    imports: dict[str, bool] = {}
+    imports: dict[tuple[str, Path | None], bool] = {}
     for name in names:
-        _, needs = launch.SERVERS[name]
-        if needs in IMPORTS and needs not in imports:
-            imports[needs] = importable(IMPORTS[needs][0])
+        _, needs = launch.builder_of(name)
+        source = launch.source_of(name)
+        if needs in IMPORTS and (needs, source) not in imports:
+            imports[needs, source] = importable(IMPORTS[needs][0], source)
         if needs == "gunicorn" and not (launch.BENCH_VENV / "bin" / "gunicorn").exists():
             skipped[name] = f"gunicorn is not in {launch.BENCH_VENV} (run installs it)"
         elif needs == "nginx" and shutil.which("nginx") is None:
             skipped[name] = "nginx is not installed"
-        elif needs in IMPORTS and not imports[needs]:
+        elif needs in IMPORTS and not imports[needs, source]:
             skipped[name] = IMPORTS[needs][1]
         else:
             ok.append(name)
@@ -208,7 +209,7 @@ def main_phase(res: Results, servers: list[str], args: argparse.Namespace) -> No
     for round_no in range(1, args.rounds + 1):
         for pinned in pins:
             for name in servers:
-                builder, _ = launch.SERVERS[name]
+                builder, _ = launch.builder_of(name)
                 try:
                     with Server(name, builder, workers=args.workers,
                                 cpu=SERVER_CPU if pinned else None) as server:
@@ -311,7 +312,9 @@ def machine_info() -> dict[str, Any]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="forkserver beside the alternatives")
     p.add_argument("--servers", default=",".join(launch.SERVERS),
-                   help="comma-separated, from: " + ", ".join(launch.SERVERS))
+                   help="comma-separated, from: " + ", ".join(launch.SERVERS) + "; NAME@REV "
+                        "runs NAME from commit REV beside the others (main phase only), "
+                        "to compare revisions in one interleaved run")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=float, default=5.0, help="length of one wrk run")
     p.add_argument("--warmup", type=float, default=1.0)
@@ -339,7 +342,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-chart", action="store_true")
     args = p.parse_args(argv)
     args.servers = [s for s in args.servers.split(",") if s]
-    unknown = [s for s in args.servers if s not in launch.SERVERS]
+    unknown = [s for s in args.servers if launch.split(s)[0] not in launch.SERVERS]
     if unknown:
         p.error(f"--servers: unknown server(s) {', '.join(unknown)}")
     args.modes = [m for m in args.modes.split(",") if m]
@@ -373,24 +376,28 @@ def run(argv: list[str] | None = None) -> Results:
     source = "working tree"
     if args.forkserver_from != "tree":
         source = "commit " + launch.snapshot_forkserver(args.forkserver_from)
+    revisions = {rev: launch.add_revision(rev) for name in args.servers
+                 if (rev := launch.split(name)[1]) is not None}
     servers, skipped = available(args.servers)
+    # NAME@REV servers take part in the main phase only: the others compare servers.
+    plain = [name for name in servers if launch.split(name)[1] is None]
     config = {k: (sorted(v) if isinstance(v, set) else str(v) if isinstance(v, Path) else v)
               for k, v in vars(args).items()}
     res = Results(config=config, skipped=skipped,
-                  machine={**machine_info(), "forkserver": source})
+                  machine={**machine_info(), "forkserver": source, "revisions": revisions})
     for name, why in skipped.items():
         print(f"  skipping {name}: {why}", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     phases: dict[str, Callable[[], None]] = {
         "main": lambda: main_phase(res, servers, args),
-        "fairness": lambda: fairness_phase(res, [s for s in args.fair_servers if s in servers],
+        "fairness": lambda: fairness_phase(res, [s for s in args.fair_servers if s in plain],
                                            args),
-        "scaling": lambda: scaling_phase(res, [s for s in args.scale_servers if s in servers],
+        "scaling": lambda: scaling_phase(res, [s for s in args.scale_servers if s in plain],
                                          args),
-        "memory": lambda: extras.memory_phase(res.memory, servers, args),
-        "idle": lambda: extras.idle_phase(res.idle, servers, args),
-        "respawn": lambda: extras.respawn_phase(res.respawn, servers, args),
-        "profile": lambda: profile.profile_phase(res.profile, servers, args),
+        "memory": lambda: extras.memory_phase(res.memory, plain, args),
+        "idle": lambda: extras.idle_phase(res.idle, plain, args),
+        "respawn": lambda: extras.respawn_phase(res.respawn, plain, args),
+        "profile": lambda: profile.profile_phase(res.profile, plain, args),
         "levers": lambda: res.levers.update(levers.measure()),
         "fleet": lambda: fleet_rows(res.fleet),
         "tls": lambda: tls_phase.tls_phase(res.tls, args),  # only with --phases ...,tls

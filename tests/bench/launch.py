@@ -38,6 +38,21 @@ STOP_TIMEOUT = 10.0
 # Where forkserver's code comes from: None for the working tree, or a
 # directory holding a snapshot of a commit (see snapshot_forkserver).
 SOURCE: Path | None = None
+#: Snapshots of other commits, by the revision a server name asks for
+#: (``fs-sync-inline@REV``: see ``split`` and ``add_revision``).
+REVISIONS: dict[str, Path] = {}
+
+
+def _extract(rev: str, dest: Path) -> str:
+    """``forkserver/`` at *rev*, extracted into *dest*; the commit it names."""
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", f"{rev}^{{commit}}"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", commit,
+                              "forkserver"], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return commit
 
 
 def snapshot_forkserver(rev: str = "HEAD") -> str:
@@ -47,16 +62,41 @@ def snapshot_forkserver(rev: str = "HEAD") -> str:
     makes every server start from there; returns the commit measured.
     """
     global SOURCE
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", rev], capture_output=True,
-                            text=True, check=True).stdout.strip()
     snap = WORK / "snapshot"
-    shutil.rmtree(snap, ignore_errors=True)
-    snap.mkdir(parents=True)
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", commit,
-                              "forkserver"], capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(snap)], input=archive, check=True)
+    commit = _extract(rev, snap)
     SOURCE = snap
     return commit
+
+
+def split(name: str) -> tuple[str, str | None]:
+    """A server name and the revision it asks for: ``fs-sync@abc123`` -> (fs-sync, abc123).
+
+    A name with ``@REV`` runs that server from a snapshot of *REV*, so one
+    interleaved run can put two revisions side by side (a change's before
+    and after); a plain name runs the code ``--forkserver-from`` chose.
+    """
+    base, _, rev = name.partition("@")
+    return base, rev or None
+
+
+def add_revision(rev: str) -> str:
+    """Snapshot *rev* for the ``NAME@REV`` servers; the commit it names."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in rev)
+    dest = WORK / f"snapshot-{safe}"
+    commit = _extract(rev, dest)
+    REVISIONS[rev] = dest
+    return commit
+
+
+def source_of(name: str) -> Path | None:
+    """Where server *name*'s forkserver comes from (None: the working tree)."""
+    _, rev = split(name)
+    return SOURCE if rev is None else REVISIONS[rev]
+
+
+def builder_of(name: str) -> tuple[Builder, str]:
+    """``SERVERS`` entry of *name*, whatever revision it asks for."""
+    return SERVERS[split(name)[0]]
 
 
 def project_python() -> str:
@@ -176,6 +216,9 @@ SERVERS: dict[str, tuple[Builder, str]] = {
     "fs-sync-inline": (forkserver("sync", FAIR), "forkserver"),
     "fs-thread-inline": (forkserver("thread", FAIR, *ROOMY), "forkserver"),
     "fs-asyncio-inline": (forkserver("asyncio", FAIR_ASYNC, *ROOMY), "forkserver"),
+    # defer_accept = 1 (TCP_DEFER_ACCEPT): the kernel hands over a connection
+    # only once its request has arrived.
+    "fs-sync-inline-defer": (forkserver("sync", FAIR, "--defer-accept", "1"), "forkserver"),
 }
 
 # The same servers with the bench's own handlers, which name the worker.
@@ -226,10 +269,13 @@ class Server:
     """A running server; use as a context manager so it is always reaped."""
 
     def __init__(self, name: str, builder: Builder, *, workers: int = 2,
-                 cpu: int | None = None, env: dict[str, str] | None = None) -> None:
+                 cpu: int | None = None, env: dict[str, str] | None = None,
+                 source: Path | None = None) -> None:
+        """*source*: a snapshot to run forkserver from (default: ``source_of(name)``)."""
         self.name = name
+        source = source_of(name) if source is None else source
         self.workers = workers
-        self.scratch = WORK / "run" / name
+        self.scratch = WORK / "run" / name.replace("@", "-at-")
         self.scratch.mkdir(parents=True, exist_ok=True)
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
@@ -244,11 +290,11 @@ class Server:
             self.started = time.monotonic()
             # With a snapshot, ``-m forkserver`` finds it first (the working
             # directory leads sys.path) and the bench's own modules come from ROOT.
-            source_env = {} if SOURCE is None else {"PYTHONPATH": f"{SOURCE}:{ROOT}"}
+            source_env = {} if source is None else {"PYTHONPATH": f"{source}:{ROOT}"}
             self.proc = subprocess.Popen(
                 argv, pass_fds=[fd],
                 env={**os.environ, **source_env, **self.launch.env, **(env or {})},
-                cwd=ROOT if SOURCE is None else SOURCE, stdin=subprocess.DEVNULL,
+                cwd=ROOT if source is None else source, stdin=subprocess.DEVNULL,
                 stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         except BaseException:
             self.listener.close()

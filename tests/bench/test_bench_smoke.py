@@ -128,6 +128,23 @@ def test_a_stopped_server_leaves_no_process_behind() -> None:
     assert server.proc.returncode == 0
 
 
+def test_a_server_at_a_revision_runs_from_that_commit() -> None:
+    commit = launch.add_revision("HEAD")
+    snapshot = launch.REVISIONS["HEAD"]
+    assert (snapshot / "forkserver" / "master.py").is_file()
+    assert bench.parse_args(["--servers", "fs-sync@HEAD,fs-sync"]).servers == [
+        "fs-sync@HEAD", "fs-sync"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--servers", "no-such-server@HEAD"])
+    assert len(commit) == 40 and launch.source_of("fs-sync") is launch.SOURCE
+    builder, _ = launch.builder_of("fs-sync@HEAD")
+    with launch.Server("fs-sync@HEAD", builder, workers=1) as server:
+        server.wait_ready()
+        # ``-m forkserver`` finds the package in its working directory first.
+        assert Path(f"/proc/{server.pid}/cwd").resolve() == snapshot.resolve()
+    assert server.proc.returncode == 0
+
+
 def _summary(figures: dict[tuple[str, str, bool], tuple[float, float]], clients: int = 50,
              ) -> dict[report.GROUP, dict[str, float]]:
     return {(*key, clients): {"cpu_us": cpu, "rps": rps} for key, (cpu, rps) in figures.items()}

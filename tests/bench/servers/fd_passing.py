@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     stop_r, stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     stop_set = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_set)
-    pids, chans = [], []
+    pids: list[int] = []
+    chans: list[socket.socket] = []
     for _ in range(args.workers):
         master_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
