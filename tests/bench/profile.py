@@ -113,12 +113,18 @@ def targets(servers: list[str]) -> list[tuple[str, str]]:
 
     The asyncio master shows the same path with several descriptors per
     message, where workers have room for more than one connection.
+    ``fs-sync-inline`` and ``fdpass-least``, when run, are profiled too.
     """
     out = [("shared-blocking", "worker")]
     if "fs-asyncio" in servers:
         out = [("fs-asyncio", "master"), *out]
     if "fs-sync" in servers:
         out = [("fs-sync", "master"), ("fs-sync", "worker"), *out]
+    # The bare fd-passing floor and forkserver running its very responder:
+    # process by process, what forkserver adds to the mechanism.
+    for name in ("fs-sync-inline", "fdpass-least"):
+        if name in servers:
+            out += [(name, "master"), (name, "worker")]
     return out
 
 
