@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from forkserver.workers.sync import PREFETCH as SYNC_PREFETCH
 from tests.metrics_support import Scraper, address, ctl_metrics, http, listener, parse
 from tests.support import TIMEOUT, poll_until, read_line, recv_all, start_daemon, wait_gone
 
@@ -190,23 +191,25 @@ def test_handler_errors_are_counted_by_type() -> None:
 
 def test_a_full_queue_pauses_accepting_and_a_fast_stop_drops_what_waits() -> None:
     args = (*METRICS, "--worker-class", "sync", "--max-pending-connections", "2")
+    room = 1 + SYNC_PREFETCH  # one served, PREFETCH queued on the worker's channel
     with start_daemon("tests.handlers.basic:gate", *args, workers=1) as daemon:
         scraper = Scraper(address(daemon))
         on = listener(daemon)
-        held = [daemon.connect() for _ in range(6)]  # 1 served, 1 prefetched, 2 queued, rest
+        held = [daemon.connect() for _ in range(room + 4)]  # room, 2 queued, 2 in the backlog
         try:
             scraper.wait("forkserver_connections_queued", 2, **on)
             scraper.wait("forkserver_accepting", 0)
             assert (scraper.value("forkserver_accept_pauses_total") or 0) >= 1
             assert scraper.value("forkserver_queue_limit") == 2
-            assert scraper.value("forkserver_connections_accepted_total", **on) == 4
-            assert scraper.value("forkserver_connections_dispatched_total", **on) == 2
-            assert scraper.value("forkserver_connections_in_flight") == 2
+            assert scraper.value("forkserver_connections_accepted_total", **on) == room + 2
+            assert scraper.value("forkserver_connections_dispatched_total", **on) == room
+            assert scraper.value("forkserver_connections_in_flight") == room
             daemon.proc.send_signal(signal.SIGINT)  # the worker still holds its connection
             daemon.wait_log("master_stopping", fast=True)
-            # The prefetched one and the two queued are dropped: taken back first.
-            scraper.wait("forkserver_connections_dropped_total", 3, **on)
-            assert scraper.value("forkserver_connections_taken_back_total", **on) == 1
+            # The prefetched ones and the two queued are dropped: taken back first.
+            scraper.wait("forkserver_connections_dropped_total", SYNC_PREFETCH + 2, **on)
+            assert (scraper.value("forkserver_connections_taken_back_total", **on)
+                    == SYNC_PREFETCH)  # fmt: skip
             assert scraper.value("forkserver_connections_queued", **on) == 0
             assert scraper.value("forkserver_master_state", state="stopping") == 1
         finally:
