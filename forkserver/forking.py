@@ -18,13 +18,16 @@ it never handles stay blocked, which is as good as ignored.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import sys
 from collections.abc import Iterable
 from typing import Final
 
-__all__ = ["FORK_BLOCKED", "flush_stdio", "fork_child", "unblock_signals"]
+__all__ = ["FORK_BLOCKED", "die_with_parent", "flush_stdio", "fork_child", "unblock_signals"]
+
+_PR_SET_PDEATHSIG: Final = 1
 
 #: What a group-directed signal (``kill -HUP -- -PGID``, a terminal, ``pkill``)
 #: may deliver to a child that has not set its own dispositions yet.
@@ -65,3 +68,17 @@ def flush_stdio() -> None:
             stream.flush()
         except (OSError, ValueError):
             continue
+
+
+def die_with_parent(parent: int, exit_code: int) -> None:
+    """Arm ``PR_SET_PDEATHSIG`` (SIGKILL): this child dies with *parent*.
+
+    If *parent* is gone already (it died before the signal was armed),
+    leave at once with *exit_code*.  Raises ``OSError`` if prctl fails.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
+    if os.getppid() != parent:
+        os._exit(exit_code)

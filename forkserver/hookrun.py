@@ -33,7 +33,6 @@ for ``pre_exec``) runs once the hook is over, however it ended.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import logging
 import os
@@ -47,7 +46,7 @@ from typing import Final, NoReturn, Protocol
 
 from forkserver.config import Settings
 from forkserver.eventloop import EventLoop, TimerHandle
-from forkserver.forking import flush_stdio, fork_child, unblock_signals
+from forkserver.forking import die_with_parent, flush_stdio, fork_child, unblock_signals
 from forkserver.hooks import HookError, HookTarget, call, configured, describe
 from forkserver.privileges import drop_privileges
 from forkserver.workers.boot import close_inherited_fds, log_fds
@@ -64,7 +63,6 @@ KILL_GRACE: Final = 5.0
 _IGNORED: Final = (signal.SIGHUP, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2,
                    signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH)  # fmt: skip
 _DEFAULT: Final = (signal.SIGTERM, signal.SIGQUIT, signal.SIGCHLD, signal.SIGPIPE)
-_PR_SET_PDEATHSIG: Final = 1
 _EXIT_FAILED: Final = 1
 
 
@@ -81,7 +79,7 @@ def _child(name: str, target: HookTarget, args: tuple[object, ...], settings: Se
         unblock_signals()
         close_inherited_fds({0, 1, 2, report, *log_fds()})
         drop_privileges(settings.user, settings.group)
-        _die_with_parent()
+        die_with_parent(os.getppid(), _EXIT_FAILED)
         call(name, target, *args)
         code = 0
     except BaseException as exc:  # reported; nothing may unwind into the master's frames
@@ -93,16 +91,6 @@ def _child(name: str, target: HookTarget, args: tuple[object, ...], settings: Se
     finally:
         flush_stdio()
         os._exit(code)
-
-
-def _die_with_parent() -> None:
-    parent = os.getppid()
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
-    if os.getppid() != parent:
-        os._exit(_EXIT_FAILED)
 
 
 def _fork(name: str, target: HookTarget, args: tuple[object, ...],

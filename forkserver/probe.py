@@ -39,7 +39,6 @@ timer, and learns of the child's exit from the master's SIGCHLD reaping
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import importlib.util
 import os
@@ -57,6 +56,7 @@ from forkserver import spawn
 from forkserver.config import ConfigError, Settings
 from forkserver.errors import ForkserverError
 from forkserver.eventloop import EventLoop, TimerHandle
+from forkserver.forking import die_with_parent
 from forkserver.handler import (
     HandlerKind,
     HandlerLoadError,
@@ -82,7 +82,6 @@ _SETTINGS: Final = b"S"
 _IGNORED: Final = (signal.SIGHUP, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2,
                    signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH)  # fmt: skip
 _DEFAULT: Final = (signal.SIGTERM, signal.SIGQUIT, signal.SIGCHLD, signal.SIGPIPE)
-_PR_SET_PDEATHSIG: Final = 1
 _EXIT_FAILED: Final = 1
 
 
@@ -193,7 +192,7 @@ def _check_as_worker(settings: Settings, preloaded: LoadedHandler | None) -> byt
     # The preload in effect: a reload keeps the master's (start-up checked it already).
     check_credentials(settings, preload=preloaded is not None)
     drop_privileges(settings.user, settings.group)
-    _die_with_parent()
+    die_with_parent(os.getppid(), _EXIT_FAILED)  # a check stuck in an import dies too
     if preloaded is not None:  # the code in the master is the code
         spec, kind = preloaded.spec, preloaded.kind
     else:
@@ -201,17 +200,6 @@ def _check_as_worker(settings: Settings, preloaded: LoadedHandler | None) -> byt
         kind = load_handler(spec).kind
     check_event_loop(settings, resolve_worker_class(spec, kind, settings.worker_class))
     return _KIND + kind.value.encode("ascii")
-
-
-def _die_with_parent() -> None:
-    """PR_SET_PDEATHSIG(SIGKILL): a check stuck in an import dies with its master."""
-    parent = os.getppid()
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
-    if os.getppid() != parent:
-        os._exit(_EXIT_FAILED)
 
 
 def _error_text(exc: BaseException, *, traceback_too: bool = True) -> bytes:

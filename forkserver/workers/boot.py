@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import faulthandler
 import logging
 import os
@@ -63,7 +62,7 @@ from typing import Final, NoReturn, Protocol
 import setproctitle
 
 from forkserver.fdpass import SCM_MAX_FD
-from forkserver.forking import flush_stdio, unblock_signals
+from forkserver.forking import die_with_parent, flush_stdio, unblock_signals
 from forkserver.handler import HandlerLoadError, load_handler
 from forkserver.hooks import HookError, WorkerInfo, call
 from forkserver.privileges import drop_privileges
@@ -85,7 +84,6 @@ _IGNORED: Final = (
     signal.SIGTTOU,
     signal.SIGINT,
 )
-_PR_SET_PDEATHSIG: Final = 1
 
 
 def worker_main(ctx: WorkerContext) -> NoReturn:
@@ -146,7 +144,7 @@ def _boot_and_run(ctx: WorkerContext) -> int:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # its private keys in no core file
         import forkserver.workers.tlsstep  # noqa: F401, PLC0415
     drop_privileges(ctx.user, ctx.group)
-    _die_with_master(ctx.master_pid)
+    die_with_parent(ctx.master_pid, 0)  # 0: the master died before it was armed
     # Every descriptor one message can carry here (a worker has at most
     # ``concurrency`` connections in flight, and a REOPEN carries one).
     ctx.reserve = DescriptorReserve(min(ctx.concurrency, SCM_MAX_FD))
@@ -265,12 +263,3 @@ def log_fds() -> set[int]:
         except (AttributeError, OSError, ValueError):
             continue
     return fds
-
-
-def _die_with_master(master_pid: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(err)}")
-    if os.getppid() != master_pid:
-        os._exit(0)  # the master died before the death signal was armed
