@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
-from forkserver.ratelimit import LogLimiter
+from forkserver.workers.counts import ReasonCounts
 
 if TYPE_CHECKING:
     from forkserver.handshake import HandshakeFailure
@@ -27,33 +26,19 @@ DONE: Final = "done"
 TLS_LOG_INTERVAL: Final = 10.0
 
 
-class Handshakes:
-    """TLS handshakes per (listener index, ``done`` or failure reason), since start.
-
-    As ``preamble.Refusals``: counts only grow, ``take_changed()`` hands
-    what moved since the last call, thread-safe.
-    """
+class Handshakes(ReasonCounts):
+    """TLS handshakes per (listener index, ``done`` or failure reason), since
+    start (see ``workers.counts``)."""
 
     def __init__(self, slot: int = 0, describe: Callable[[object], str] = str) -> None:
-        self.slot = slot
-        self.describe = describe
-        self.counts: dict[tuple[int, str], int] = {}
-        self._changed: set[tuple[int, str]] = set()
-        self._lock = threading.Lock()
-        self._log = LogLimiter(TLS_LOG_INTERVAL)
-
-    def _count(self, key: tuple[int, str]) -> int | None:
-        with self._lock:
-            self.counts[key] = self.counts.get(key, 0) + 1
-            self._changed.add(key)
-            return self._log.check(key) if key[1] != DONE else None
+        super().__init__(slot, describe, TLS_LOG_INTERVAL)
 
     def done(self, listener: int) -> None:
-        self._count((listener, DONE))
+        self.count(listener, DONE, logged=False)
 
     def failed(self, listener: int, name: str, failure: HandshakeFailure,
                peer: object) -> None:  # fmt: skip
-        unlogged = self._count((listener, str(failure.reason)))
+        unlogged = self.count(listener, str(failure.reason))
         if unlogged is None:
             return
         who = self.describe(peer)
@@ -64,13 +49,3 @@ class Handshakes:
                    "reason": str(failure.reason), "peer": who, "detail": failure.detail,
                    "slot": self.slot, "pid": os.getpid(), "unlogged": unlogged},
         )  # fmt: skip
-
-    def take_changed(self) -> tuple[tuple[int, str, int], ...]:
-        """(listener, reason, total) for every count that moved since the last call."""
-        with self._lock:
-            if not self._changed:
-                return ()
-            changed = tuple((index, reason, self.counts[index, reason])
-                            for index, reason in sorted(self._changed))  # fmt: skip
-            self._changed.clear()
-        return changed

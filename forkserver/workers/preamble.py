@@ -45,7 +45,6 @@ import contextvars
 import logging
 import os
 import socket
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -53,7 +52,7 @@ from typing import TYPE_CHECKING, Final, Literal
 
 from forkserver.proxyallow import AllowList, compile_allow_list
 from forkserver.proxyproto import Address, ProxyInfo, ProxyProtocolError
-from forkserver.ratelimit import LogLimiter
+from forkserver.workers.counts import ReasonCounts
 from forkserver.workers.handshakes import Handshakes
 
 if TYPE_CHECKING:
@@ -168,29 +167,15 @@ def for_listeners(settings: Settings, tables: Sequence[int | None], names: Seque
     return tuple(out) if any(out) else ()
 
 
-class Refusals:
-    """Connections closed before the handler, per (listener index, reason).
-
-    Counts only grow (since the worker started).  ``take_changed()``
-    hands the counts that changed since the last call, for the
-    channel.  Thread-safe: a thread worker's connections refuse from
-    its pool's threads.
-    """
+class Refusals(ReasonCounts):
+    """Connections closed before the handler, per (listener index, reason),
+    since the worker started (see ``workers.counts``)."""
 
     def __init__(self, slot: int = 0, describe: Callable[[object], str] = str) -> None:
-        self.slot = slot
-        self.describe = describe  # a peer for the log (``core.format_peer`` in a worker)
-        self.counts: dict[tuple[int, str], int] = {}
-        self._changed: set[tuple[int, str]] = set()
-        self._lock = threading.Lock()
-        self._log = LogLimiter(LOG_INTERVAL)
+        super().__init__(slot, describe, LOG_INTERVAL)
 
     def refused(self, listener: int, name: str, reason: str, peer: object, detail: str) -> None:
-        key = (listener, reason[:MAX_REASON])
-        with self._lock:
-            self.counts[key] = self.counts.get(key, 0) + 1
-            self._changed.add(key)
-            unlogged = self._log.check(key)
+        unlogged = self.count(listener, reason[:MAX_REASON])
         if unlogged is None:
             return
         who = self.describe(peer)
@@ -201,16 +186,6 @@ class Refusals:
                    "peer": who, "detail": detail, "slot": self.slot, "pid": os.getpid(),
                    "unlogged": unlogged},
         )  # fmt: skip
-
-    def take_changed(self) -> tuple[tuple[int, str, int], ...]:
-        """(listener, reason, total) for every count that moved since the last call."""
-        with self._lock:
-            if not self._changed:
-                return ()
-            changed = tuple((index, reason, self.counts[index, reason])
-                            for index, reason in sorted(self._changed))  # fmt: skip
-            self._changed.clear()
-        return changed
 
 
 #: What a preamble hands on to the handler: the connection, and the client's address.
