@@ -1689,6 +1689,13 @@ def render_markdown() -> str:
                 "`User=`/`DynamicUser=` and socket activation, so that no process of",
                 "the service is root.",
                 "",
+                "The workers' user must be able to read Python and the handler's",
+                "code: the daemon loads its own modules before the drop, but a",
+                "handler that imports a module late (inside a function) imports it",
+                "as `user`.  A Python under a home directory only root can enter",
+                "(`/root/.pyenv`, say) fails there; install it, or the virtualenv,",
+                "where `user` can read it (`/opt`, `/usr/local`).",
+                "",
             ]
         if group == "hooks":
             out += [
