@@ -31,6 +31,28 @@ class PidLines(asyncio.Protocol):
             self.transport.write(b"%d %s\n" % (os.getpid(), line))
 
 
+class FirstLine(asyncio.Protocol):
+    """Answer the first line with ``reply(line)``, then close (the connection's
+    transport is ``self.transport`` by then)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.buffer += data
+        if b"\n" in self.buffer:
+            self.transport.write(self.reply(self.buffer.split(b"\n", 1)[0]))
+            self.transport.close()
+
+    def reply(self, line: bytes) -> bytes:
+        raise NotImplementedError
+
+
 class BrokenStart(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         raise RuntimeError("cannot start this connection")

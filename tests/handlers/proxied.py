@@ -14,9 +14,9 @@ import json
 import os
 import socket
 import socketserver
-from typing import cast
 
 import forkserver
+from tests.handlers.protocols import FirstLine
 
 
 def _answer(peer: object, line: bytes) -> bytes:
@@ -53,23 +53,12 @@ async def whoami_streams(reader: asyncio.StreamReader, writer: asyncio.StreamWri
     await writer.drain()
 
 
-class WhoamiProtocol(asyncio.Protocol):
+class WhoamiProtocol(FirstLine):
     """The same from protocol callbacks: ``proxy_info()`` in ``data_received``."""
 
-    def __init__(self) -> None:
-        self.buffer = b""
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
+    def reply(self, line: bytes) -> bytes:
         assert self.transport is not None
-        self.buffer += data
-        if b"\n" in self.buffer:
-            line = self.buffer.split(b"\n", 1)[0]
-            self.transport.write(_answer(self.transport.get_extra_info("peername"), line))
-            self.transport.close()
+        return _answer(self.transport.get_extra_info("peername"), line)
 
 
 class WhoamiRequestHandler(socketserver.StreamRequestHandler):

@@ -18,10 +18,10 @@ import os
 import socket
 import socketserver
 import ssl
-from typing import cast
 
 import forkserver
 from forkserver.handshake import TlsInfo, connection_info
+from tests.handlers.protocols import FirstLine
 
 log = logging.getLogger("tests.handlers.tls_info")
 
@@ -70,24 +70,12 @@ async def streams(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
     await writer.drain()
 
 
-class Protocol(asyncio.Protocol):
+class Protocol(FirstLine):
     """The same from protocol callbacks: the transport says what was negotiated."""
 
-    def __init__(self) -> None:
-        self.buffer = b""
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
+    def reply(self, line: bytes) -> bytes:
         assert self.transport is not None
-        self.buffer += data
-        if b"\n" in self.buffer:
-            line = self.buffer.split(b"\n", 1)[0]
-            info = connection_info(self.transport)
-            self.transport.write(_answer(info, True, line, "protocol"))
-            self.transport.close()
+        return _answer(connection_info(self.transport), True, line, "protocol")
 
 
 class RequestHandler(socketserver.StreamRequestHandler):
