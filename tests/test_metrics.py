@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from forkserver.metrics import Build, Exposition, MasterFigures, ProcessFigures,
 from forkserver.status import Snapshot, Tallies, take
 from forkserver.tallies import OTHER, BoundedTally, DurationTotals, Histogram
 from forkserver.worker_table import SlotHistory, WorkerTable, exit_label
-from forkserver.workers.timing import ConnectionTimes
+from forkserver.workers.timing import ConnectionTimes, LockedConnectionTimes
 
 BUILD = Build(version="1.2.3", python="3.11.0", implementation="CPython")
 MASTER = MasterFigures(start_time=1000.5, cpu_seconds=2.25, rss=1 << 20, open_fds=12,
@@ -225,6 +226,28 @@ def test_connection_times_report_only_when_something_moved() -> None:
     assert [len(r.entries) for r in reports] == [channel.MAX_DURATION_ENTRIES, 1]
     for report in reports:
         assert channel.decode_worker_message(channel.encode(report)) == report
+
+
+def test_a_thread_workers_histogram_loses_no_observation_from_many_threads() -> None:
+    times = LockedConnectionTimes()
+    per_thread, threads = 20_000, 8
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as CPython will: races would show
+    try:
+        workers = [threading.Thread(target=lambda: [times.observe(0, 0.0001)
+                                                    for _ in range(per_thread)])
+                   for _ in range(threads)]  # fmt: skip
+        for thread in workers:
+            thread.start()
+        for thread in workers:
+            thread.join(timeout=60)
+            assert not thread.is_alive()
+    finally:
+        sys.setswitchinterval(previous)
+    [report] = times.reports()
+    [(_, sum_us, buckets)] = report.entries
+    assert sum(buckets) == per_thread * threads
+    assert sum_us == 100 * per_thread * threads
 
 
 def test_the_sampler_reads_real_processes_and_keeps_to_its_budget() -> None:

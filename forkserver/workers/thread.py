@@ -17,11 +17,14 @@ from concurrent.futures import ThreadPoolExecutor
 from forkserver.channel import HandlerError
 from forkserver.workers.core import WorkerContext, serve_blocking
 from forkserver.workers.loop import SelectorWorker
+from forkserver.workers.timing import LockedConnectionTimes
 
 
 class ThreadWorker(SelectorWorker):
     def __init__(self, ctx: WorkerContext) -> None:
         super().__init__(ctx)
+        # Its connections finish in the pool's threads, each observing its duration.
+        ctx.durations = LockedConnectionTimes()
         self.pool = ThreadPoolExecutor(ctx.concurrency, thread_name_prefix="forkserver-conn")
         # (what went wrong, accepted by this worker itself) per finished connection
         self.finished: queue.SimpleQueue[tuple[HandlerError | None, bool]] = queue.SimpleQueue()

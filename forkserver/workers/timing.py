@@ -2,11 +2,13 @@
 
 ``ConnectionTimes.observe(listener, seconds)`` counts one connection
 whose handler ran into its bucket of ``channel.DURATION_BOUNDS``; it is
-the whole cost per connection (a bisect and two additions under an
-uncontended lock: a thread worker's connections finish in its pool's
-threads).  ``reports()`` gives the running totals as DURATIONS
-messages, only when something moved since the last call: the worker's
-loop sends them with its stats, and once more before it exits.
+the whole cost per connection (a bisect and two additions), so it takes
+no lock: sync and asyncio workers observe from one thread only.  A
+thread worker's connections finish in its pool's threads, and it keeps
+``LockedConnectionTimes`` instead.  ``reports()`` gives the running
+totals as DURATIONS messages, only when something moved since the last
+call: the worker's loop sends them with its stats, and once more before
+it exits.
 """
 
 from __future__ import annotations
@@ -22,32 +24,47 @@ _SLOTS: Final = len(_BOUNDS) + 2  # the sum in microseconds, then one count per 
 
 
 class ConnectionTimes:
+    """Connection durations observed by one thread (the worker's own)."""
+
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         self._by_listener: dict[int, list[int]] = {}
         self._moved = False
 
     def observe(self, listener: int, seconds: float) -> None:
-        bucket = bisect_left(_BOUNDS, seconds) + 1  # observations at or below each bound
-        with self._lock:
-            counts = self._by_listener.get(listener)
-            if counts is None:
-                counts = self._by_listener[listener] = [0] * _SLOTS
-            counts[0] += max(0, int(seconds * 1e6))
-            counts[bucket] += 1
-            self._moved = True
+        """Count one connection of *seconds* (a difference of ``time.monotonic()``: ≥ 0)."""
+        counts = self._by_listener.get(listener)
+        if counts is None:
+            counts = self._by_listener[listener] = [0] * _SLOTS
+        counts[0] += int(seconds * 1e6)
+        counts[bisect_left(_BOUNDS, seconds) + 1] += 1  # observations at or below each bound
+        self._moved = True
 
     def reports(self) -> list[channel.Durations]:
         """DURATIONS for every listener, if a count moved since the last call."""
-        with self._lock:
-            if not self._moved:
-                return []
-            self._moved = False
-            entries = [(listener, counts[0], tuple(counts[1:]))
-                       for listener, counts in sorted(self._by_listener.items())]  # fmt: skip
+        if not self._moved:
+            return []
+        self._moved = False
+        entries = [(listener, counts[0], tuple(counts[1:]))
+                   for listener, counts in sorted(self._by_listener.items())]  # fmt: skip
         step = channel.MAX_DURATION_ENTRIES
         return [channel.Durations(tuple(entries[at : at + step]))
                 for at in range(0, len(entries), step)]  # fmt: skip
 
 
-__all__ = ["ConnectionTimes"]
+class LockedConnectionTimes(ConnectionTimes):
+    """``ConnectionTimes`` for a thread worker: observed from its pool's threads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+
+    def observe(self, listener: int, seconds: float) -> None:
+        with self._lock:
+            super().observe(listener, seconds)
+
+    def reports(self) -> list[channel.Durations]:
+        with self._lock:
+            return super().reports()
+
+
+__all__ = ["ConnectionTimes", "LockedConnectionTimes"]
