@@ -207,11 +207,12 @@ class AsyncioWorker:
             error = await self._run_protocol(self.protocol, sock)
         else:
             error = await self._run_streams(sock)
-        self.ctx.durations.observe(listener, time.monotonic() - started)
+        elapsed = time.monotonic() - started
+        self.ctx.durations.observe(listener, elapsed)
         if error is not None:
             self._report(error_report(error, listener, peer, self.ctx.listener_family(listener)))
         if self.ctx.access_log:
-            log_access(self.ctx, listener, peer, started, failed=error is not None,
+            log_access(self.ctx, listener, peer, elapsed, failed=error is not None,
                        exc_type=type(error).__name__ if error is not None else "")
 
     async def _run_streams(self, sock: socket.socket) -> BaseException | None:

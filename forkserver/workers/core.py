@@ -409,18 +409,19 @@ def serve_blocking(
         conn.close()
         if step is not None:
             preamble.forget(tls=step.tls is not None)
-        ctx.durations.observe(listener, time.monotonic() - started)
+        elapsed = time.monotonic() - started
+        ctx.durations.observe(listener, elapsed)
         if ctx.access_log:
-            log_access(ctx, listener, peer, started, failed=error is not None,
+            log_access(ctx, listener, peer, elapsed, failed=error is not None,
                        exc_type=error.exc_type if error is not None else "")
         # A descriptor a file object still uses stays open (socket.makefile).
         ctx.number_freed = owned and conn.fileno() < 0
     return error
 
 
-def log_access(ctx: WorkerContext, listener: int, peer: object, started: float, *,
+def log_access(ctx: WorkerContext, listener: int, peer: object, elapsed: float, *,
                failed: bool, exc_type: str = "") -> None:
-    """One access line per connection: where, who, which worker, how long.
+    """One access line per connection: where, who, which worker, how long (*elapsed* s).
 
     What was said on the connection (bytes, status) is the handler's
     business: the worker never reads client bytes itself, so it cannot
@@ -428,7 +429,7 @@ def log_access(ctx: WorkerContext, listener: int, peer: object, started: float, 
     The default line is formatted by ``logging`` with ``%``, the cheapest
     path; an ``access_log_format`` of one's own costs one ``str.format_map``.
     """
-    elapsed_ms = (time.monotonic() - started) * 1e3
+    elapsed_ms = elapsed * 1e3  # seconds, as the duration histogram observed them
     name, who = ctx.listener_name(listener), format_peer(peer, ctx.listener_family(listener))
     extra = {"event": "connection_served", "listener": name, "peer": who,
              "slot": ctx.slot, "duration_ms": round(elapsed_ms, 3), "ok": not failed}  # fmt: skip
