@@ -253,8 +253,11 @@ class WorkerTable:
         holds counts, so a prefetched connection cannot carry it past
         ``max_requests``.
         """
+        # The order is (full, held, last_assigned, slot), compared field by
+        # field: this runs once per connection, and a key tuple per worker
+        # would cost more than the comparisons.
         best: WorkerRecord | None = None
-        best_key = (True, 0, 0, 0)
+        best_full, best_held = True, 0
         ready = WorkerState.READY
         for record in self._by_pid.values():
             if record.state is not ready:
@@ -266,9 +269,17 @@ class WorkerTable:
             limit = record.request_limit
             if limit is not None and record.served + held >= limit:
                 continue
-            key = (held >= capacity, held, record.last_assigned, record.slot)
-            if best is None or key < best_key:
-                best, best_key = record, key
+            full = held >= capacity
+            if best is not None:
+                if full is not best_full:
+                    if full:
+                        continue  # only prefetch room: any worker with free capacity wins
+                elif held != best_held:
+                    if held > best_held:
+                        continue
+                elif (record.last_assigned, record.slot) >= (best.last_assigned, best.slot):
+                    continue
+            best, best_full, best_held = record, full, held
         return best
 
     def take(self) -> WorkerRecord | None:

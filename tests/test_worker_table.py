@@ -1,5 +1,7 @@
 """Worker bookkeeping and crash backoff: pure, no processes."""
 
+import random
+
 import pytest
 
 from forkserver.worker_table import (
@@ -8,6 +10,7 @@ from forkserver.worker_table import (
     MAX_DELAY,
     CrashBackoff,
     TableError,
+    WorkerRecord,
     WorkerState,
     WorkerTable,
 )
@@ -295,3 +298,32 @@ def test_take_picks_the_least_loaded_and_counts_the_connection_to_it() -> None:
     assert (first.in_flight, second.in_flight) == (2, 1)
     assert table.assignments == 3
     assert first.last_assigned == 3
+
+
+def _pick_by_key(table: WorkerTable) -> WorkerRecord | None:
+    """``pick()``'s order spelt as one key per worker: the specification it is held to."""
+    candidates = [
+        record for record in table
+        if record.state is WorkerState.READY and record.in_flight < record.room()
+        and (record.request_limit is None
+             or record.served + record.in_flight < record.request_limit)
+    ]  # fmt: skip
+    return min(candidates, default=None, key=lambda r: (
+        r.in_flight >= r.capacity, r.in_flight, r.last_assigned, r.slot))  # fmt: skip
+
+
+def test_pick_follows_its_order_in_every_state_of_a_random_table() -> None:
+    rng = random.Random(14)
+    for _ in range(2000):
+        table = WorkerTable()
+        for slot in range(rng.randint(1, 5)):
+            pid = 100 + slot
+            record = table.add(slot, pid, rng.randint(1, 3), now=0.0, prefetch=rng.choice((0, 7)),
+                               request_limit=rng.choice((None, 5, 50)))  # fmt: skip
+            if rng.random() < 0.8:
+                table.mark_ready(pid, now=0.0)
+            record.in_flight = rng.randint(0, record.room())
+            record.served = rng.randint(0, 10)
+            record.held_back = rng.random() < 0.2
+            record.last_assigned = rng.randint(0, 3)  # ties on purpose
+        assert table.pick() is _pick_by_key(table)
