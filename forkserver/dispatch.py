@@ -340,23 +340,19 @@ class Dispatcher:
     def _send_each(self, link: WorkerLink, done: list[int]) -> None:
         """The outbox one descriptor per message, as far as the channel takes it.
 
-        What went out moves to *done*.  The hot path of sync workers:
-        ``_send`` in a loop, without a call per message.
+        What went out moves to *done*.  The hot path of sync workers: one
+        ``fdpass.send_each`` for the whole outbox, not a call per message.
         """
-        out_fds, listeners, sock = link.out_fds, link.out_listeners, link.sock
-        encoded, send_one = channel.ONE_CONNECTION_BYTES, fdpass.send_one
-        count = 0
-        try:
-            for fd in out_fds:
-                index = listeners[count]
-                data = encoded[index] if index < len(encoded) else \
-                    channel.encode_connections((index,))  # fmt: skip
-                if not send_one(sock, data, fd):
-                    self._wait_writable(link)
-                    break
-                count += 1
-        except OSError as exc:
-            self._send_failed(link, exc)
+        out_fds, listeners = link.out_fds, link.out_listeners
+        encoded = channel.ONE_CONNECTION_BYTES
+        cached = len(encoded)
+        messages = [encoded[index] if index < cached else channel.encode_connections((index,))
+                    for index in listeners]  # fmt: skip
+        count, error = fdpass.send_each(link.sock, messages, out_fds)
+        if error is not None:
+            self._send_failed(link, error)
+        elif count < len(out_fds):
+            self._wait_writable(link)
         if count:
             done += out_fds[:count]
             del out_fds[:count]

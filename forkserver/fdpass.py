@@ -88,13 +88,28 @@ def send(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> bool:
     return True
 
 
-def send_one(sock: socket.socket, data: bytes, fd: int) -> bool:
-    """``send(sock, data, (fd,))``: the one-descriptor message of every sync connection."""
+def send_each(
+    sock: socket.socket, messages: Sequence[bytes], fds: Sequence[int]
+) -> tuple[int, OSError | None]:
+    """Send ``messages[i]`` with ``fds[i]`` attached, one message each, without blocking.
+
+    The sync workers' path: every connection is one such message, so the
+    loop is here, one call per batch.  Returns how many went, and the
+    error that stopped the rest: None when all went or the channel is
+    full (fewer went than *fds*), else the ``OSError`` of the failed send.
+    The caller still owns its copies of what went, as with ``send``.
+    """
+    sendmsg, pack, flags = sock.sendmsg, _ONE_FD.pack, _SEND_FLAGS
+    sent = 0
     try:
-        sock.sendmsg([data], [(_SOL_SOCKET, _SCM_RIGHTS, _ONE_FD.pack(fd))], _SEND_FLAGS)
+        for data, fd in zip(messages, fds, strict=True):
+            sendmsg([data], [(_SOL_SOCKET, _SCM_RIGHTS, pack(fd))], flags)
+            sent += 1
     except BlockingIOError:
-        return False
-    return True
+        pass
+    except OSError as exc:
+        return sent, exc
+    return sent, None
 
 
 def recv(

@@ -147,6 +147,46 @@ def test_a_full_channel_returns_false_instead_of_blocking(
     assert fdpass.send(a, b"again")
 
 
+def test_send_each_sends_one_descriptor_per_message_until_the_channel_is_full(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    a, b = pair
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    count = 200  # far beyond what 4 KiB of send buffer holds
+    messages = [bytes([i % 256]) * 500 for i in range(count)]
+    r, w = os.pipe()
+    try:
+        sent, error = fdpass.send_each(a, messages, [w] * count)
+        assert error is None
+        assert 0 < sent < count, "the channel never filled up"
+        received = fdpass.drain(b, 1000, fdpass.SCM_MAX_FD)
+        assert [data for data, _ in received] == messages[:sent]
+        assert all(len(fds) == 1 for _, fds in received)
+        for _, fds in received:  # each is a working copy of the pipe's write end
+            os.write(fds[0], b"x")
+            os.close(fds[0])
+        assert os.read(r, 1000) == b"x" * sent
+        assert fdpass.send_each(a, messages[:3], [w] * 3) == (3, None)  # read: room again
+        fdpass.close_all([fd for _, fds in fdpass.drain(b, 1000, 1) for fd in fds])
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_send_each_reports_the_error_that_stopped_it_and_how_many_went_before() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with a:
+        b.close()
+        r, w = os.pipe()
+        try:
+            sent, error = fdpass.send_each(a, [b"c", b"c"], [w, w])
+        finally:
+            os.close(r)
+            os.close(w)
+    assert sent == 0
+    assert isinstance(error, BrokenPipeError)  # MSG_NOSIGNAL: an error, never SIGPIPE
+
+
 def test_drain_returns_every_queued_message_with_its_descriptors(
     pair: tuple[socket.socket, socket.socket],
 ) -> None:
