@@ -28,6 +28,7 @@ and allocates nothing but the decoded message.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -383,7 +384,7 @@ class Pool:
                                 request_limit=limit, prefetch=spec.prefetch)  # fmt: skip
         link = WorkerLink(record=record, sock=master_end, peer=worker_end)
         self.dispatcher.add_link(link)
-        self.loop.add_reader(master_end, lambda: self._on_readable(link))
+        self.loop.add_reader(master_end, functools.partial(self._on_readable, link))
         self.spawned += 1
         self.history.setdefault(slot, SlotHistory()).started = time.time()
         log.info("worker %d (pid %d) spawned", slot, pid,
