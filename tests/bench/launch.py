@@ -219,6 +219,13 @@ SERVERS: dict[str, tuple[Builder, str]] = {
     # defer_accept = 1 (TCP_DEFER_ACCEPT): the kernel hands over a connection
     # only once its request has arrived.
     "fs-sync-inline-defer": (forkserver("sync", FAIR, "--defer-accept", "1"), "forkserver"),
+    # The master's own queue (max_pending_connections, 30 by default) at its
+    # least and much deeper: what queueing in the master rather than the
+    # kernel backlog costs per connection.
+    "fs-sync-inline-queue1": (forkserver("sync", FAIR, "--max-pending-connections", "1"),
+                              "forkserver"),
+    "fs-sync-inline-queue200": (forkserver("sync", FAIR, "--max-pending-connections", "200"),
+                                "forkserver"),
 }
 
 # The same servers with the bench's own handlers, which name the worker.
