@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.bench import bench, launch, procstat, report, wrk
+from tests.bench import bench, bytecodes, launch, procstat, report, wrk
 from tests.bench.servers import shared_accept
 from tests.support import poll_until
 
@@ -258,3 +258,14 @@ def test_the_stall_check_tells_a_waiting_connection_from_a_new_one_on_its_port()
         assert len(second) == 1
         assert second.keys() != first.keys()
         assert [key.split()[0] for key in second] == [key.split()[0] for key in first]
+
+
+def test_the_bytecode_count_follows_a_real_sync_worker_and_does_not_move() -> None:
+    total, calls, rows = bytecodes.count(batch=3, batches=2)
+    per_function = {name: per for name, per, _ in rows}
+    # Every connection passes through the worker's own path.
+    for name in ("core.py:receive_one", "core.py:serve_blocking", "timing.py:observe"):
+        assert per_function[name] > 0, name
+    assert calls > 5  # serve_blocking, adopt, observe, the handler, close and more
+    # The point of counting: the same code gives the same figure, whatever the load.
+    assert bytecodes.count(batch=3, batches=2)[0] == total
