@@ -35,7 +35,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def count(batch: int = 7, batches: int = 4) -> tuple[float, float, list[tuple[str, float, float]]]:
-    """(bytecodes, Python calls, per function) per connection, in this process."""
+    """(bytecodes, Python calls, per function) per connection, in this process.
+
+    The process becomes a worker's: ``SyncWorker`` sets its SIGTERM handler
+    and the signal wakeup descriptor.  So it is called only in a process
+    of its own (``run_for``), never in one that goes on doing other things.
+    """
     from forkserver import channel, fdpass  # noqa: PLC0415 (from the tree on sys.path)
     from forkserver.handler import HandlerKind, LoadedHandler  # noqa: PLC0415
     from forkserver.workers.core import WorkerContext  # noqa: PLC0415

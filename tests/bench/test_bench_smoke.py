@@ -261,11 +261,13 @@ def test_the_stall_check_tells_a_waiting_connection_from_a_new_one_on_its_port()
 
 
 def test_the_bytecode_count_follows_a_real_sync_worker_and_does_not_move() -> None:
-    total, calls, rows = bytecodes.count(batch=3, batches=2)
-    per_function = {name: per for name, per, _ in rows}
+    # In a process of its own, as the tool always counts: the worker it
+    # builds takes over SIGTERM and the signal wakeup descriptor.
+    first = bytecodes.run_for(None)
+    total, _, rest = first.partition(" bytecodes and ")
+    assert float(total) > 0, first
     # Every connection passes through the worker's own path.
     for name in ("core.py:receive_one", "core.py:serve_blocking", "timing.py:observe"):
-        assert per_function[name] > 0, name
-    assert calls > 5  # serve_blocking, adopt, observe, the handler, close and more
+        assert name in rest, name
     # The point of counting: the same code gives the same figure, whatever the load.
-    assert bytecodes.count(batch=3, batches=2)[0] == total
+    assert bytecodes.run_for(None) == first
