@@ -1,4 +1,4 @@
-"""Python bytecodes a sync worker executes per connection: an exact count.
+"""Python bytecodes forkserver executes per connection: an exact count.
 
 Usage (from the repository root)::
 
@@ -7,13 +7,22 @@ Usage (from the repository root)::
 Timings on a shared virtual machine move by several per cent from one run
 to the next, more than most changes to the per-connection path are worth;
 the number of bytecodes the interpreter executes does not move at all.
-This counts them, by function, while a real ``SyncWorker`` serves real
-TCP connections whose descriptors arrive over a real SEQPACKET channel,
-as the master sends them (one per message, ``PREFETCH`` at a time), with
-a handler that does nothing: what is counted is forkserver's own work.
-Each REV (default: the working tree only) is counted from a snapshot, in
-a process of its own, so two revisions can be compared side by side.
-System calls are not counted (``--phases profile`` counts those).
+This counts them, by function, for both processes:
+
+* a real ``SyncWorker`` serving real TCP connections whose descriptors
+  arrive over a real SEQPACKET channel, as the master sends them (one per
+  message, ``PREFETCH`` at a time), with a handler that does nothing;
+* the master's part (``count_master``): a real ``Listener`` accepting into
+  a real ``Dispatcher`` for two busy sync workers, the credit a DONE
+  returns, and the sends it frees room for.
+
+What is counted is forkserver's own Python; a bytecode is not a unit of
+time (a tuple built or a lock taken is one bytecode or none), so this
+says where the interpreter's work is, and ``timeit`` or the bench what
+it costs.  Each REV (default: the working tree only) is counted from a
+snapshot, in a process of its own, so two revisions can be compared
+side by side.  System calls are not counted (``--phases profile`` counts
+those).
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ from tests.bench import launch
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def count(batch: int = 7, batches: int = 4) -> tuple[float, float, list[tuple[str, float, float]]]:
+def count(batch: int = 7, batches: int = 4) -> Counts:
     """(bytecodes, Python calls, per function) per connection, in this process.
 
     The process becomes a worker's: ``SyncWorker`` sets its SIGTERM handler
@@ -57,19 +66,7 @@ def count(batch: int = 7, batches: int = 4) -> tuple[float, float, list[tuple[st
                         heartbeat_interval=3600.0)  # fmt: skip
     worker = SyncWorker(ctx)
     worker.next_beat = time.monotonic() + 3600.0
-    opcodes: Counter[str] = Counter()
-    calls: Counter[str] = Counter()
-
-    def tracer(frame: FrameType, event: str, arg: object) -> Callable[..., Any]:
-        frame.f_trace_opcodes = True
-        name = f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}"
-        calls[name] += 1
-
-        def local(frame: FrameType, event: str, arg: object) -> Callable[..., Any]:
-            if event == "opcode":
-                opcodes[name] += 1
-            return local
-        return local
+    counter = _Counter()
 
     def serve_batch(traced: bool) -> None:
         clients, conns = [], []
@@ -79,12 +76,11 @@ def count(batch: int = 7, batches: int = 4) -> tuple[float, float, list[tuple[st
         for conn in conns:
             assert fdpass.send(master, channel.encode_connections([0]), [conn.fileno()])
             conn.close()
-        if traced:
-            sys.settrace(tracer)
+        counter.start(traced)
         try:
             worker._on_channel()  # serves what is queued, then finds the channel empty
         finally:
-            sys.settrace(None)
+            counter.stop()
         for client in clients:
             client.close()
         while True:  # its DONEs
@@ -97,11 +93,119 @@ def count(batch: int = 7, batches: int = 4) -> tuple[float, float, list[tuple[st
         serve_batch(traced=False)  # the first connection learns the socket kind
         for _ in range(batches):
             serve_batch(traced=True)
-    served = batch * batches
-    assert ctx.served == served + batch, "the worker did not serve every connection"
-    rows = [(name, opcodes[name] / served, calls[name] / served)
-            for name, _ in opcodes.most_common()]  # fmt: skip
-    return sum(opcodes.values()) / served, sum(calls.values()) / served, rows
+    assert ctx.served == batch * (batches + 1), "the worker did not serve every connection"
+    return counter.per(batch * batches)
+
+
+class _Counter:
+    """Bytecodes and calls by function, counted between ``start()`` and ``stop()``."""
+
+    def __init__(self) -> None:
+        self.opcodes: Counter[str] = Counter()
+        self.calls: Counter[str] = Counter()
+
+    def _tracer(self, frame: FrameType, event: str, arg: object) -> Callable[..., Any] | None:
+        if frame.f_code is _Counter.stop.__code__:
+            return None  # the counting's own end
+        frame.f_trace_opcodes = True
+        name = f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}"
+        self.calls[name] += 1
+        opcodes = self.opcodes
+
+        def local(frame: FrameType, event: str, arg: object) -> Callable[..., Any]:
+            if event == "opcode":
+                opcodes[name] += 1
+            return local
+        return local
+
+    def start(self, on: bool = True) -> None:
+        if on:
+            sys.settrace(self._tracer)
+
+    def stop(self) -> None:
+        sys.settrace(None)
+
+    def per(self, connections: int) -> tuple[float, float, list[tuple[str, float, float]]]:
+        rows = [(name, n / connections, self.calls[name] / connections)
+                for name, n in self.opcodes.most_common()]  # fmt: skip
+        return (sum(self.opcodes.values()) / connections,
+                sum(self.calls.values()) / connections, rows)  # fmt: skip
+
+
+Counts = tuple[float, float, list[tuple[str, float, float]]]
+
+
+def count_master(batch: int = 8, batches: int = 4) -> Counts:
+    """The master's part per connection: accept, queue, the credit's return, send.
+
+    A real ``Listener`` accepts real connections in a real ``EventLoop``
+    and the real ``Dispatcher`` hands them to two sync workers' channels
+    (capacity 1, ``PREFETCH`` queued) whose every slot is taken, as under
+    steady load: each batch of *batch* arrivals waits in the master's
+    queue until each worker has served ``DONE_EVERY`` and says so.  That
+    DONE is played by calling what ``Pool`` calls for one
+    (``WorkerTable.complete``, then ``Dispatcher.drain_pending``); reading
+    and decoding it is ``Pool``'s and not counted.  One more pass of the
+    loop sends what the two DONEs freed room for.
+    """
+    from forkserver import fdpass  # noqa: PLC0415 (from the tree on sys.path)
+    from forkserver.dispatch import Dispatcher, WorkerLink  # noqa: PLC0415
+    from forkserver.eventloop import EventLoop  # noqa: PLC0415
+    from forkserver.listeners import Listener, parse_bind  # noqa: PLC0415
+    from forkserver.worker_table import WorkerTable  # noqa: PLC0415
+    from forkserver.workers.sync import DONE_EVERY, PREFETCH  # noqa: PLC0415
+
+    assert batch == 2 * DONE_EVERY, "each worker reports once per batch"
+    loop, table = EventLoop(), WorkerTable()
+    dispatcher = Dispatcher(loop, table, 30, lambda link, why: None)
+    listener = Listener(parse_bind("127.0.0.1:0"), 0, loop=loop)
+    assert listener.listen("127.0.0.1", 0)
+    listener.dispatch = dispatcher.dispatch
+    dispatcher.listeners = [listener]
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(2)]
+    for pid, (master_end, worker_end) in enumerate(pairs, start=100):
+        master_end.setblocking(False)
+        record = table.add(pid - 100, pid, 1, now=0.0, prefetch=PREFETCH)
+        table.mark_ready(pid, now=0.0)
+        dispatcher.add_link(WorkerLink(record=record, sock=master_end, peer=worker_end))
+    counter = _Counter()
+    clients: list[socket.socket] = []
+
+    def connect(count: int) -> None:
+        for _ in range(count):
+            clients.append(socket.create_connection(("127.0.0.1", listener.server_port())))
+
+    try:
+        connect(2 * (1 + PREFETCH))
+        loop.run_once(5.0)  # every slot taken
+        for traced in (False, *[True] * batches):
+            connect(batch)
+            counter.start(traced)
+            loop.run_once(5.0)  # the batch accepted, into the master's queue
+            counter.stop()
+            for pid, (_, worker_end) in enumerate(pairs, start=100):
+                for _ in range(DONE_EVERY):  # the worker serves its oldest
+                    _, fds = fdpass.recv(worker_end, 64, 1, nonblocking=True)
+                    fdpass.close_all(fds)
+                counter.start(traced)
+                table.complete(pid, DONE_EVERY, loop.time())
+                dispatcher.drain_pending()
+                counter.stop()
+            counter.start(traced)
+            loop.run_once(0)  # the flush
+            counter.stop()
+        assert not dispatcher.pending, "a connection was left in the master's queue"
+    finally:
+        listener.close()
+        for client in clients:
+            client.close()
+        for pid in list(dispatcher.links):
+            fdpass.close_all([fd for fd, _ in dispatcher.remove_link(pid)])
+        for master_end, worker_end in pairs:
+            master_end.close()
+            worker_end.close()
+        loop.close()
+    return counter.per(batch * batches)
 
 
 def run_for(rev: str | None) -> str:
@@ -115,9 +219,12 @@ def run_for(rev: str | None) -> str:
 
 
 def report() -> str:
-    total, calls, rows = count()
-    lines = [f"{total:.1f} bytecodes and {calls:.1f} Python calls per connection"]
-    lines += [f"  {per:7.1f}  {called:5.2f} calls  {name}" for name, per, called in rows]
+    lines = []
+    for process, counted in (("sync worker", count), ("master", count_master)):
+        total, calls, rows = counted()
+        lines.append(f"{process}: {total:.1f} bytecodes and {calls:.1f} Python calls "
+                     f"per connection")  # fmt: skip
+        lines += [f"  {per:7.1f}  {called:5.2f} calls  {name}" for name, per, called in rows]
     return "\n".join(lines)
 
 

@@ -260,14 +260,19 @@ def test_the_stall_check_tells_a_waiting_connection_from_a_new_one_on_its_port()
         assert [key.split()[0] for key in second] == [key.split()[0] for key in first]
 
 
-def test_the_bytecode_count_follows_a_real_sync_worker_and_does_not_move() -> None:
+def test_the_bytecode_count_follows_real_connections_and_does_not_move() -> None:
     # In a process of its own, as the tool always counts: the worker it
     # builds takes over SIGTERM and the signal wakeup descriptor.
     first = bytecodes.run_for(None)
-    total, _, rest = first.partition(" bytecodes and ")
+    total, _, rest = first.removeprefix("sync worker: ").partition(" bytecodes and ")
     assert float(total) > 0, first
-    # Every connection passes through the worker's own path.
+    worker, _, master = rest.partition("\nmaster: ")
+    # Every connection passes through the worker's own path, and the master's.
     for name in ("core.py:receive_one", "core.py:serve_blocking", "timing.py:observe"):
-        assert name in rest, name
+        assert name in worker, name
+    assert float(master.split()[0]) > 0, master
+    for name in ("tcpserver.py:_accept_batch", "dispatch.py:dispatch", "worker_table.py:pick",
+                 "dispatch.py:drain_pending", "fdpass.py:send_each"):  # fmt: skip
+        assert name in master, name
     # The point of counting: the same code gives the same figure, whatever the load.
     assert bytecodes.run_for(None) == first
