@@ -186,7 +186,9 @@ class Settings:
              "moment between a worker freeing up and the next accept, and a larger one just "
              "moves waiting connections out of the backlog into the master, where each "
              "costs a descriptor and a fast stop drops them (an inherited socket's backlog "
-             "survives a restart)")
+             "survives a restart), and the master, accepting still, is woken for each "
+             "arrival it can only queue: with 200 the CPU per connection rose by up to a fifth "
+             "(docs/performance.md)")
     dispatch: Literal["master", "shared"] = _s(
         "master", kind="choice", group="listeners", choices=("master", "shared"),
         help="who accepts on each listener that does not set its own: master (the master "
