@@ -43,6 +43,10 @@ from tests.bench import launch
 ROOT = Path(__file__).resolve().parents[2]
 
 
+#: (bytecodes, Python calls, per function) per connection.
+Counts = tuple[float, float, list[tuple[str, float, float]]]
+
+
 def count(batch: int = 7, batches: int = 4) -> Counts:
     """(bytecodes, Python calls, per function) per connection, in this process.
 
@@ -130,9 +134,6 @@ class _Counter:
                 for name, n in self.opcodes.most_common()]  # fmt: skip
         return (sum(self.opcodes.values()) / connections,
                 sum(self.calls.values()) / connections, rows)  # fmt: skip
-
-
-Counts = tuple[float, float, list[tuple[str, float, float]]]
 
 
 def count_master(batch: int = 8, batches: int = 4) -> Counts:
