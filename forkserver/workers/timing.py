@@ -27,15 +27,18 @@ class ConnectionTimes:
     """Connection durations observed by one thread (the worker's own)."""
 
     def __init__(self) -> None:
-        self._by_listener: dict[int, list[int]] = {}
+        #: Per listener: the sum in seconds, then one count per bucket.
+        self._by_listener: dict[int, list[float]] = {}
         self._moved = False
 
     def observe(self, listener: int, seconds: float) -> None:
         """Count one connection of *seconds* (a difference of ``time.monotonic()``: ≥ 0)."""
         counts = self._by_listener.get(listener)
         if counts is None:
-            counts = self._by_listener[listener] = [0] * _SLOTS
-        counts[0] += int(seconds * 1e6)
+            counts = self._by_listener[listener] = [0.0] * _SLOTS
+        # The sum stays in seconds until reported: rounding it once is both
+        # more exact and cheaper than truncating each observation.
+        counts[0] += seconds
         counts[bisect_left(_BOUNDS, seconds) + 1] += 1  # observations at or below each bound
         self._moved = True
 
@@ -44,7 +47,7 @@ class ConnectionTimes:
         if not self._moved:
             return []
         self._moved = False
-        entries = [(listener, counts[0], tuple(counts[1:]))
+        entries = [(listener, round(counts[0] * 1e6), tuple(int(n) for n in counts[1:]))
                    for listener, counts in sorted(self._by_listener.items())]  # fmt: skip
         step = channel.MAX_DURATION_ENTRIES
         return [channel.Durations(tuple(entries[at : at + step]))
