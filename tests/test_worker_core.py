@@ -10,7 +10,15 @@ from collections.abc import Iterator
 import pytest
 
 from forkserver import channel, fdpass
-from forkserver.workers.core import ChannelClosed, WorkerChannel, error_report, format_peer
+from forkserver.handler import HandlerKind, LoadedHandler
+from forkserver.workers.core import (
+    ChannelClosed,
+    WorkerChannel,
+    WorkerContext,
+    error_report,
+    format_peer,
+    serve_blocking,
+)
 from forkserver.workers.reserve import DescriptorReserve
 from tests.support import wait_pid
 
@@ -148,3 +156,67 @@ def test_a_worker_at_its_limit_still_receives_a_whole_message_then_stops_receivi
         for r, w in pipes:
             os.close(r)
             os.close(w)
+
+
+def test_a_lone_descriptor_that_needed_the_reserve_stops_the_receiving() -> None:
+    """The one-descriptor shortcut still sees a number taken from the reserve."""
+    master, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    r, w = os.pipe()
+    assert fdpass.send(master, channel.encode_connections([0]), [r])
+    assert fdpass.send(master, channel.encode_connections([1]), [w])
+    report_r, report_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the worker: fill every number below the reserve, then receive
+        code = 1
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(map(int, open_fds())) + 8, 4096))
+            chan = WorkerChannel(worker, DescriptorReserve(1))
+            while True:
+                try:
+                    os.open("/dev/null", os.O_RDONLY)
+                except OSError:
+                    break
+            first = chan.receive_one()
+            report = [first is not None and first[0] == channel.Connections(listeners=(0,)),
+                      chan.exhausted, chan.receive_one() is None]  # fmt: skip
+            os.write(report_w, repr(report).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(report_w)
+    try:
+        with os.fdopen(report_r, "rb") as report:
+            assert report.read() == b"[True, True, True]"
+        assert wait_pid(pid) == 0
+        # The second message stays queued for the master to take back.
+        data, fds = fdpass.recv(worker, channel.MAX_MESSAGE_SIZE, 1, nonblocking=True)
+        assert channel.decode_master_message(data) == channel.Connections(listeners=(1,))
+        fdpass.close_all(fds)
+    finally:
+        master.close()
+        worker.close()
+        os.close(r)
+        os.close(w)
+
+
+def test_a_descriptor_that_is_no_socket_is_an_error_report_and_is_closed() -> None:
+    """Also once the listener's socket kind is known, as for its every later connection."""
+    served: list[object] = []
+    master, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ctx = WorkerContext(slot=0, master_pid=os.getpid(), channel=worker, handler_spec="t:h",
+                        worker_class="sync", concurrency=1, listener_names=("web",),
+                        handler=LoadedHandler("t:h", HandlerKind.FUNCTION,
+                                              lambda conn, peer: served.append(peer)))  # fmt: skip
+    with master, worker, socket.create_server(("127.0.0.1", 0)) as listener:
+        with socket.create_connection(listener.getsockname()) as client:
+            conn, address = listener.accept()
+            assert serve_blocking(ctx, conn.detach(), 0) is None  # learns the kind
+            assert served == [client.getsockname()] == [address]
+        assert 0 in ctx.socket_kinds
+        r, w = os.pipe()
+        os.close(w)
+        error = serve_blocking(ctx, r, 0)
+        assert error is not None and error.exc_type == "OSError", error
+        with pytest.raises(OSError, match="Bad file descriptor"):
+            os.fstat(r)
+        assert served == [address]

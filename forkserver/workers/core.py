@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import struct
+import sys
 import threading
 import time
 import traceback
@@ -105,6 +106,9 @@ class WorkerContext:
     #: itself (the handler neither detached nor kept it): its descriptor
     #: number is free again (see ``WorkerChannel.receive_one``).
     number_freed: bool = False
+    #: ``time.monotonic()`` when ``serve_blocking`` last finished a connection:
+    #: the sync worker's heartbeat check reads it rather than the clock again.
+    finished_at: float = 0.0
 
     def __post_init__(self) -> None:
         self.refusals.slot, self.refusals.describe = self.slot, format_peer  # its log lines
@@ -128,6 +132,8 @@ _TRUNCATED: Final = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 _SOL_SOCKET: Final = int(socket.SOL_SOCKET)
 _SCM_RIGHTS: Final = int(socket.SCM_RIGHTS)
 _ONE_FD: Final = struct.Struct("i")
+_ONE_FD_SIZE: Final = _ONE_FD.size
+_unpack_fd: Final = _ONE_FD.unpack
 
 
 class ChannelClosed(Exception):
@@ -143,6 +149,10 @@ class WorkerChannel:
         self.sock = sock
         self.slot = slot  # for the log
         self.reserve = reserve if reserve is not None else DescriptorReserve(0)
+        #: A received number below this took nothing from the reserve (with no
+        #: reserve: every number does, even under an infinite limit).
+        self._floor = self.reserve.floor if self.reserve.size else sys.maxsize
+        self._recvmsg = sock.recvmsg
         #: The worker ran out of descriptors: nothing more is received.
         self.exhausted = False
         self._send_lock = threading.Lock()
@@ -192,26 +202,23 @@ class WorkerChannel:
         """
         if self.exhausted:
             return None
-        reserve = self.reserve
-        if not freed:
-            reserve.open()
         try:
-            data, ancillary, msg_flags, _ = self.sock.recvmsg(_RECV_SIZE, _RECV_SPACE,
-                                                              _RECV_FLAGS)  # fmt: skip
+            if freed:
+                data, ancillary, msg_flags, _ = self._recvmsg(_RECV_SIZE, _RECV_SPACE, _RECV_FLAGS)
+            else:
+                data, ancillary, msg_flags, _ = self._recvmsg_reserved()
         except BlockingIOError:
             return None
-        finally:
-            if not freed:
-                reserve.close()
         # What the master sends a sync worker: CONNECTIONS with one descriptor,
         # received whole, below the reserve.  Anything else takes fdpass.unpack.
         known = channel.ONE_CONNECTION.get(data)
         if known is not None and not msg_flags & _TRUNCATED and len(ancillary) == 1:
             level, kind, payload = ancillary[0]
-            if level == _SOL_SOCKET and kind == _SCM_RIGHTS and len(payload) == _ONE_FD.size:
-                (fd,) = _ONE_FD.unpack(payload)
-                if not reserve.size or fd < reserve.floor:
+            if level == _SOL_SOCKET and kind == _SCM_RIGHTS and len(payload) == _ONE_FD_SIZE:
+                (fd,) = _unpack_fd(payload)
+                if fd < self._floor:
                     return known, [fd]
+        reserve = self.reserve
         try:
             data, fds = fdpass.unpack(data, ancillary, msg_flags, _MAX_MESSAGE, _MAX_FDS)
         except fdpass.DescriptorsLost as exc:
@@ -230,6 +237,15 @@ class WorkerChannel:
             )  # fmt: skip
             self._leave(f"is out of descriptors (RLIMIT_NOFILE {reserve.limit})")
         return _decode(data, fds), fds
+
+    def _recvmsg_reserved(self) -> tuple[bytes, list[tuple[int, int, bytes]], int, object]:
+        """``recvmsg`` with the reserved numbers open to it, and only to it."""
+        reserve = self.reserve
+        reserve.open()
+        try:
+            return self._recvmsg(_RECV_SIZE, _RECV_SPACE, _RECV_FLAGS)
+        finally:
+            reserve.close()
 
     def _leave(self, reason: str) -> None:
         """LEAVING: the master takes back what is queued here, and replaces this worker.
@@ -361,9 +377,11 @@ def peer_of(sock: socket.socket) -> object:
 
 
 _REQUEST_HANDLER: Final = HandlerKind.REQUEST_HANDLER
+_socket: Final = socket.socket
+_default_timeout: Final = socket.getdefaulttimeout
 
 
-def serve_blocking(
+def serve_blocking(  # noqa: PLR0912 (every connection's path, kept in one frame)
     ctx: WorkerContext, fd: int, listener: int, peer: object = None
 ) -> HandlerError | None:
     """Run a sync handler on one connection; close it; report what went wrong.
@@ -374,10 +392,20 @@ def serve_blocking(
     handler = ctx.handler
     assert handler is not None
     started = time.monotonic()
-    try:
-        conn = adopt(ctx, fd, listener, True)
-    except OSError as exc:
-        return error_report(exc, listener, "", ctx.listener_family(listener))
+    kind = ctx.socket_kinds.get(listener)
+    if kind is not None and _default_timeout() is None:
+        # adopt()'s own path, without its frame: every connection comes here.
+        # The master accepts without SOCK_NONBLOCK: the descriptor is blocking already.
+        try:
+            conn = _socket(*kind, fileno=fd)
+        except OSError as exc:
+            fdpass.close_all([fd])
+            return error_report(exc, listener, "", kind[0])
+    else:
+        try:
+            conn = adopt(ctx, fd, listener, True)
+        except OSError as exc:
+            return error_report(exc, listener, "", ctx.listener_family(listener))
     if peer is None:
         try:
             peer = conn.getpeername()
@@ -409,7 +437,8 @@ def serve_blocking(
         conn.close()
         if step is not None:
             preamble.forget(tls=step.tls is not None)
-        elapsed = time.monotonic() - started
+        ctx.finished_at = finished = time.monotonic()
+        elapsed = finished - started
         ctx.durations.observe(listener, elapsed)
         if ctx.access_log:
             log_access(ctx, listener, peer, elapsed, failed=error is not None,
