@@ -40,6 +40,7 @@ DONE_EVERY: Final = 4
 #: Seconds an idle sync worker holds back its DONE: a lull shorter than
 #: this, as between two refills under load, costs no message.
 IDLE_REPORT: Final = 0.002
+_CONNECTIONS: Final = channel.Connections
 
 
 class SyncWorker(SelectorWorker):
@@ -49,19 +50,6 @@ class SyncWorker(SelectorWorker):
     def take(self, fds: list[int], listeners: tuple[int, ...]) -> None:
         self.serve(fds, listeners)
         self.unreported = unreported = self.unreported + len(fds)
-        if unreported >= DONE_EVERY:
-            self.report_done()
-
-    def take_one(self, fd: int, listener: int) -> None:
-        """``take([fd], [listener])``, without the loop: every connection comes here."""
-        ctx = self.ctx
-        ctx.in_flight += 1
-        error = serve_blocking(ctx, fd, listener)
-        ctx.in_flight -= 1
-        ctx.served += 1
-        if error is not None:
-            self.report(error)
-        self.unreported = unreported = self.unreported + 1
         if unreported >= DONE_EVERY:
             self.report_done()
 
@@ -95,28 +83,42 @@ class SyncWorker(SelectorWorker):
         self.beat_if_due()
 
     def _on_channel(self) -> None:
-        """Serve message after message while the next one is already queued."""
-        ctx = self.ctx
-        ctx.number_freed = False  # whatever ran since the last connection may have taken it
+        """Serve message after message while the next one is already queued.
+
+        What the master sends a sync worker, one connection per message,
+        is served right here: this loop is every connection's path.
+        """
+        ctx, receive = self.ctx, self.chan.receive_one
+        freed = False  # whatever ran since the last connection may have taken its number
         while not self.stopping:
             try:
-                received = self.chan.receive_one(ctx.number_freed)
+                received = receive(freed)
             except ChannelClosed:
                 self.stopping = self.master_gone = True
                 return
-            ctx.number_freed = False
             if received is None:
                 if self.unreported and self.report_at == math.inf:
                     self.report_at = time.monotonic() + IDLE_REPORT  # idle: report soon
                 return
             message, fds = received
-            if type(message) is channel.Connections:
-                if len(fds) == 1:  # what the master sends a sync worker: one per message
-                    self.take_one(fds[0], message.listeners[0])
-                else:
-                    self.take(fds, message.listeners)
-                if time.monotonic() >= self.next_beat:
+            if type(message) is _CONNECTIONS and len(fds) == 1:
+                ctx.in_flight += 1
+                error = serve_blocking(ctx, fds[0], message.listeners[0])
+                ctx.in_flight -= 1
+                ctx.served += 1
+                freed = ctx.number_freed
+                if error is not None:
+                    self.report(error)
+                self.unreported = unreported = self.unreported + 1
+                if unreported >= DONE_EVERY:
+                    self.report_done()
+                if ctx.finished_at >= self.next_beat:
                     self.beat_if_due()
+                continue
+            freed = False
+            if isinstance(message, channel.Connections):
+                self.take(fds, message.listeners)
+                self.beat_if_due()
             elif isinstance(message, channel.Reopen):
                 reopen_log(self.ctx, fds)
             else:
