@@ -106,9 +106,6 @@ class WorkerContext:
     #: itself (the handler neither detached nor kept it): its descriptor
     #: number is free again (see ``WorkerChannel.receive_one``).
     number_freed: bool = False
-    #: ``time.monotonic()`` when ``serve_blocking`` last finished a connection:
-    #: the sync worker's heartbeat check reads it rather than the clock again.
-    finished_at: float = 0.0
 
     def __post_init__(self) -> None:
         self.refusals.slot, self.refusals.describe = self.slot, format_peer  # its log lines
@@ -437,8 +434,7 @@ def serve_blocking(  # noqa: PLR0912 (every connection's path, kept in one frame
         conn.close()
         if step is not None:
             preamble.forget(tls=step.tls is not None)
-        ctx.finished_at = finished = time.monotonic()
-        elapsed = finished - started
+        elapsed = time.monotonic() - started
         ctx.durations.observe(listener, elapsed)
         if ctx.access_log:
             log_access(ctx, listener, peer, elapsed, failed=error is not None,

@@ -112,7 +112,9 @@ class SyncWorker(SelectorWorker):
                 self.unreported = unreported = self.unreported + 1
                 if unreported >= DONE_EVERY:
                     self.report_done()
-                if ctx.finished_at >= self.next_beat:
+                # The clock, not the last connection's end: a connection refused
+                # by its preamble returns before it is timed.
+                if time.monotonic() >= self.next_beat:
                     self.beat_if_due()
                 continue
             freed = False
