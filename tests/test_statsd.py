@@ -8,6 +8,7 @@ total), gauges as values.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -49,6 +50,21 @@ class Received:
         return float(values[-1]) if values else None
 
 
+def udp_sockets(pid: int) -> set[str]:
+    """The socket inodes of *pid*'s descriptors that are UDP sockets."""
+    udp = set()
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        with open(table) as lines:
+            udp |= {line.split()[9] for line in list(lines)[1:]}
+    held = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):  # one the process closed meanwhile
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                held.add(target.removeprefix("socket:[").removesuffix("]"))
+    return held & udp
+
+
 def test_a_daemon_pushes_its_counters_and_gauges_to_statsd() -> None:
     receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     receiver.bind(("127.0.0.1", 0))
@@ -79,6 +95,14 @@ def test_a_daemon_pushes_its_counters_and_gauges_to_statsd() -> None:
             deaths = "app.web.worker_deaths_total.signal"
             received.until(lambda: received.counted(deaths) == 1, deaths)
             assert received.counted(accepted) == 7  # only changes are sent: no double count
+            # The replacement was forked while the master's statsd socket was open:
+            # it is the master's alone.
+            replacement = daemon.logs.wait_for(
+                lambda r: r.get("event") == "worker_ready" and str(r.get("pid")) not in pids,
+                TIMEOUT, "the replacement's worker_ready")  # fmt: skip
+            pushing = udp_sockets(daemon.pid)
+            assert pushing, "the master has no UDP socket"
+            assert not pushing & udp_sockets(replacement["pid"])
             assert daemon.stop() == 0
     finally:
         receiver.close()
