@@ -146,12 +146,22 @@ class Dispatcher:
     def drain_pending(self) -> None:
         """Give queued descriptors to workers that have capacity now."""
         pending = self.pending
-        while pending:
-            record = self.table.take()
-            if record is None:
-                break
-            fd, listener = pending.popleft()
-            self._queue(record, fd, listener)
+        if pending:
+            # One table call for all of them, and ``_queue``'s work once per run of
+            # descriptors to one worker: the hot path after a DONE.
+            links, popleft = self.links, pending.popleft
+            prefetched = False
+            for record, run in self.table.take_runs(len(pending)):
+                fds, listeners = zip(*[popleft() for _ in range(run)], strict=True)
+                link = links[record.pid]
+                link.out_fds += fds
+                link.out_listeners += listeners
+                prefetched = prefetched or record.in_flight > record.capacity
+                if not self._flush_scheduled:
+                    self._flush_scheduled = True
+                    self.loop.call_soon(self.flush)
+            if prefetched and self._steal_timer is None:
+                self._steal_timer = self.loop.call_later(STEAL_AFTER, self._steal)
         if self.paused and not pending:
             self._resume()
         if not pending and self._steal_timer is None and self._prefetch_waits():
