@@ -43,6 +43,8 @@ _RECV_NOWAIT_FLAGS: Final = int(socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
 _CTRUNC: Final = int(socket.MSG_CTRUNC)
 _TRUNC: Final = int(socket.MSG_TRUNC)
 _TRUNCATED: Final = _CTRUNC | _TRUNC
+#: ``recvmsg`` flags that make a message suspect: ``unpack`` says what is wrong.
+TRUNCATED: Final = _TRUNCATED
 _SOL_SOCKET: Final = int(socket.SOL_SOCKET)
 _SCM_RIGHTS: Final = int(socket.SCM_RIGHTS)
 #: Ancillary buffer size by the number of descriptors a receive allows.

@@ -370,7 +370,11 @@ class WorkerTable:
 
     def complete(self, pid: int, count: int, now: float) -> WorkerRecord:
         """The worker reports *count* connections finished."""
-        record = self._require(pid)
+        return self.completed(self._require(pid), count, now)
+
+    def completed(self, record: WorkerRecord, count: int, now: float) -> WorkerRecord:
+        """``complete`` for a record of this table in hand: the master's DONE."""
+        pid = record.pid
         if not 0 < count <= record.in_flight:
             raise TableError(
                 f"worker {record.slot} (pid {pid}) reported {count} done "
