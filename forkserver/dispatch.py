@@ -47,7 +47,7 @@ import logging
 import os
 import socket
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -355,9 +355,11 @@ class Dispatcher:
         """
         out_fds, listeners = link.out_fds, link.out_listeners
         encoded = channel.ONE_CONNECTION_BYTES
-        cached = len(encoded)
-        messages = [encoded[index] if index < cached else channel.encode_connections((index,))
-                    for index in listeners]  # fmt: skip
+        messages: Iterable[bytes]
+        if max(listeners) < len(encoded):  # every message cached: looked up in C
+            messages = map(encoded.__getitem__, listeners)
+        else:
+            messages = [channel.encode_connections((index,)) for index in listeners]
         count, error = fdpass.send_each(link.sock, messages, out_fds)
         if error is not None:
             self._send_failed(link, error)
