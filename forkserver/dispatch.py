@@ -1,8 +1,8 @@
 """Getting each accepted descriptor to a worker, and never losing one.
 
 ``Dispatcher.dispatch(fd, listener)`` is the master's per-connection
-path (each ``Listener`` calls it from ``incoming_connection``).  It is
-hot, so it works on raw descriptors and does no logging:
+path (each ``Listener``'s accept loop calls it).  It is hot, so it
+works on raw descriptors and does no logging:
 
 * The least-loaded ready worker with free capacity gets the descriptor:
   it goes into that worker's outbox and its credit is taken at once.
@@ -124,31 +124,29 @@ class Dispatcher:
 
     def dispatch(self, fd: int, listener: int) -> None:
         """Take ownership of the accepted descriptor *fd*."""
-        record = None if self.pending else self.table.take()
-        if record is None:
-            self.pending.append((fd, listener))
-            if len(self.pending) >= self.max_pending and not self.paused:
-                self._pause()
-        else:
-            self._queue(record, fd, listener)
-
-    def _queue(self, record: WorkerRecord, fd: int, listener: int) -> None:
-        """Put *fd*, already counted to *record* (``take``), in its outbox."""
-        if record.in_flight > record.capacity and self._steal_timer is None:
-            self._steal_timer = self.loop.call_later(STEAL_AFTER, self._steal)
-        link = self.links[record.pid]
-        link.out_fds.append(fd)
-        link.out_listeners.append(listener)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.loop.call_soon(self.flush)
+        pending = self.pending
+        if not pending:  # nobody waits ahead of it
+            record = self.table.take()
+            if record is not None:  # into its outbox, already counted to it
+                if record.in_flight > record.capacity and self._steal_timer is None:
+                    self._steal_timer = self.loop.call_later(STEAL_AFTER, self._steal)
+                link = self.links[record.pid]
+                link.out_fds.append(fd)
+                link.out_listeners.append(listener)
+                if not self._flush_scheduled:
+                    self._flush_scheduled = True
+                    self.loop.call_soon(self.flush)
+                return
+        pending.append((fd, listener))
+        if len(pending) >= self.max_pending and not self.paused:
+            self._pause()
 
     def drain_pending(self) -> None:
         """Give queued descriptors to workers that have capacity now."""
         pending = self.pending
         if pending:
-            # One table call for all of them, and ``_queue``'s work once per run of
-            # descriptors to one worker: the hot path after a DONE.
+            # One table call for all of them, and what ``dispatch`` does per
+            # descriptor once per run to one worker: the hot path after a DONE.
             links, popleft = self.links, pending.popleft
             prefetched = False
             for record, run in self.table.take_runs(len(pending)):
