@@ -150,10 +150,12 @@ class Dispatcher:
             links, popleft = self.links, pending.popleft
             prefetched = False
             for record, run in self.table.take_runs(len(pending)):
-                fds, listeners = zip(*[popleft() for _ in range(run)], strict=True)
                 link = links[record.pid]
-                link.out_fds += fds
-                link.out_listeners += listeners
+                out_fds, out_listeners = link.out_fds, link.out_listeners
+                for _ in range(run):
+                    fd, listener = popleft()
+                    out_fds.append(fd)
+                    out_listeners.append(listener)
                 prefetched = prefetched or record.in_flight > record.capacity
                 if not self._flush_scheduled:
                     self._flush_scheduled = True

@@ -72,7 +72,8 @@ log = logging.getLogger("forkserver.master")
 #: Messages read from a dead worker's channel: its last words, bounded.
 _READ_BATCH: Final = 64
 #: ``recvmsg`` arguments for a worker's message (no descriptors: ``fdpass.unpack``).
-_RECV_ARGS: Final = fdpass.recv_args(channel.MAX_MESSAGE_SIZE, 0, nonblocking=True)
+_RECV_SIZE, _RECV_SPACE, _RECV_FLAGS = fdpass.recv_args(channel.MAX_MESSAGE_SIZE, 0,
+                                                         nonblocking=True)  # fmt: skip
 _DONE_COUNTS: Final = channel.DONE_COUNTS
 #: Seconds between the stack-dump ABRT and the SIGKILL of a stuck worker.
 KILL_GRACE: Final = 1.0
@@ -451,7 +452,7 @@ class Pool:
             if links.get(link.record.pid) is not link:
                 return
             try:
-                data, ancillary, msg_flags, _ = recvmsg(*_RECV_ARGS)
+                data, ancillary, msg_flags, _ = recvmsg(_RECV_SIZE, _RECV_SPACE, _RECV_FLAGS)
                 count = _DONE_COUNTS.get(data)
                 if count is not None and not msg_flags & fdpass.TRUNCATED:
                     self._done(link.record, count)  # the per-connection message, undecoded

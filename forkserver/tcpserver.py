@@ -346,15 +346,16 @@ class TcpServer:
         self._update_watch()
         self.pending_connection_available.emit()
 
-    def _delivery(self) -> tuple[Callable[..., object], tuple[object, ...]]:
-        """What the accept loop calls with each descriptor, and the arguments after it.
+    def _dispatch_to(self) -> tuple[Callable[[int, int], object] | None, int]:
+        """``(dispatch, index)`` for the accept loop to call ``dispatch(fd, index)``
+        instead of ``incoming_connection(fd)``, or ``(None, 0)``.
 
-        ``incoming_connection``.  A subclass whose ``incoming_connection``
-        only passes the descriptor on may name that call itself, a Python
-        frame fewer per connection, as long as an override of its
-        ``incoming_connection`` is still the one called (``Listener``).
+        For a subclass whose ``incoming_connection`` only passes the
+        descriptor on: a Python frame fewer per connection.  An override
+        of its ``incoming_connection`` must still be the one called
+        (``Listener``).
         """
-        return self.incoming_connection, ()
+        return None, 0
 
     def incoming_connection(self, socket_descriptor: int) -> None:
         """Called with each accepted descriptor, which the callee now owns.
@@ -469,7 +470,8 @@ class TcpServer:
             return 0
         accept: Callable[[], tuple[int, object]] = sock._accept  # type: ignore[attr-defined]
         total_pending = self._count_pending or self._total_pending_connections
-        deliver, arguments = self._delivery()
+        incoming = self.incoming_connection
+        dispatch, index = self._dispatch_to()
         new_connection = self.new_connection
         accepted = 0
         for _ in range(self._batch):
@@ -489,7 +491,10 @@ class TcpServer:
             if not accepted:
                 self._backoff_delay = BACKOFF_FIRST  # accepting works again
             accepted += 1
-            deliver(fd, *arguments)  # incoming_connection(fd), or what it would call
+            if dispatch is None:
+                incoming(fd)
+            else:
+                dispatch(fd, index)  # what incoming_connection() would call
             # As Qt: also when an override took the descriptor.  The master's
             # listeners connect no slot, so they skip building an empty call.
             if new_connection._slots:
