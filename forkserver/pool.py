@@ -75,6 +75,7 @@ _READ_BATCH: Final = 64
 _RECV_SIZE, _RECV_SPACE, _RECV_FLAGS = fdpass.recv_args(channel.MAX_MESSAGE_SIZE, 0,
                                                          nonblocking=True)  # fmt: skip
 _DONE_COUNTS: Final = channel.DONE_COUNTS
+_TRUNCATED: Final = fdpass.TRUNCATED
 #: Seconds between the stack-dump ABRT and the SIGKILL of a stuck worker.
 KILL_GRACE: Final = 1.0
 #: Handler exception types counted each under its own name; the rest are "other".
@@ -454,7 +455,7 @@ class Pool:
             try:
                 data, ancillary, msg_flags, _ = recvmsg(_RECV_SIZE, _RECV_SPACE, _RECV_FLAGS)
                 count = _DONE_COUNTS.get(data)
-                if count is not None and not msg_flags & fdpass.TRUNCATED:
+                if count is not None and not msg_flags & _TRUNCATED:
                     self._done(link.record, count)  # the per-connection message, undecoded
                     continue
                 data, _ = fdpass.unpack(data, ancillary, msg_flags, channel.MAX_MESSAGE_SIZE, 0)

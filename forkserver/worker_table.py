@@ -307,17 +307,18 @@ class WorkerTable:
         # broken by iteration order as pick() does; then its room left, the record.
         heap: list[tuple[bool, int, int, int, int, int, WorkerRecord]] = []
         ready = WorkerState.READY
-        for order, record in enumerate(self._by_pid.values()):
-            if record.state is not ready:
-                continue
+        for record in self._by_pid.values():
             held, capacity = record.in_flight, record.capacity
             left = (capacity if record.held_back else capacity + record.prefetch) - held
+            if left <= 0 or record.state is not ready:
+                continue  # no room (most workers, under load), or not ready
             limit = record.request_limit
             if limit is not None:
                 left = min(left, limit - record.served - held)
-            if left > 0:
-                heap.append((held >= capacity, held, record.last_assigned, record.slot, order,
-                             left, record))  # fmt: skip
+                if left <= 0:
+                    continue
+            heap.append((held >= capacity, held, record.last_assigned, record.slot, len(heap),
+                         left, record))  # fmt: skip
         runs: list[tuple[WorkerRecord, int]] = []
         if len(heap) > 1:
             heapq.heapify(heap)
