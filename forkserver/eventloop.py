@@ -398,13 +398,14 @@ class EventLoop:
         if wait is None and not registered:
             raise RuntimeError("run_once() would block forever: nothing is registered")
         self._passes = polled = self._passes + 1
-        # epoll waits forever for -1 and any negative timeout, selectors (and we) none.
+        # epoll.poll() waits forever for any negative timeout; here, as with
+        # selectors, only None does, and a negative one polls.
         events = sel.poll(-1 if wait is None else wait if wait > 0 else 0, len(registered) or 1)
         for fd, event in events:
             handlers = registered.get(fd)
             if handlers is None or handlers.made_in == polled:
                 continue  # unregistered by an earlier callback of this pass, or new since the poll
-            # A handler removed by an earlier callback of this pass is None by now.
+            # A reader or writer removed by an earlier callback is None by now.
             if event & _FOR_READER and (reader := handlers.reader) is not None:
                 try:
                     reader()
