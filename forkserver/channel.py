@@ -582,3 +582,8 @@ _KNOWN_FROM_MASTER: Final[dict[bytes, MasterMessage]] = dict(ONE_CONNECTION)
 _KNOWN_FROM_WORKER: Final[dict[bytes, WorkerMessage]] = {
     data: Done(count=count) for count, data in enumerate(_DONE_BYTES) if count
 }
+#: DONE's count by its exact bytes, for the master's receive: the one
+#: message per few connections, read without building a ``Done``.
+DONE_COUNTS: Final[dict[bytes, int]] = {
+    data: count for count, data in enumerate(_DONE_BYTES) if count
+}

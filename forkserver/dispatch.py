@@ -1,8 +1,8 @@
 """Getting each accepted descriptor to a worker, and never losing one.
 
 ``Dispatcher.dispatch(fd, listener)`` is the master's per-connection
-path (each ``Listener`` calls it from ``incoming_connection``).  It is
-hot, so it works on raw descriptors and does no logging:
+path (each ``Listener``'s accept loop calls it).  It is hot, so it
+works on raw descriptors and does no logging:
 
 * The least-loaded ready worker with free capacity gets the descriptor:
   it goes into that worker's outbox and its credit is taken at once.
@@ -47,7 +47,7 @@ import logging
 import os
 import socket
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -124,34 +124,44 @@ class Dispatcher:
 
     def dispatch(self, fd: int, listener: int) -> None:
         """Take ownership of the accepted descriptor *fd*."""
-        record = None if self.pending else self.table.take()
-        if record is None:
-            self.pending.append((fd, listener))
-            if len(self.pending) >= self.max_pending and not self.paused:
-                self._pause()
-        else:
-            self._queue(record, fd, listener)
-
-    def _queue(self, record: WorkerRecord, fd: int, listener: int) -> None:
-        """Put *fd*, already counted to *record* (``take``), in its outbox."""
-        if record.in_flight > record.capacity and self._steal_timer is None:
-            self._steal_timer = self.loop.call_later(STEAL_AFTER, self._steal)
-        link = self.links[record.pid]
-        link.out_fds.append(fd)
-        link.out_listeners.append(listener)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.loop.call_soon(self.flush)
+        pending = self.pending
+        if not pending:  # nobody waits ahead of it
+            record = self.table.take()
+            if record is not None:  # into its outbox, already counted to it
+                if record.in_flight > record.capacity and self._steal_timer is None:
+                    self._steal_timer = self.loop.call_later(STEAL_AFTER, self._steal)
+                link = self.links[record.pid]
+                link.out_fds.append(fd)
+                link.out_listeners.append(listener)
+                if not self._flush_scheduled:
+                    self._flush_scheduled = True
+                    self.loop.call_soon(self.flush)
+                return
+        pending.append((fd, listener))
+        if len(pending) >= self.max_pending and not self.paused:
+            self._pause()
 
     def drain_pending(self) -> None:
         """Give queued descriptors to workers that have capacity now."""
         pending = self.pending
-        while pending:
-            record = self.table.take()
-            if record is None:
-                break
-            fd, listener = pending.popleft()
-            self._queue(record, fd, listener)
+        if pending:
+            # One table call for all of them, and what ``dispatch`` does per
+            # descriptor once per run to one worker: the hot path after a DONE.
+            links, popleft = self.links, pending.popleft
+            prefetched = False
+            for record, run in self.table.take_runs(len(pending)):
+                link = links[record.pid]
+                out_fds, out_listeners = link.out_fds, link.out_listeners
+                for _ in range(run):
+                    fd, listener = popleft()
+                    out_fds.append(fd)
+                    out_listeners.append(listener)
+                prefetched = prefetched or record.in_flight > record.capacity
+                if not self._flush_scheduled:
+                    self._flush_scheduled = True
+                    self.loop.call_soon(self.flush)
+            if prefetched and self._steal_timer is None:
+                self._steal_timer = self.loop.call_later(STEAL_AFTER, self._steal)
         if self.paused and not pending:
             self._resume()
         if not pending and self._steal_timer is None and self._prefetch_waits():
@@ -345,9 +355,11 @@ class Dispatcher:
         """
         out_fds, listeners = link.out_fds, link.out_listeners
         encoded = channel.ONE_CONNECTION_BYTES
-        cached = len(encoded)
-        messages = [encoded[index] if index < cached else channel.encode_connections((index,))
-                    for index in listeners]  # fmt: skip
+        messages: Iterable[bytes]
+        if max(listeners) < len(encoded):  # every message cached: looked up in C
+            messages = map(encoded.__getitem__, listeners)
+        else:
+            messages = [channel.encode_connections((index,)) for index in listeners]
         count, error = fdpass.send_each(link.sock, messages, out_fds)
         if error is not None:
             self._send_failed(link, error)

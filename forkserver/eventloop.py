@@ -22,9 +22,10 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import os
-import selectors
+import select
 import signal
 import time
 from collections import deque
@@ -96,29 +97,41 @@ class TimerHandle:
         self.cancelled = True
 
 
+_EPOLLIN = int(select.EPOLLIN)
+_EPOLLOUT = int(select.EPOLLOUT)
+#: An event that wakes the reader (input, an error, a hang-up) or the
+#: writer (output, an error, a hang-up), as ``selectors`` reads epoll's.
+_FOR_READER = ~_EPOLLOUT
+_FOR_WRITER = ~_EPOLLIN
+
+
 @dataclass(eq=False)
 class _Handlers:
     """What to call when one descriptor is ready.
 
-    The selector key keeps this object; removal clears its fields, so an
-    event already returned by ``select()`` for a removed reader is
-    ignored rather than delivered to a stale callback.
+    Removal clears its fields, so an event already polled for a removed
+    reader is ignored rather than delivered to a stale callback; and one
+    made in the pass that polled it (the descriptor's number reused) is
+    given none of that poll's events.
     """
 
+    made_in: int  # the loop pass it was made in
     reader: Callback | None = None
     writer: Callback | None = None
 
     def mask(self) -> int:
-        return (selectors.EVENT_READ if self.reader else 0) | (
-            selectors.EVENT_WRITE if self.writer else 0
-        )
+        return (_EPOLLIN if self.reader else 0) | (_EPOLLOUT if self.writer else 0)
 
 
 class EventLoop:
-    """A ``selectors`` (epoll) loop with readers, writers, timers and signals."""
+    """An epoll loop with readers, writers, timers and signals."""
 
     def __init__(self) -> None:
-        self._selector: selectors.BaseSelector | None = selectors.DefaultSelector()
+        # epoll itself rather than selectors, whose select() alone is some
+        # sixty bytecodes a pass: the master makes a few passes per connection.
+        self._selector: select.epoll | None = select.epoll()  # close-on-exec
+        self._handlers: dict[int, _Handlers] = {}  # what epoll watches, by descriptor
+        self._passes = 0  # run_once() calls so far
         self._timers: list[tuple[float, int, TimerHandle]] = []
         self._ready: deque[TimerHandle] = deque()  # call_soon: due now, no heap needed
         self._timer_seq = 0
@@ -152,7 +165,7 @@ class EventLoop:
     def get_exception_handler(self) -> ExceptionHandler | None:
         return self._exception_handler
 
-    def _sel(self) -> selectors.BaseSelector:
+    def _sel(self) -> select.epoll:
         if self._selector is None:
             raise RuntimeError("the event loop is closed")
         return self._selector
@@ -173,24 +186,37 @@ class EventLoop:
 
     def _set_handler(self, fd: int, callback: Callback, *, reading: bool) -> None:
         sel = self._sel()
-        key = sel.get_map().get(fd)
-        handlers: _Handlers = key.data if key is not None else _Handlers()
+        handlers = self._handlers.get(fd)
+        if handlers is None:
+            handlers = _Handlers(self._passes)
+            if reading:
+                handlers.reader = callback
+            else:
+                handlers.writer = callback
+            sel.register(fd, handlers.mask())
+            self._handlers[fd] = handlers
+            return
+        mask = handlers.mask()
         if reading:
             handlers.reader = callback
         else:
             handlers.writer = callback
-        if key is None:
-            sel.register(fd, handlers.mask(), handlers)
-        else:
-            sel.modify(fd, handlers.mask(), handlers)
+        if handlers.mask() != mask:
+            self._modify(fd, handlers)
+
+    def _modify(self, fd: int, handlers: _Handlers) -> None:
+        try:
+            self._sel().modify(fd, handlers.mask())
+        except BaseException:
+            del self._handlers[fd]  # as selectors does: a descriptor epoll refused is forgotten
+            raise
 
     def _clear_handler(self, fd: int, *, reading: bool) -> bool:
         if self._selector is None:
             return False
-        key = self._selector.get_map().get(fd)
-        if key is None:
+        handlers = self._handlers.get(fd)
+        if handlers is None:
             return False
-        handlers: _Handlers = key.data
         had = handlers.reader if reading else handlers.writer
         if had is None:
             return False
@@ -199,17 +225,24 @@ class EventLoop:
         else:
             handlers.writer = None
         if handlers.mask():
-            self._selector.modify(fd, handlers.mask(), handlers)
+            self._modify(fd, handlers)
         else:
-            self._selector.unregister(fd)
+            self._unregister(fd)
         return True
+
+    def _unregister(self, fd: int) -> None:
+        assert self._selector is not None
+        del self._handlers[fd]
+        with contextlib.suppress(OSError):  # closed since: epoll has forgotten it already
+            self._selector.unregister(fd)
 
     # -- timers ---------------------------------------------------------
 
     def call_soon(self, callback: Callback) -> TimerHandle:
         # The master calls this once per loop pass that dispatches: a
         # plain queue, run after the timers due in the same pass.
-        self._sel()
+        if self._selector is None:
+            self._sel()  # raises
         handle = TimerHandle(self.time(), callback)
         self._ready.append(handle)
         return handle
@@ -237,14 +270,17 @@ class EventLoop:
     def _run_due_timers(self) -> None:
         # Only timers due now run in this pass; a timer scheduled by one of
         # them runs in the next pass, so call_soon() cannot starve I/O.
+        timers, ready = self._timers, self._ready
         due: list[TimerHandle] = []
-        if self._timers:
+        if timers:
             now = self.time()
-            while self._timers and self._timers[0][0] <= now:
-                due.append(heapq.heappop(self._timers)[2])
-        ready = self._ready
-        for _ in range(len(ready)):
-            due.append(ready.popleft())
+            while timers and timers[0][0] <= now:
+                due.append(heapq.heappop(timers)[2])
+        if ready:
+            due += ready  # what is there now: a callback's call_soon() waits for the next pass
+            ready.clear()
+        elif not due:
+            return  # most passes that handle I/O
         for index, handle in enumerate(due):
             if handle.cancelled:
                 continue
@@ -307,7 +343,7 @@ class EventLoop:
             os.close(w)
             raise
         self._wakeup_r, self._wakeup_w, self._previous_wakeup_fd = r, w, previous
-        self._sel().register(r, selectors.EVENT_READ, _Handlers(reader=self._on_wakeup))
+        self._set_handler(r, self._on_wakeup, reading=True)
 
     def _on_wakeup(self) -> None:
         order = self._drain_wakeup_pipe()
@@ -352,23 +388,32 @@ class EventLoop:
 
     def run_once(self, timeout: float | None = None) -> None:
         """Wait up to *timeout* seconds (None: until something is due) and dispatch."""
-        sel = self._sel()
+        sel = self._selector
+        if sel is None:
+            sel = self._sel()  # raises
         wait = self._next_timeout(timeout)
         if self._tripped:
             wait = 0.0
-        if wait is None and not sel.get_map():
+        registered = self._handlers
+        if wait is None and not registered:
             raise RuntimeError("run_once() would block forever: nothing is registered")
-        for key, events in sel.select(wait):
-            handlers: _Handlers = key.data
-            # A handler removed by an earlier callback of this pass is None by now.
-            if events & selectors.EVENT_READ and (reader := handlers.reader) is not None:
+        self._passes = polled = self._passes + 1
+        # epoll.poll() waits forever for any negative timeout; here, as with
+        # selectors, only None does, and a negative one polls.
+        events = sel.poll(-1 if wait is None else wait if wait > 0 else 0, len(registered) or 1)
+        for fd, event in events:
+            handlers = registered.get(fd)
+            if handlers is None or handlers.made_in == polled:
+                continue  # unregistered by an earlier callback of this pass, or new since the poll
+            # A reader or writer removed by an earlier callback is None by now.
+            if event & _FOR_READER and (reader := handlers.reader) is not None:
                 try:
                     reader()
                 except Exception as exc:
                     if self._exception_handler is None:
                         raise
                     self._exception_handler(reader, exc)
-            if events & selectors.EVENT_WRITE and (writer := handlers.writer) is not None:
+            if event & _FOR_WRITER and (writer := handlers.writer) is not None:
                 try:
                     writer()
                 except Exception as exc:
@@ -392,8 +437,8 @@ class EventLoop:
             self.remove_signal_handler(signum)
         if self._wakeup_r >= 0:
             signal.set_wakeup_fd(self._previous_wakeup_fd)
-        for key in list(self._selector.get_map().values()):
-            self._selector.unregister(key.fd)
+        for fd in list(self._handlers):
+            self._unregister(fd)
         self._release()
 
     def discard_after_fork(self) -> None:
@@ -418,6 +463,7 @@ class EventLoop:
         assert self._selector is not None
         self._selector.close()
         self._selector = None
+        self._handlers.clear()
         for fd in (self._wakeup_r, self._wakeup_w):
             if fd >= 0:
                 os.close(fd)

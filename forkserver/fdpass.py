@@ -29,7 +29,7 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Final
 
 #: The kernel's SCM_MAX_FD: the most descriptors one message can carry.
@@ -43,6 +43,8 @@ _RECV_NOWAIT_FLAGS: Final = int(socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
 _CTRUNC: Final = int(socket.MSG_CTRUNC)
 _TRUNC: Final = int(socket.MSG_TRUNC)
 _TRUNCATED: Final = _CTRUNC | _TRUNC
+#: ``recvmsg`` flags that make a message suspect: ``unpack`` says what is wrong.
+TRUNCATED: Final = _TRUNCATED
 _SOL_SOCKET: Final = int(socket.SOL_SOCKET)
 _SCM_RIGHTS: Final = int(socket.SCM_RIGHTS)
 #: Ancillary buffer size by the number of descriptors a receive allows.
@@ -89,9 +91,9 @@ def send(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> bool:
 
 
 def send_each(
-    sock: socket.socket, messages: Sequence[bytes], fds: Sequence[int]
+    sock: socket.socket, messages: Iterable[bytes], fds: Sequence[int]
 ) -> tuple[int, OSError | None]:
-    """Send ``messages[i]`` with ``fds[i]`` attached, one message each, without blocking.
+    """Send the i-th of *messages* with ``fds[i]`` attached, one message each, without blocking.
 
     The sync workers' path: every connection is one such message, so the
     loop is here, one call per batch.  Returns how many went, and the

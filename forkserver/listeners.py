@@ -211,6 +211,13 @@ class Listener(TcpServer):
         else:
             dispatch(socket_descriptor, self.index)
 
+    def _dispatch_to(self) -> tuple[Dispatch | None, int]:
+        # The master's per-connection path: the accept loop calls dispatch
+        # itself, unless a subclass overrides incoming_connection (Qt's way).
+        if type(self).incoming_connection is not Listener.incoming_connection:
+            return None, 0
+        return self.dispatch, self.index
+
     def defer_accept(self, seconds: int) -> None:
         """``TCP_DEFER_ACCEPT``: accept a TCP connection only once its client has spoken.
 

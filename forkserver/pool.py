@@ -71,6 +71,11 @@ log = logging.getLogger("forkserver.master")
 
 #: Messages read from a dead worker's channel: its last words, bounded.
 _READ_BATCH: Final = 64
+#: ``recvmsg`` arguments for a worker's message (no descriptors: ``fdpass.unpack``).
+_RECV_SIZE, _RECV_SPACE, _RECV_FLAGS = fdpass.recv_args(channel.MAX_MESSAGE_SIZE, 0,
+                                                         nonblocking=True)  # fmt: skip
+_DONE_COUNTS: Final = channel.DONE_COUNTS
+_TRUNCATED: Final = fdpass.TRUNCATED
 #: Seconds between the stack-dump ABRT and the SIGKILL of a stuck worker.
 KILL_GRACE: Final = 1.0
 #: Handler exception types counted each under its own name; the rest are "other".
@@ -443,11 +448,17 @@ class Pool:
         # One message per wake-up: the channel is level-triggered, so more
         # wake the loop again, and a chatty worker cannot starve the rest;
         # reading on to EAGAIN would cost a failed recvmsg per connection.
+        links, recvmsg = self.dispatcher.links, link.sock.recvmsg
         for _ in range(limit):
-            if self.dispatcher.links.get(link.record.pid) is not link:
+            if links.get(link.record.pid) is not link:
                 return
             try:
-                data, _ = fdpass.recv(link.sock, channel.MAX_MESSAGE_SIZE, 0, nonblocking=True)
+                data, ancillary, msg_flags, _ = recvmsg(_RECV_SIZE, _RECV_SPACE, _RECV_FLAGS)
+                count = _DONE_COUNTS.get(data)
+                if count is not None and not msg_flags & _TRUNCATED:
+                    self._done(link.record, count)  # the per-connection message, undecoded
+                    continue
+                data, _ = fdpass.unpack(data, ancillary, msg_flags, channel.MAX_MESSAGE_SIZE, 0)
                 if not data:
                     return
                 self._handle(link, channel.decode_worker_message(data))
@@ -457,14 +468,18 @@ class Pool:
                 self._broken(link, str(exc))
                 return
 
+    def _done(self, record: WorkerRecord, count: int) -> None:
+        """DONE: *count* connections finished, their credit back, the queue drained."""
+        self.table.completed(record, count, self.loop.time())
+        if recycling.served_enough(record.served, record.request_limit):
+            self._over_requests(record)
+        self.dispatcher.drain_pending()
+
     def _handle(self, link: WorkerLink, message: channel.WorkerMessage) -> None:
         record, now = link.record, self.loop.time()
         match message:
             case channel.Done(count=count):
-                self.table.complete(record.pid, count, now)
-                if recycling.served_enough(record.served, record.request_limit):
-                    self._over_requests(record)
-                self.dispatcher.drain_pending()
+                self._done(record, count)
             case channel.Served(count=count):  # never credit: the master did not hand these out
                 self.table.served(record.pid, count, now)
                 if recycling.served_enough(record.served, record.request_limit):

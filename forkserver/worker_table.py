@@ -36,6 +36,7 @@ Invariants:
 from __future__ import annotations
 
 import enum
+import heapq
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
@@ -291,6 +292,58 @@ class WorkerTable:
             record.last_assigned = self._assignments
         return record
 
+    def take_runs(self, count: int) -> list[tuple[WorkerRecord, int]]:
+        """Up to *count* ``take()`` calls at once: (record, how many) in the order they go.
+
+        Expanded, the runs are what repeated ``take()`` would return,
+        stopping where it would first return None (without that failing
+        pick).  For the master's queue after a DONE: a run of connections
+        to one worker is one step.  A run ends where the next worker in
+        ``pick()``'s order wins: the worker just given one was given it
+        last, so it loses every tie on (full, held) from then on
+        (``last_assigned`` never exceeds ``assignments``).
+        """
+        # (full, held, last_assigned, slot, order): pick()'s order, with ties
+        # broken by iteration order as pick() does; then its room left, the record.
+        heap: list[tuple[bool, int, int, int, int, int, WorkerRecord]] = []
+        ready = WorkerState.READY
+        for record in self._by_pid.values():
+            held, capacity = record.in_flight, record.capacity
+            left = (capacity if record.held_back else capacity + record.prefetch) - held
+            if left <= 0 or record.state is not ready:
+                continue  # no room (most workers, under load), or not ready
+            limit = record.request_limit
+            if limit is not None:
+                left = min(left, limit - record.served - held)
+                if left <= 0:
+                    continue
+            heap.append((held >= capacity, held, record.last_assigned, record.slot, len(heap),
+                         left, record))  # fmt: skip
+        runs: list[tuple[WorkerRecord, int]] = []
+        if len(heap) > 1:
+            heapq.heapify(heap)
+        while heap and count > 0:
+            _, held, _, slot, order, left, record = heapq.heappop(heap)
+            capacity = record.capacity
+            run = min(left, count)
+            if heap:
+                # It keeps winning while its (full, held) stays below the next one's:
+                # below its capacity and that one's held while that one is free;
+                # below either while that one is full.
+                next_full, next_held = heap[0][0], heap[0][1]
+                bound = max(capacity, next_held) if next_full else min(capacity, next_held)
+                run = min(run, max(1, bound - held))
+            held += run
+            record.in_flight = held
+            self._assignments += run
+            record.last_assigned = self._assignments
+            runs.append((record, run))
+            count -= run
+            if left > run:
+                heapq.heappush(heap, (held >= capacity, held, self._assignments, slot, order,
+                                      left - run, record))  # fmt: skip
+        return runs
+
     def assign(self, record: WorkerRecord, count: int = 1) -> None:
         """Count *count* connections as sent to *record*."""
         room = record.capacity if record.held_back else record.capacity + record.prefetch
@@ -318,7 +371,11 @@ class WorkerTable:
 
     def complete(self, pid: int, count: int, now: float) -> WorkerRecord:
         """The worker reports *count* connections finished."""
-        record = self._require(pid)
+        return self.completed(self._require(pid), count, now)
+
+    def completed(self, record: WorkerRecord, count: int, now: float) -> WorkerRecord:
+        """``complete`` for a record of this table in hand: the master's DONE."""
+        pid = record.pid
         if not 0 < count <= record.in_flight:
             raise TableError(
                 f"worker {record.slot} (pid {pid}) reported {count} done "

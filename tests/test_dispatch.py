@@ -214,6 +214,22 @@ def test_a_prefetching_worker_gets_one_more_than_its_capacity_one_per_message(
     os.close(fds[3])
 
 
+def test_a_prefetching_worker_is_told_each_listener_cached_or_not(rig: MakeRig) -> None:
+    r = rig(capacity=2)
+    r.link.record.prefetch = 2
+    r.ready()
+    fds = pipe_ends(4)
+    for flush in ([(1,), (40,)], [(2,), (15,)]):  # CONNECTIONS of listener 40 is not cached
+        for (index,), fd in zip(flush, fds, strict=False):
+            r.dispatcher.dispatch(fd, index)
+        del fds[: len(flush)]
+        r.loop.run_once(0)
+        received = r.receive_all()
+        assert [(got, len(sent)) for got, sent in received] == [(index, 1) for index in flush]
+        for _, got in received:
+            fdpass.close_all(got)
+
+
 def test_a_prefetched_descriptor_a_dead_worker_never_read_comes_back(rig: MakeRig) -> None:
     r = prefetching(rig(capacity=1))
     for i, fd in enumerate(pipe_ends(2)):

@@ -162,6 +162,37 @@ def test_reader_removed_by_earlier_callback_is_not_called(loop: EventLoop) -> No
         assert len(called) == 1
 
 
+def test_a_number_reused_in_a_pass_gets_none_of_that_pass_events(loop: EventLoop) -> None:
+    a1, b1 = socket.socketpair()
+    a2, b2 = socket.socketpair()
+    r, w = os.pipe()
+    with a1, b1, a2, b2:
+        called: list[str] = []
+
+        def reuse(mine: socket.socket, other: socket.socket) -> None:
+            called.append("old")
+            mine.recv(10)
+            loop.remove_reader(mine)
+            loop.remove_reader(other)
+            # The other's number now names a pipe nobody wrote to: its event
+            # of this pass, already polled, is not the pipe's.
+            os.dup2(r, other.fileno())
+            loop.add_reader(other.fileno(), lambda: called.append("new"))
+
+        loop.add_reader(a1, lambda: reuse(a1, a2))
+        loop.add_reader(a2, lambda: reuse(a2, a1))
+        b1.send(b"x")
+        b2.send(b"x")
+        loop.run_once(1)
+        assert called == ["old"]
+        loop.run_once(0)  # and in the next pass, the pipe is not readable
+        assert called == ["old"]
+        for fd in (a1.fileno(), a2.fileno()):
+            loop.remove_reader(fd)
+    os.close(r)
+    os.close(w)
+
+
 def test_negative_descriptor_is_rejected(loop: EventLoop) -> None:
     with pytest.raises(ValueError, match="invalid file descriptor -1"):
         loop.add_reader(-1, lambda: None)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from forkserver import fdpass
+from forkserver.eventloop import EventLoop
 from forkserver.listeners import (
     BindSpec,
     Listener,
@@ -115,6 +117,38 @@ def test_a_tcp_listener_on_port_0_accepts_and_hands_over_raw_descriptors(
         assert index == 0
         assert not os.get_inheritable(fd)
         os.close(fd)
+
+
+def test_an_override_of_incoming_connection_gets_every_descriptor_though_dispatch_is_set(
+    opened: list[Listener],
+) -> None:
+    """The accept loop calls ``dispatch`` itself for a plain ``Listener``: not for this one."""
+
+    class Counting(Listener):
+        def incoming_connection(self, socket_descriptor: int) -> None:
+            seen.append(socket_descriptor)
+            super().incoming_connection(socket_descriptor)
+
+    seen: list[int] = []
+    received: list[tuple[int, int]] = []
+    loop = EventLoop()
+    listener = Counting(parse_bind("127.0.0.1:0"), 3, loop=loop)
+    opened.append(listener)
+    assert listener.listen("127.0.0.1", 0)
+    listener.dispatch = lambda fd, index: received.append((fd, index))
+    clients = [socket.create_connection(("127.0.0.1", listener.server_port()), timeout=5)
+               for _ in range(3)]  # fmt: skip
+    try:
+        while len(received) < 3:
+            loop.run_once(5.0)
+        assert [fd for fd, _ in received] == seen
+        assert {index for _, index in received} == {3}
+    finally:
+        for client in clients:
+            client.close()
+        fdpass.close_all([fd for fd, _ in received])
+        listener.close()
+        loop.close()
 
 
 def test_a_host_name_is_resolved(opened: list[Listener]) -> None:

@@ -271,6 +271,26 @@ def test_a_protocol_violation_kills_the_worker_and_it_is_replaced_when_reaped(
     h.until(lambda: len(h.records()) == 1 and h.records()[0] is not worker, "a successor")
 
 
+def test_a_done_that_carries_a_descriptor_is_a_protocol_violation(
+    make: Callable[..., Harness],
+) -> None:
+    """The master reads a DONE without decoding it: still never one with descriptors."""
+    h = make(workers=1)
+    (worker,) = h.records()
+    h.ready(worker)
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    h.pool.dispatcher.dispatch(ours.detach(), 0)
+    h.settle()
+    assert worker.in_flight == 1  # so DONE(1) is no lie by its count
+    extra, other = socket.socketpair()
+    with extra, other:
+        assert fdpass.send(h.end(worker), channel.encode(channel.Done(count=1)), [extra.fileno()])
+        h.settle()
+    assert worker.killed and worker.exit_cause == "protocol_error"
+    assert worker.in_flight == 1 and worker.served == 0
+
+
 # --- scaling ---------------------------------------------------------------------------
 
 

@@ -1,5 +1,6 @@
 """Worker bookkeeping and crash backoff: pure, no processes."""
 
+import copy
 import random
 
 import pytest
@@ -327,3 +328,46 @@ def test_pick_follows_its_order_in_every_state_of_a_random_table() -> None:
             record.held_back = rng.random() < 0.2
             record.last_assigned = rng.randint(0, 3)  # ties on purpose
         assert table.pick() is _pick_by_key(table)
+
+
+def _random_table(rng: random.Random) -> WorkerTable:
+    """Workers in any state a live table can be in, ``last_assigned`` from real assigns."""
+    table = WorkerTable()
+    for index in range(rng.randint(1, 5)):
+        pid = 100 + index
+        # Now and then a slot taken twice, by two generations: ties down to the slot.
+        slot, generation = (index - 1, 1) if index and rng.random() < 0.2 else (index, 0)
+        table.add(slot, pid, rng.randint(1, 3), now=0.0, generation=generation,
+                  prefetch=rng.choice((0, 7)), request_limit=rng.choice((None, 5, 50)))  # fmt: skip
+        if rng.random() < 0.8:
+            table.mark_ready(pid, now=0.0)
+    records = list(table)
+    for _ in range(rng.randint(0, 6)):  # real assignments order the workers
+        record = rng.choice(records)
+        if record.state is WorkerState.READY and record.in_flight < record.room():
+            table.assign(record)
+    for record in records:
+        record.in_flight = rng.randint(0, record.room())
+        record.served = rng.randint(0, 10)
+        record.held_back = rng.random() < 0.2
+    return table
+
+
+def test_take_runs_hands_out_what_repeated_take_would_in_every_state_of_a_random_table() -> None:
+    rng = random.Random(14)
+    for _ in range(3000):
+        table = _random_table(rng)
+        count = rng.randint(0, 30)
+        by_take = copy.deepcopy(table)
+        expected = []
+        for _ in range(count):
+            record = by_take.take()
+            if record is None:
+                break
+            expected.append(record.pid)
+        runs = table.take_runs(count)
+        assert all(run > 0 for _, run in runs)
+        assert [record.pid for record, run in runs for _ in range(run)] == expected
+        assert table.assignments == by_take.assignments
+        assert [(r.pid, r.in_flight, r.last_assigned) for r in table] == [
+            (r.pid, r.in_flight, r.last_assigned) for r in by_take]  # fmt: skip

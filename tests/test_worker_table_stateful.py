@@ -9,6 +9,7 @@ raises ``TableError`` and changes nothing.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 from hypothesis import settings
@@ -97,6 +98,22 @@ class TableMachine(RuleBasedStateMachine):
         self.table.assign(record)
         self.assignments += 1
         assert record.last_assigned == self.table.assignments == self.assignments
+
+    @rule(count=st.integers(0, 12))
+    def take_runs(self, count: int) -> None:
+        """The queue after a DONE: what repeated take() would hand out, in runs."""
+        by_take = copy.deepcopy(self.table)
+        expected = []
+        for _ in range(count):
+            record = by_take.take()
+            if record is None:
+                break
+            expected.append(record.pid)
+        runs = self.table.take_runs(count)
+        assert [record.pid for record, run in runs for _ in range(run)] == expected
+        assert self._snapshot() == [dataclasses.astuple(r) for r in by_take]
+        self.assignments += len(expected)
+        assert self.table.assignments == self.assignments
 
     @precondition(lambda self: len(self.table) > 0)
     @rule(index=st.integers(0, 50), count=st.integers(1, 4))

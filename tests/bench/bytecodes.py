@@ -144,31 +144,38 @@ def count_master(batch: int = 8, batches: int = 4) -> Counts:
     (capacity 1, ``PREFETCH`` queued) whose every slot is taken, as under
     steady load: each batch of *batch* arrivals waits in the master's
     queue until each worker has served ``DONE_EVERY`` and says so.  That
-    DONE is played by calling what ``Pool`` calls for one
-    (``WorkerTable.complete``, then ``Dispatcher.drain_pending``); reading
-    and decoding it is ``Pool``'s and not counted.  One more pass of the
-    loop sends what the two DONEs freed room for.
+    DONE is a real message on the worker's channel, read and handled by a
+    real ``Pool`` (``_on_readable``, what the loop calls when the channel
+    is readable).  One more pass of the loop sends what the two DONEs
+    freed room for.
     """
-    from forkserver import fdpass  # noqa: PLC0415 (from the tree on sys.path)
-    from forkserver.dispatch import Dispatcher, WorkerLink  # noqa: PLC0415
+    from forkserver import channel, fdpass  # noqa: PLC0415 (from the tree on sys.path)
+    from forkserver.config import Settings  # noqa: PLC0415
+    from forkserver.dispatch import WorkerLink  # noqa: PLC0415
     from forkserver.eventloop import EventLoop  # noqa: PLC0415
     from forkserver.listeners import Listener, parse_bind  # noqa: PLC0415
-    from forkserver.worker_table import WorkerTable  # noqa: PLC0415
+    from forkserver.pool import Pool, Processes, WorkerSpec  # noqa: PLC0415
     from forkserver.workers.sync import DONE_EVERY, PREFETCH  # noqa: PLC0415
 
     assert batch == 2 * DONE_EVERY, "each worker reports once per batch"
-    loop, table = EventLoop(), WorkerTable()
-    dispatcher = Dispatcher(loop, table, 30, lambda link, why: None)
+    loop = EventLoop()
     listener = Listener(parse_bind("127.0.0.1:0"), 0, loop=loop)
+    pool = Pool(loop, spec=WorkerSpec.of(Settings(max_pending_connections=30), "sync"),
+                listeners=[listener], shared=(), handler=None, processes=Processes(),
+                report=lambda fact: None)  # fmt: skip
+    table, dispatcher = pool.table, pool.dispatcher
     assert listener.listen("127.0.0.1", 0)
     listener.dispatch = dispatcher.dispatch
     dispatcher.listeners = [listener]
     pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(2)]
+    links = []
     for pid, (master_end, worker_end) in enumerate(pairs, start=100):
         master_end.setblocking(False)
         record = table.add(pid - 100, pid, 1, now=0.0, prefetch=PREFETCH)
         table.mark_ready(pid, now=0.0)
-        dispatcher.add_link(WorkerLink(record=record, sock=master_end, peer=worker_end))
+        links.append(WorkerLink(record=record, sock=master_end, peer=worker_end))
+        dispatcher.add_link(links[-1])
+    done = channel.encode_done(DONE_EVERY)
     counter = _Counter()
     clients: list[socket.socket] = []
 
@@ -184,13 +191,13 @@ def count_master(batch: int = 8, batches: int = 4) -> Counts:
             counter.start(traced)
             loop.run_once(5.0)  # the batch accepted, into the master's queue
             counter.stop()
-            for pid, (_, worker_end) in enumerate(pairs, start=100):
+            for link, (_, worker_end) in zip(links, pairs, strict=True):
                 for _ in range(DONE_EVERY):  # the worker serves its oldest
                     _, fds = fdpass.recv(worker_end, 64, 1, nonblocking=True)
                     fdpass.close_all(fds)
+                worker_end.send(done)
                 counter.start(traced)
-                table.complete(pid, DONE_EVERY, loop.time())
-                dispatcher.drain_pending()
+                pool._on_readable(link)
                 counter.stop()
             counter.start(traced)
             loop.run_once(0)  # the flush
