@@ -21,6 +21,8 @@ from collections.abc import Iterator
 import pytest
 
 from forkserver import EventLoop, HostAddress, SocketError, TcpServer
+from forkserver.tcpserver import accepts_queued
+from tests.support import poll_until
 from tests.test_tcpserver import accept_queue, echo_once, run_until
 
 
@@ -166,8 +168,9 @@ def test_resource_errors_back_off_then_resume(
         assert not server.is_accepting()  # out of the loop during the back-off
         calls_at_failure = scripted.calls
         run_until(loop, server.has_pending_connections)
-        # One accept after the back-off, one EAGAIN: nothing tried during it.
-        assert scripted.calls == calls_at_failure + 2
+        # One accept after the back-off, for the one queued: nothing tried
+        # during it, and no accept after it to find the queue empty.
+        assert scripted.calls == calls_at_failure + 1
         with server.next_pending_connection() as conn:  # type: ignore[union-attr]
             echo_once(conn, client)
         assert errors == [expected]
@@ -335,3 +338,35 @@ def test_wait_for_new_connection_reports_an_accept_failure() -> None:
             assert server.wait_for_new_connection(5000) == (True, False)
             with server.next_pending_connection() as conn:  # type: ignore[union-attr]
                 echo_once(conn, client)
+
+
+def test_a_batch_takes_what_is_queued_without_a_failing_accept(
+    server: TcpServer, loop: EventLoop
+) -> None:
+    # An accept that finds the queue empty costs the kernel a file it throws away.
+    listener = script(server, [])  # counts the accepts
+    clients = [connect(server) for _ in range(3)]
+    try:
+        run_until(loop, lambda: len(server._pending) == 3)
+        assert listener.calls == 3
+        assert accepts_queued(listener) == 1  # empty: one accept on the next wake-up
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_the_queue_count_follows_the_kernel_and_falls_back_without_one() -> None:
+    with socket.create_server(("127.0.0.1", 0), backlog=8) as listener:
+        clients = [socket.create_connection(listener.getsockname(), timeout=5)
+                   for _ in range(3)]  # fmt: skip
+        try:
+            # The server's side of a handshake may complete just after the client's.
+            poll_until(lambda: accept_queue(listener)[0] == 3, "three queued connections")
+            assert accepts_queued(listener) == 3
+            listener.accept()[0].close()
+            assert accepts_queued(listener) == 2
+            listener.shutdown(socket.SHUT_RDWR)  # no longer listening: no count to trust
+            assert accepts_queued(listener) == sys.maxsize
+        finally:
+            for client in clients:
+                client.close()
