@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import resource
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -116,40 +116,54 @@ def test_reopen_must_bring_exactly_one_descriptor(
         chan.receive()
 
 
-def test_a_worker_at_its_limit_still_receives_a_whole_message_then_stops_receiving() -> None:
-    """The reserve takes a full message when nothing else is left; the next stays queued."""
-    master, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    pipes = [os.pipe() for _ in range(3)]
+def at_the_limit(worker: socket.socket, reserve: int,
+                 receive: Callable[[WorkerChannel], list[object]]) -> bytes:
+    """What *receive* reports in a forked worker whose numbers below its reserve are all taken."""
     report_r, report_w = os.pipe()
-    assert fdpass.send(master, channel.encode_connections([0, 0, 0]), [r for r, _ in pipes])
-    assert fdpass.send(master, channel.encode_connections([1]), [pipes[0][1]])
     pid = os.fork()
     if pid == 0:  # the worker: fill every number below the reserve, then receive
         code = 1
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (max(map(int, open_fds())) + 8, 4096))
-            chan = WorkerChannel(worker, DescriptorReserve(3))
+            chan = WorkerChannel(worker, DescriptorReserve(reserve))
             while True:
                 try:
                     os.open("/dev/null", os.O_RDONLY)
                 except OSError:
                     break
-            first = chan.receive()
-            report = [len(first), len(first[0][1]) if first else 0, chan.exhausted,
-                      chan.receive_one() is None]  # fmt: skip
-            os.write(report_w, repr(report).encode())
+            os.write(report_w, repr(receive(chan)).encode())
             code = 0
         finally:
             os._exit(code)
     os.close(report_w)
+    with os.fdopen(report_r, "rb") as report:
+        reported = report.read()
+    assert wait_pid(pid) == 0
+    return reported
+
+
+def left_queued(worker: socket.socket) -> channel.MasterMessage:
+    """The next message on the worker's channel, still there for the master to take back."""
+    data, fds = fdpass.recv(worker, channel.MAX_MESSAGE_SIZE, 1, nonblocking=True)
+    fdpass.close_all(fds)
+    return channel.decode_master_message(data)
+
+
+def test_a_worker_at_its_limit_still_receives_a_whole_message_then_stops_receiving() -> None:
+    """The reserve takes a full message when nothing else is left; the next stays queued."""
+    master, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pipes = [os.pipe() for _ in range(3)]
+    assert fdpass.send(master, channel.encode_connections([0, 0, 0]), [r for r, _ in pipes])
+    assert fdpass.send(master, channel.encode_connections([1]), [pipes[0][1]])
+
+    def receive(chan: WorkerChannel) -> list[object]:
+        first = chan.receive()
+        return [len(first), len(first[0][1]) if first else 0, chan.exhausted,
+                chan.receive_one() is None]  # fmt: skip
+
     try:
-        with os.fdopen(report_r, "rb") as report:
-            assert report.read() == b"[1, 3, True, True]"
-        assert wait_pid(pid) == 0
-        # What the worker left queued is still there for the master to take back.
-        data, fds = fdpass.recv(worker, channel.MAX_MESSAGE_SIZE, 1, nonblocking=True)
-        assert channel.decode_master_message(data) == channel.Connections(listeners=(1,))
-        fdpass.close_all(fds)
+        assert at_the_limit(worker, 3, receive) == b"[1, 3, True, True]"
+        assert left_queued(worker) == channel.Connections(listeners=(1,))
     finally:
         master.close()
         worker.close()
@@ -164,34 +178,15 @@ def test_a_lone_descriptor_that_needed_the_reserve_stops_the_receiving() -> None
     r, w = os.pipe()
     assert fdpass.send(master, channel.encode_connections([0]), [r])
     assert fdpass.send(master, channel.encode_connections([1]), [w])
-    report_r, report_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the worker: fill every number below the reserve, then receive
-        code = 1
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (max(map(int, open_fds())) + 8, 4096))
-            chan = WorkerChannel(worker, DescriptorReserve(1))
-            while True:
-                try:
-                    os.open("/dev/null", os.O_RDONLY)
-                except OSError:
-                    break
-            first = chan.receive_one()
-            report = [first is not None and first[0] == channel.Connections(listeners=(0,)),
-                      chan.exhausted, chan.receive_one() is None]  # fmt: skip
-            os.write(report_w, repr(report).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(report_w)
+
+    def receive(chan: WorkerChannel) -> list[object]:
+        first = chan.receive_one()
+        return [first is not None and first[0] == channel.Connections(listeners=(0,)),
+                chan.exhausted, chan.receive_one() is None]  # fmt: skip
+
     try:
-        with os.fdopen(report_r, "rb") as report:
-            assert report.read() == b"[True, True, True]"
-        assert wait_pid(pid) == 0
-        # The second message stays queued for the master to take back.
-        data, fds = fdpass.recv(worker, channel.MAX_MESSAGE_SIZE, 1, nonblocking=True)
-        assert channel.decode_master_message(data) == channel.Connections(listeners=(1,))
-        fdpass.close_all(fds)
+        assert at_the_limit(worker, 1, receive) == b"[True, True, True]"
+        assert left_queued(worker) == channel.Connections(listeners=(1,))
     finally:
         master.close()
         worker.close()
