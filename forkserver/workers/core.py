@@ -2,7 +2,11 @@
 
 A worker's channel socket stays blocking: sends are small and the
 master reads them promptly; receives wait in a selector first and then
-use ``MSG_DONTWAIT``, so a worker never blocks inside ``recvmsg``.
+use ``MSG_DONTWAIT``.  The one exception is bounded: a sync worker that
+has just closed a connection waits for the next inside ``recvmsg``, for
+at most ``SO_RCVTIMEO`` (``WorkerChannel.wait_after_freed``), as a plain
+blocking worker would, rather than paying a failed receive, a selector
+wake-up and the reserve's two ``setrlimit`` calls each time it runs dry.
 
 Each receive has the worker's descriptor reserve (``workers.reserve``)
 to itself.  A worker whose reserve was needed is out of descriptors:
@@ -125,6 +129,8 @@ class WorkerContext:
 _MAX_MESSAGE: Final = channel.MAX_MESSAGE_SIZE
 _MAX_FDS: Final = fdpass.SCM_MAX_FD
 _RECV_SIZE, _RECV_SPACE, _RECV_FLAGS = fdpass.recv_args(_MAX_MESSAGE, _MAX_FDS, nonblocking=True)
+_WAIT_FLAGS: Final = fdpass.recv_args(_MAX_MESSAGE, _MAX_FDS)[2]
+_TIMEVAL: Final = struct.Struct("@ll")  # struct timeval, for SO_RCVTIMEO
 _TRUNCATED: Final = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 _SOL_SOCKET: Final = int(socket.SOL_SOCKET)
 _SCM_RIGHTS: Final = int(socket.SCM_RIGHTS)
@@ -150,12 +156,32 @@ class WorkerChannel:
         #: reserve: every number does, even under an infinite limit).
         self._floor = self.reserve.floor if self.reserve.size else sys.maxsize
         self._recvmsg = sock.recvmsg
+        #: ``recvmsg`` flags when a number was freed (``wait_after_freed``).
+        self._freed_flags = _RECV_FLAGS
         #: The worker ran out of descriptors: nothing more is received.
         self.exhausted = False
         self._send_lock = threading.Lock()
 
     def fileno(self) -> int:
         return self.sock.fileno()
+
+    def wait_after_freed(self, seconds: float) -> bool:
+        """Let a receive with a number freed wait up to *seconds* for its message.
+
+        For a worker with nothing else to watch (a sync worker without
+        shared listeners): it blocks in ``recvmsg`` as a plain blocking
+        worker does, and the kernel's ``SO_RCVTIMEO`` bounds the wait, so
+        a signal's flag is seen within *seconds* (its handler runs at
+        once, then the receive waits out a fresh bound).  False, and no
+        waiting, on a channel with a Python-level timeout.
+        """
+        if self.sock.gettimeout() is not None:
+            return False
+        whole = int(seconds)
+        micro = round((seconds - whole) * 1e6) or (0 if whole else 1)  # zero: no bound at all
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.pack(whole, micro))
+        self._freed_flags = _WAIT_FLAGS
+        return True
 
     def send(self, message: channel.WorkerMessage) -> None:
         self.send_bytes(channel.encode(message))
@@ -186,6 +212,9 @@ class WorkerChannel:
     def receive_one(self, freed: bool = False) -> tuple[MasterMessage, list[int]] | None:
         """The next queued message with its descriptors, or None if none is queued.
 
+        (With *freed* after ``wait_after_freed``: or None if none came
+        within its bound.)
+
         What is left queued stays the master's to take back if this
         worker dies, so a worker that serves one message at a time can
         lose only the connections it is serving.  The message that
@@ -201,7 +230,8 @@ class WorkerChannel:
             return None
         try:
             if freed:
-                data, ancillary, msg_flags, _ = self._recvmsg(_RECV_SIZE, _RECV_SPACE, _RECV_FLAGS)
+                data, ancillary, msg_flags, _ = self._recvmsg(_RECV_SIZE, _RECV_SPACE,
+                                                              self._freed_flags)
             else:
                 data, ancillary, msg_flags, _ = self._recvmsg_reserved()
         except BlockingIOError:

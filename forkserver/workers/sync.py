@@ -16,6 +16,15 @@ What it holds back never stops the master: fewer than ``DONE_EVERY``
 unreported connections leave room in its window, so the master goes
 on sending to it, and a lone connection is served at once; an idle
 worker has reported everything within ``IDLE_REPORT``.
+
+Without shared listeners, the one thing a sync worker waits for is its
+channel: once it has closed a connection, it waits for the next message
+inside ``recvmsg``, for at most ``IDLE_REPORT``
+(``WorkerChannel.wait_after_freed``), and only a wait that ends empty
+takes it back to its selector (and sends its DONE).  A worker that runs
+dry between two refills under load so costs one receive, as a plain
+blocking worker, not a failed one, a selector wake-up and the reserve's
+two ``setrlimit`` calls.  A signal's flag is seen within ``IDLE_REPORT``.
 From a shared listener it accepts one connection when free and serves
 it before it looks again.
 """
@@ -27,7 +36,7 @@ import time
 from typing import Final
 
 from forkserver import channel
-from forkserver.workers.core import ChannelClosed, reopen_log, serve_blocking
+from forkserver.workers.core import ChannelClosed, WorkerContext, reopen_log, serve_blocking
 from forkserver.workers.loop import SelectorWorker
 
 #: Descriptors the master may queue for a busy sync worker, beyond the
@@ -46,6 +55,11 @@ _CONNECTIONS: Final = channel.Connections
 class SyncWorker(SelectorWorker):
     #: Connections finished and not yet reported in a DONE.
     unreported = 0
+
+    def __init__(self, ctx: WorkerContext) -> None:
+        super().__init__(ctx)
+        #: The channel is all there is to watch: wait for it inside the receive.
+        self.waits = not self.shared and self.chan.wait_after_freed(IDLE_REPORT)
 
     def take(self, fds: list[int], listeners: tuple[int, ...]) -> None:
         self.serve(fds, listeners)
@@ -97,7 +111,9 @@ class SyncWorker(SelectorWorker):
                 self.stopping = self.master_gone = True
                 return
             if received is None:
-                if self.unreported and self.report_at == math.inf:
+                if freed and self.waits:  # IDLE_REPORT went by with nothing sent: idle
+                    self.report_done()
+                elif self.unreported and self.report_at == math.inf:
                     self.report_at = time.monotonic() + IDLE_REPORT  # idle: report soon
                 return
             message, fds = received
