@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import resource
 import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -20,7 +22,7 @@ from forkserver.workers.core import (
     serve_blocking,
 )
 from forkserver.workers.reserve import DescriptorReserve
-from tests.support import wait_pid
+from tests.support import TIMEOUT, wait_pid
 
 
 @pytest.fixture
@@ -79,6 +81,47 @@ def test_the_master_going_away_is_channel_closed(
         chan.receive()
     with pytest.raises(ChannelClosed):
         chan.send(channel.Heartbeat())
+
+
+def test_a_receive_after_a_freed_number_waits_out_its_bound_and_no_other_does(
+    pair: tuple[socket.socket, WorkerChannel],
+) -> None:
+    master, chan = pair
+    bound = 0.2
+    chan.wait_after_freed(bound)
+    started = time.monotonic()
+    assert chan.receive_one(freed=True) is None  # nothing came within the bound
+    assert time.monotonic() - started >= bound * 0.99  # the kernel's timer, not a fast path
+    chan.wait_after_freed(TIMEOUT)  # were a plain receive to wait, it would time out
+    started = time.monotonic()
+    assert chan.receive_one() is None
+    assert chan.receive() == []
+    assert time.monotonic() - started < TIMEOUT
+    master.close()  # the master going away ends a wait at once
+    with pytest.raises(ChannelClosed):
+        chan.receive_one(freed=True)
+
+
+def test_a_waiting_receive_takes_the_message_sent_while_it_waits(
+    pair: tuple[socket.socket, WorkerChannel],
+) -> None:
+    master, chan = pair
+    chan.wait_after_freed(TIMEOUT)
+    a, b = socket.socketpair()
+    with a, b:
+        sender = threading.Thread(target=fdpass.send,
+                                  args=(master, channel.encode_connections([0]), [a.fileno()]))
+        sender.start()
+        try:
+            received = chan.receive_one(freed=True)
+        finally:
+            sender.join(TIMEOUT)
+        assert received is not None
+        message, fds = received
+        assert message == channel.Connections(listeners=(0,))
+        with socket.socket(fileno=fds[0]) as copy:
+            copy.sendall(b"x")
+            assert b.recv(1) == b"x"  # the very socket that was sent
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -159,3 +160,23 @@ def test_a_worker_whose_handler_keeps_its_connection_leaves_and_loses_none() -> 
         assert [channel.decode_master_message(data) for data, _ in left] == [
             channel.Connections(listeners=(0,))]
         fdpass.close_all([fd for _, fds in left for fd in fds])
+
+
+def test_a_sync_worker_stops_on_sigterm_right_after_a_connection_as_it_waits_for_more() -> None:
+    """The TERM lands while the worker waits in its receive (or just before)."""
+    with sync_worker(0) as (master, _, worker_end):
+        worker_end.close()  # the worker's copy is then the only one: its exit is end of file
+        ready = channel.decode_worker_message(master.recv(channel.MAX_MESSAGE_SIZE))
+        assert isinstance(ready, channel.Ready)
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            with socket.create_connection(listener.getsockname(), timeout=TIMEOUT) as client:
+                client.sendall(b"last")
+                conn, _ = listener.accept()
+                assert fdpass.send(master, channel.encode_connections([0]), [conn.fileno()])
+                conn.close()
+                assert client.recv(64) == b"served last"
+                os.kill(ready.pid, signal.SIGTERM)
+        got = []
+        while data := master.recv(channel.MAX_MESSAGE_SIZE):  # until it exits, by itself
+            got.append(channel.decode_worker_message(data))
+        assert channel.Done(count=1) in got

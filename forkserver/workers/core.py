@@ -165,23 +165,19 @@ class WorkerChannel:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def wait_after_freed(self, seconds: float) -> bool:
+    def wait_after_freed(self, seconds: float) -> None:
         """Let a receive with a number freed wait up to *seconds* for its message.
 
         For a worker with nothing else to watch (a sync worker without
         shared listeners): it blocks in ``recvmsg`` as a plain blocking
         worker does, and the kernel's ``SO_RCVTIMEO`` bounds the wait, so
         a signal's flag is seen within *seconds* (its handler runs at
-        once, then the receive waits out a fresh bound).  False, and no
-        waiting, on a channel with a Python-level timeout.
+        once, then the receive waits out a fresh bound).
         """
-        if self.sock.gettimeout() is not None:
-            return False
         whole = int(seconds)
         micro = round((seconds - whole) * 1e6) or (0 if whole else 1)  # zero: no bound at all
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.pack(whole, micro))
         self._freed_flags = _WAIT_FLAGS
-        return True
 
     def send(self, message: channel.WorkerMessage) -> None:
         self.send_bytes(channel.encode(message))

@@ -59,7 +59,9 @@ class SyncWorker(SelectorWorker):
     def __init__(self, ctx: WorkerContext) -> None:
         super().__init__(ctx)
         #: The channel is all there is to watch: wait for it inside the receive.
-        self.waits = not self.shared and self.chan.wait_after_freed(IDLE_REPORT)
+        self.waits = not self.shared
+        if self.waits:
+            self.chan.wait_after_freed(IDLE_REPORT)
 
     def take(self, fds: list[int], listeners: tuple[int, ...]) -> None:
         self.serve(fds, listeners)
