@@ -5,8 +5,10 @@ missing first and then runs this)::
 
     python -m tests.bench.bench [--rounds 3] [--seconds 5] [--servers a,b] ...
 
-Servers are interleaved over rounds (A B C D, A B C D, ...) so that a
-drift in the machine spreads over all of them. Each start of a server
+Servers are interleaved over rounds, each round starting one further
+along (A B C D, B C D A, ...), so that a drift in the machine spreads
+over all of them and none always runs in the same place (first after
+the previous round's 1,000 clients, say). Each start of a server
 runs a warm-up, then wrk with ``Connection: close`` (a new connection
 per request) and with keep-alive, while the server's CPU is read from
 /proc. Secondary phases measure fairness, scaling, memory, idle
@@ -204,11 +206,19 @@ def available(names: list[str]) -> tuple[list[str], dict[str, str]]:
     return ok, skipped
 
 
+def rotated(servers: list[str], by: int) -> list[str]:
+    """*servers*, starting *by* places further along (wrapping round)."""
+    if not servers:
+        return []
+    by %= len(servers)
+    return servers[by:] + servers[:by]
+
+
 def main_phase(res: Results, servers: list[str], args: argparse.Namespace) -> None:
     pins = {"both": (True, False), "on": (True,), "off": (False,)}[args.pin]
     for round_no in range(1, args.rounds + 1):
         for pinned in pins:
-            for name in servers:
+            for name in rotated(servers, round_no - 1):
                 builder, _ = launch.builder_of(name)
                 try:
                     with Server(name, builder, workers=args.workers,

@@ -118,6 +118,13 @@ def test_wrk_output_is_parsed_strictly() -> None:
         wrk.parse(output.replace("Requests/sec", "Reqs"))
 
 
+def test_each_round_starts_one_server_further_along() -> None:
+    servers = ["a", "b", "c"]
+    orders = [bench.rotated(servers, r) for r in range(4)]
+    assert orders == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    assert bench.rotated([], 2) == []
+
+
 def test_a_stopped_server_leaves_no_process_behind() -> None:
     builder, _ = launch.SERVERS["shared-blocking"]
     with launch.Server("smoke-stop", builder, workers=2) as server:
