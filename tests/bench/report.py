@@ -191,6 +191,57 @@ def target_lines(summary: dict[GROUP, dict[str, Any]], data: dict[str, Any]) -> 
     return lines
 
 
+def round_ratios(samples: Iterable[dict[str, Any]], server: str, baseline: str, *, mode: str,
+                 pinned: bool, clients: int) -> dict[str, list[float]]:
+    """Each round's ratio to *baseline*, run beside it in that round: key -> ratios.
+
+    A drift of the machine between rounds moves both figures of one
+    round alike, so their ratio shows how far apart the two are the way
+    a ratio of medians over the whole run cannot.
+    """
+    by_round: dict[int, dict[str, dict[str, Any]]] = {}
+    for s in samples:
+        if (s["mode"], s["pinned"], s["connections"]) == (mode, pinned, clients) \
+                and s["server"] in (server, baseline) and s["requests"]:
+            by_round.setdefault(s["round"], {})[s["server"]] = s
+    ratios: dict[str, list[float]] = {"cpu_us": [], "rps": []}
+    for pair in by_round.values():
+        if server in pair and baseline in pair:
+            a, b = pair[server], pair[baseline]
+            ratios["cpu_us"].append((a["cpu_s"] / a["requests"]) / (b["cpu_s"] / b["requests"]))
+            ratios["rps"].append(a["rps"] / b["rps"])
+    return ratios
+
+
+def round_ratio_lines(data: dict[str, Any]) -> list[str]:
+    """Against the floor, round by round: the median and the spread of the paired ratios."""
+    config = data.get("config", {})
+    clients = [config.get("connections", 50), *config.get("extra_connections", [])]
+    samples = data.get("samples", [])
+    rows = []
+    for count in clients:
+        for pinned in (True, False):
+            for server in INLINE:
+                r = round_ratios(samples, server, FD_PASSING, mode="close", pinned=pinned,
+                                 clients=count)
+                if not r["rps"]:
+                    continue
+                rows.append(
+                    f"| {server} | {'pinned' if pinned else 'unpinned'} | {count} "
+                    f"| {len(r['rps'])} | {statistics.median(r['cpu_us']):.2f} "
+                    f"({min(r['cpu_us']):.2f}-{max(r['cpu_us']):.2f}) "
+                    f"| {statistics.median(r['rps']):.2f} "
+                    f"({min(r['rps']):.2f}-{max(r['rps']):.2f}) |")
+    if not rows:
+        return []
+    return ["", f"### Round by round against {FD_PASSING}", "",
+            "Each round's ratio to the floor run in the same round, then their median "
+            "(range): how far the spread of single rounds reaches.  The targets above "
+            "divide the medians of the whole run.", "",
+            "| server | pinning | clients | rounds | CPU per connection | req/s |",
+            "|---|---|---|---|---|---|", *rows]
+
+
 def fairness_lines(data: dict[str, Any]) -> list[str]:
     if not data.get("fairness"):
         return []
@@ -270,6 +321,7 @@ def render(data: dict[str, Any]) -> str:
     lines += main_table(summary)
     lines += ["", "### Targets", "", TARGETS_NOTE, "", *target_lines(summary, data)]
     lines += fairness_lines(data)
+    lines += round_ratio_lines(data)
     lines += scaling_lines(data)
     lines += dict_table("Worker memory (USS) with and without preload", data.get("memory", []))
     lines += dict_table("Idle connections", data.get("idle", []))

@@ -157,6 +157,23 @@ def _summary(figures: dict[tuple[str, str, bool], tuple[float, float]], clients:
     return {(*key, clients): {"cpu_us": cpu, "rps": rps} for key, (cpu, rps) in figures.items()}
 
 
+def test_round_ratios_pair_each_round_with_the_baseline_run_beside_it() -> None:
+    def sample(server: str, round_no: int, rps: float, cpu_s: float) -> dict[str, object]:
+        return {"server": server, "mode": "close", "pinned": True, "connections": 50,
+                "round": round_no, "rps": rps, "requests": 1000, "cpu_s": cpu_s}
+
+    samples = [sample("fdpass-least", 1, 100.0, 1.0), sample("fs-sync-inline", 1, 90.0, 1.2),
+               sample("fdpass-least", 2, 50.0, 2.0), sample("fs-sync-inline", 2, 50.0, 2.0),
+               sample("fs-sync-inline", 3, 70.0, 1.0)]  # no baseline in round 3: left out
+    ratios = report.round_ratios(samples, "fs-sync-inline", "fdpass-least", mode="close",
+                                 pinned=True, clients=50)
+    assert ratios["rps"] == pytest.approx([0.9, 1.0])
+    assert ratios["cpu_us"] == pytest.approx([1.2, 1.0])
+    lines = report.round_ratio_lines({"config": {"connections": 50}, "samples": samples})
+    assert "| fs-sync-inline | pinned | 50 | 2 | 1.10 (1.00-1.20) | 0.95 (0.90-1.00) |" in lines
+    assert report.round_ratio_lines({"config": {"connections": 50}, "samples": []}) == []
+
+
 def test_targets_divide_by_each_baseline_and_say_what_was_not_measured() -> None:
     summary = _summary({
         ("fs-sync", "close", True): (130.0, 5000.0),
