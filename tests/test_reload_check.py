@@ -5,14 +5,15 @@ and shows that the master keeps serving and answering ``forkserver ctl
 status`` meanwhile, that the reload fails with ``reload_failed`` and the
 reason, and that the next good reload works.
 
-How "the master does not block" is checked: a latency bound of 100 ms
-per round trip would fail on a loaded 2-core machine for reasons that
-have nothing to do with the master.  What cannot happen if the master
-blocks on the check is that it answers ``status`` several times *while
-the check's process is still running*; so ``answers_while_checking``
-asks N times, checks after each answer that the check's process is
-still there, and allows each answer a generous 1 s (a master blocked on
-the check would not answer at all until the check ends, seconds later).
+How "the master does not block" is checked: not by a latency bound,
+which a loaded 2-core machine can break for reasons that have nothing
+to do with the master.  What cannot happen if the master blocks on the
+check is that it answers ``status`` several times *while the check's
+process is still running*: ``answers_while_checking`` asks N times and
+checks after each answer that the check's process is still there.  The
+check waits for the test (a gate file) or runs to its deadline, so a
+master blocked on it would answer only once it had ended, and the
+check after that answer fails.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ from tests.support import Daemon, exchange, poll_until, start_daemon
 
 ECHO = "forkserver.examples.echo:handle"
 ANSWERS = 5
+#: The one latency bound, for a check that ends too soon to be outlived
+#: (a hostile config refused before it is parsed): generous, as a master
+#: stalled in tomllib would take seconds.
 ANSWER_BOUND = 1.0
 
 
@@ -77,22 +81,17 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def answers_while_checking(sock_path: Path, check_pid: int) -> list[float]:
-    """Ask ``status`` ANSWERS times while the check runs; each round trip's time.
+def answers_while_checking(sock_path: Path, check_pid: int) -> None:
+    """Ask ``status`` ANSWERS times while the check runs.
 
-    Fails if the check's process is gone after an answer (then the
-    answers prove nothing) or if an answer takes more than ANSWER_BOUND.
+    Fails if the check's process is gone after an answer: then the
+    answers prove nothing (a master blocked on the check would answer
+    only once the check had ended).
     """
-    times = []
     for _ in range(ANSWERS):
-        started = time.monotonic()
         status = control.request(str(sock_path), "status", timeout=10)
-        took = time.monotonic() - started
-        assert took < ANSWER_BOUND, f"status took {took:.2f} s while the reload was checked"
         assert status["master"]["state"] == "reloading"
         assert _alive(check_pid), "the check ended before the master had answered: no proof"
-        times.append(took)
-    return times
 
 
 def _checking(daemon: Daemon, index: int) -> int:
