@@ -21,9 +21,16 @@ works on raw descriptors and does no logging:
   and from every worker when another is free and nothing is pending.
   A worker they were taken from for being stuck gets no more beyond
   its capacity until it reports DONE.
-* No worker free: the descriptor waits in the pending queue.  At
-  ``max_pending`` every listener pauses accepting (the kernel backlog
-  holds the rest) until the queue has drained.  Under a prefork master
+* No worker free: the descriptor waits in the pending queue.  From
+  then until the queue is empty again, the listeners stop waking the
+  loop for new arrivals (``Listener.wake_for_arrivals``): the master
+  could only queue them, and each wake-up of a sleeping master costs a
+  context switch here and a cross-CPU wake-up on the CPU the client's
+  packets arrive on.  They wait in the kernel's queue, and the next
+  accept batch, once the queue has drained, takes them in order.  The
+  batch under way goes on filling the queue.  At ``max_pending`` every
+  listener pauses accepting (the kernel backlog holds the rest) until
+  the queue has drained.  Under a prefork master
   that is ordinary operation whenever every worker is busy, so it is
   logged at INFO, at most once per ``PAUSE_LOG_INTERVAL``.  What
   deserves a warning is a queue that does not move: accepting paused
@@ -106,6 +113,9 @@ class Dispatcher:
         self.pending: deque[tuple[int, int]] = deque()
         self.listeners: list[Listener] = []
         self.paused = False
+        #: The queue holds what no worker can take yet: the listeners do not wake
+        #: the loop for new arrivals until it is empty (``_hold_arrivals``).
+        self.arrivals_held = False
         self._flush_scheduled = False
         self._steal_timer: TimerHandle | None = None
         self._pause_logged_at: float | None = None
@@ -137,6 +147,7 @@ class Dispatcher:
                     self._flush_scheduled = True
                     self.loop.call_soon(self.flush)
                 return
+            self._hold_arrivals(True)  # the first to wait: no worker can take another
         pending.append((fd, listener))
         if len(pending) >= self.max_pending and not self.paused:
             self._pause()
@@ -162,6 +173,8 @@ class Dispatcher:
                     self.loop.call_soon(self.flush)
             if prefetched and self._steal_timer is None:
                 self._steal_timer = self.loop.call_later(STEAL_AFTER, self._steal)
+        if not pending and self.arrivals_held:
+            self._hold_arrivals(False)
         if self.paused and not pending:
             self._resume()
         if not pending and self._steal_timer is None and self._prefetch_waits():
@@ -293,6 +306,8 @@ class Dispatcher:
         """Descriptors taken back from a worker go first in line."""
         counts_by(items, self.taken_back)
         self.pending.extendleft(reversed(items))
+        if self.pending and not self.arrivals_held:
+            self._hold_arrivals(True)
         if len(self.pending) >= self.max_pending and not self.paused:
             self._pause()
 
@@ -484,6 +499,18 @@ class Dispatcher:
         self._stall_mark = self.table.assignments
         self._stall_timer = self.loop.call_later(STALL_AFTER, self._check_stall)
 
+    def _hold_arrivals(self, hold: bool) -> None:
+        """Whether the listeners leave new arrivals in the kernel's queue (*hold*).
+
+        Held exactly while the queue is not empty: it becomes so only in
+        ``dispatch`` and ``requeue``, and empty only in ``drain_pending``
+        and ``close_pending``, which release it.  A worker that gets room
+        while connections wait always leads to ``drain_pending``.
+        """
+        self.arrivals_held = hold
+        for listener in self.listeners:
+            listener.wake_for_arrivals(not hold)
+
     def _resume(self) -> None:
         self.paused = False
         for listener in self.listeners:
@@ -508,6 +535,8 @@ class Dispatcher:
         while self.pending:
             fd, _ = self.pending.popleft()
             os.close(fd)
+        if self.arrivals_held:
+            self._hold_arrivals(False)
         return count
 
 

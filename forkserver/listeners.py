@@ -203,6 +203,22 @@ class Listener(TcpServer):
         self.shared = False
         #: The ``Settings.listeners`` table it was opened from (None: the global settings).
         self.table: int | None = None
+        #: False while the master's queue holds connections no worker can take:
+        #: the loop is not woken for arrivals it could only queue.
+        self._wakes_for_arrivals = True
+
+    def wake_for_arrivals(self, wake: bool) -> None:
+        """Whether a new connection wakes the loop; without, it waits in the kernel's queue.
+
+        Unlike ``pause_accepting()``, an accept batch under way goes on:
+        what the kernel counted as queued is taken.  Level-triggered, a
+        listener watched again is ready at once if connections wait.
+        """
+        self._wakes_for_arrivals = wake
+        self._update_watch()
+
+    def _should_watch(self) -> bool:
+        return self._wakes_for_arrivals and super()._should_watch()
 
     def incoming_connection(self, socket_descriptor: int) -> None:
         dispatch = self.dispatch

@@ -261,6 +261,62 @@ def test_accepting_stops_within_a_batch_as_soon_as_the_queue_is_full(rig: MakeRi
             sock.close()
 
 
+def test_while_connections_queue_arrivals_wait_in_the_kernel_and_none_is_lost(
+    rig: MakeRig,
+) -> None:
+    r = rig(capacity=2, max_pending=10)
+    r.ready()
+    listener = Listener(parse_bind("127.0.0.1:0"), 0, loop=r.loop)
+    clients: list[socket.socket] = []
+    received: list[tuple[tuple[int, ...], list[int]]] = []
+    try:
+        assert listener.listen("127.0.0.1", 0)
+        listener.dispatch = r.dispatcher.dispatch
+        r.dispatcher.listeners = [listener]
+        address = ("127.0.0.1", listener.server_port())
+        clients = [socket.create_connection(address, timeout=5) for _ in range(3)]
+        r.loop.run_once(5.0)  # one batch: two to the worker, the third queues
+        assert (r.link.record.in_flight, len(r.dispatcher.pending)) == (2, 1)
+        assert r.dispatcher.arrivals_held and not listener.is_accepting()
+        late = socket.create_connection(address, timeout=5)
+        clients.append(late)
+        r.loop.run_once(0)  # it does not wake the loop: it could only queue
+        assert len(r.dispatcher.pending) == 1
+        r.table.complete(PID, 2, now=0.0)
+        r.dispatcher.drain_pending()  # the queue empties: arrivals wake the loop again
+        assert not r.dispatcher.arrivals_held and listener.is_accepting()
+        r.loop.run_once(5.0)  # ready at once: the late one waited in the kernel's queue
+        received = r.receive_all()
+        fds = [fd for _, got in received for fd in got]
+        assert len(fds) == 4
+        with socket.socket(fileno=os.dup(fds[-1])) as last:
+            assert last.getpeername() == late.getsockname()  # the late one, served last
+    finally:
+        listener.close()
+        for _, got in received:
+            fdpass.close_all(got)
+        for sock in clients:
+            sock.close()
+
+
+def test_taken_back_descriptors_hold_arrivals_and_a_fast_stop_releases_them(
+    rig: MakeRig,
+) -> None:
+    r = rig(capacity=1)
+    r.ready()
+    listener = Listener(parse_bind("127.0.0.1:0"), 0, loop=r.loop)
+    try:
+        assert listener.listen("127.0.0.1", 0)
+        r.dispatcher.listeners = [listener]
+        assert listener.is_accepting()
+        r.dispatcher.requeue([(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), 0)])
+        assert r.dispatcher.arrivals_held and not listener.is_accepting()
+        assert r.dispatcher.close_pending() == 1
+        assert not r.dispatcher.arrivals_held and listener.is_accepting()
+    finally:
+        listener.close()
+
+
 def test_the_pause_warning_is_rate_limited_under_steady_overload(
     rig: MakeRig, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
