@@ -182,13 +182,13 @@ class Settings:
         help="accepted connections the master queues while no worker is free; "
              "beyond that it stops accepting and the kernel backlog holds the rest, which "
              "is ordinary operation under load (logged at INFO; a warning only when the "
-             "queue stops moving).  Small on purpose: the master's queue only bridges the "
-             "moment between a worker freeing up and the next accept, and a larger one just "
-             "moves waiting connections out of the backlog into the master, where each "
-             "costs a descriptor and a fast stop drops them (an inherited socket's backlog "
-             "survives a restart), and the master, accepting still, is woken for each "
-             "arrival it can only queue: with 200 the CPU per connection rose by up to a fifth "
-             "(docs/performance.md)")
+             "queue stops moving).  While any wait here, a new arrival waits in the "
+             "backlog without waking the master, so the queue fills only from the accept "
+             "batch that found every worker busy.  Small on purpose: the master's queue "
+             "only bridges the moment between a worker freeing up and the next accept, and "
+             "a larger one just moves waiting connections out of the backlog into the "
+             "master, where each costs a descriptor and a fast stop drops them (an "
+             "inherited socket's backlog survives a restart; docs/performance.md)")
     dispatch: Literal["master", "shared"] = _s(
         "master", kind="choice", group="listeners", choices=("master", "shared"),
         help="who accepts on each listener that does not set its own: master (the master "

@@ -10,6 +10,7 @@ import os
 import socket
 from pathlib import Path
 
+import psutil
 import pytest
 
 from forkserver import control
@@ -57,12 +58,20 @@ def test_hundreds_of_concurrent_connections_are_all_served_by_every_worker() -> 
 
 
 def test_connections_queue_while_every_worker_is_busy_and_are_served_later() -> None:
-    # Each sync worker holds one and has PREFETCH queued; 3 more fill the master's queue.
+    # Each sync worker holds one and has PREFETCH queued; 3 more fill the master's queue,
+    # and 4 wait in the kernel's.
     count = 2 * (1 + SYNC_PREFETCH) + 3 + 4
     with start_daemon(
         "tests.handlers.basic:gate", "--max-pending-connections", "3", workers=2
     ) as daemon:
-        held = [daemon.connect() for _ in range(count)]
+        master = psutil.Process(daemon.pid)
+        # All of them in the kernel's queue before the master looks: one accept batch
+        # meets them (arrivals after the first to queue would wait there anyway).
+        master.suspend()
+        try:
+            held = [daemon.connect() for _ in range(count)]
+        finally:
+            master.resume()
         try:
             paused = daemon.wait_log("accept_paused")
             assert paused["pending"] == 3

@@ -156,25 +156,33 @@ def test_a_worker_over_max_memory_is_replaced_without_losing_its_connection(metr
 # --- EMFILE -------------------------------------------------------------------
 
 
+def _lowest_free_fd(pid: int) -> int:
+    used = {int(name) for name in os.listdir(f"/proc/{pid}/fd")}
+    return min(set(range(len(used) + 1)) - used)
+
+
 def test_the_master_out_of_descriptors_pauses_accepting_and_serves_every_client() -> None:
     with start_daemon(ECHO, workers=2) as daemon:
         master = psutil.Process(daemon.pid)
         workers = daemon.workers()
         for worker in workers:
-            worker.suspend()  # nothing is served: accepted descriptors pile up in the master
+            worker.suspend()  # nothing is served while the master is out of descriptors
+        soft, hard = master.rlimit(psutil.RLIMIT_NOFILE)
         try:
-            _, hard = master.rlimit(psutil.RLIMIT_NOFILE)
-            master.rlimit(psutil.RLIMIT_NOFILE, (master.num_fds() + 6, hard))
+            # Not one number left: its next accept fails, whatever the batch.
+            master.rlimit(psutil.RLIMIT_NOFILE, (_lowest_free_fd(daemon.pid), hard))
             host, port = daemon.address
             with BackgroundLoad(host, port, total=200, concurrency=200, deadline=60,
                                 per_connection_timeout=30) as load:  # fmt: skip
                 failed = daemon.wait_log("accept_failed")
                 assert "many open files" in failed["message"], failed
                 assert daemon.proc.poll() is None
+                master.rlimit(psutil.RLIMIT_NOFILE, (soft, hard))  # it backs off, then retries
                 for worker in workers:
                     worker.resume()
                 result = load.join()
         finally:
+            master.rlimit(psutil.RLIMIT_NOFILE, (soft, hard))
             for worker in workers:
                 if worker.is_running():
                     worker.resume()
