@@ -238,6 +238,27 @@ class Daemon:
     def connect(self, timeout: float = TIMEOUT) -> socket.socket:
         return socket.create_connection(self.address, timeout=timeout)
 
+    def connect_together(self, count: int) -> list[socket.socket]:
+        """*count* clients connected while the master is stopped (SIGSTOP).
+
+        They wait in the kernel's queue, and the master's next accept
+        batch meets them all: the way to fill its own queue, which takes
+        arrivals only in the batch that found every worker busy.
+        """
+        master = psutil.Process(self.pid)
+        master.suspend()
+        clients: list[socket.socket] = []
+        try:
+            for _ in range(count):
+                clients.append(self.connect())
+        except BaseException:
+            for sock in clients:
+                sock.close()
+            raise
+        finally:
+            master.resume()
+        return clients
+
     def wait_log(self, event: str, timeout: float = TIMEOUT, **fields: object) -> dict[str, Any]:
         def match(record: dict[str, Any]) -> bool:
             return record.get("event") == event and all(

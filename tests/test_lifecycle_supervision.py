@@ -243,7 +243,7 @@ def test_a_fast_stop_drops_queued_connections_and_a_second_one_kills(
         queued = []
         try:
             worker = int(read_line(held).split()[0])
-            queued = [daemon.connect() for _ in range(SYNC_PREFETCH + 2)]
+            queued = daemon.connect_together(SYNC_PREFETCH + 2)
             # PREFETCH wait on the busy worker's channel, two in the master.
             poll_until(lambda: control.request(path, "status")["master"]["pending"] == 2,
                        "the master holds the other queued connections")  # fmt: skip

@@ -56,7 +56,7 @@ def test_the_control_socket_out_of_descriptors_backs_off_and_answers_once_they_f
             _, hard = master.rlimit(psutil.RLIMIT_NOFILE)
             limit = master.num_fds() + 8
             master.rlimit(psutil.RLIMIT_NOFILE, (limit, hard))
-            held += [daemon.connect() for _ in range(40)]  # more than the master can take
+            held += daemon.connect_together(40)  # more than the master can take, in one batch
             daemon.wait_log("accept_failed")  # the master's own listener ran out first
             poll_until(lambda: free_descriptors(daemon.pid, limit) == 0,
                        "the master has no descriptor left")  # fmt: skip

@@ -195,7 +195,7 @@ def test_a_full_queue_pauses_accepting_and_a_fast_stop_drops_what_waits() -> Non
     with start_daemon("tests.handlers.basic:gate", *args, workers=1) as daemon:
         scraper = Scraper(address(daemon))
         on = listener(daemon)
-        held = [daemon.connect() for _ in range(room + 4)]  # room, 2 queued, 2 in the backlog
+        held = daemon.connect_together(room + 4)  # room, 2 queued, 2 in the backlog
         try:
             scraper.wait("forkserver_connections_queued", 2, **on)
             scraper.wait("forkserver_accepting", 0)
