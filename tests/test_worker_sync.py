@@ -73,6 +73,18 @@ def sync_worker(
             client.close()
 
 
+@contextmanager
+def sent_one(master: socket.socket, request: bytes) -> Iterator[socket.socket]:
+    """One more connection, its *request* written, sent on the worker's channel: its client."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        with socket.create_connection(listener.getsockname(), timeout=TIMEOUT) as client:
+            client.sendall(request)
+            conn, _ = listener.accept()
+            assert fdpass.send(master, channel.encode_connections([0]), [conn.fileno()])
+            conn.close()
+            yield client
+
+
 def reports(master: socket.socket, until: int) -> list[channel.WorkerMessage]:
     """The worker's messages, heartbeats aside, until DONEs add up to *until*."""
     got: list[channel.WorkerMessage] = []
@@ -97,14 +109,9 @@ def test_done_comes_once_per_few_connections_and_when_the_queue_stays_dry() -> N
         assert [c.recv(64) for c in clients] == [b"served %d" % i for i in range(queued)]
         # A lone connection is served at once, and reported once the worker has been
         # idle for IDLE_REPORT.
-        with socket.create_server(("127.0.0.1", 0)) as listener:
-            with socket.create_connection(listener.getsockname(), timeout=TIMEOUT) as client:
-                client.sendall(b"alone")
-                conn, _ = listener.accept()
-                assert fdpass.send(master, channel.encode_connections([0]), [conn.fileno()])
-                conn.close()
-                assert reports(master, 1) == [channel.Done(count=1)]
-                assert client.recv(64) == b"served alone"
+        with sent_one(master, b"alone") as client:
+            assert reports(master, 1) == [channel.Done(count=1)]
+            assert client.recv(64) == b"served alone"
 
 
 def test_a_stopping_sync_worker_serves_what_is_queued_and_reports_it_all() -> None:
@@ -168,14 +175,9 @@ def test_a_sync_worker_stops_on_sigterm_right_after_a_connection_as_it_waits_for
         worker_end.close()  # the worker's copy is then the only one: its exit is end of file
         ready = channel.decode_worker_message(master.recv(channel.MAX_MESSAGE_SIZE))
         assert isinstance(ready, channel.Ready)
-        with socket.create_server(("127.0.0.1", 0)) as listener:
-            with socket.create_connection(listener.getsockname(), timeout=TIMEOUT) as client:
-                client.sendall(b"last")
-                conn, _ = listener.accept()
-                assert fdpass.send(master, channel.encode_connections([0]), [conn.fileno()])
-                conn.close()
-                assert client.recv(64) == b"served last"
-                os.kill(ready.pid, signal.SIGTERM)
+        with sent_one(master, b"last") as client:
+            assert client.recv(64) == b"served last"
+            os.kill(ready.pid, signal.SIGTERM)
         got = []
         while data := master.recv(channel.MAX_MESSAGE_SIZE):  # until it exits, by itself
             got.append(channel.decode_worker_message(data))
