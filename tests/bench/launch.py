@@ -195,6 +195,9 @@ SERVERS: dict[str, tuple[Builder, str]] = {
     # forkserver's floor (see report.FD_PASSING).
     "fdpass-rr": (fd_passing("round-robin"), "python"),
     "fdpass-least": (fd_passing("least-loaded"), "python"),
+    # The floor again, under another name: run beside it, the two measure
+    # how far apart one run puts a server and itself (report.CONTROL).
+    "fdpass-least-again": (fd_passing("least-loaded"), "python"),
     "gunicorn-sync": (gunicorn, "gunicorn"),
     "nginx": (nginx, "nginx"),
     "fs-sync": (forkserver("sync", HELLO), "forkserver"),

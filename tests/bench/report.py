@@ -23,6 +23,10 @@ GUNICORN = "gunicorn-sync"
 #: The bare fd-passing baselines: the floor of the master-dispatch mechanism.
 FD_PASSING = "fdpass-least"  # least loaded, one ack per connection: what master dispatch does
 FD_PASSING_RR = "fdpass-rr"
+#: The floor run again beside itself: its ratio to FD_PASSING is what the
+#: run's noise alone makes of two identical servers, the resolution of every
+#: ratio to the floor in that run.
+CONTROL = "fdpass-least-again"
 
 
 def summarise(samples: Iterable[dict[str, Any]]) -> dict[GROUP, dict[str, Any]]:
@@ -133,7 +137,7 @@ def targets(clients: Sequence[int] = (50,)) -> list[Target]:
     rows: list[Target] = []
     for count in clients:
         for pinned in (True, False):
-            for server in INLINE:
+            for server in (CONTROL, *INLINE):
                 sync = server == "fs-sync-inline"
                 rows += [
                     Target("CPU per new connection", server, FD_PASSING, "close", pinned,
@@ -221,7 +225,7 @@ def round_ratio_lines(data: dict[str, Any]) -> list[str]:
     rows = []
     for count in clients:
         for pinned in (True, False):
-            for server in INLINE:
+            for server in (CONTROL, *INLINE):
                 r = round_ratios(samples, server, FD_PASSING, mode="close", pinned=pinned,
                                  clients=count)
                 if not r["rps"]:
@@ -237,7 +241,8 @@ def round_ratio_lines(data: dict[str, Any]) -> list[str]:
     return ["", f"### Round by round against {FD_PASSING}", "",
             "Each round's ratio to the floor run in the same round, then their median "
             "(range): how far the spread of single rounds reaches.  The targets above "
-            "divide the medians of the whole run.", "",
+            f"divide the medians of the whole run.  *{CONTROL}* is the floor itself, run "
+            "again: how far apart this run measures two identical servers.", "",
             "| server | pinning | clients | rounds | CPU per connection | req/s |",
             "|---|---|---|---|---|---|", *rows]
 
@@ -292,6 +297,8 @@ TARGETS_NOTE = (
     "descriptor over SOCK_SEQPACKET to the worker with the fewest outstanding, workers ack "
     "each one) running the inline responder, and *fs-\\*-inline* run that responder as a "
     "handler: a ratio between them is what forkserver adds to the mechanism's own floor. "
+    f"*{CONTROL}* is that floor again, reported and never judged: its ratio to the floor "
+    "is the noise of this run, against which a target's margin should be read. "
     "*shared-blocking* answers inline, the cheapest Python can; "
     "*shared-blocking-hello* runs forkserver's own `hello_http:handle`, as fs-sync does, so "
     "a ratio to it is the cost of dispatch alone, while one to shared-blocking also includes "

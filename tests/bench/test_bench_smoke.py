@@ -164,13 +164,19 @@ def test_round_ratios_pair_each_round_with_the_baseline_run_beside_it() -> None:
 
     samples = [sample("fdpass-least", 1, 100.0, 1.0), sample("fs-sync-inline", 1, 90.0, 1.2),
                sample("fdpass-least", 2, 50.0, 2.0), sample("fs-sync-inline", 2, 50.0, 2.0),
-               sample("fs-sync-inline", 3, 70.0, 1.0)]  # no baseline in round 3: left out
+               sample("fs-sync-inline", 3, 70.0, 1.0),  # no baseline in round 3: left out
+               sample("fdpass-least-again", 1, 95.0, 1.0)]
     ratios = report.round_ratios(samples, "fs-sync-inline", "fdpass-least", mode="close",
                                  pinned=True, clients=50)
     assert ratios["rps"] == pytest.approx([0.9, 1.0])
     assert ratios["cpu_us"] == pytest.approx([1.2, 1.0])
     lines = report.round_ratio_lines({"config": {"connections": 50}, "samples": samples})
     assert "| fs-sync-inline | pinned | 50 | 2 | 1.10 (1.00-1.20) | 0.95 (0.90-1.00) |" in lines
+    # The floor against itself comes first: the resolution the rows below it are read at.
+    control = lines.index("| fdpass-least-again | pinned | 50 | 1 | 1.00 (1.00-1.00) "
+                          "| 0.95 (0.95-0.95) |")
+    assert control < lines.index(
+        "| fs-sync-inline | pinned | 50 | 2 | 1.10 (1.00-1.20) | 0.95 (0.90-1.00) |")
     assert report.round_ratio_lines({"config": {"connections": 50}, "samples": []}) == []
 
 
@@ -184,6 +190,7 @@ def test_targets_divide_by_each_baseline_and_say_what_was_not_measured() -> None
         ("fs-sync-inline", "close", True): (60.0, 9000.0),
         ("fs-thread-inline", "close", True): (70.0, 8000.0),
         ("fdpass-least", "close", True): (50.0, 10000.0),
+        ("fdpass-least-again", "close", True): (52.0, 9400.0),
     }) | _summary({
         ("fs-sync-inline", "close", False): (57.0, 9600.0),
         ("fdpass-least", "close", False): (50.0, 10000.0),
@@ -224,6 +231,10 @@ def test_targets_divide_by_each_baseline_and_say_what_was_not_measured() -> None
     assert cells("new connection req/s", "fs-sync-inline", floor, "unpinned", clients=1000) == [
         "0.96", "≥ 0.95", "met"]
     assert cells(cpu, "fs-thread-inline", floor, "pinned") == ["1.40", "-", "reported"]
+    # The floor against itself: the run's noise, shown and never judged.
+    assert cells("new connection req/s", "fdpass-least-again", floor, "pinned") == [
+        "0.94", "-", "reported"]
+    assert cells(cpu, "fdpass-least-again", floor, "pinned") == ["1.04", "-", "reported"]
     assert cells(cpu, "fs-asyncio-inline", floor, "pinned", clients=1000)[2].startswith(
         "not measured (no close pinned c=1000 run of fs-asyncio-inline or fdpass-least)")
 
