@@ -93,6 +93,9 @@ connections, a successor starts at once), or with ``{"signal": NAME}``
         "accepting": bool,           # False while accept is paused
         "listeners": [{"name": str, "address": str,   # TcpServer.describe()
                        "fd": int, "inode": int,       # os.fstat(fd).st_ino
+                       "backlog": int | None,         # now in the kernel's accept queue
+                       "backlog_limit": int | None,   # the most it holds; both None
+                                                      # for a Unix socket
                        "refused": {str: int},         # reason: connections closed before
                                                       # the handler (PROXY header, allow list)
                        "handshakes": {str: int}}],    # TLS: "done", and failed by reason
@@ -1024,8 +1027,11 @@ def format_status(status: Any, *, as_json: bool = False) -> str:
     for lst in m.get("listeners") or []:
         address, name = _cell(lst.get("address")), lst.get("name")
         named = f"{name}: " if name and name != lst.get("address") else ""  # unnamed: once
+        waiting, bound = lst.get("backlog"), lst.get("backlog_limit")
+        backlog = (f", backlog {waiting} of {bound}"
+                   if isinstance(waiting, int) and isinstance(bound, int) else "")
         lines.append(f"  listener {named}{address} "
-                     f"(fd {_cell(lst.get('fd'))}, inode {_cell(lst.get('inode'))})")
+                     f"(fd {_cell(lst.get('fd'))}, inode {_cell(lst.get('inode'))}{backlog})")
         refused = lst.get("refused")
         if isinstance(refused, Mapping) and refused:
             lines.append("    refused before the handler: " + ", ".join(

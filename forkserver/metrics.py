@@ -215,12 +215,21 @@ def _connections(out: _Families, snapshot: Snapshot) -> None:
                          "TLS handshakes in the workers: done, or failed by reason")
     durations = out.new("forkserver_connection_duration_seconds", "histogram",
                         "How long connections took in a worker, from receipt to close")
+    backlog = out.new("forkserver_listen_backlog", "gauge",
+                      "Connections waiting in the kernel's accept queue, not yet accepted "
+                      "(TCP listeners)")
+    backlog_limit = out.new("forkserver_listen_backlog_limit", "gauge",
+                            "The most the kernel's accept queue holds: the listen backlog "
+                            "(TCP listeners)")
     for item in snapshot.listeners:
         name = item.name
         values = (item.accepted, item.dispatched, item.durations.count, item.taken_back,
                   item.dropped, item.queued)
         for metric, value in zip(flow, values, strict=True):
             metric.add(value, listener=name)
+        if item.backlog is not None and item.backlog_limit is not None:
+            backlog.add(item.backlog, listener=name)
+            backlog_limit.add(item.backlog_limit, listener=name)
         for reason, count in item.refused.items():
             refused.add(count, listener=name, reason=reason)
         for result, count in item.handshakes.items():

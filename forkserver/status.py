@@ -8,8 +8,9 @@ for systemd, ``ready_text()`` the status sent with READY=1.  Every
 counter and gauge the master keeps is a field here, so one more view
 (metrics, say) reads this object and nothing else.
 
-Pure but for ``os.getpid`` and an ``fstat`` of each listener (its inode,
-for ``ctl status``): nothing here changes state.  The metrics
+Pure but for ``os.getpid`` and, of each listener, an ``fstat`` (its
+inode, for ``ctl status``) and a ``getsockopt`` (the kernel's accept
+queue): nothing here changes state.  The metrics
 (``forkserver.metrics``) read a snapshot too, with what only they need
 (per-listener flow, exits by cause, the duration histograms) from the
 ``Tallies`` the master passes in.
@@ -34,6 +35,7 @@ class DescribedListener(Protocol):
     def name(self) -> str: ...
     def describe(self) -> str: ...
     def socket_descriptor(self) -> int: ...
+    def listen_queue(self) -> tuple[int, int] | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +52,10 @@ class ListenerStatus:
     taken_back: int = 0
     dropped: int = 0
     queued: int = 0  # now, in the master's queue
+    #: Now, in the kernel's accept queue, and the most it holds (the listen
+    #: backlog); None where the kernel does not say (a Unix socket).
+    backlog: int | None = None
+    backlog_limit: int | None = None
     #: Connections whose handler ran, and how long they took (the workers' reports).
     durations: Histogram = EMPTY
     #: TLS handshakes: ``done``, and each failure reason (empty: no TLS handshake yet).
@@ -166,7 +172,8 @@ class Snapshot:
                 "accepting": self.accepting,
                 "listeners": [
                     {"name": item.name, "address": item.address, "fd": item.fd,
-                     "inode": item.inode, "refused": dict(item.refused),
+                     "inode": item.inode, "backlog": item.backlog,
+                     "backlog_limit": item.backlog_limit, "refused": dict(item.refused),
                      "handshakes": dict(item.handshakes)}
                     for item in self.listeners
                 ],
@@ -321,7 +328,9 @@ def _listener(listener: DescribedListener, index: int, refused: Mapping[str, int
               handshakes: Mapping[str, int]) -> ListenerStatus:
     fd = listener.socket_descriptor()
     inode = os.fstat(fd).st_ino if fd >= 0 else 0
+    waiting, bound = listener.listen_queue() or (None, None)
     return ListenerStatus(name=listener.name, address=listener.describe(), fd=fd, inode=inode,
+                          backlog=waiting, backlog_limit=bound,
                           refused=dict(refused), accepted=tallies.accepted.get(index, 0),
                           taken_back=tallies.taken_back.get(index, 0),
                           dropped=tallies.dropped.get(index, 0), queued=queued.get(index, 0),

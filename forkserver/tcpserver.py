@@ -75,8 +75,10 @@ _RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, 
 _FATAL_ERRNOS: Final = frozenset({errno.EBADF, errno.EINVAL, errno.ENOTSOCK, errno.EFAULT})
 
 #: The start of Linux's ``struct tcp_info``: ``tcpi_state``, then at byte 24
-#: ``tcpi_unacked``, for a listening socket the connections its accept queue holds.
+#: ``tcpi_unacked``, for a listening socket the connections its accept queue
+#: holds, and at byte 28 ``tcpi_sacked``, the most it may hold.
 _TCP_INFO_QUEUED: Final = struct.Struct("=B23xI")
+_TCP_INFO_QUEUE: Final = struct.Struct("=B23xII")
 #: ``tcpi_state`` of a listening socket (``TCP_LISTEN`` in the kernel's tcp_states.h).
 _TCP_LISTEN: Final = 10
 
@@ -210,6 +212,10 @@ class TcpServer:
 
     def listening_socket(self) -> socket.socket | None:
         return self._sock
+
+    def listen_queue(self) -> tuple[int, int] | None:
+        """The kernel's accept queue, ``(waiting, bound)``; see ``listen_queue``."""
+        return None if self._sock is None else listen_queue(self._sock)
 
     def pause_accepting(self) -> None:
         self._paused = True
@@ -668,6 +674,24 @@ def accepts_queued(sock: socket.socket) -> int:
     except (OSError, struct.error):
         return sys.maxsize
     return max(1, count) if state == _TCP_LISTEN else sys.maxsize
+
+
+def listen_queue(sock: socket.socket) -> tuple[int, int] | None:
+    """``(waiting, bound)`` of a listening TCP socket's accept queue, or None.
+
+    *waiting*: connections the kernel has completed and nobody has
+    accepted yet; *bound*: the most it holds, the ``listen()`` backlog as
+    ``net.core.somaxconn`` caps it (``ss -lt`` shows both, as Recv-Q and
+    Send-Q).  None for any other socket (a Unix socket has no
+    ``TCP_INFO``) or a kernel that does not answer.  One ``getsockopt``:
+    read when a status or a scrape asks, never per connection.
+    """
+    try:
+        state, waiting, bound = _TCP_INFO_QUEUE.unpack(
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_QUEUE.size))
+    except (OSError, struct.error):
+        return None
+    return (waiting, bound) if state == _TCP_LISTEN else None
 
 
 def _adoption_problem(fd: int) -> tuple[SocketError, str] | None:

@@ -34,10 +34,11 @@ def test_an_unnamed_listener_shows_its_address_once_and_a_named_one_its_name() -
     status = {
         "master": {"pid": 1, "listeners": [
             {"name": "127.0.0.1:7102", "address": "127.0.0.1:7102", "fd": 5, "inode": 9},
-            {"name": "web", "address": "[::1]:80", "fd": 6, "inode": 10},
+            {"name": "web", "address": "[::1]:80", "fd": 6, "inode": 10,
+             "backlog": 3, "backlog_limit": 2048},
         ]},
         "workers": [],
     }
     lines = control.format_status(status).splitlines()
     assert "  listener 127.0.0.1:7102 (fd 5, inode 9)" in lines
-    assert "  listener web: [::1]:80 (fd 6, inode 10)" in lines
+    assert "  listener web: [::1]:80 (fd 6, inode 10, backlog 3 of 2048)" in lines

@@ -31,14 +31,18 @@ BUCKETS = len(channel.DURATION_BOUNDS) + 1
 
 
 class FakeListener:
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, queue: tuple[int, int] | None = None) -> None:
         self.name = name
+        self.queue = queue
 
     def describe(self) -> str:
         return "127.0.0.1:8000"
 
     def socket_descriptor(self) -> int:
         return -1
+
+    def listen_queue(self) -> tuple[int, int] | None:
+        return self.queue
 
 
 def histogram(*seconds: float) -> Histogram:
@@ -68,7 +72,8 @@ def snapshot(**changes: Any) -> Snapshot:
         "records": table, "history": {0: SlotHistory(served=4)}, "failing": {},
         "respawn_in": {}, "phase": Phase.SERVING, "reloading": False, "generation": 1,
         "last_reload_error": None, "target": 2, "spawned": 5, "pending": 2, "paused": False,
-        "listeners": [FakeListener("web"), FakeListener('od"d\\one\nline')], "name": "api",
+        "listeners": [FakeListener("web", (5, 128)), FakeListener('od"d\\one\nline')],
+        "name": "api",
         "started": 1000.0, "monotonic": 20.0, "wall": 2000.0, "tallies": tallies,
         "queue": [(7, 0), (8, 1)], "max_pending": 30,
     }  # fmt: skip
@@ -123,6 +128,11 @@ def test_the_figures_are_the_snapshots() -> None:
     assert value(families, "forkserver_connections_dropped_total", listener="web") == 1
     assert value(families, "forkserver_connections_queued", listener="web") == 1
     assert value(families, "forkserver_connections_served_total", listener="web") == 4
+    assert value(families, "forkserver_listen_backlog", listener="web") == 5
+    assert value(families, "forkserver_listen_backlog_limit", listener="web") == 128
+    # Where the kernel does not say (a Unix socket), no sample rather than a made-up 0.
+    with pytest.raises(AssertionError, match="no sample"):
+        value(families, "forkserver_listen_backlog", listener='od"d\\one\nline')
     assert value(families, "forkserver_accept_pauses_total") == 4
     assert value(families, "forkserver_queue_limit") == 30
     assert value(families, "forkserver_worker_deaths_total", cause="signal") == 2

@@ -23,6 +23,7 @@ import pytest
 from forkserver.workers.sync import PREFETCH as SYNC_PREFETCH
 from tests.metrics_support import Scraper, address, ctl_metrics, http, listener, parse
 from tests.support import TIMEOUT, poll_until, read_line, recv_all, start_daemon, wait_gone
+from tests.test_tcpserver import accept_queue
 
 METERED = "tests.handlers.metered:handle"
 METRICS = ("--metrics-bind", "127.0.0.1:0")
@@ -199,6 +200,11 @@ def test_a_full_queue_pauses_accepting_and_a_fast_stop_drops_what_waits() -> Non
         try:
             scraper.wait("forkserver_connections_queued", 2, **on)
             scraper.wait("forkserver_accepting", 0)
+            # The two the paused master left in the kernel, as the kernel itself counts them.
+            scraper.wait("forkserver_listen_backlog", 2, **on)
+            assert accept_queue(daemon.listener)[0] == 2
+            assert (scraper.value("forkserver_listen_backlog_limit", **on)
+                    == accept_queue(daemon.listener)[1])  # fmt: skip
             assert (scraper.value("forkserver_accept_pauses_total") or 0) >= 1
             assert scraper.value("forkserver_queue_limit") == 2
             assert scraper.value("forkserver_connections_accepted_total", **on) == room + 2

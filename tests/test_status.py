@@ -21,6 +21,9 @@ class FakeListener:
     def socket_descriptor(self) -> int:
         return -1  # closed: no inode to read
 
+    def listen_queue(self) -> tuple[int, int] | None:
+        return (2, 2048) if self._address[0].isdigit() else None  # a Unix socket: None
+
 
 def snapshot(phase: Phase = Phase.SERVING, **changes: Any) -> Snapshot:
     table = WorkerTable()
@@ -62,8 +65,10 @@ def test_ctl_status_is_the_documented_shape() -> None:
                                 "errors": 3, "deaths": 2, "replaced": 1,
                                 "handler_errors": 3}  # fmt: skip
     assert master["listeners"][0] == {"name": "web", "address": "127.0.0.1:8000", "fd": -1,
-                                      "inode": 0, "refused": {},
-                                      "handshakes": {}}  # fmt: skip
+                                      "inode": 0, "backlog": 2, "backlog_limit": 2048,
+                                      "refused": {}, "handshakes": {}}  # fmt: skip
+    assert (master["listeners"][1]["backlog"], master["listeners"][1]["backlog_limit"]) == (
+        None, None)
     assert (master["draining"], master["health"]) == (False, None)
     tls = snapshot(handshakes={0: {"done": 5, "timeout": 2}}).control()["master"]["listeners"]
     assert tls[0]["handshakes"] == {"done": 5, "timeout": 2}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pathlib
 import socket
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from collections.abc import Iterator
 import pytest
 
 from forkserver import EventLoop, HostAddress, SocketError, TcpServer
-from forkserver.tcpserver import accepts_queued
+from forkserver.tcpserver import accepts_queued, listen_queue
 from tests.support import poll_until
 from tests.test_tcpserver import accept_queue, echo_once, run_until
 
@@ -370,3 +371,35 @@ def test_the_queue_count_follows_the_kernel_and_falls_back_without_one() -> None
         finally:
             for client in clients:
                 client.close()
+
+
+def ss_queue(port: int) -> tuple[int, int]:
+    """What ``ss -lt`` says of a TCP listener: Recv-Q (waiting) and Send-Q (the bound)."""
+    out = subprocess.run(["ss", "-Hlnt", f"( sport = :{port} )"], capture_output=True,
+                         text=True, check=True, timeout=10).stdout.split()
+    return int(out[1]), int(out[2])
+
+
+def test_the_accept_queue_reads_as_ss_shows_it_and_is_none_for_other_sockets(
+    tmp_path: pathlib.Path,
+) -> None:
+    with TcpServer() as server:
+        server.set_listen_backlog_size(7)
+        assert server.listen(HostAddress.LocalHost, 0)
+        assert server.listen_queue() == (0, 7) == ss_queue(server.server_port())
+        clients = [socket.create_connection(("127.0.0.1", server.server_port()), timeout=5)
+                   for _ in range(3)]  # fmt: skip
+        try:
+            # The server's side of a handshake may complete just after the client's.
+            poll_until(lambda: server.listen_queue() == (3, 7), "three waiting connections")
+            assert ss_queue(server.server_port()) == (3, 7)
+            assert listen_queue(clients[0]) is None  # connected, not listening
+        finally:
+            for client in clients:
+                client.close()
+        server.close()
+        assert server.listen_queue() is None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unix:
+        unix.bind(str(tmp_path / "s"))
+        unix.listen(5)
+        assert listen_queue(unix) is None  # no TCP_INFO: unknown, not 0
