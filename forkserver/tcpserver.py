@@ -77,7 +77,6 @@ _FATAL_ERRNOS: Final = frozenset({errno.EBADF, errno.EINVAL, errno.ENOTSOCK, err
 #: The start of Linux's ``struct tcp_info``: ``tcpi_state``, then at byte 24
 #: ``tcpi_unacked``, for a listening socket the connections its accept queue
 #: holds, and at byte 28 ``tcpi_sacked``, the most it may hold.
-_TCP_INFO_QUEUED: Final = struct.Struct("=B23xI")
 _TCP_INFO_QUEUE: Final = struct.Struct("=B23xII")
 #: ``tcpi_state`` of a listening socket (``TCP_LISTEN`` in the kernel's tcp_states.h).
 _TCP_LISTEN: Final = 10
@@ -669,8 +668,8 @@ def accepts_queued(sock: socket.socket) -> int:
     accept that finds nothing is handled as ever.
     """
     try:
-        state, count = _TCP_INFO_QUEUED.unpack(
-            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_QUEUED.size))
+        state, count, _bound = _TCP_INFO_QUEUE.unpack(
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_QUEUE.size))
     except (OSError, struct.error):
         return sys.maxsize
     return max(1, count) if state == _TCP_LISTEN else sys.maxsize
